@@ -1,0 +1,145 @@
+"""common.py — the plumbing every script shares: one-line errors with exit codes, atomic writes,
+and the lock that keeps two processes out of one output folder.
+
+Exit codes: 2 for bad input (a flag, a file, a name the user can fix), 1 for the environment
+(no network, a full disk), 0 for success. A script's `main` is wrapped by `run_main`, which turns
+these exceptions into one line on stderr and no traceback.
+"""
+import errno
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad input: names the bad value and what would be valid. Exit code 2."""
+
+
+class EnvError(Exception):
+    """The environment failed (network, disk). Exit code 1."""
+
+
+def run_main(main):
+    """Run a script's main(); turn our errors (and a full disk) into one line and an exit code."""
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except EnvError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: disk full while writing ({e.strerror}); earlier outputs are intact", file=sys.stderr)
+            sys.exit(1)
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path, suffix=""):
+    """Yield a temporary path beside `path`; on success fsync it and rename it into place.
+
+    A killed process leaves the old file (or none), never half of a new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path, text: str):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path, what="file"):
+    """Read a JSON file; a missing or corrupt one is a UsageError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what} {path} is not valid JSON ({e})")
+
+
+@contextmanager
+def folder_lock(folder):
+    """Hold `folder/.lock` (our pid) for the duration; refuse if a live process holds it.
+
+    A lock left by a dead pid (a killed run) is taken over."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                raise UsageError(f"{folder} is in use by process {pid}; wait for it or use another --out")
+            lock.unlink(missing_ok=True)  # stale: its owner is gone
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def positive(name):
+    """argparse type for a strictly positive int, with a one-line error naming the flag."""
+    def parse(s):
+        try:
+            v = int(float(s)) if ("e" in s.lower() and "." not in s) else int(s)
+        except ValueError:
+            raise UsageError(f"{name} must be a positive integer, got {s!r}")
+        if v <= 0:
+            raise UsageError(f"{name} must be a positive integer, got {s}")
+        return v
+    return parse

@@ -1,0 +1,333 @@
+"""lm.py — language models by revision, and raw forward hooks on one layer's residual stream.
+
+- MODELS: keys (pythia-70m … pythia-12b, olmo-1b, bloom-1b1, toy) with their Hugging Face repo,
+  default revision triplet, layer, LM-text source and task. Any other repo id or local folder works.
+- revisions(model): available revisions sorted by training step, with step and tokens seen.
+- load(model, revision, device, dtype): the model (eval mode, no grad) and its tokenizer.
+- Hooks on block L's output (== hidden_states[L+1]): read it, replace it by a function of itself,
+  or stop the forward right after it, so caching never pays for the layers above.
+
+    python lm.py pythia-1b          # list the revisions of a model
+"""
+import argparse
+import contextlib
+import difflib
+import inspect
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common import EnvError, UsageError, run_main
+
+HERE = Path(__file__).resolve().parent
+TOY_DIR = HERE / "models" / "toy"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    repo: str                      # Hugging Face repo id, or a local folder whose sub-folders are revisions
+    revisions: tuple = ()          # default triplet (DESIGN.md)
+    layer: int | None = None       # default layer; None = half depth
+    tokenizer_repo: str | None = None
+    tokens_per_step: int | None = None
+    text: str = "monology/pile-uncopyrighted"   # LM text for caching / evaluation
+    task: str = "subjectverb"      # the model's own task
+
+    @property
+    def local(self) -> bool:
+        return self.key == "toy" or os.path.isdir(self.repo)
+
+
+def _pythia(size, layer, triplet=("step512", "step2000", "step143000")):
+    # Pythia: 1024 sequences × 2048 tokens per step.
+    return ModelSpec(f"pythia-{size}", f"EleutherAI/pythia-{size}", triplet, layer, tokens_per_step=2_097_152)
+
+
+MODELS = {
+    m.key: m for m in [
+        _pythia("70m", 3), _pythia("160m", 6), _pythia("410m", 12), _pythia("1b", 8),
+        _pythia("1.4b", 12), _pythia("2.8b", 16), _pythia("6.9b", 16), _pythia("12b", 18),
+        ModelSpec("olmo-1b", "allenai/OLMo-1B-0724-hf",
+                  ("step2000-tokens4B", "step16000-tokens33B", "step1454000-tokens3048B"), 8,
+                  tokens_per_step=4_194_304, text="allenai/c4:en"),
+        ModelSpec("bloom-1b1", "bigscience/bloom-1b1-intermediate",
+                  ("global_step10000", "global_step100000", "main"), 12,
+                  tokenizer_repo="bigscience/bloom-1b1", tokens_per_step=1_048_576, text="allenai/c4:en"),
+        # The embedded default: trained locally by toy.py (no network). Triplet: before agreement,
+        # the nearest-noun phase (simple agreement right, attractors fool it), the last.
+        ModelSpec("toy", str(TOY_DIR), ("step64", "step128", "step512"), 0,
+                  tokens_per_step=64 * 32, text="toy", task="toy_sva"),
+    ]
+}
+
+
+def resolve(model: str) -> ModelSpec:
+    """A model key, a local folder, or a Hugging Face repo id → its spec."""
+    if model in MODELS:
+        return MODELS[model]
+    if os.path.isdir(model):
+        return ModelSpec(model, str(Path(model).resolve()), task="subjectverb")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.exists(model):
+        return ModelSpec(model, model)
+    raise UsageError(f"unknown model {model!r}; valid keys: {', '.join(MODELS)}, "
+                     "or a Hugging Face repo id (org/name), or a local folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# Revisions
+
+@dataclass(frozen=True)
+class Revision:
+    name: str
+    step: int | None
+    tokens: int | None
+
+
+def parse_revision(name: str, tokens_per_step: int | None = None) -> Revision:
+    """'step2000-tokens4B' → step 2000, 4e9 tokens; 'global_step10000'; 'step512'; 'main' → no step."""
+    m = re.search(r"step(\d+)", name)
+    step = int(m.group(1)) if m else None
+    t = re.search(r"tokens(\d+(?:\.\d+)?)([KMBT]?)", name)
+    if t:
+        tokens = int(float(t.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[t.group(2)])
+    else:
+        tokens = step * tokens_per_step if (step is not None and tokens_per_step) else None
+    return Revision(name, step, tokens)
+
+
+def _sort_key(r: Revision):
+    # Revisions without a step ('main') are the final model: they sort last.
+    return (r.step is None, r.step or 0, r.name)
+
+
+def revisions(model: str | ModelSpec, quiet=False) -> list[Revision]:
+    """The model's available revisions, sorted by training step."""
+    spec = resolve(model) if isinstance(model, str) else model
+    if spec.key == "toy":
+        ensure_toy()
+    if spec.local:
+        root = Path(spec.repo)
+        names = [p.name for p in root.iterdir() if (p / "config.json").exists()]
+        if not names and (root / "config.json").exists():
+            names = ["."]  # a plain model folder: one revision, itself
+    else:
+        names = _hub_revisions(spec.repo, quiet)
+    return sorted((parse_revision(n, spec.tokens_per_step) for n in names), key=_sort_key)
+
+
+def _hub_revisions(repo: str, quiet: bool) -> list[str]:
+    from huggingface_hub import list_repo_refs
+    try:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise ConnectionError("HF_HUB_OFFLINE is set")
+        return [b.name for b in list_repo_refs(repo).branches]
+    except Exception as e:  # no network, offline mode, or a hub error: fall back to the local cache
+        names = _cached_revisions(repo)
+        if not names:
+            raise EnvError(f"cannot list the revisions of {repo}: the hub is unreachable ({type(e).__name__}) "
+                           "and nothing of it is in the local Hugging Face cache; local folders work offline")
+        if not quiet:
+            print(f"note: hub unreachable for {repo}; using the {len(names)} revisions in the local cache",
+                  file=sys.stderr)
+        return names
+
+
+def _cached_revisions(repo: str) -> list[str]:
+    """Revision names present in the local HF cache (refs/<name> files hold their commit hashes)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    refs = Path(HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs"
+    if not refs.is_dir():
+        return []
+    return sorted(str(p.relative_to(refs)) for p in refs.rglob("*") if p.is_file())
+
+
+def check_revision(spec: ModelSpec, revision: str, available: list[Revision] | None = None):
+    """Raise a UsageError listing the nearest available names when `revision` does not exist."""
+    available = available if available is not None else revisions(spec, quiet=True)
+    names = [r.name for r in available]
+    if revision not in names:
+        near = difflib.get_close_matches(revision, names, n=5, cutoff=0.3) or names[:5]
+        raise UsageError(f"unknown revision {revision!r} of {spec.key}; nearest available: {', '.join(near)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def ensure_toy():
+    """The toy model is built locally on first use (toy.py, no network)."""
+    import toy
+    toy.ensure_toy(TOY_DIR)
+
+
+def load(model: str | ModelSpec, revision: str | None = None, device="cpu", dtype=None):
+    """Load one revision with its tokenizer: (model in eval mode with grads off, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    spec = resolve(model) if isinstance(model, str) else model
+    if spec.key == "toy":
+        ensure_toy()
+    if spec.local:
+        path = Path(spec.repo) / (revision or ".")
+        if not (path / "config.json").exists():
+            check_revision(spec, revision or ".")
+        kw, tok_src, tok_kw = {}, str(path), {}
+        src = str(path)
+    else:
+        src, kw = spec.repo, {"revision": revision or "main"}
+        tok_src = spec.tokenizer_repo or spec.repo
+        tok_kw = {} if spec.tokenizer_repo else kw
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32, **kw)
+        tok = AutoTokenizer.from_pretrained(tok_src, **tok_kw)
+    except Exception as e:
+        _explain_load_error(spec, revision, e)
+    lm.to(device).eval().requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return lm, tok
+
+
+def _explain_load_error(spec, revision, e):
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    if isinstance(e, RevisionNotFoundError):
+        check_revision(spec, revision)
+    if isinstance(e, RepositoryNotFoundError):
+        raise UsageError(f"no model repo {spec.repo!r} on the Hugging Face hub") from None
+    if isinstance(e, GatedRepoError):
+        raise EnvError(f"{spec.repo} is gated: log in with `huggingface-cli login`") from None
+    if isinstance(e, (LocalEntryNotFoundError, ConnectionError)) or "offline" in str(e).lower() \
+            or "connect" in str(e).lower():
+        cached = _cached_revisions(spec.repo)
+        near = difflib.get_close_matches(revision or "main", cached, n=5, cutoff=0.3) or cached[:5]
+        raise EnvError(f"cannot download {spec.repo}@{revision}: no network and it is not in the local "
+                       f"Hugging Face cache (cached: {', '.join(near) or 'none'}); "
+                       "local folders work offline (--model path/to/folder)") from None
+    if isinstance(e, (ValueError, KeyError)) and "model type" in str(e):
+        raise UsageError(f"unsupported architecture in {spec.repo}: {e}") from None
+    raise e
+
+
+# ---------------------------------------------------------------------------------------------
+# The residual stream: finding blocks, running, reading and patching block L's output
+
+def blocks(lm: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of any HF causal LM: the ModuleList holding num_hidden_layers modules.
+
+    One rule for GPT-NeoX (gpt_neox.layers), Llama/OLMo (model.layers), BLOOM and GPT-2
+    (transformer.h): no per-architecture table."""
+    n = getattr(lm.config, "num_hidden_layers", None)
+    for _, mod in lm.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and len({type(b) for b in mod}) == 1:
+            return mod
+    raise UsageError(f"unsupported architecture {type(lm).__name__}: no list of {n} decoder blocks found")
+
+
+def n_layers(lm) -> int:
+    return len(blocks(lm))
+
+
+def check_layer(lm, layer: int, name="model"):
+    n = n_layers(lm)
+    if not 0 <= layer < n:
+        raise UsageError(f"layer {layer} is out of range for {name}: valid layers are 0..{n - 1}")
+
+
+def final_norm(lm: nn.Module) -> nn.Module:
+    """The norm between the last block and the unembedding: the base model's child norm registered
+    after the blocks (GPT-NeoX final_layer_norm, Llama/OLMo norm, BLOOM/GPT-2 ln_f)."""
+    base = lm.base_model
+    seen_blocks = False
+    found = None
+    for _, child in base.named_children():
+        if child is blocks(lm):
+            seen_blocks = True
+        elif seen_blocks and "norm" in type(child).__name__.lower():
+            found = child
+    if found is None:
+        raise UsageError(f"unsupported architecture {type(lm).__name__}: no final norm after the blocks")
+    return found
+
+
+def _out(output):
+    # transformers ≥ 5 decoder layers return a Tensor; older ones (and some models) a tuple.
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with(output, new):
+    return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+
+class _Stop(Exception):
+    pass
+
+
+def forward(lm, ids_BT, mask_BT=None, **kw):
+    """A forward on (possibly left-padded) ids: position ids follow the mask, so padding on the left
+    does not shift positions in rotary/learned-position models (ALiBi models take the mask)."""
+    if mask_BT is not None and "position_ids" in inspect.signature(lm.forward).parameters:
+        kw["position_ids"] = (mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+    return lm(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False, **kw)
+
+
+def run_to_layer(lm, layer: int, ids_BT, mask_BT=None) -> torch.Tensor:
+    """Block `layer`'s output [B, T, d], stopping the forward right after that block."""
+    box = {}
+
+    def hook(mod, inp, output):
+        box["x"] = _out(output)
+        raise _Stop
+
+    h = blocks(lm)[layer].register_forward_hook(hook)
+    try:
+        forward(lm, ids_BT, mask_BT)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return box["x"]
+
+
+@contextlib.contextmanager
+def patch_layer(lm, layer: int, fn):
+    """Inside the block, block `layer`'s output x is replaced by fn(x) in every forward."""
+    h = blocks(lm)[layer].register_forward_hook(lambda mod, inp, output: _with(output, fn(_out(output))))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def read_layer(lm, layer: int, ids_BT, mask_BT=None):
+    """(logits [B,T,V], block `layer`'s output [B,T,d]) from one full forward."""
+    box = {}
+
+    def keep(x):
+        box["x"] = x
+        return x
+
+    with patch_layer(lm, layer, keep):
+        logits = forward(lm, ids_BT, mask_BT).logits
+    return logits, box["x"]
+
+
+def d_model(lm) -> int:
+    return lm.config.hidden_size
+
+
+def main():
+    p = argparse.ArgumentParser(description="List a model's revisions with step and tokens seen.")
+    p.add_argument("model")
+    args = p.parse_args()
+    spec = resolve(args.model)
+    for r in revisions(spec):
+        print(f"{r.name:32s} step={r.step}  tokens={r.tokens}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,296 @@
+"""tasks.py — minimal pairs (subject–verb agreement) and LM text, as token tensors.
+
+A minimal pair is a prefix and two one-word continuations, the grammatical one and the other:
+"The key to the cabinets" → " is" / " are". Task sets:
+  subjectverb          4 BLiMP agreement files (local folder, else HF nyu-mll/blimp)
+  clams_en, clams_fr   CLAMS (local folder)
+  multiblimp_<lang>    MultiBLiMP SV-#, SV-G, SV-P (HF jumelet/multiblimp, or a local tsv/jsonl)
+  toy_sva              the toy grammar's held-out pairs (data/toy_sva.jsonl)
+  path/to/file.jsonl   any file of BLiMP, CLAMS or {"prefix","good","bad","subtask"} lines
+
+    python tasks.py subjectverb --model pythia-70m     # how many pairs survive tokenisation
+"""
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common import EnvError, UsageError, run_main
+
+HERE = Path(__file__).resolve().parent
+SEED_DATA = HERE.parent / "shared" / "seed-data" / "data"
+SUBJECTVERB = ("distractor_agreement_relational_noun", "distractor_agreement_relative_clause",
+               "irregular_plural_subject_verb_agreement_1", "regular_plural_subject_verb_agreement_1")
+
+
+@dataclass(frozen=True)
+class Pair:
+    prefix: str
+    good: str      # the grammatical continuation, with its leading space (" is")
+    bad: str
+    subtask: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders: every format ends as a list of Pair
+
+def pair_from_sentences(good: str, bad: str, subtask: str) -> Pair | None:
+    """Split two sentences at their first differing word: the shared words are the prefix."""
+    g, b = good.split(), bad.split()
+    for i, (wg, wb) in enumerate(zip(g, b)):
+        if wg != wb:
+            if i == 0:
+                return None  # nothing to condition on
+            return Pair(" ".join(g[:i]), " " + wg, " " + wb, subtask)
+    return None
+
+
+def _pair_from_record(rec: dict, subtask: str) -> Pair | None:
+    if "prefix" in rec and "good" in rec:                                   # ours
+        return Pair(rec["prefix"], rec["good"], rec["bad"], rec.get("subtask", subtask))
+    if "one_prefix_prefix" in rec:                                          # BLiMP one-prefix
+        return Pair(rec["one_prefix_prefix"], " " + rec["one_prefix_word_good"],
+                    " " + rec["one_prefix_word_bad"], rec.get("UID", subtask))
+    if "clean_prefix" in rec:                                               # CLAMS
+        return None if rec.get("skip") else Pair(rec["clean_prefix"], rec["clean_answer"],
+                                                 rec["patch_answer"], subtask)
+    for g, b in (("sentence_good", "sentence_bad"), ("sen", "wrong_sen")):  # whole sentences
+        if g in rec:
+            return pair_from_sentences(rec[g], rec[b], rec.get("UID") or rec.get("phenomenon") or subtask)
+    raise ValueError("no known fields (prefix/good/bad, one_prefix_prefix, clean_prefix, sentence_good, sen)")
+
+
+def load_pairs_jsonl(path, subtask: str | None = None) -> list[Pair]:
+    """Pairs from a jsonl file in any supported format; a bad line is an error naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"task file {path} does not exist")
+    subtask = subtask or path.stem
+    pairs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+                p = _pair_from_record(rec, subtask)
+            except (ValueError, KeyError, TypeError) as e:
+                raise UsageError(f"{path}:{n}: malformed task line ({e})") from None
+            if p is not None:
+                pairs.append(p)
+    if not pairs:
+        raise UsageError(f"task file {path} holds no minimal pairs")
+    return pairs
+
+
+def _find_local(folder: str, name: str) -> Path | None:
+    for root in (HERE / "data" / folder, SEED_DATA / folder):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def load_blimp(uid: str) -> list[Pair]:
+    local = _find_local("blimp_data", f"{uid}.jsonl")
+    if local:
+        return load_pairs_jsonl(local, uid)
+    rows = _hf_rows("nyu-mll/blimp", uid, "train")
+    return [p for r in rows if (p := _pair_from_record(dict(r), uid))]
+
+
+def load_clams(lang: str) -> list[Pair]:
+    roots = [r for r in (HERE / "data" / "clams_data", SEED_DATA / "clams_data") if r.is_dir()]
+    if not roots:
+        raise UsageError("CLAMS files not found: put the CLAMS jsonl files in data/clams_data/")
+    files = sorted(f for f in roots[0].glob(f"{lang}_*.jsonl") if "tokenprefix" not in f.name)
+    return [p for f in files for p in load_pairs_jsonl(f, f.stem)]
+
+
+def load_multiblimp(lang: str) -> list[Pair]:
+    """MultiBLiMP: subject–verb agreement in number (SV-#), gender (SV-G) and person (SV-P)."""
+    rows = _hf_rows("jumelet/multiblimp", lang, "train")
+    return [p for r in rows if (p := _pair_from_record(dict(r), "multiblimp"))]
+
+
+def _hf_rows(repo, name, split):
+    try:
+        import datasets
+        return datasets.load_dataset(repo, name, split=split)
+    except Exception as e:
+        raise EnvError(f"cannot load {repo}/{name} from the Hugging Face hub ({type(e).__name__}); "
+                       "without network, give a local jsonl file as the task") from None
+
+
+TASK_SETS = ("subjectverb", "clams_en", "clams_fr", "multiblimp_<lang>", "toy_sva", "<file.jsonl>")
+
+
+def load_task(name: str) -> list[Pair]:
+    """A named task set (see the module docstring) or a jsonl path → its pairs, each with its sub-task."""
+    if name == "subjectverb":
+        return [p for uid in SUBJECTVERB for p in load_blimp(uid)]
+    if name in ("clams_en", "clams_fr"):
+        return load_clams(name.split("_")[1])
+    if name.startswith("multiblimp_"):
+        path = Path(name.split("_", 1)[1])
+        return load_pairs_jsonl(path) if path.suffix == ".jsonl" else load_multiblimp(str(path))
+    if name == "toy_sva":
+        return load_pairs_jsonl(HERE / "data" / "toy_sva.jsonl")
+    if name.endswith(".jsonl") or os.path.isfile(name):
+        return load_pairs_jsonl(name)
+    raise UsageError(f"unknown task {name!r}; valid: {', '.join(TASK_SETS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation: left-padded prefixes, one answer token each
+
+@dataclass
+class PairBatch:
+    ids_BT: torch.Tensor      # left-padded prefix ids
+    mask_BT: torch.Tensor     # 1 on real tokens
+    good_B: torch.Tensor      # correct-answer token id
+    bad_B: torch.Tensor       # wrong-answer token id
+    subtask: list             # sub-task name per pair
+    pairs: list               # the Pair each row came from
+
+    def __len__(self):
+        return len(self.subtask)
+
+    def to(self, device):
+        return PairBatch(self.ids_BT.to(device), self.mask_BT.to(device), self.good_B.to(device),
+                         self.bad_B.to(device), self.subtask, self.pairs)
+
+    def slice(self, i, j):
+        return PairBatch(self.ids_BT[i:j], self.mask_BT[i:j], self.good_B[i:j], self.bad_B[i:j],
+                         self.subtask[i:j], self.pairs[i:j])
+
+
+def encode_pair(p: Pair, tok) -> tuple[list[int], int, int] | None:
+    """(prefix ids, good id, bad id), or None when the seed's rule drops the pair: answers of
+    different token counts or longer than 2 tokens. 2-token answers sharing their first token move
+    it into the prefix; 2-token answers that differ at once are told apart by their first token."""
+    prefix = tok(p.prefix)["input_ids"]
+    g = tok(p.good, add_special_tokens=False)["input_ids"]
+    b = tok(p.bad, add_special_tokens=False)["input_ids"]
+    if len(g) != len(b) or not 1 <= len(g) <= 2:
+        return None
+    if len(g) == 2 and g[0] == b[0]:
+        return prefix + [g[0]], g[1], b[1]
+    if g[0] == b[0]:
+        return None
+    return prefix, g[0], b[0]
+
+
+def tokenize_pairs(pairs: list[Pair], tok, name="task") -> PairBatch:
+    """All pairs that survive the token rules, left-padded to one length."""
+    rows = [(p, e) for p in pairs if (e := encode_pair(p, tok)) is not None]
+    if not rows:
+        raise UsageError(f"{name}: the tokenizer drops every one of its {len(pairs)} pairs "
+                         "(answers of unequal or >2-token length)")
+    T = max(len(e[0]) for _, e in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (_, (pre, _, _)) in enumerate(rows):
+        ids[i, T - len(pre):] = torch.tensor(pre)
+        mask[i, T - len(pre):] = 1
+    return PairBatch(ids, mask, torch.tensor([e[1] for _, e in rows]), torch.tensor([e[2] for _, e in rows]),
+                     [p.subtask for p, _ in rows], [p for p, _ in rows])
+
+
+def logit_diff(logits_BTV: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """logit(correct) − logit(wrong) at the last prefix position, per pair [B]."""
+    last_BV = logits_BTV[:, -1].float()
+    return last_BV.gather(1, batch.good_B[:, None])[:, 0] - last_BV.gather(1, batch.bad_B[:, None])[:, 0]
+
+
+@torch.no_grad()
+def logit_diffs(lm, batch: PairBatch, device="cpu", batch_size=256) -> torch.Tensor:
+    import lm as lm_mod
+    out = []
+    for i in range(0, len(batch), batch_size):
+        b = batch.slice(i, i + batch_size).to(device)
+        out.append(logit_diff(lm_mod.forward(lm, b.ids_BT, b.mask_BT).logits, b).cpu())
+    return torch.cat(out)
+
+
+def by_subtask(values, subtasks) -> dict:
+    """Mean of a per-pair value within each sub-task, in first-seen order."""
+    values = torch.as_tensor(values, dtype=torch.float)
+    out = {}
+    for s in dict.fromkeys(subtasks):
+        idx = torch.tensor([i for i, t in enumerate(subtasks) if t == s])
+        out[s] = values[idx].mean().item()
+    return out
+
+
+def accuracy_by_subtask(lm, tok, pairs: list[Pair], device="cpu", batch_size=256) -> dict:
+    """Per sub-task, the fraction of pairs where the model prefers the correct answer token."""
+    batch = tokenize_pairs(pairs, tok)
+    return by_subtask(logit_diffs(lm, batch, device, batch_size) > 0, batch.subtask)
+
+
+# ---------------------------------------------------------------------------------------------
+# LM text → fixed-length token blocks
+
+def text_blocks(source: str, tok, n_blocks: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """[n_blocks, seq_len] token ids from the toy corpus ('toy'), a local text file, or a HF dataset
+    ('name' or 'name:config', streamed, field 'text'). Documents are joined with EOS and cut into
+    blocks; each block starts with BOS where the tokenizer has one."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    body = seq_len - len(bos)
+    need = n_blocks * body
+    ids: list[int] = []
+    for text in _texts(source, seed):
+        ids += tok(text, add_special_tokens=False)["input_ids"] + sep
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise UsageError(f"text source {source!r} gives only {len(ids)} tokens; "
+                         f"{n_blocks} blocks of {seq_len} need {need}")
+    t = torch.tensor(ids[:need]).view(n_blocks, body)
+    return torch.cat([torch.tensor(bos).expand(n_blocks, len(bos)), t], 1) if bos else t
+
+
+def _texts(source: str, seed: int):
+    if source == "toy":
+        import toy
+        yield from toy.toy_corpus(10**9, seed)   # a generator: we stop when we have enough
+        return
+    if os.path.isfile(source):
+        with open(source) as f:
+            yield from (line for line in f if line.strip())
+        return
+    if os.path.exists(source) or "/" not in source:
+        raise UsageError(f"text source {source!r} is neither 'toy', a file, nor a HF dataset id (org/name)")
+    name, _, config = source.partition(":")
+    try:
+        import datasets
+        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        yield from (r["text"] for r in ds)
+    except (ConnectionError, OSError) as e:
+        raise EnvError(f"cannot stream {source} from the Hugging Face hub ({type(e).__name__}); "
+                       "without network, give a local text file") from None
+
+
+def main():
+    import lm as lm_mod
+    p = argparse.ArgumentParser(description="Load a task and report how many pairs survive tokenisation.")
+    p.add_argument("task")
+    p.add_argument("--model", default="toy")
+    args = p.parse_args()
+    pairs = load_task(args.task)
+    spec = lm_mod.resolve(args.model)
+    _, tok = lm_mod.load(spec, spec.revisions[-1] if spec.revisions else None)
+    batch = tokenize_pairs(pairs, tok, args.task)
+    counts = {s: batch.subtask.count(s) for s in dict.fromkeys(batch.subtask)}
+    print(f"{args.task}: {len(batch)} of {len(pairs)} pairs kept; per sub-task: {counts}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,60 @@
+"""Shared test fixtures: tiny random models of every supported architecture, built from configs."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "seed-data"
+
+torch.set_num_threads(2)
+
+VOCAB = 128
+
+
+def tiny_config(arch: str, n_layers=3, d=32):
+    import transformers as tf
+    common = dict(vocab_size=VOCAB, num_hidden_layers=n_layers, num_attention_heads=4, hidden_size=d,
+                  intermediate_size=4 * d, max_position_embeddings=64)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(**common, rotary_pct=0.25, tie_word_embeddings=False)
+    if arch == "olmo":
+        return tf.OlmoConfig(**common)
+    if arch == "olmo2":
+        return tf.Olmo2Config(**common)
+    if arch == "llama":
+        return tf.LlamaConfig(**common, num_key_value_heads=2)
+    if arch == "bloom":
+        return tf.BloomConfig(vocab_size=VOCAB, n_layer=n_layers, n_head=4, hidden_size=d)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_layer=n_layers, n_head=4, n_embd=d, n_positions=64)
+    raise ValueError(arch)
+
+
+ARCHS = ["gpt_neox", "olmo", "olmo2", "llama", "bloom", "gpt2"]
+
+
+def tiny_model(arch: str, seed=0, **kw):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(tiny_config(arch, **kw))
+    return m.eval().requires_grad_(False)
+
+
+def word_tokenizer(words):
+    """A word-level HF tokenizer over `words` (+ specials), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words) - set(specials)))}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>", eos_token="<eos>")
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param

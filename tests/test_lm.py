@@ -1,0 +1,189 @@
+"""lm.py: block discovery, reading, patching and stop-at-layer on tiny models of every architecture,
+checked against output_hidden_states; revisions; the hub path offline through a fake HF cache."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lm
+from common import UsageError
+from conftest import ROOT, VOCAB, tiny_model
+
+
+def _ids(B=3, T=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :3] = 0  # one left-padded row
+    return ids, mask
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_read_matches_hidden_states(arch, layer):
+    m = tiny_model(arch)
+    ids, mask = _ids()
+    ref = lm.forward(m, ids, mask, output_hidden_states=True)
+    logits, x = lm.read_layer(m, layer, ids, mask)
+    torch.testing.assert_close(x, ref.hidden_states[layer + 1], rtol=0, atol=0)
+    torch.testing.assert_close(logits, ref.logits, rtol=0, atol=0)
+
+
+def test_stop_at_layer_equals_full_forward(arch):
+    m = tiny_model(arch)
+    ids, mask = _ids()
+    _, full = lm.read_layer(m, 1, ids, mask)
+    calls = []
+    h = lm.blocks(m)[2].register_forward_hook(lambda *a: calls.append(1))
+    stopped = lm.run_to_layer(m, 1, ids, mask)
+    h.remove()
+    torch.testing.assert_close(stopped, full, rtol=0, atol=0)
+    assert calls == [], "the block above the stop layer ran"
+
+
+def test_identity_patch_is_bit_identical(arch):
+    m = tiny_model(arch)
+    ids, mask = _ids()
+    clean = lm.forward(m, ids, mask).logits
+    with lm.patch_layer(m, 1, lambda x: x.clone()):
+        patched = lm.forward(m, ids, mask).logits
+    assert torch.equal(clean, patched)
+
+
+def test_patch_adds_exactly_a_vector(arch):
+    m = tiny_model(arch)
+    ids, mask = _ids()
+    v = torch.randn(m.config.hidden_size)
+    _, clean = lm.read_layer(m, 0, ids, mask)
+    with lm.patch_layer(m, 0, lambda x: x + v):
+        # block 1's input is what block 0 handed on
+        seen = {}
+
+        def grab(mod, args, kwargs):
+            seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+        h = lm.blocks(m)[1].register_forward_pre_hook(grab, with_kwargs=True)
+        patched_logits = lm.forward(m, ids, mask).logits
+        h.remove()
+    torch.testing.assert_close(seen["x"] - clean, v.expand_as(clean), rtol=0, atol=1e-6)
+    assert not torch.allclose(patched_logits, lm.forward(m, ids, mask).logits)
+
+
+def test_left_padding_keeps_positions(arch):
+    """A left-padded row gives the same last-position logits as the unpadded sequence."""
+    m = tiny_model(arch)
+    ids = torch.randint(4, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1)
+    a = lm.forward(m, ids, torch.ones_like(ids)).logits[0, -1]
+    b = lm.forward(m, padded, mask).logits[0, -1]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_final_norm_and_blocks_found(arch):
+    m = tiny_model(arch)
+    assert len(lm.blocks(m)) == 3
+    norm = lm.final_norm(m)
+    assert "norm" in type(norm).__name__.lower() or "ln" in type(norm).__name__.lower()
+    # the last hidden state is the final norm applied to the last block's output
+    ids, mask = _ids()
+    ref = lm.forward(m, ids, mask, output_hidden_states=True)
+    _, last = lm.read_layer(m, 2, ids, mask)
+    torch.testing.assert_close(norm(last), ref.hidden_states[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_out_of_range():
+    m = tiny_model("gpt_neox")
+    with pytest.raises(UsageError, match=r"valid layers are 0\.\.2"):
+        lm.check_layer(m, 5)
+
+
+def test_unsupported_architecture():
+    class NoBlocks(torch.nn.Module):
+        config = type("C", (), {"num_hidden_layers": 2})()
+    with pytest.raises(UsageError, match="unsupported architecture NoBlocks"):
+        lm.blocks(NoBlocks())
+
+
+def test_parse_revision():
+    assert lm.parse_revision("step2000-tokens4B") == lm.Revision("step2000-tokens4B", 2000, 4_000_000_000)
+    assert lm.parse_revision("global_step10000", 1000).tokens == 10_000_000
+    assert lm.parse_revision("step512", 2_097_152).tokens == 512 * 2_097_152
+    assert lm.parse_revision("main").step is None
+
+
+def test_resolve():
+    assert lm.resolve("pythia-1b").repo == "EleutherAI/pythia-1b"
+    assert lm.resolve("bloom-1b1").tokenizer_repo == "bigscience/bloom-1b1"
+    assert lm.resolve("org/some-model").repo == "org/some-model"
+    with pytest.raises(UsageError, match="valid keys: pythia-70m"):
+        lm.resolve("pythia-7")
+
+
+def test_local_revisions_sorted(tmp_path):
+    m = tiny_model("gpt_neox")
+    for name in ["step10", "step2", "main", "step100"]:
+        m.save_pretrained(tmp_path / name)
+    spec = lm.resolve(str(tmp_path))
+    assert [r.name for r in lm.revisions(spec)] == ["step2", "step10", "step100", "main"]
+    with pytest.raises(UsageError, match="nearest available: step10"):
+        lm.check_revision(spec, "step11")
+
+
+HUB_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import lm, tasks
+out = {}
+for key, rev in [("pythia-1b", "step512"), ("pythia-1b", "step143000"), ("bloom-1b1", "global_step10000")]:
+    m, tok = lm.load(key, rev)
+    out[f"{key}@{rev}"] = [type(m).__name__, float(m.get_output_embeddings().weight.sum()), tok("the cat")["input_ids"]]
+out["revs"] = [r.name for r in lm.revisions("pythia-1b")]
+try:
+    lm.load("pythia-1b", "step9999")
+except Exception as e:
+    out["bad"] = f"{type(e).__name__}: {e}"
+print(json.dumps(out))
+"""
+
+
+def _fake_hub_cache(cache, repo, revisions, make_model, tok):
+    """Lay out a Hugging Face cache as a real download would: snapshots/<commit>/ and refs/<revision>."""
+    base = cache / f"models--{repo.replace('/', '--')}"
+    for i, (rev, model) in enumerate(zip(revisions, make_model)):
+        commit = f"{i:040x}"
+        snap = base / "snapshots" / commit
+        model.save_pretrained(snap)
+        tok.save_pretrained(snap)
+        (base / "refs").mkdir(parents=True, exist_ok=True)
+        (base / "refs" / rev).write_text(commit)
+
+
+def test_hub_path_offline(tmp_path):
+    from conftest import word_tokenizer
+    tok = word_tokenizer(["the", "cat"] + [f"w{i}" for i in range(100)])
+    cache = tmp_path / "hub"
+    revs = ["step512", "step2000", "step143000"]
+    _fake_hub_cache(cache, "EleutherAI/pythia-1b", revs, [tiny_model("gpt_neox", seed=s) for s in range(3)], tok)
+    _fake_hub_cache(cache, "bigscience/bloom-1b1-intermediate", ["global_step10000"], [tiny_model("bloom")], tok)
+    _fake_hub_cache(cache, "bigscience/bloom-1b1", ["main"], [tiny_model("bloom")], tok)
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"))
+    r = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(ROOT)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["pythia-1b@step512"][0] == "GPTNeoXForCausalLM"
+    assert out["pythia-1b@step512"][1] != out["pythia-1b@step143000"][1]  # different weights per revision
+    assert out["bloom-1b1@global_step10000"][0] == "BloomForCausalLM"
+    assert out["pythia-1b@step512"][2] == [tok.convert_tokens_to_ids("the"), tok.convert_tokens_to_ids("cat")]
+    assert out["revs"] == revs
+    assert "local cache" in r.stderr
+    assert "step9999" in out["bad"] and "step512" in out["bad"]
+
+
+def test_cli_unknown_model():
+    r = subprocess.run([sys.executable, str(ROOT / "lm.py"), "pythia-7"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "valid keys" in r.stderr and "Traceback" not in r.stderr
