@@ -1,0 +1,131 @@
+"""tasks.py: loaders on the real BLiMP/CLAMS files (skipped without ../shared), the multi-token
+rules case by case, left padding, and LM text blocks."""
+import json
+
+import pytest
+import torch
+
+import tasks
+from common import UsageError
+from conftest import SHARED, tiny_model, word_tokenizer
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/seed-data is absent")
+
+
+def _bpe_tokenizer(texts, vocab_size=400):
+    """A small byte-level BPE trained here, so some answers split into 2+ tokens as in real models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@needs_shared
+def test_blimp_subjectverb_real_files():
+    pairs = tasks.load_task("subjectverb")
+    assert len(pairs) == 4000
+    assert {p.subtask for p in pairs} == set(tasks.SUBJECTVERB)
+    first = json.loads((SHARED / "data/blimp_data/distractor_agreement_relational_noun.jsonl").open().readline())
+    p = pairs[0]
+    assert p.prefix == first["one_prefix_prefix"] and p.good == " " + first["one_prefix_word_good"]
+    tok = _bpe_tokenizer([q.prefix + q.good for q in pairs] + [q.prefix + q.bad for q in pairs])
+    batch = tasks.tokenize_pairs(pairs, tok)
+    assert 0 < len(batch) <= 4000
+    # every kept row decodes back to its prefix (possibly + a shared first answer token) and answers
+    for i in range(0, len(batch), 97):
+        pre = tok.decode(batch.ids_BT[i][batch.mask_BT[i].bool()])
+        q = batch.pairs[i]
+        full_good = tok.decode(torch.cat([batch.ids_BT[i][batch.mask_BT[i].bool()], batch.good_B[i:i + 1]]))
+        assert pre.startswith(q.prefix)
+        assert full_good == q.prefix + q.good or (q.prefix + q.good).startswith(full_good)
+    assert (batch.good_B != batch.bad_B).all()
+
+
+@needs_shared
+def test_clams_real_files():
+    en = tasks.load_task("clams_en")
+    assert {p.subtask for p in en} >= {"en_simple_agrmt", "en_prep_anim"}
+    assert en[0].good.startswith(" ")
+    fr = tasks.load_task("clams_fr")
+    assert any(p.good == " sont" for p in fr)
+
+
+def test_multi_token_rules():
+    # vocabulary where "are" is one token but "were" splits into "we"+"re" and "was" into "wa"+"s"
+    tok = word_tokenizer(["the", "dogs", "is", "are", "x", "y", "z"])
+    from tokenizers import Tokenizer  # noqa: F401 (word tokenizer: every word is one token)
+    P = tasks.Pair
+    ok = tasks.encode_pair(P("the dogs", " are", " is", "s"), tok)
+    assert ok == (tok("the dogs")["input_ids"], tok.convert_tokens_to_ids("are"), tok.convert_tokens_to_ids("is"))
+    # two-token answers sharing their first token: it moves into the prefix
+    two = tasks.encode_pair(P("the dogs", " x y", " x z", "s"), tok)
+    assert two == (tok("the dogs")["input_ids"] + [tok.convert_tokens_to_ids("x")],
+                   tok.convert_tokens_to_ids("y"), tok.convert_tokens_to_ids("z"))
+    # different token counts → dropped; longer than 2 → dropped
+    assert tasks.encode_pair(P("the dogs", " x y", " z", "s"), tok) is None
+    assert tasks.encode_pair(P("the dogs", " x y z", " x y y", "s"), tok) is None
+    # two tokens, first differs: judged by the first token
+    assert tasks.encode_pair(P("the dogs", " y x", " z x", "s"), tok)[1:] == (
+        tok.convert_tokens_to_ids("y"), tok.convert_tokens_to_ids("z"))
+
+
+def test_left_padding_and_accuracy_shape():
+    tok = word_tokenizer(["the", "dog", "dogs", "of", "is", "are"])
+    pairs = [tasks.Pair("the dog", " is", " are", "simple"), tasks.Pair("the dogs of the dog", " are", " is", "pp")]
+    b = tasks.tokenize_pairs(pairs, tok)
+    assert b.ids_BT.shape == (2, 5) and b.mask_BT[0].tolist() == [0, 0, 0, 1, 1]
+    assert b.ids_BT[0, :3].tolist() == [tok.pad_token_id] * 3
+    m = tiny_model("gpt_neox")
+    acc = tasks.accuracy_by_subtask(m, tok, pairs)
+    assert set(acc) == {"simple", "pp"} and all(v in (0.0, 1.0) for v in acc.values())
+    # the accuracy is the sign of an independently computed logit difference
+    for p in pairs:
+        ids = torch.tensor([tok(p.prefix)["input_ids"]])
+        last = m(ids).logits[0, -1]
+        want = float(last[tok.convert_tokens_to_ids(p.good.strip())] > last[tok.convert_tokens_to_ids(p.bad.strip())])
+        assert acc[p.subtask] == want
+
+
+def test_tokenizer_drops_everything():
+    tok = word_tokenizer(["a", "b", "c"])
+    with pytest.raises(UsageError, match="drops every one of its 1 pairs"):
+        tasks.tokenize_pairs([tasks.Pair("a", " b c d", " b c", "s")], tok)
+
+
+@pytest.mark.parametrize("content,msg", [
+    ('{"prefix": "a", "good": " b", "bad": " c"}\nnot json\n', r":2: malformed"),
+    ('[1, 2]\n', r":1: malformed"),
+    ('{"foo": 1}\n', r":1: malformed task line \(no known fields"),
+    ('', "holds no minimal pairs"),
+])
+def test_malformed_task_file(tmp_path, content, msg):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    with pytest.raises(UsageError, match=msg):
+        tasks.load_task(str(f))
+
+
+def test_unknown_task():
+    with pytest.raises(UsageError, match="unknown task 'subjverb'; valid: subjectverb"):
+        tasks.load_task("subjverb")
+
+
+def test_sentence_pairs_split_at_first_difference():
+    p = tasks.pair_from_sentences("The keys to the cabinet are here.", "The keys to the cabinet is here.", "x")
+    assert p == tasks.Pair("The keys to the cabinet", " are", " is", "x")
+
+
+def test_text_blocks_from_file(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("\n".join(["the dog is here"] * 50))
+    tok = word_tokenizer(["the", "dog", "is", "here"])
+    blocks = tasks.text_blocks(str(f), tok, n_blocks=4, seq_len=8)
+    assert blocks.shape == (4, 8)
+    assert (blocks[:, 0] == tok.bos_token_id).all()
+    assert tok.decode(blocks[0, 1:5]) == "the dog is here"
+    with pytest.raises(UsageError, match="gives only"):
+        tasks.text_blocks(str(f), tok, n_blocks=1000, seq_len=8)
