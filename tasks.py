@@ -237,24 +237,28 @@ def accuracy_by_subtask(lm, tok, pairs: list[Pair], device="cpu", batch_size=256
 # ---------------------------------------------------------------------------------------------
 # LM text → fixed-length token blocks
 
-def text_blocks(source: str, tok, n_blocks: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """[n_blocks, seq_len] token ids from the toy corpus ('toy'), a local text file, or a HF dataset
+def iter_blocks(source: str, tok, seq_len: int, seed: int = 0):
+    """Yield [seq_len] token-id blocks from the toy corpus ('toy'), a local text file, or a HF dataset
     ('name' or 'name:config', streamed, field 'text'). Documents are joined with EOS and cut into
     blocks; each block starts with BOS where the tokenizer has one."""
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
     body = seq_len - len(bos)
-    need = n_blocks * body
     ids: list[int] = []
     for text in _texts(source, seed):
         ids += tok(text, add_special_tokens=False)["input_ids"] + sep
-        if len(ids) >= need:
-            break
-    if len(ids) < need:
-        raise UsageError(f"text source {source!r} gives only {len(ids)} tokens; "
-                         f"{n_blocks} blocks of {seq_len} need {need}")
-    t = torch.tensor(ids[:need]).view(n_blocks, body)
-    return torch.cat([torch.tensor(bos).expand(n_blocks, len(bos)), t], 1) if bos else t
+        while len(ids) >= body:
+            yield torch.tensor(bos + ids[:body])
+            ids = ids[body:]
+
+
+def text_blocks(source: str, tok, n_blocks: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """[n_blocks, seq_len] token ids (see iter_blocks)."""
+    out = [b for b, _ in zip(iter_blocks(source, tok, seq_len, seed), range(n_blocks))]
+    if len(out) < n_blocks:
+        raise UsageError(f"text source {source!r} gives only {len(out)} blocks of {seq_len} tokens; "
+                         f"{n_blocks} are needed")
+    return torch.stack(out)
 
 
 def _texts(source: str, seed: int):
