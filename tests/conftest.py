@@ -58,3 +58,27 @@ def word_tokenizer(words):
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+WORDS = [f"w{i}" for i in range(100)]
+
+
+@pytest.fixture(scope="session")
+def local_model(tmp_path_factory):
+    """A local 'model folder' of three tiny GPT-NeoX revisions with a word tokenizer, a text file
+    of random words, and a small pairs file: the hub's layout, offline."""
+    import json
+    import numpy as np
+    root = tmp_path_factory.mktemp("lm")
+    tok = word_tokenizer(WORDS)
+    for s, name in enumerate(["step0", "step10", "step100"]):
+        m = tiny_model("gpt_neox", seed=s)
+        m.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    text = root / "text.txt"
+    rng = np.random.default_rng(0)
+    text.write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(4000)))
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prefix": f"w{i} w{i+1}", "good": " w1", "bad": " w2",
+                                           "subtask": ["a", "b"][i % 2]}) for i in range(20)))
+    return root, text, pairs

@@ -9,27 +9,6 @@ import torch
 import cache_acts
 import lm
 from common import UsageError
-from conftest import tiny_model, word_tokenizer
-
-WORDS = [f"w{i}" for i in range(100)]
-
-
-@pytest.fixture(scope="module")
-def local_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    tok = word_tokenizer(WORDS)
-    for s, name in enumerate(["step0", "step10", "step100"]):
-        m = tiny_model("gpt_neox", seed=s)
-        m.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    text = root / "text.txt"
-    rng = np.random.default_rng(0)
-    text.write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(400)))
-    pairs = root / "pairs.jsonl"
-    pairs.write_text("\n".join(json.dumps({"prefix": f"w{i} w{i+1}", "good": " w1", "bad": " w2",
-                                           "subtask": ["a", "b"][i % 2]}) for i in range(20)))
-    return root, text, pairs
-
 
 def _make(local_model, out, **kw):
     root, text, _ = local_model
