@@ -1,0 +1,153 @@
+"""evaluate.py — how good is the crosscoder, per checkpoint and per latent?
+
+    python evaluate.py --run runs/toy-L0-step64_step128_step512-l1
+
+On held-out token blocks, per revision: FVU, L0, dead latents, next-token CE clean / with the layer
+output spliced by its reconstruction / with it zeroed, ΔCE and CE recovered. Per latent: activation
+frequency, decoder norm per revision, RelDec and its class, decoder cosines between revisions, and
+latent scaling (Minder et al. 2025): the least-squares β with which f_i·d_i explains each revision's
+activation (ν_act) and its reconstruction error with the latent's own part added back (ν_err), as a
+ratio to the revision the latent's decoder favours. A latent RelDec calls specific to one revision
+whose ν on another revision is large is flagged as a likely L1 artifact: the other revision does
+carry the direction, the decoder norm just shrank there.
+
+Writes runs/<name>/eval.json and runs/<name>/latents.csv, and prints a table.
+"""
+import argparse
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import analysis
+from common import atomic_path, positive, run_main, write_json
+
+ARTIFACT_NU = 0.5    # ν above this on a revision the decoder says the latent is absent from
+
+
+@torch.no_grad()
+def evaluate(run, n_blocks=64, batch_blocks=8):
+    cc, revs, M = run.cc, run.revisions, len(run.revisions)
+    models = run.load_models()
+    ids = run.eval_blocks(n_blocks)
+    Fdim, d = cc.cfg.dict_size, cc.cfg.d_model
+    s_M = cc.scales_M.float()                         # normalised space: s_m · x_m
+    dec_FMd = cc.W_dec_FMd * s_M[None, :, None]      # decoder in the normalised space
+    n = 0
+    sum_x, sum_x2, sum_err = torch.zeros(M, d), torch.zeros(M), torch.zeros(M)
+    l0_sum, freq_F, sq_F = 0.0, torch.zeros(Fdim), torch.zeros(Fdim)
+    G_MFd, E_MFd = torch.zeros(M, Fdim, d), torch.zeros(M, Fdim, d)   # Σ_t f_i x_m, Σ_t f_i ε_m
+    ce = {k: torch.zeros(M) for k in ("clean", "spliced", "zero")}
+    n_pred = 0
+    for b0 in tqdm(range(0, len(ids), batch_blocks), desc="evaluate", unit="batch"):
+        ids_BT = ids[b0:b0 + batch_blocks].to(run.device)
+        x_BTMd = analysis.run_acts(models, run.layer, ids_BT)
+        x_NMd = x_BTMd[:, 1:].reshape(-1, M, d)      # position 0 excluded
+        x_hat_NMd, f_NF = cc(x_NMd)
+        err_NMd = x_NMd - x_hat_NMd
+        n += len(x_NMd)
+        sum_x += x_NMd.sum(0)
+        sum_x2 += x_NMd.pow(2).sum((0, 2))
+        sum_err += err_NMd.pow(2).sum((0, 2))
+        l0_sum += (f_NF > 0).sum().item()
+        freq_F += (f_NF > 0).sum(0)
+        sq_F += f_NF.pow(2).sum(0)
+        G_MFd += torch.einsum("nf,nmd->mfd", f_NF, x_NMd * s_M[:, None])
+        E_MFd += torch.einsum("nf,nmd->mfd", f_NF, err_NMd * s_M[:, None])
+        # next-token CE per revision: clean, spliced, zero-ablated (predictions from positions ≥ 1)
+        B, T = ids_BT.shape
+        where = torch.ones(B, T, dtype=torch.bool, device=ids_BT.device)
+        where[:, 0] = False
+        targets = ids_BT[:, 2:]
+        for m, (_, model, _) in enumerate(models):
+            recon_BTd = torch.cat([x_BTMd[:, :1, m], x_hat_NMd[:, m].view(B, T - 1, d)], 1)
+            runs = {"clean": None, "spliced": recon_BTd, "zero": torch.zeros_like(recon_BTd)}
+            for k, new in runs.items():
+                if new is None:
+                    logits = model(input_ids=ids_BT).logits
+                else:
+                    with analysis.splice(model, run.layer, new, where):
+                        logits = model(input_ids=ids_BT).logits
+                ce[k][m] += F.cross_entropy(logits[:, 1:-1].flatten(0, 1).float(), targets.flatten(),
+                                            reduction="sum").cpu()
+        n_pred += targets.numel()
+    mean_x = sum_x / n
+    var_M = sum_x2 - n * mean_x.pow(2).sum(-1)
+    fvu = (sum_err / var_M).tolist()
+    per_rev = {}
+    for m, r in enumerate(revs):
+        c, s, z = (ce[k][m].item() / n_pred for k in ("clean", "spliced", "zero"))
+        per_rev[r] = dict(fvu=fvu[m], ce_clean=c, ce_spliced=s, ce_zero=z, delta_ce=s - c,
+                          ce_recovered=1 - (s - c) / (z - c) if z != c else float("nan"))
+    summary = dict(revisions=per_rev, l0=l0_sum / n, dead_frac=(freq_F == 0).float().mean().item(),
+                   n_tokens=n, n_blocks=len(ids), dict_size=Fdim)
+    latents = latent_table(cc, revs, freq_F / n, dec_FMd, G_MFd, E_MFd, sq_F)
+    return summary, latents
+
+
+def latent_table(cc, revs, freq_F, dec_FMd, G_MFd, E_MFd, sq_F) -> pd.DataFrame:
+    M = len(revs)
+    norms_FM = dec_FMd.norm(dim=-1)
+    rd = analysis.reldec(cc)
+    df = pd.DataFrame({"latent": np.arange(cc.cfg.dict_size), "freq": freq_F.numpy()})
+    for m, r in enumerate(revs):
+        df[f"dec_norm_{r}"] = norms_FM[:, m].numpy()
+    for m, r in enumerate(revs):
+        df[f"reldec_{r}"] = rd[:, m]
+    df["reldec_class"] = analysis.classify(rd, revs)
+    unit = F.normalize(dec_FMd, dim=-1)
+    for a, b in analysis.pairs_of(revs):
+        df[f"cos_{revs[a]}_{revs[b]}"] = (unit[:, a] * unit[:, b]).sum(-1).numpy()
+    # latent scaling with the favoured revision's decoder direction u = d_{i,m*}
+    top_F = torch.from_numpy(rd.argmax(1))
+    u_Fd = dec_FMd[torch.arange(len(top_F)), top_F]
+    uu_F = u_Fd.pow(2).sum(-1)
+    safe = torch.where(sq_F > 0, sq_F, torch.ones_like(sq_F))
+    beta_act = torch.stack([(G_MFd[m] * u_Fd).sum(-1) for m in range(M)], 1) / (uu_F * safe)[:, None]
+    own_MF = torch.stack([(dec_FMd[:, m] * u_Fd).sum(-1) for m in range(M)])
+    beta_err = torch.stack([(E_MFd[m] * u_Fd).sum(-1) + sq_F * own_MF[m] for m in range(M)], 1) / (uu_F * safe)[:, None]
+    flag = np.zeros(len(df), dtype=bool)
+    for name, beta in (("nu_act", beta_act), ("nu_err", beta_err)):
+        ref = beta[torch.arange(len(top_F)), top_F][:, None]
+        nu = torch.where(ref.abs() > 0, beta / torch.where(ref.abs() > 0, ref, torch.ones_like(ref)),
+                         torch.zeros_like(beta))
+        nu[sq_F == 0] = float("nan")
+        for m, r in enumerate(revs):
+            df[f"{name}_{r}"] = nu[:, m].numpy()
+        others = nu.clone()
+        others[torch.arange(len(top_F)), top_F] = -np.inf
+        flag |= (others.nan_to_num(-np.inf).max(1).values > ARTIFACT_NU).numpy()
+    df["artifact"] = flag & df["reldec_class"].str.startswith("specific").to_numpy()
+    return df
+
+
+def print_table(summary):
+    rows = [dict(revision=r, **{k: round(v, 4) for k, v in s.items()}) for r, s in summary["revisions"].items()]
+    print(pd.DataFrame(rows).to_string(index=False))
+    print(f"L0 {summary['l0']:.1f}   dead {100 * summary['dead_frac']:.1f}%   "
+          f"({summary['n_tokens']} held-out tokens)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run folder made by train.py")
+    p.add_argument("--blocks", type=positive("--blocks"), default=64, help="held-out token blocks")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    run = analysis.open_run(args.run, args.device)
+    summary, latents = evaluate(run, args.blocks)
+    n_art = int(latents["artifact"].sum())
+    summary["artifacts"] = n_art
+    write_json(run.folder / "eval.json", summary)
+    with atomic_path(run.folder / "latents.csv") as tmp:
+        latents.to_csv(tmp, index=False)
+    print_table(summary)
+    print(f"classes by RelDec: {latents['reldec_class'].value_counts().to_dict()}; "
+          f"{n_art} flagged as likely L1 artifacts (latent scaling)")
+    print(f"wrote {run.folder / 'eval.json'} and {run.folder / 'latents.csv'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,351 @@
+"""relie.py — which latents carry a task at which checkpoint: IE per latent per revision, RelIE.
+
+    python relie.py --run runs/toy-L0-step64_step128_step512-l1                 # task: the model's own
+    python relie.py --run runs/pythia-1b-L8-step512_step2000_step143000-l1 --task subjectverb clams_en
+
+For each minimal pair and revision m, block L's output is spliced with W_dec[:,m] f + b_dec[m] + r_m
+(the error term r_m kept) and the metric m = logit(wrong) − logit(correct) at the last position is
+attributed to the latents f by integrated gradients to a zero baseline (10 steps, all batched in one
+forward/backward per revision and batch of pairs):  IE_{m,i} = −f_i · mean_α ∂m/∂f_i, summed over
+positions (padding and position 0 never count; per-token |IE| ≤ --threshold zeroed), averaged over
+pairs. Positive IE = the latent supports the right answer. Also --method atp (one step) and exact
+(zero-ablate each latent). Beside the paper's RelIE, a scale-normalised one (IE_{m,i} / Σ_j |IE_{m,j}|:
+later checkpoints have larger logits), and the error term's IE per revision and sub-task.
+
+Writes runs/<name>/relie/<task>/: ie.csv (IE per sub-task, revision, latent), error.csv, latents.csv
+(the annotation sheet for the union of the top-k latents per revision), contexts.json,
+logit_effects.json, latents.html (self-contained, for reading contexts), summary.json.
+"""
+import argparse
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+import analysis
+import lm
+import tasks
+from common import UsageError, atomic_path, positive, run_main, write_json, write_text
+
+IG_STEPS = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Indirect effects
+
+def _metric(logits_BTV, batch):
+    """m = logit(wrong) − logit(correct) at the last position, per pair."""
+    return -tasks.logit_diff(logits_BTV, batch)
+
+
+def pair_codes(run, models, batch):
+    """Every revision's block-L output on the batch, its codes and errors."""
+    with torch.no_grad():
+        x_BTMd = analysis.run_acts(models, run.layer, batch.ids_BT, batch.mask_BT)
+        B, T, M, d = x_BTMd.shape
+        x_hat_NMd, f_NF = run.cc(x_BTMd.view(B * T, M, d))
+    return x_BTMd, f_NF.view(B, T, -1), (x_BTMd - x_hat_NMd.view(B, T, M, d))
+
+
+def ie_gradient(run, model, m, batch, f_BTF, r_BTd, alphas):
+    """IG/AtP for revision m: per-token IE of every latent [B, T, F] and of the error term [B, T]."""
+    S, B = len(alphas), len(batch)
+    scale = (1 - torch.tensor(alphas, device=f_BTF.device)).view(S, 1, 1, 1)
+    f_SBTF = (scale * f_BTF).detach().requires_grad_(True)
+    r_SBTd = (scale * r_BTd).detach().requires_grad_(True)
+    new = f_SBTF @ run.cc.W_dec_FMd[:, m] + run.cc.b_dec_Md[m] + r_SBTd
+    rep = lambda t: t.repeat(S, *[1] * (t.dim() - 1))  # noqa: E731  (α-major copies of the batch)
+    big = tasks.PairBatch(rep(batch.ids_BT), rep(batch.mask_BT), rep(batch.good_B), rep(batch.bad_B), [], [])
+    where = analysis.splice_mask(big.mask_BT)
+    with analysis.splice(model, run.layer, new.flatten(0, 1), where):
+        metric = _metric(lm.forward(model, big.ids_BT, big.mask_BT).logits, big)
+    gf, gr = torch.autograd.grad(metric.sum(), [f_SBTF, r_SBTd])
+    ie_BTF = -f_BTF * gf.mean(0)
+    ie_err_BT = -(r_BTd * gr.mean(0)).sum(-1)
+    return ie_BTF, ie_err_BT, metric.detach().view(S, B)[0]
+
+
+def ie_exact(run, model, m, batch, f_BTF, r_BTd, latents):
+    """Zero-ablate each latent (error kept): IE_i = m(f without i) − m(clean) = ld(clean) − ld(ablated)."""
+    ld = analysis.ablated_logit_diffs(run, model, m, batch, f_BTF, r_BTd, [[]] + [[i] for i in latents])
+    return ld[:, :1] - ld[:, 1:]
+
+
+def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, latents=None, steps=IG_STEPS):
+    """IE summed over each sub-task's pairs: dict with 'ie' [S, M, F], 'err' [S, M], 'n' [S], 'subtasks'."""
+    subtasks = list(dict.fromkeys(batch.subtask))
+    S, M, Fdim = len(subtasks), len(models), run.cc.cfg.dict_size
+    ie, err, n = torch.zeros(S, M, Fdim), torch.zeros(S, M), torch.zeros(S)
+    clean = torch.zeros(S, M)
+    alphas = [i / steps for i in range(steps)] if method == "ig" else [0.0]
+    for i in tqdm(range(0, len(batch), batch_size), desc=f"IE ({method})", unit="batch"):
+        b = batch.slice(i, i + batch_size).to(run.device)
+        s_idx = torch.tensor([subtasks.index(s) for s in b.subtask])
+        x, f_BTF, r_BTMd = pair_codes(run, models, b)
+        n.index_add_(0, s_idx, torch.ones(len(b)))
+        for m, (_, model, _) in enumerate(models):
+            if method == "exact":
+                lat = list(range(Fdim)) if latents is None else list(latents)
+                vals = ie_exact(run, model, m, b, f_BTF, r_BTMd[:, :, m], lat).cpu()
+                ie_BF = torch.zeros(len(b), Fdim)
+                ie_BF[:, lat] = vals
+                err_B = torch.zeros(len(b))
+                with torch.no_grad():
+                    clean_B = _metric(lm.forward(model, b.ids_BT, b.mask_BT).logits, b).cpu()
+            else:
+                ie_BTF, err_BT, clean_B = ie_gradient(run, model, m, b, f_BTF, r_BTMd[:, :, m], alphas)
+                ie_BTF = torch.where(ie_BTF.abs() > threshold, ie_BTF, torch.zeros_like(ie_BTF))
+                ie_BF, err_B, clean_B = ie_BTF.sum(1).detach().cpu(), err_BT.sum(1).detach().cpu(), clean_B.cpu()
+            ie[:, m].index_add_(0, s_idx, ie_BF)
+            err[:, m].index_add_(0, s_idx, err_B)
+            clean[:, m].index_add_(0, s_idx, clean_B)
+    return dict(ie=ie, err=err, n=n, clean=clean, subtasks=subtasks)
+
+
+# ---------------------------------------------------------------------------------------------
+# From IE to RelIE, classes and the annotation sheet
+
+def mean_ie(att, subtasks=None):
+    """Mean IE per pair over the chosen sub-tasks (default all): [M, F] and the error's [M]."""
+    keep = [i for i, s in enumerate(att["subtasks"]) if subtasks is None or s in subtasks]
+    if not keep:
+        raise UsageError(f"no sub-task among {subtasks}; this task has {att['subtasks']}")
+    n = att["n"][keep].sum()
+    return (att["ie"][keep].sum(0) / n).numpy(), (att["err"][keep].sum(0) / n).numpy()
+
+
+def normalise(ie_MF):
+    """Each revision's IE divided by its total |IE| over latents (removes the logit scale)."""
+    tot = np.abs(ie_MF).sum(1, keepdims=True)
+    return ie_MF / np.where(tot > 0, tot, 1)
+
+
+def select(ie_MF, k, how="abs"):
+    """The union of the top-k latents per revision, by |IE| (the paper) or by positive IE."""
+    chosen = []
+    for row in ie_MF:
+        score = np.abs(row) if how == "abs" else row
+        order = np.argsort(-score, kind="stable")
+        top = [int(i) for i in order[:k] if (score[i] > 0)]
+        chosen += [i for i in top if i not in chosen]
+    return chosen
+
+
+def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
+    revs = run.revisions
+    ie_MF, _ = mean_ie(att)
+    nie_MF = normalise(ie_MF)
+    ie_NM, nie_NM = ie_MF[:, chosen].T, nie_MF[:, chosen].T
+    df = pd.DataFrame({"latent": chosen})
+    for m, r in enumerate(revs):
+        df[f"ie_{r}"] = ie_NM[:, m]
+    rel_raw, rel_norm = analysis.rel(ie_NM), analysis.rel(nie_NM)
+    for m, r in enumerate(revs):
+        df[f"relie_{r}"] = rel_raw[:, m]
+    df["relie_class"] = analysis.classify(rel_raw, revs)
+    for m, r in enumerate(revs):
+        df[f"relie_norm_{r}"] = rel_norm[:, m]
+    df["relie_norm_class"] = analysis.classify(rel_norm, revs)
+    rd = reldec_FM[chosen]
+    for m, r in enumerate(revs):
+        df[f"reldec_{r}"] = rd[:, m]
+    df["reldec_class"] = analysis.classify(rd, revs)
+    for a, b in analysis.pairs_of(revs):
+        tag = f"{revs[a]}_{revs[b]}"
+        for name, vals in (("relie2", ie_NM), ("relie2_norm", nie_NM), ("reldec2", rd)):
+            r2 = analysis.rel2(vals[:, a], vals[:, b])
+            df[f"{name}_{tag}"] = r2
+            df[f"{name}_class_{tag}"] = analysis.classify2(r2)
+    df["artifact"] = [bool(flags.get(i, False)) for i in chosen]
+    df["description"] = [annotations.get(i, {}).get("description", "") for i in chosen]
+    df["tags"] = [annotations.get(i, {}).get("tags", "") for i in chosen]
+    return df
+
+
+def read_annotations(folder) -> dict:
+    """runs/<name>/annotations.csv (written by the app): latent → {description, tags}."""
+    path = Path(folder) / "annotations.csv"
+    if not path.exists():
+        return {}
+    df = pd.read_csv(path, dtype={"description": str, "tags": str}).fillna("")
+    return {int(r.latent): dict(description=r.description, tags=r.tags) for r in df.itertuples()}
+
+
+def read_flags(folder) -> dict:
+    path = Path(folder) / "latents.csv"
+    if not path.exists():
+        return {}
+    df = pd.read_csv(path, usecols=["latent", "artifact"])
+    return dict(zip(df.latent.astype(int), df.artifact.astype(bool)))
+
+
+# ---------------------------------------------------------------------------------------------
+# What annotators read: logit effects and top-activating contexts
+
+@torch.no_grad()
+def logit_effects(run, models, chosen, n=10):
+    """Per latent and revision, the tokens its decoder vector promotes / suppresses directly:
+    W_U · (norm(d) − norm(0)) through that revision's final norm and unembedding."""
+    out = {}
+    for m, (r, model, tok) in enumerate(models):
+        norm, W_U = lm.final_norm(model), model.get_output_embeddings().weight.float()
+        d_Nd = run.cc.W_dec_FMd[chosen, m].to(W_U.dtype)
+        eff_NV = (norm(d_Nd) - norm(torch.zeros_like(d_Nd))) @ W_U.T
+        for j, i in enumerate(chosen):
+            up, down = eff_NV[j].topk(n), (-eff_NV[j]).topk(n)
+            out.setdefault(str(i), {})[r] = dict(
+                promoted=[[tok.decode([t]), round(v, 3)] for t, v in zip(up.indices.tolist(), up.values.tolist())],
+                suppressed=[[tok.decode([t]), round(-v, 3)] for t, v in zip(down.indices.tolist(), down.values.tolist())])
+    return out
+
+
+@torch.no_grad()
+def top_contexts(run, models, chosen, n_blocks=64, n=8, before=12, after=3):
+    """For each chosen latent, its n highest activations on held-out LM text, each with the window
+    of tokens around it and the latent's activation on every token of the window."""
+    ids = run.eval_blocks(n_blocks)
+    tok = models[-1][2]
+    acts = []
+    for b0 in range(0, len(ids), 8):
+        x = analysis.run_acts(models, run.layer, ids[b0:b0 + 8].to(run.device))
+        B, T, M, d = x.shape
+        f = run.cc.encode(x.view(B * T, M, d)).view(B, T, -1)[..., chosen]
+        f[:, 0] = 0            # position 0 is excluded everywhere
+        acts.append(f.cpu())
+    f_BTN = torch.cat(acts)
+    out = {}
+    for j, i in enumerate(chosen):
+        a = f_BTN[..., j]
+        vals, flat = a.flatten().topk(min(n, a.numel()))
+        ctx = []
+        for v, k in zip(vals.tolist(), flat.tolist()):
+            if v <= 0:
+                break
+            b, t = divmod(k, a.shape[1])
+            lo, hi = max(1, t - before), min(a.shape[1], t + after + 1)
+            ctx.append(dict(tokens=[tok.decode([x]) for x in ids[b, lo:hi].tolist()],
+                            acts=[round(x, 4) for x in a[b, lo:hi].tolist()], max_at=t - lo, max=round(v, 4)))
+        out[str(i)] = ctx
+    return out
+
+
+def render_html(task, sheet, contexts, effects, revisions) -> str:
+    """A self-contained page: one section per latent, its values, contexts shaded by activation.
+    Every data- or user-provided string is escaped."""
+    e = html.escape
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{e(task)} latents</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+             ".tok{padding:1px 2px;border-radius:3px}.ctx{font-family:monospace;margin:2px 0}"
+             "table{border-collapse:collapse}td,th{padding:2px 6px;border:1px solid #ddd}</style>",
+             f"<h1>{e(task)}: {len(sheet)} latents</h1>"]
+    for row in sheet.to_dict("records"):
+        i = int(row["latent"])
+        parts.append(f"<h2 id='latent-{i}'>latent {i}</h2><p>RelIE class <b>{e(str(row['relie_class']))}</b>, "
+                     f"normalised <b>{e(str(row['relie_norm_class']))}</b>, RelDec class "
+                     f"<b>{e(str(row['reldec_class']))}</b>{' — <i>likely L1 artifact</i>' if row['artifact'] else ''}</p>")
+        if row.get("description"):
+            parts.append(f"<p>Description: {e(str(row['description']))}</p>")
+        parts.append("<table><tr><th>revision</th><th>IE</th><th>RelIE</th><th>RelDec</th><th>promotes</th>"
+                     "<th>suppresses</th></tr>")
+        for r in revisions:
+            eff = effects.get(str(i), {}).get(r, {})
+            prom = " ".join(e(t) for t, _ in eff.get("promoted", [])[:6])
+            sup = " ".join(e(t) for t, _ in eff.get("suppressed", [])[:6])
+            parts.append(f"<tr><td>{e(r)}</td><td>{row[f'ie_{r}']:.4f}</td><td>{row[f'relie_{r}']:.2f}</td>"
+                         f"<td>{row[f'reldec_{r}']:.2f}</td><td>{prom}</td><td>{sup}</td></tr>")
+        parts.append("</table>")
+        for c in contexts.get(str(i), []):
+            top = max(c["max"], 1e-9)
+            toks = "".join(f"<span class='tok' style='background:rgba(255,120,0,{min(1, max(0, a / top)):.2f})' "
+                           f"title='{a:.3f}'>{e(t)}</span>" for t, a in zip(c["tokens"], c["acts"]))
+            parts.append(f"<div class='ctx'>{toks}</div>")
+    return "\n".join(parts) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("--task", nargs="+", default=None, help="task(s) (default: the model's own)")
+    p.add_argument("--method", choices=["ig", "atp", "exact"], default="ig")
+    p.add_argument("--threshold", type=float, default=None, help="per-token |IE| zeroed (paper 0.1; toy 0)")
+    p.add_argument("--top-k", type=positive("--top-k"), default=10)
+    p.add_argument("--select", choices=["abs", "positive"], default="abs")
+    p.add_argument("--latents", default=None, help="exact: comma-separated latents to ablate (default all)")
+    p.add_argument("--batch-size", type=positive("--batch-size"), default=16)
+    p.add_argument("--max-pairs", type=positive("--max-pairs"), default=None, help="per sub-task")
+    p.add_argument("--context-blocks", type=positive("--context-blocks"), default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    if args.threshold is not None and not args.threshold >= 0:
+        raise UsageError(f"--threshold must be ≥ 0, got {args.threshold}")
+    if args.latents and args.method != "exact":
+        raise UsageError("--latents only applies to --method exact")
+    run = analysis.open_run(args.run, args.device)
+    threshold = args.threshold if args.threshold is not None else (0.0 if run.spec.key == "toy" else 0.1)
+    latents = [int(x) for x in args.latents.split(",")] if args.latents else None
+    if latents and not all(0 <= i < run.cc.cfg.dict_size for i in latents):
+        raise UsageError(f"--latents must lie in 0..{run.cc.cfg.dict_size - 1}")
+    models = run.load_models()
+    for task in args.task or [run.spec.task]:
+        relie_task(run, models, task, args, threshold, latents)
+
+
+def relie_task(run, models, task, args, threshold, latents):
+    pairs = tasks.load_task(task)
+    if args.max_pairs:
+        pairs = [p for s in dict.fromkeys(p.subtask for p in pairs)
+                 for p in [q for q in pairs if q.subtask == s][:args.max_pairs]]
+    batch = tasks.tokenize_pairs(pairs, models[0][2], task)
+    att = attribute(run, models, batch, args.method, threshold, args.batch_size, latents)
+    out = run.folder / "relie" / Path(task).stem
+    ie_MF, err_M = mean_ie(att)
+    nonzero = int((np.abs(ie_MF) > 0).any(0).sum())
+    k = args.top_k
+    if k > nonzero:
+        print(f"note: --top-k {k} capped at {nonzero}, the number of latents with a non-zero IE")
+        k = max(1, nonzero)
+    chosen = select(ie_MF, k, args.select)
+    sheet = latent_sheet(run, att, chosen, analysis.reldec(run.cc), read_annotations(run.folder),
+                         read_flags(run.folder))
+    effects = logit_effects(run, models, chosen)
+    contexts = top_contexts(run, models, chosen, args.context_blocks)
+    # long tables: IE per sub-task / revision / latent, and the error term
+    rows, erows = [], []
+    for s_i, s in enumerate(att["subtasks"]):
+        ie_s, err_s = mean_ie(att, [s])
+        nie_s = normalise(ie_s)
+        tot = np.abs(ie_s).sum(1)
+        for m, r in enumerate(run.revisions):
+            nz = np.nonzero(ie_s[m])[0]
+            rows += [(s, r, int(i), float(ie_s[m, i]), float(nie_s[m, i])) for i in nz]
+            clean = float(att["clean"][s_i, m] / att["n"][s_i])
+            erows.append((s, r, float(err_s[m]), float(ie_s[m].sum()), float(tot[m]),
+                          abs(err_s[m]) / (abs(err_s[m]) + tot[m]) if (abs(err_s[m]) + tot[m]) > 0 else 0.0,
+                          -clean, int(att["n"][s_i])))
+    ie_df = pd.DataFrame(rows, columns=["subtask", "revision", "latent", "ie", "ie_norm"])
+    err_df = pd.DataFrame(erows, columns=["subtask", "revision", "ie_error", "ie_latents_sum", "ie_latents_abs",
+                                          "error_share", "clean_logit_diff", "n_pairs"])
+    summary = dict(task=task, method=args.method, threshold=threshold, steps=IG_STEPS if args.method == "ig" else 1,
+                   select=args.select, top_k=k, n_pairs=len(batch), subtasks=att["subtasks"],
+                   revisions=run.revisions, chosen=chosen, error_ie=dict(zip(run.revisions, map(float, err_M))),
+                   classes=sheet["relie_class"].value_counts().to_dict(),
+                   classes_norm=sheet["relie_norm_class"].value_counts().to_dict())
+    for name, df in (("ie.csv", ie_df), ("error.csv", err_df), ("latents.csv", sheet)):
+        with atomic_path(out / name) as tmp:
+            df.to_csv(tmp, index=False)
+    write_text(out / "contexts.json", json.dumps(contexts))
+    write_text(out / "logit_effects.json", json.dumps(effects))
+    write_text(out / "latents.html", render_html(task, sheet, contexts, effects, run.revisions))
+    write_json(out / "summary.json", summary)   # last: its presence says the folder is complete
+    print(sheet[["latent"] + [f"ie_{r}" for r in run.revisions] + ["relie_class", "relie_norm_class",
+                                                                     "reldec_class"]].to_string(index=False))
+    print("error-term IE per revision:", {r: round(float(v), 4) for r, v in zip(run.revisions, err_M)})
+    print(f"wrote {out}/")
+
+
+if __name__ == "__main__":
+    run_main(main)
