@@ -1,0 +1,189 @@
+"""Attribution and ablation against independent computations on a tiny model: IG completeness,
+AtP = the first IG step, exact ablation = a hand-made splice, no-ablation = clean, all-ablated =
+error + biases; RelIE / RelDec classes on hand-made tables; evaluate's CE and latent scaling."""
+import numpy as np
+import pytest
+import torch
+
+import analysis
+import cache_acts
+import evaluate
+import lm
+import relie
+import tasks
+from conftest import ROOT
+from crosscoder import CrossCoder, CrossCoderConfig
+
+
+@pytest.fixture(scope="module")
+def run(local_model, tmp_path_factory):
+    """A run folder with a random (untrained) crosscoder over two tiny revisions: the identities
+    tested here hold for any weights."""
+    root, text, _ = local_model
+    folder = tmp_path_factory.mktemp("run")
+    cache = cache_acts.make_cache(str(root), 1, ["step0", "step100"], folder / "cache", n_tokens=600, seq_len=16,
+                                  text=str(text))
+    cfg = CrossCoderConfig(n_models=2, d_model=32, dict_size=48, seed=3)
+    cc = CrossCoder(cfg)
+    with torch.no_grad():
+        cc.b_enc_F.fill_(0.05)
+        cc.b_dec_Md.normal_(0, 0.1)
+    cc.fold_scales([0.5, 2.0]).save(folder, extra=dict(model=str(root), revisions=["step0", "step100"], layer=1,
+                                                      data=dict(cache=str(cache))))
+    return analysis.open_run(folder)
+
+
+@pytest.fixture(scope="module")
+def models(run):
+    return run.load_models()
+
+
+@pytest.fixture(scope="module")
+def batch(local_model, models):
+    pairs = tasks.load_task(str(local_model[2]))
+    return tasks.tokenize_pairs(pairs, models[0][2])
+
+
+def _metric_with(run, model, batch, new_BTd):
+    where = analysis.splice_mask(batch.mask_BT)
+    with torch.no_grad(), analysis.splice(model, run.layer, new_BTd, where):
+        return -tasks.logit_diff(lm.forward(model, batch.ids_BT, batch.mask_BT).logits, batch)
+
+
+def test_splice_of_reconstruction_plus_error_is_clean(run, models, batch):
+    x, f, r = relie.pair_codes(run, models, batch)
+    for m, (_, model, _) in enumerate(models):
+        ld = analysis.ablated_logit_diffs(run, model, m, batch, f, r[:, :, m], [[]])[:, 0]
+        clean = tasks.logit_diff(lm.forward(model, batch.ids_BT, batch.mask_BT).logits, batch)
+        torch.testing.assert_close(ld, clean, rtol=1e-4, atol=1e-4)
+
+
+def test_ablating_all_latents_leaves_error_plus_bias(run, models, batch):
+    x, f, r = relie.pair_codes(run, models, batch)
+    m, model = 1, models[1][1]
+    ld = analysis.ablated_logit_diffs(run, model, m, batch, f, r[:, :, m], [list(range(48))])[:, 0]
+    want = -_metric_with(run, model, batch, r[:, :, m] + run.cc.b_dec_Md[m])
+    torch.testing.assert_close(ld, want, rtol=1e-5, atol=1e-5)
+
+
+def test_ig_completeness(run, models, batch):
+    """Σ_i IE_i + IE_error → m(zero baseline) − m(clean) as the steps grow (a left Riemann sum:
+    the gap shrinks like 1/steps)."""
+    x, f, r = relie.pair_codes(run, models, batch)
+    gaps = {}
+    for steps in (100, 400):
+        att = relie.attribute(run, models, batch, "ig", threshold=0.0, batch_size=32, steps=steps)
+        for m, (_, model, _) in enumerate(models):
+            base = _metric_with(run, model, batch, run.cc.b_dec_Md[m].expand_as(r[:, :, m]).clone())
+            clean = -tasks.logit_diff(lm.forward(model, batch.ids_BT, batch.mask_BT).logits, batch)
+            want = (base - clean).sum().item()
+            gaps[steps, m] = abs((att["ie"][:, m].sum() + att["err"][:, m].sum()).item() - want) / abs(want)
+    for m in range(len(models)):
+        assert gaps[400, m] < 0.015, gaps
+        assert gaps[400, m] < gaps[100, m] / 2.5 or gaps[400, m] < 1e-4, gaps
+
+
+def test_atp_equals_first_ig_step(run, models, batch):
+    """AtP = −f · ∂m/∂f at the clean point, computed here by plain autograd on one forward."""
+    att = relie.attribute(run, models, batch, "atp", threshold=0.0, batch_size=32)
+    x, f, r = relie.pair_codes(run, models, batch)
+    m, model = 0, models[0][1]
+    fl = f.clone().requires_grad_(True)
+    new = fl @ run.cc.W_dec_FMd[:, m] + run.cc.b_dec_Md[m] + r[:, :, m]
+    with analysis.splice(model, run.layer, new, analysis.splice_mask(batch.mask_BT)):
+        metric = -tasks.logit_diff(lm.forward(model, batch.ids_BT, batch.mask_BT).logits, batch)
+    (g,) = torch.autograd.grad(metric.sum(), fl)
+    want = (-(f * g)).sum((0, 1))
+    torch.testing.assert_close(att["ie"][:, m].sum(0), want, rtol=1e-4, atol=1e-5)
+
+
+def test_exact_ablation_matches_hand_made_splice(run, models, batch):
+    x, f, r = relie.pair_codes(run, models, batch)
+    m, model = 1, models[1][1]
+    i = int((f > 0).sum((0, 1)).argmax())       # a latent that fires
+    ie = relie.ie_exact(run, model, m, batch, f, r[:, :, m], [i])[:, 0]
+    # by hand: the model's own activation minus this latent's decoder contribution
+    x_m = x[:, :, m]
+    no_i = x_m - f[..., i:i + 1] * run.cc.W_dec_FMd[i, m]
+    want = _metric_with(run, model, batch, no_i) - _metric_with(run, model, batch, x_m)
+    torch.testing.assert_close(ie, want, rtol=1e-4, atol=1e-5)
+    assert want.abs().sum() > 0
+
+
+def test_threshold_zeroes_small_token_effects(run, models, batch):
+    a = relie.attribute(run, models, batch, "ig", threshold=0.0, batch_size=32)
+    b = relie.attribute(run, models, batch, "ig", threshold=1e9, batch_size=32)
+    assert a["ie"].abs().sum() > 0 and b["ie"].abs().sum() == 0
+    torch.testing.assert_close(a["err"], b["err"])   # the error term is reported in full
+
+
+def test_rel_and_classes_hand_made():
+    ie = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [-4.0, 1.0, 0.0], [0.35, 0.33, 0.32]])
+    r = analysis.rel(ie)
+    np.testing.assert_allclose(r[0], [1 / 3] * 3)
+    np.testing.assert_allclose(r[3], [0.8, 0.2, 0.0])
+    revs = ["a", "b", "c"]
+    assert analysis.classify(r, revs) == ["shared", "specific:a", "others", "specific:a", "shared"]
+    r2 = analysis.rel2([0.0, 1.0, 1.0, 2.0], [0.0, 0.0, 9.0, 2.0])
+    np.testing.assert_allclose(r2, [0.5, 0.0, 0.9, 0.5])
+    assert analysis.classify2(r2) == ["maintained", "discontinued", "emerging", "maintained"]
+    two = analysis.rel(np.array([[0.0, 0.0], [3.0, 1.0]]))
+    assert analysis.classify(two, ["a", "b"]) == ["shared", "specific:a"]
+
+
+def test_select_union_and_normalise():
+    ie = np.array([[0.5, -0.9, 0.1, 0.0], [0.0, 0.2, 0.0, 0.3]])
+    assert relie.select(ie, 1, "abs") == [1, 3]
+    assert relie.select(ie, 2, "positive") == [0, 2, 3, 1]
+    np.testing.assert_allclose(np.abs(relie.normalise(ie)).sum(1), [1, 1])
+
+
+def test_html_escapes_everything():
+    import pandas as pd
+    sheet = pd.DataFrame([dict(latent=3, ie_a=0.1, relie_a=1.0, reldec_a=1.0, relie_class="<b>x</b>",
+                               relie_norm_class="shared", reldec_class="shared", artifact=False,
+                               description="<script>alert(1)</script>")])
+    ctx = {"3": [dict(tokens=["<script>", "ok"], acts=[1.0, 0.0], max_at=0, max=1.0)]}
+    eff = {"3": {"a": dict(promoted=[["<img src=x>", 1.0]], suppressed=[])}}
+    page = relie.render_html("t<i>", sheet, ctx, eff, ["a"])
+    assert "<script>" not in page and "&lt;script&gt;" in page and "<img" not in page and "<b>x" not in page
+
+
+def test_evaluate_ce_and_scaling(run, models):
+    summary, lat = evaluate.evaluate(run, n_blocks=4, batch_blocks=2)
+    ids = run.eval_blocks(4)
+    for m, (rev, model, _) in enumerate(models):
+        # clean CE by hand: −log softmax at positions 1..T-2 against the next token
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+        want = -logp[:, 1:-1].gather(2, ids[:, 2:, None]).mean().item()
+        assert summary["revisions"][rev]["ce_clean"] == pytest.approx(want, rel=1e-5)
+        s = summary["revisions"][rev]
+        assert s["ce_recovered"] == pytest.approx(1 - s["delta_ce"] / (s["ce_zero"] - s["ce_clean"]))
+    # latent scaling: β by least squares on the raw tokens for one firing latent
+    x = analysis.run_acts(models, run.layer, ids)[:, 1:].reshape(-1, 2, 32)
+    _, f = run.cc(x)
+    i = int((f > 0).sum(0).argmax())
+    s_M = run.cc.scales_M
+    dec = run.cc.W_dec_FMd[i] * s_M[:, None]
+    top = int(np.argmax(analysis.reldec(run.cc)[i]))
+    betas = []
+    for m in range(2):
+        A = (f[:, i:i + 1, None] * dec[top]).reshape(-1, 1)          # [N*d, 1]
+        y = (x[:, m] * s_M[m]).reshape(-1, 1)
+        betas.append(torch.linalg.lstsq(A.double(), y.double()).solution.item())
+    want_nu = betas[1 - top] / betas[top]
+    got = lat.loc[i, f"nu_act_{run.revisions[1 - top]}"]
+    assert got == pytest.approx(want_nu, rel=1e-3, abs=1e-5)
+    assert set(lat.reldec_class) <= {"shared", "others", "specific:step0", "specific:step100"}
+
+
+def test_open_run_refusals(tmp_path):
+    from common import UsageError
+    with pytest.raises(UsageError, match="holds no trained crosscoder"):
+        analysis.open_run(tmp_path)
+    cc = CrossCoder(CrossCoderConfig(n_models=2, d_model=4, dict_size=8))
+    cc.save(tmp_path, extra=dict(model="toy", revisions=["a", "b"], layer=0))
+    f = tmp_path / "crosscoder.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(UsageError, match="cannot be read"):
+        analysis.open_run(tmp_path)
