@@ -1,0 +1,370 @@
+"""app.py — browse scans and crosscoder runs: when agreement is learned, which latents carry it at
+which checkpoint, what they respond to, and what breaks without them.
+
+    streamlit run app.py                                  # reads runs/ and scans/ here
+    streamlit run app.py -- --runs /data/runs --scans /data/scans
+
+Pages: Checkpoints (scans/), Training (log.jsonl, eval.json), Latents (the emergence map, contexts,
+logit effects, annotations), Ablation. The app reads only inside its runs and scans roots, loads no
+pickles, escapes every text it renders as HTML, and (by Streamlit's config here) listens on
+127.0.0.1. Annotations go to runs/<name>/annotations.csv, which relie.py's exports pick up.
+"""
+import argparse
+import fcntl
+import html
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import atomic_path  # noqa: E402
+
+
+def roots():
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--runs", default=os.environ.get("CCT_RUNS", "runs"))
+    p.add_argument("--scans", default=os.environ.get("CCT_SCANS", "scans"))
+    args, _ = p.parse_known_args(sys.argv[1:])
+    return Path(args.runs).resolve(), Path(args.scans).resolve()
+
+
+def inside(root: Path, name: str) -> Path:
+    """root/name for a plain child name; anything with a path or '..' is refused."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"refused name {name!r}: not a plain folder name inside {root}")
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise ValueError(f"refused name {name!r}: outside {root}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders (cached on path and modification time)
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+@st.cache_data(show_spinner=False)
+def read_csv(path: str, mtime: float) -> pd.DataFrame:
+    return pd.read_csv(path)
+
+
+@st.cache_data(show_spinner=False)
+def read_json(path: str, mtime: float):
+    return json.loads(Path(path).read_text())
+
+
+@st.cache_data(show_spinner=False)
+def read_log(path: str, mtime: float) -> pd.DataFrame:
+    return pd.DataFrame([json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()])
+
+
+@st.cache_data(show_spinner=False)
+def decoder_table(folder: str, mtime: float) -> pd.DataFrame:
+    """Every latent's RelDec from the crosscoder itself (safetensors), when evaluate.py has not run."""
+    from safetensors.numpy import load_file
+    t = load_file(str(Path(folder) / "crosscoder.safetensors"))
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    norms = np.linalg.norm(t["W_dec_FMd"], axis=-1) * t["scales_M"][None, :]
+    rel = norms / np.maximum(norms.sum(1, keepdims=True), 1e-12)
+    df = pd.DataFrame({"latent": np.arange(len(rel))})
+    for m, r in enumerate(cfg["revisions"]):
+        df[f"dec_norm_{r}"] = norms[:, m]
+        df[f"reldec_{r}"] = rel[:, m]
+    top = rel.argmax(1)
+    df["reldec_class"] = [f"specific:{cfg['revisions'][t_]}" if row[t_] > 0.7 else
+                          "shared" if (row >= 0.3).all() else "others" for row, t_ in zip(rel, top)]
+    return df
+
+
+def csv_of(path: Path):
+    return read_csv(str(path), _mtime(path)) if path.exists() else None
+
+
+def json_of(path: Path):
+    return read_json(str(path), _mtime(path)) if path.exists() else None
+
+
+def missing(what: str, command: str):
+    st.info(f"No {what} yet. Make it with:\n\n`{command}`")
+
+
+# ---------------------------------------------------------------------------------------------
+# Annotations: atomic, and two tabs saving at once lose nothing (read-modify-write under a lock)
+
+def read_annotations(run: Path) -> pd.DataFrame:
+    path = run / "annotations.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=["latent", "description", "tags"])
+    return pd.read_csv(path, dtype={"description": str, "tags": str}).fillna("")
+
+
+def save_annotation(run: Path, latent: int, description: str, tags: str):
+    with open(run / ".annotations.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        df = read_annotations(run)
+        df = df[df.latent.astype(int) != latent]
+        df = pd.concat([df, pd.DataFrame([dict(latent=latent, description=description, tags=tags)])])
+        with atomic_path(run / "annotations.csv") as tmp:
+            df.sort_values("latent").to_csv(tmp, index=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages
+
+def page_checkpoints(scans: Path, run: Path | None, cfg: dict | None):
+    st.header("Checkpoints: when is agreement learned?")
+    files = sorted(p for p in scans.glob("*.csv") if not p.name.endswith("-cos.csv")) if scans.is_dir() else []
+    if not files:
+        return missing(f"scans in {scans}", "python cache_acts.py --scan --model toy --suggest")
+    name = st.selectbox("scan", [p.name for p in files])
+    df = csv_of(inside(scans, name))
+    acc = [c for c in df.columns if c.startswith("acc_")]
+    long = df.melt(id_vars=["revision", "tokens"], value_vars=acc, var_name="sub-task", value_name="accuracy")
+    long["tokens"] = long["tokens"].fillna(0)
+    chart = alt.Chart(long).mark_line(point=True).encode(
+        x=alt.X("tokens:Q", scale=alt.Scale(type="symlog"), title="training tokens (symlog)"),
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color="sub-task:N",
+        tooltip=["revision", "sub-task", "accuracy"])
+    chosen = set(cfg["revisions"]) if cfg else set()
+    marks = df[df.revision.isin(chosen)].assign(tokens=lambda d: d.tokens.fillna(0))
+    if len(marks):
+        chart = chart + alt.Chart(marks).mark_rule(strokeDash=[4, 4], color="gray").encode(
+            x="tokens:Q", tooltip=["revision"])
+        st.caption(f"dashed: the run's revisions ({', '.join(cfg['revisions'])})")
+    st.altair_chart(chart, width="stretch")
+    cos_path = scans / name.replace(".csv", "-cos.csv")
+    if cos_path.exists():
+        cos = csv_of(cos_path).rename(columns={"Unnamed: 0": "a"}).melt(id_vars="a", var_name="b", value_name="cos")
+        order = list(df.revision)
+        st.subheader("Layer-L activation similarity between revisions (mean per-token cosine)")
+        st.altair_chart(alt.Chart(cos).mark_rect().encode(
+            x=alt.X("a:N", sort=order), y=alt.Y("b:N", sort=order), color=alt.Color("cos:Q", scale=alt.Scale(scheme="viridis")),
+            tooltip=["a", "b", alt.Tooltip("cos:Q", format=".3f")]), width="stretch")
+    st.dataframe(df, width="stretch")
+
+
+def page_training(run: Path):
+    st.header("Training")
+    log = run / "log.jsonl"
+    if not log.exists():
+        return missing("training log", "python train.py")
+    df = read_log(str(log), _mtime(log))
+    cfg = json_of(run / "config.json") or {}
+    revs = cfg.get("revisions") or [f"rev{i}" for i in range(len(df.val_fvu.iloc[0]))]
+    fvu = pd.DataFrame([dict(step=s, revision=revs[m], fvu=v) for s, vals in zip(df.step, df.val_fvu)
+                        for m, v in enumerate(vals)])
+    c1, c2 = st.columns(2)
+    c1.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("loss:Q", scale=alt.Scale(type="log"))).properties(title="loss"),
+                    width="stretch")
+    c2.altair_chart(alt.Chart(fvu).mark_line().encode(x="step:Q", y="fvu:Q", color="revision:N").properties(
+        title="validation FVU per revision"), width="stretch")
+    c3, c4 = st.columns(2)
+    c3.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("val_l0:Q", title="L0")).properties(title="L0"),
+                    width="stretch")
+    c4.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("val_dead_frac:Q", title="dead fraction")).properties(
+        title="dead latents (validation)"), width="stretch")
+    ev = json_of(run / "eval.json")
+    if ev is None:
+        return missing("evaluation", f"python evaluate.py --run {run}")
+    st.subheader("Evaluation (held-out tokens)")
+    st.dataframe(pd.DataFrame(ev["revisions"]).T, width="stretch")
+    st.caption(f"L0 {ev['l0']:.1f} · dead {100 * ev['dead_frac']:.1f}% · {ev['n_tokens']} tokens")
+
+
+def polygon(rel: np.ndarray) -> np.ndarray:
+    """Barycentric placement: revision m is a vertex of a regular polygon (a line for 2)."""
+    M = rel.shape[1]
+    if M == 2:
+        verts = np.array([[0.0, 0.0], [1.0, 0.0]])
+    else:
+        ang = np.pi / 2 + 2 * np.pi * np.arange(M) / M
+        verts = np.stack([np.cos(ang), np.sin(ang)], 1)
+    return rel @ verts
+
+
+def latent_frame(run: Path, cfg: dict, task: str | None, source: str) -> pd.DataFrame:
+    revs = cfg["revisions"]
+    lat = csv_of(run / "latents.csv")
+    if lat is None:
+        lat = decoder_table(str(run), _mtime(run / "crosscoder.safetensors"))
+    sheet = csv_of(run / "relie" / task / "latents.csv") if task else None
+    df = lat.copy()
+    if sheet is not None:
+        keep = [c for c in sheet.columns if c.startswith(("ie_", "relie")) or c == "latent"]
+        df = df.merge(sheet[keep], on="latent", how="left")
+    ann = read_annotations(run)
+    df["annotated"] = df.latent.isin(ann.latent.astype(int)) if len(ann) else False
+    prefix = {"RelDec": "reldec_", "RelIE": "relie_", "RelIE (normalised)": "relie_norm_"}[source]
+    cols = [f"{prefix}{r}" for r in revs]
+    if not all(c in df.columns for c in cols):
+        return df.iloc[0:0]
+    placed = df.dropna(subset=cols).copy()
+    xy = polygon(placed[cols].to_numpy())
+    placed["x"], placed["y"] = xy[:, 0], xy[:, 1]
+    if len(revs) == 2:   # spread a 2-revision line by activation frequency (or decoder norm)
+        placed["y"] = placed["freq"] if "freq" in placed else placed[f"dec_norm_{revs[-1]}"]
+    cls = {"RelDec": "reldec_class", "RelIE": "relie_class", "RelIE (normalised)": "relie_norm_class"}[source]
+    placed["class"] = placed[cls].fillna("not attributed")
+    return placed
+
+
+def context_html(ctx: dict) -> str:
+    top = max(ctx["max"], 1e-9)
+    return "".join(
+        f"<span style='background:rgba(255,120,0,{min(1.0, max(0.0, a / top)):.2f});padding:1px 2px;"
+        f"border-radius:3px' title='{a:.3f}'>{html.escape(t)}</span>" for t, a in zip(ctx["tokens"], ctx["acts"]))
+
+
+def page_latents(run: Path, cfg: dict):
+    st.header("Latents: which feature matters at which checkpoint?")
+    revs = cfg["revisions"]
+    tasks_done = sorted(p.name for p in (run / "relie").iterdir() if (p / "summary.json").exists()) \
+        if (run / "relie").is_dir() else []
+    c1, c2, c3 = st.columns(3)
+    task = c1.selectbox("task", tasks_done) if tasks_done else None
+    source = c2.radio("place latents by", ["RelDec", "RelIE", "RelIE (normalised)"] if task else ["RelDec"],
+                      horizontal=True)
+    if not task:
+        c3.info(f"RelIE needs `python relie.py --run {run}`")
+    df = latent_frame(run, cfg, task, source)
+    f1, f2, f3 = st.columns(3)
+    classes = sorted(df["class"].unique()) if len(df) else []
+    pick = f1.multiselect("class", classes, default=classes)
+    art = f2.selectbox("latent-scaling artifact", ["all", "flagged only", "hide flagged"]) if "artifact" in df else "all"
+    ann = f3.selectbox("annotated", ["all", "annotated", "not annotated"])
+    view = df[df["class"].isin(pick)]
+    if art != "all":
+        view = view[view.artifact == (art == "flagged only")]
+    if ann != "all":
+        view = view[view.annotated == (ann == "annotated")]
+    left, right = st.columns([3, 2])
+    tip = ["latent", "class"] + [c for c in view.columns if c.startswith(("reldec_", "relie_")) and c[-1] != "s"][:6]
+    chart = alt.Chart(view).mark_circle(opacity=0.7).encode(
+        x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), color="class:N",
+        size=alt.Size("freq:Q", legend=None) if "freq" in view else alt.value(40),
+        tooltip=[c for c in tip if c in view.columns]).properties(
+        title=f"emergence map: {len(view)} latents placed by {source} "
+              f"(vertices: {', '.join(revs)})", height=420)
+    left.altair_chart(chart, width="stretch")
+    if task:
+        err = csv_of(run / "relie" / task / "error.csv")
+        share = err.groupby("revision").apply(
+            lambda g: (g.ie_error.abs() * g.n_pairs).sum() /
+                      max(((g.ie_error.abs() + g.ie_latents_abs) * g.n_pairs).sum(), 1e-12),
+            include_groups=False).reindex(revs).rename("error share of |IE|").reset_index()
+        right.subheader("Error term's share of the IE")
+        right.altair_chart(alt.Chart(share).mark_bar().encode(x=alt.X("revision:N", sort=revs),
+                           y=alt.Y("error share of |IE|:Q", scale=alt.Scale(domain=[0, 1]))), width="stretch")
+        right.dataframe(err, width="stretch", height=200)
+    st.dataframe(view.drop(columns=["x", "y"]), width="stretch", height=260)
+    if not len(view):
+        return
+    ids = [int(i) for i in view.sort_values(view.columns[view.columns.str.startswith("ie_")].tolist() or ["latent"],
+                                            ascending=False).latent]
+    latent = st.selectbox("latent", ids, key="latent")
+    latent_detail(run, cfg, task, df[df.latent == latent].iloc[0], latent)
+
+
+def latent_detail(run: Path, cfg: dict, task: str | None, row, latent: int):
+    revs = cfg["revisions"]
+    st.subheader(f"Latent {latent}" + (" — flagged: likely L1 artifact (latent scaling)" if row.get("artifact") is True else ""))
+    per = pd.DataFrame(dict(revision=revs, decoder_norm=[row[f"dec_norm_{r}"] for r in revs],
+                            IE=[row.get(f"ie_{r}", np.nan) for r in revs]))
+    c1, c2 = st.columns(2)
+    c1.altair_chart(alt.Chart(per).mark_bar().encode(x=alt.X("revision:N", sort=revs), y="decoder_norm:Q").properties(
+        title="decoder norm per revision"), width="stretch")
+    if per.IE.notna().any():
+        c2.altair_chart(alt.Chart(per.fillna(0)).mark_bar().encode(x=alt.X("revision:N", sort=revs), y="IE:Q").properties(
+            title=f"IE per revision ({task})"), width="stretch")
+    cos = {c[4:]: row[c] for c in row.index if c.startswith("cos_")}
+    if cos:
+        st.write("decoder cosine between revisions: " + ", ".join(f"{k.replace('_', ' vs ', 1)}: {v:.2f}" for k, v in cos.items()))
+    if task:
+        eff = (json_of(run / "relie" / task / "logit_effects.json") or {}).get(str(latent))
+        ctx = (json_of(run / "relie" / task / "contexts.json") or {}).get(str(latent))
+        if eff:
+            st.markdown("**Logit effects** (direct path through each revision's final norm and unembedding)")
+            st.dataframe(pd.DataFrame({r: dict(promoted=" ".join(t for t, _ in e["promoted"]),
+                                               suppressed=" ".join(t for t, _ in e["suppressed"]))
+                                       for r, e in eff.items()}).T, width="stretch")
+        if ctx:
+            st.markdown("**Top-activating contexts** (held-out LM text, shaded by activation)")
+            for c in ctx:
+                st.markdown(f"<div style='font-family:monospace' class='cct-context'>{context_html(c)}</div>",
+                            unsafe_allow_html=True)
+        elif ctx is None:
+            st.caption("contexts and logit effects are computed by relie.py for its selected latents")
+    ann = read_annotations(run)
+    old = ann[ann.latent.astype(int) == latent]
+    with st.form(f"annotate-{latent}"):
+        desc = st.text_area("description", value=old.description.iloc[0] if len(old) else "", key=f"desc-{latent}")
+        tags = st.text_input("tags (comma-separated)", value=old.tags.iloc[0] if len(old) else "", key=f"tags-{latent}")
+        if st.form_submit_button("save annotation"):
+            save_annotation(run, latent, desc, tags)
+            st.success(f"saved to {run.name}/annotations.csv")
+
+
+def page_ablation(run: Path):
+    st.header("Ablation: what breaks without them?")
+    folder = run / "ablation"
+    files = sorted(p.name for p in folder.glob("*.csv") if not p.name.endswith("-spearman.csv")) if folder.is_dir() else []
+    if not files:
+        return missing("ablations", f"python ablate.py --run {run}")
+    name = st.selectbox("task", files)
+    df = csv_of(inside(folder, name))
+    sub = st.selectbox("sub-task", list(dict.fromkeys(df.subtask)))
+    d = df[df.subtask == sub]
+    sets = d[d.kind.isin(["top", "random"])].groupby(["kind", "selected_at", "revision"], as_index=False)[
+        ["delta", "acc_drop"]].mean()
+    st.altair_chart(alt.Chart(sets).mark_bar().encode(
+        x=alt.X("kind:N", title=None), y=alt.Y("acc_drop:Q", title="accuracy drop"), color="kind:N",
+        column=alt.Column("revision:N", title="spliced into"), row=alt.Row("selected_at:N", title="top-k of"),
+        tooltip=["kind", "selected_at", "revision", "acc_drop", "delta"]), width="content")
+    single = d[d.kind == "single"].pivot_table(index="latents", columns="revision", values="delta")
+    st.subheader("Single-latent ablations: Δ logit difference per revision")
+    st.dataframe(single, width="stretch")
+    sp = csv_of(folder / name.replace(".csv", "-spearman.csv"))
+    if sp is not None:
+        st.subheader("Spearman ρ of |Δ_B|/|Δ_A| with 2-way RelIE, normalised RelIE and RelDec")
+        st.dataframe(sp, width="stretch")
+
+
+def main():
+    st.set_page_config(page_title="crosscoding through time", layout="wide")
+    runs, scans = roots()
+    names = sorted(p.name for p in runs.iterdir() if (p / "config.json").exists()) if runs.is_dir() else []
+    page = st.sidebar.radio("page", ["Checkpoints", "Training", "Latents", "Ablation"])
+    name = st.sidebar.selectbox("run", names) if names else None
+    st.sidebar.caption(f"runs: {runs}\n\nscans: {scans}")
+    run = cfg = None
+    if name:
+        try:
+            run = inside(runs, name)
+        except ValueError as e:
+            st.error(str(e))
+            return
+        cfg = json_of(run / "config.json")
+    if page == "Checkpoints":
+        return page_checkpoints(scans, run, cfg)
+    if run is None:
+        return missing(f"runs in {runs}", "python train.py   (or: bash pipeline.sh)")
+    if page == "Training":
+        page_training(run)
+    elif page == "Latents":
+        page_latents(run, cfg)
+    else:
+        page_ablation(run)
+
+
+main()
