@@ -8,8 +8,9 @@ Latents are zeroed in crosscoder space with the error term kept, spliced into ea
   --draws sets of k random latents of matched activation frequency (on the task's tokens);
 - every latent of the union of those top-k sets alone.
 Per revision: Δ = mean logit difference (correct − wrong; = log p_correct − log p_wrong) clean minus
-ablated, and the accuracy drop. Spearman ρ over the union, per pair of revisions (A, B), of
-|Δ_B|/|Δ_A| with the 2-way RelIE, the normalised RelIE and RelDec (the paper's Table 7).
+ablated, and the accuracy drop. Per pair of revisions (A, B), over the union of A's and B's top-k
+latents: Spearman ρ of |Δ_B|/|Δ_A| with the 2-way RelIE, the normalised RelIE and RelDec (the
+paper's Table 7).
 
 Writes runs/<name>/ablation/<task>.csv (every ablation × revision × sub-task) and
 runs/<name>/ablation/<task>-spearman.csv, and prints both summaries.
@@ -169,11 +170,14 @@ def main():
     ie_u, nie_u = ie_wide.reindex(union, fill_value=0.0).to_numpy(), nie_wide.reindex(union, fill_value=0.0).to_numpy()
     srows = []
     for a, b in analysis.pairs_of(run.revisions):
-        ratio = np.abs(delta.iloc[:, b].to_numpy()) / np.maximum(np.abs(delta.iloc[:, a].to_numpy()), 1e-12)
-        srows.append(dict(A=run.revisions[a], B=run.revisions[b], n=len(union),
-                          rho_relie=spearman(ratio, analysis.rel2(ie_u[:, a], ie_u[:, b])),
-                          rho_relie_norm=spearman(ratio, analysis.rel2(nie_u[:, a], nie_u[:, b])),
-                          rho_reldec=spearman(ratio, analysis.rel2(rd[:, a], rd[:, b]))))
+        # over the union of the two revisions' top-k sets
+        keep = [j for j, i in enumerate(union) if i in sets[run.revisions[a]] or i in sets[run.revisions[b]]]
+        d = delta.iloc[keep].to_numpy()
+        ratio = np.abs(d[:, b]) / np.maximum(np.abs(d[:, a]), 1e-12)
+        srows.append(dict(A=run.revisions[a], B=run.revisions[b], n=len(keep),
+                          rho_relie=spearman(ratio, analysis.rel2(ie_u[keep, a], ie_u[keep, b])),
+                          rho_relie_norm=spearman(ratio, analysis.rel2(nie_u[keep, a], nie_u[keep, b])),
+                          rho_reldec=spearman(ratio, analysis.rel2(rd[keep, a], rd[keep, b]))))
     sp = pd.DataFrame(srows)
     with atomic_path(out / f"{Path(task).stem}-spearman.csv") as tmp:
         sp.to_csv(tmp, index=False)

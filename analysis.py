@@ -156,4 +156,4 @@ def pairs_of(revisions):
 
 def reldec(cc) -> np.ndarray:
     """RelDec [F, M] on the normalised decoder."""
-    return rel(cc.decoder_norms().cpu().numpy())
+    return rel(cc.decoder_norms().detach().cpu().numpy())

@@ -325,10 +325,10 @@ def sentence_diffs(model, tok, pairs, device):
 def suggest(csv_path) -> list[str]:
     """Pick a triplet from a scan: (before, during, after) the ability.
 
-    - during: the revision where the sub-tasks disagree most (max − min sub-task accuracy): some
-      agreement is learned (e.g. simple) while another is still failed (e.g. across attractors);
-      ties go to the earlier revision, and only revisions after the first one count.
-    - before: the last revision before `during` whose mean accuracy is still near chance (≤ 0.6),
+    - during: where the sub-tasks disagree most (max − min sub-task accuracy): one kind of agreement
+      is learned (simple) while another still fails (across attractors). The earliest revision
+      within 90% of the largest disagreement, among all but the first and last revisions.
+    - before: the last revision before `during` whose best sub-task is still near chance (≤ 0.65),
       else the first revision.
     - after: the last revision (the final model).
     """
@@ -338,8 +338,9 @@ def suggest(csv_path) -> list[str]:
     if len(df) < 3:
         raise UsageError(f"{csv_path}: a triplet needs at least 3 scanned revisions, found {len(df)}")
     spread = (acc.max(axis=1) - acc.min(axis=1)).to_numpy()
-    mid = 1 + int(np.argmax(spread[1:-1]))
-    before = [i for i in range(mid) if df["acc_mean"][i] <= 0.6]
+    inner = spread[1:-1]
+    mid = 1 + int(np.argmax(inner >= 0.9 * inner.max()))
+    before = [i for i in range(mid) if acc.iloc[i].max() <= 0.65]
     first = before[-1] if before else 0
     return [df["revision"][first], df["revision"][mid], df["revision"].iloc[-1]]
 

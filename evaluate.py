@@ -8,8 +8,8 @@ frequency, decoder norm per revision, RelDec and its class, decoder cosines betw
 latent scaling (Minder et al. 2025): the least-squares β with which f_i·d_i explains each revision's
 activation (ν_act) and its reconstruction error with the latent's own part added back (ν_err), as a
 ratio to the revision the latent's decoder favours. A latent RelDec calls specific to one revision
-whose ν on another revision is large is flagged as a likely L1 artifact: the other revision does
-carry the direction, the decoder norm just shrank there.
+whose ν_err on another revision exceeds 0.5 is flagged as a likely L1 artifact: that revision does
+carry the direction where the latent fires, its decoder norm just shrank there.
 
 Writes runs/<name>/eval.json and runs/<name>/latents.csv, and prints a table.
 """
@@ -108,7 +108,6 @@ def latent_table(cc, revs, freq_F, dec_FMd, G_MFd, E_MFd, sq_F) -> pd.DataFrame:
     beta_act = torch.stack([(G_MFd[m] * u_Fd).sum(-1) for m in range(M)], 1) / (uu_F * safe)[:, None]
     own_MF = torch.stack([(dec_FMd[:, m] * u_Fd).sum(-1) for m in range(M)])
     beta_err = torch.stack([(E_MFd[m] * u_Fd).sum(-1) + sq_F * own_MF[m] for m in range(M)], 1) / (uu_F * safe)[:, None]
-    flag = np.zeros(len(df), dtype=bool)
     for name, beta in (("nu_act", beta_act), ("nu_err", beta_err)):
         ref = beta[torch.arange(len(top_F)), top_F][:, None]
         nu = torch.where(ref.abs() > 0, beta / torch.where(ref.abs() > 0, ref, torch.ones_like(ref)),
@@ -116,9 +115,12 @@ def latent_table(cc, revs, freq_F, dec_FMd, G_MFd, E_MFd, sq_F) -> pd.DataFrame:
         nu[sq_F == 0] = float("nan")
         for m, r in enumerate(revs):
             df[f"{name}_{r}"] = nu[:, m].numpy()
-        others = nu.clone()
-        others[torch.arange(len(top_F)), top_F] = -np.inf
-        flag |= (others.nan_to_num(-np.inf).max(1).values > ARTIFACT_NU).numpy()
+    # The flag reads ν_err (Minder et al.'s "complete shrinkage"): the other revision's activation,
+    # less everything the rest of the dictionary explains, still holds the direction. ν_act is kept
+    # as context only: it is inflated by every feature correlated with the direction.
+    others = nu.clone()
+    others[torch.arange(len(top_F)), top_F] = -np.inf
+    flag = (others.nan_to_num(-np.inf).max(1).values > ARTIFACT_NU).numpy()
     df["artifact"] = flag & df["reldec_class"].str.startswith("specific").to_numpy()
     return df
 

@@ -86,9 +86,11 @@ def test_scan_and_suggest(local_model, tmp_path):
 
 
 def test_suggest_rule(tmp_path):
+    """The toy's staged curve: chance at s64, the nearest-noun phase from s96 (deepest at s128), last s512."""
     import pandas as pd
     f = tmp_path / "s.csv"
-    pd.DataFrame(dict(revision=["s0", "s16", "s64", "s128", "s512"],
-                      acc_simple=[.45, .55, .7, .99, 1.0], acc_across_pp=[.5, .5, .4, .05, .97],
-                      acc_mean=[.47, .52, .55, .52, .98])).to_csv(f, index=False)
+    pd.DataFrame(dict(revision=["s0", "s16", "s64", "s96", "s128", "s160", "s512"],
+                      acc_simple=[.45, .55, .62, .90, .97, .99, 1.0],
+                      acc_across_pp=[.5, .5, .27, .10, .03, .05, 1.0],
+                      acc_mean=[.47, .52, .45, .5, .5, .52, 1.0])).to_csv(f, index=False)
     assert cache_acts.suggest(f) == ["s64", "s128", "s512"]
