@@ -367,4 +367,5 @@ def main():
         page_ablation(run)
 
 
-main()
+if __name__ == "__main__":   # streamlit runs the script as __main__; importing it runs nothing
+    main()

@@ -82,3 +82,30 @@ def local_model(tmp_path_factory):
     pairs.write_text("\n".join(json.dumps({"prefix": f"w{i} w{i+1}", "good": " w1", "bad": " w2",
                                            "subtask": ["a", "b"][i % 2]}) for i in range(20)))
     return root, text, pairs
+
+
+def run_script(args, cwd, timeout=600, check=True):
+    """Run one of the project's scripts as a user would, in `cwd`; return the CompletedProcess."""
+    import os
+    import subprocess
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"{args} failed:\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="session")
+def toy_pipeline(tmp_path_factory):
+    """The toy pipeline with each stage's defaults, as pipeline.sh runs it, in a fresh folder
+    (the toy LM itself is models/toy, built on first use): scans/, cache/, runs/<name>/ with
+    eval.json, latents.csv, relie/toy_sva/ and ablation/toy_sva.csv (positive IE on attractors)."""
+    cwd = tmp_path_factory.mktemp("pipeline")
+    run_script(["cache_acts.py", "--scan", "--model", "toy"], cwd)
+    run_script(["train.py"], cwd)
+    run = next((cwd / "runs").iterdir())
+    run_script(["evaluate.py", "--run", str(run)], cwd)
+    run_script(["relie.py", "--run", str(run)], cwd)
+    run_script(["ablate.py", "--run", str(run), "--select", "positive", "--subtasks", "across_pp,across_rc"], cwd)
+    return cwd, run

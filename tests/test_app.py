@@ -1,0 +1,163 @@
+"""app.py over the toy pipeline's outputs: every page renders, the emergence map holds every latent,
+annotations are saved and survive a reload, hostile names and strings are refused or escaped; and
+one real-browser test (headless Chromium) of the Latents page."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+
+PAGES = ["Checkpoints", "Training", "Latents", "Ablation"]
+
+
+@pytest.fixture
+def app(toy_pipeline, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    cwd, run = toy_pipeline
+    monkeypatch.setenv("CCT_RUNS", str(cwd / "runs"))
+    monkeypatch.setenv("CCT_SCANS", str(cwd / "scans"))
+    (run / "annotations.csv").unlink(missing_ok=True)
+
+    def make(page):
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+        at.run()
+        at.sidebar.radio[0].set_value(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+    return make
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders(app, page):
+    at = app(page)
+    assert len(at.get("vega_lite_chart")) >= 1, f"{page} shows no chart"
+    assert not at.error
+
+
+def test_emergence_map_holds_every_latent(app, toy_pipeline):
+    _, run = toy_pipeline
+    at = app("Latents")
+    n = json.loads((run / "config.json").read_text())["dict_size"]
+    spec = json.loads(at.get("vega_lite_chart")[0].proto.spec)
+    rows = [r for ds in spec.get("datasets", {}).values() for r in ds]
+    assert len({r["latent"] for r in rows}) == n
+
+
+def test_annotation_saved_and_survives_reload(app, toy_pipeline):
+    _, run = toy_pipeline
+    at = app("Latents")
+    latent = at.selectbox(key="latent").value
+    text = "promotes plural verbs <script>alert(1)</script>"
+    at.text_area(key=f"desc-{latent}").input(text)
+    at.text_input(key=f"tags-{latent}").input("number, verb")
+    at.button[0].click().run()
+    assert not at.exception
+    ann = pd.read_csv(run / "annotations.csv")
+    assert ann.loc[ann.latent == latent, "description"].item() == text
+    again = app("Latents")
+    assert again.text_area(key=f"desc-{latent}").value == text
+    # the script tag is never rendered as HTML anywhere on the page
+    assert all("<script>" not in m.value for m in again.markdown)
+
+
+def test_relie_export_picks_up_annotations(tmp_path):
+    import numpy as np
+    import torch
+    import relie
+    from app import save_annotation
+    save_annotation(tmp_path, 3, "plural <b>verbs</b>", "number")
+    save_annotation(tmp_path, 5, "other", "")
+    save_annotation(tmp_path, 3, "plural verbs", "number")        # a later save replaces the earlier one
+    ann = relie.read_annotations(tmp_path)
+    assert ann == {3: dict(description="plural verbs", tags="number"), 5: dict(description="other", tags="")}
+
+    class FakeRun:
+        revisions = ["a", "b"]
+    att = dict(ie=torch.tensor([[[0.0, 0, 0, 1.0, 0, 2.0], [0, 0, 0, 0.5, 0, 0]]]), err=torch.zeros(1, 2),
+               n=torch.ones(1), subtasks=["s"])
+    sheet = relie.latent_sheet(FakeRun(), att, [3, 5], np.full((6, 2), 0.5), ann, {5: True})
+    assert sheet.description.tolist() == ["plural verbs", "other"] and sheet.artifact.tolist() == [False, True]
+    html = relie.render_html("t", sheet, {}, {}, ["a", "b"])
+    assert "plural verbs" in html
+
+
+CONCURRENT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+import app
+for i in range(int(sys.argv[3]), int(sys.argv[3]) + 20):
+    app.save_annotation(Path(sys.argv[2]), i, f"d{i}", "")
+"""
+
+
+def test_concurrent_annotations_lose_nothing(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(ROOT), str(tmp_path), str(lo)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for lo in (1000, 2000)]
+    for p in procs:
+        assert p.wait(120) == 0, p.stderr.read()
+    ann = pd.read_csv(tmp_path / "annotations.csv")
+    assert set(ann.latent) == set(range(1000, 1020)) | set(range(2000, 2020))
+
+
+def test_run_names_outside_roots_refused(tmp_path):
+    import app
+    for bad in ["..", "../etc", "/etc", "a/b", "", "."]:
+        with pytest.raises(ValueError, match="refused"):
+            app.inside(tmp_path, bad)
+    assert app.inside(tmp_path, "ok") == tmp_path.resolve() / "ok"
+
+
+def test_streamlit_binds_localhost():
+    cfg = (ROOT / ".streamlit" / "config.toml").read_text()
+    assert 'address = "127.0.0.1"' in cfg
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.skipif(not shutil.which("chromium") and not os.path.exists("/usr/bin/chromium"),
+                    reason="no Chromium on this machine (apt-get install -y chromium)")
+def test_browser_latents_page(toy_pipeline, tmp_path):
+    from playwright.sync_api import sync_playwright
+    cwd, run = toy_pipeline
+    port = _free_port()
+    env = dict(os.environ, CCT_RUNS=str(cwd / "runs"), CCT_SCANS=str(cwd / "scans"))
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+                               "--server.port", str(port), "--server.headless", "true",
+                               "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
+            page.get_by_text("Latents", exact=True).first.click()
+            page.wait_for_selector('[data-testid="stVegaLiteChart"]', timeout=60_000)
+            page.wait_for_selector(".cct-context", timeout=60_000)
+            assert page.locator(".cct-context").count() >= 1
+            page.screenshot(path=str(tmp_path / "latents.png"), full_page=True)
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(10)
