@@ -24,9 +24,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 
+import warnings
+
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 ARCHS = ("l1", "batchtopk")
 WEIGHTS_FILE = "crosscoder.safetensors"
@@ -121,6 +126,158 @@ def _wide(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 # -----------------------------------------------------------------------------
+# sparse codes: the training step's fast path
+#
+# Once training is past its first few percent, a code f_BF has ~1-3% of its entries set. Only the
+# encoder's forward, x[B, M*d] @ W_enc[M*d, F], has to be dense: everything after the selection
+# (ReLU, BatchTopK) touches the active entries (b, i) alone. With g = dL/dx_hat:
+#   decode       x_hat[b] = sum_i f[b,i] W_dec[i]          [B,F]-sparse @ W_dec     (CSR matmul)
+#   dL/dW_dec    sum_b f[b,i] g[b]                          [F,B]-sparse @ g         (CSR matmul)
+#   dL/df[b,i]   g[b] . W_dec[i], at active entries only    sampled dot products     (sampled_addmm)
+#   dL/dW_enc    sum_b x[b] dL/dpre[b,i]                    ([F,B]-sparse @ x)^T     (CSR matmul)
+# An inactive entry gets no gradient, which is exact for every parameter: ReLU (pre <= 0) or the
+# selection (not kept) cuts it anyway. Nothing of size [nnz, M*d] is ever gathered. Where codes are
+# dense (early L1 training), on GPUs (cuBLAS beats sparse kernels there) and in half precision,
+# the same functions use dense matmuls instead; both give the same numbers up to float rounding.
+
+SPARSE_MAX_DENSITY = 0.1  # sparse kernels up to this fraction of active entries (CPU, fp32/fp64)
+BLOCK = 512               # latents per block where a [D, F] gradient is written block by block
+
+
+class ActiveSet:
+    """The active entries of a [B, F] code, in row-major order (flat = b * F + i, increasing), with
+    the CSR index structures of the code and of its transpose (built on first use)."""
+
+    def __init__(self, flat, B, F, dtype):
+        self.flat, self.B, self.F = flat, B, F
+        self.rows, self.cols = flat // F, flat % F
+        self.sparse = (flat.device.type == "cpu" and dtype in (torch.float32, torch.float64)
+                       and len(flat) <= SPARSE_MAX_DENSITY * B * F)
+        self._crow = self._t = None
+
+    @classmethod
+    def where(cls, mask_BF, dtype):
+        return cls(mask_BF.reshape(-1).nonzero().squeeze(1), *mask_BF.shape, dtype)
+
+    def __len__(self):
+        return len(self.flat)
+
+    def dense(self, v_N):
+        """The [B, F] tensor with v_N at the active entries, zeros elsewhere."""
+        return v_N.new_zeros(self.B * self.F).index_put_((self.flat,), v_N).view(self.B, self.F)
+
+    def csr(self, v_N):
+        if self._crow is None:
+            self._crow = _offsets(self.rows, self.B)
+        return torch.sparse_csr_tensor(self._crow, self.cols, v_N, (self.B, self.F), check_invariants=False)
+
+    def transposed(self):
+        """The [F, B] transpose's structure: perm (row-major position of each entry, sorted by latent,
+        so each W_dec row is read once), row offsets, token of each entry."""
+        if self._t is None:
+            # a stable counting/radix sort; numpy's is far quicker than torch.sort on 2 busy cores
+            small = np.int16 if self.F <= 2**15 else np.int32
+            perm = torch.from_numpy(np.argsort(self.cols.numpy().astype(small), kind="stable"))
+            self._t = perm, _offsets(self.cols[perm], self.F), self.rows[perm]
+        return self._t
+
+    def csr_t(self, v_N, i0=0, i1=None):
+        """The [F, B] transpose with values v_N (row-major order), or its rows (latents) i0:i1."""
+        perm, crow, rows = self.transposed()
+        i1 = self.F if i1 is None else i1
+        a, b = int(crow[i0]), int(crow[i1])
+        return torch.sparse_csr_tensor(crow[i0:i1 + 1] - a, rows[a:b], v_N[perm[a:b]], (i1 - i0, self.B),
+                                       check_invariants=False)
+
+    def matmul(self, v_N, Y_FD):
+        """(code with values v_N) @ Y: [B, D]."""
+        return self.csr(v_N) @ Y_FD if self.sparse else self.dense(v_N) @ Y_FD
+
+    def t_matmul(self, v_N, Y_BD):
+        """(code with values v_N)^T @ Y: [F, D]."""
+        return self.csr_t(v_N) @ Y_BD if self.sparse else self.dense(v_N).t() @ Y_BD
+
+    def t_matmul_t(self, v_N, Y_BD):
+        """Y^T @ (code with values v_N): [D, F], contiguous. Sparse: block by block of latents, so
+        each [BLOCK, D] product is transposed while it is still in cache."""
+        if not self.sparse:
+            return Y_BD.t() @ self.dense(v_N)
+        out = Y_BD.new_empty(Y_BD.shape[1], self.F)
+        for i0 in range(0, self.F, BLOCK):
+            i1 = min(i0 + BLOCK, self.F)
+            out[:, i0:i1] = (self.csr_t(v_N, i0, i1) @ Y_BD).t()
+        return out
+
+    def sampled(self, G_BD, W_FD):
+        """(G @ W^T) at the active entries only: [nnz]."""
+        if not self.sparse:
+            return (G_BD @ W_FD.t()).reshape(-1)[self.flat]
+        perm = self.transposed()[0]
+        pattern = self.csr_t(G_BD.new_zeros(len(self)))
+        v_T = torch.sparse.sampled_addmm(pattern, W_FD, G_BD.t(), beta=0).values()
+        return torch.empty_like(v_T).index_put_((perm,), v_T)
+
+
+def _offsets(sorted_idx, n):
+    """CSR row offsets [n + 1] of sorted row indices."""
+    out = torch.zeros(n + 1, dtype=torch.long, device=sorted_idx.device)
+    torch.cumsum(torch.bincount(sorted_idx, minlength=n), 0, out=out[1:])
+    return out
+
+
+class _PreAt(torch.autograd.Function):
+    """pre[b, i] = x[b] . W_enc[:, i] + b_enc[i] at the active entries, differentiable in x, W_enc and
+    b_enc; pre_BF (the dense matmul, computed once without autograd) supplies the values."""
+
+    @staticmethod
+    def forward(ctx, x_BD, W_DF, b_F, pre_BF, act):
+        ctx.save_for_backward(x_BD, W_DF)
+        ctx.act = act
+        return pre_BF.reshape(-1)[act.flat]
+
+    @staticmethod
+    def backward(ctx, g_N):
+        x_BD, W_DF = ctx.saved_tensors
+        act, need = ctx.act, ctx.needs_input_grad
+        g_x = act.matmul(g_N, W_DF.t()) if need[0] else None
+        g_W = act.t_matmul_t(g_N, x_BD) if need[1] else None
+        g_b = g_N.new_zeros(act.F).index_add_(0, act.cols, g_N) if need[2] else None
+        return g_x, g_W, g_b, None, None
+
+
+class _Decode(torch.autograd.Function):
+    """y[b] = sum_i v[b, i] W[i] over the active entries: [B, D], differentiable in v and W."""
+
+    @staticmethod
+    def forward(ctx, v_N, W_FD, act):
+        ctx.save_for_backward(v_N, W_FD)
+        ctx.act = act
+        return act.matmul(v_N, W_FD)
+
+    @staticmethod
+    def backward(ctx, g_BD):
+        v_N, W_FD = ctx.saved_tensors
+        act, need = ctx.act, ctx.needs_input_grad
+        g_BD = g_BD.contiguous()
+        g_v = act.sampled(g_BD, W_FD) if need[0] else None
+        g_W = act.t_matmul(v_N, g_BD) if need[1] else None
+        return g_v, g_W, None
+
+
+def batch_topk_active(pre_BF, norms_F, k):
+    """BatchTopK's active set: the k*B largest scores relu(pre) * norm among the positive pre-activations
+    (a zero code is the same kept or not), and the smallest kept score (0 if none)."""
+    B, F = pre_BF.shape
+    flat = (pre_BF > 0).reshape(-1).nonzero().squeeze(1)
+    score = pre_BF.reshape(-1)[flat] * norms_F[flat % F]
+    if len(flat) > k * B:
+        score, top = score.topk(k * B, sorted=False)
+        order = top.sort().indices  # back to row-major
+        flat, score = flat[top[order]], score[order]
+    smallest = score.min() if len(score) else score.new_zeros(())
+    return ActiveSet(flat, B, F, pre_BF.dtype), smallest
+
+# -----------------------------------------------------------------------------
 # the model
 
 class CrossCoder(nn.Module):
@@ -181,19 +338,16 @@ class CrossCoder(nn.Module):
         return f_BF * keep_BF
 
     def decode(self, f_BF, sparse=None):
-        """x_hat_BMd = f W_dec + b_dec. sparse=True sums only the active rows of W_dec (embedding_bag);
-        the default is sparse for BatchTopK, whose codes have ~k of F entries set."""
+        """x_hat_BMd = f W_dec + b_dec. sparse=True sums only the active rows of W_dec (ActiveSet), and
+        gives f a gradient at its non-zero entries only; the default is sparse for BatchTopK."""
         B = f_BF.shape[0]
         M, d, F = self.cfg.n_models, self.cfg.d_model, self.cfg.dict_size
         W_dec = self.W_dec_FMd.view(F, M * d)
         if sparse is None:
             sparse = self.cfg.arch == "batchtopk"
         if sparse:
-            b_idx, i_idx = f_BF.nonzero(as_tuple=True)  # row-major, so each token's latents are contiguous
-            counts_B = torch.bincount(b_idx, minlength=B)
-            offsets_B = counts_B.cumsum(0) - counts_B
-            y_BD = torch.nn.functional.embedding_bag(
-                i_idx, W_dec, offsets_B, mode="sum", per_sample_weights=f_BF[b_idx, i_idx])
+            act = ActiveSet.where(f_BF != 0, f_BF.dtype)
+            y_BD = _Decode.apply(f_BF.reshape(-1)[act.flat], W_dec, act)
         else:
             y_BD = f_BF @ W_dec
         return y_BD.view(B, M, d) + self.b_dec_Md
@@ -206,69 +360,85 @@ class CrossCoder(nn.Module):
 
     def loss(self, x_BMd, step=None):
         """Training loss and its parts. step=None means the end of every schedule. Buffers (theta, the
-        dead-latent counters) are updated only when a step is given and the module is in training mode."""
+        dead-latent counters) are updated only when a step is given and the module is in training mode.
+        The code lives as its active entries (values f_N at act.flat): see "sparse codes" above."""
         cfg = self.cfg
         update = step is not None and self.training
-        post_BF = torch.relu(self.pre_acts(x_BMd))  # before BatchTopK's selection; AuxK draws on it
-        f_BF = post_BF
+        B, F = x_BMd.shape[0], cfg.dict_size
+        x_BD, W_enc, W_dec = x_BMd.reshape(B, -1), self.W_enc_MdF.view(-1, F), self.W_dec_FMd.view(F, -1)
         norms_F = self.decoder_norms().sum(1)
         out = {}
-        if cfg.arch == "batchtopk":
-            k = k_at(cfg, step)
-            with torch.no_grad():
-                score_BF = f_BF * norms_F
-                keep_BF = batch_topk_mask(score_BF, k)
+        with torch.no_grad():
+            pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc)  # the one dense matmul
+            if cfg.arch == "l1":
+                act = ActiveSet.where(pre_BF > 0, pre_BF.dtype)
+            else:
+                k = k_at(cfg, step)
+                act, smallest = batch_topk_active(pre_BF, norms_F, k)
                 if update and step >= cfg.threshold_start_step:
-                    self._update_threshold(score_BF, keep_BF)
-            f_BF = f_BF * keep_BF
-            out["k"] = torch.tensor(k)
-        x_hat_BMd = self.decode(f_BF)
+                    self._update_threshold(smallest)
+                out["k"] = torch.tensor(k)
+        f_N = _PreAt.apply(x_BD, W_enc, self.b_enc_F, pre_BF, act)  # = ReLU(pre) there: all positive
+        x_hat_BMd = _Decode.apply(f_N, W_dec, act).view_as(x_BMd) + self.b_dec_Md
         if update:
-            fired_F = (f_BF > 0).any(0)
-            self.tokens_since_active_F.add_(x_BMd.shape[0]).masked_fill_(fired_F, 0)
+            self.tokens_since_active_F.add_(B).index_fill_(0, act.cols, 0)
 
         err_BMd = _wide(x_hat_BMd - x_BMd)
         # "mse" is the paper's: summed over revisions and hidden dims, averaged over tokens
         mse = err_BMd.pow(2).sum((1, 2)).mean()
         if cfg.arch == "l1":
             coeff = l1_coeff_at(cfg, step)
-            sparsity = coeff * _wide(f_BF @ norms_F).mean()
+            sparsity = coeff * _wide(f_N * norms_F[act.cols]).sum() / B
             out["l1_coeff"] = torch.tensor(coeff)
         else:
-            sparsity = cfg.auxk_alpha * self.auxk_loss(x_BMd, x_hat_BMd, post_BF)
+            aux = self._auxk_active(pre_BF.clamp(min=0))
+            sparsity = _wide(x_hat_BMd.new_zeros(()))
+            if aux is not None:
+                a_N = _PreAt.apply(x_BD, W_enc, self.b_enc_F, pre_BF, aux)
+                sparsity = cfg.auxk_alpha * self._auxk_fvu(x_BMd, x_hat_BMd, a_N, aux)
 
         with torch.no_grad():
             total_var_M = _wide(x_BMd - x_BMd.mean(0)).pow(2).sum((0, 2))
             out["fvu_M"] = err_BMd.pow(2).sum((0, 2)) / total_var_M
-            out["l0"] = (f_BF > 0).float().sum(1).mean()
+            out["l0"] = torch.tensor(len(act) / B)
             out["dead_frac"] = (self.tokens_since_active_F >= cfg.dead_tokens).float().mean()
         out.update(loss=mse + sparsity, mse=mse.detach(), sparsity=sparsity.detach())
         return out
 
     @torch.no_grad()
-    def _update_threshold(self, score_BF, keep_BF):
-        # smallest kept POSITIVE score: a zero "kept" only because the batch had too few actives says nothing
-        kept_BF = keep_BF & (score_BF > 0)
-        smallest = torch.where(kept_BF, score_BF, torch.inf).min().float()
-        smallest = torch.where(torch.isinf(smallest), 0.0, smallest)
+    def _update_threshold(self, smallest):
+        """EMA of the smallest kept POSITIVE score (0 when nothing positive was kept)."""
+        smallest = smallest.float()
         beta = self.cfg.threshold_beta
         ema = beta * self.threshold + (1 - beta) * smallest
         # torch.where, not an if on .item(): no device sync
         self.threshold.copy_(torch.where(self.threshold < 0, smallest, ema))
 
     def auxk_loss(self, x_BMd, x_hat_BMd, f_BF):
-        """AuxK (Gao et al. 2024): the top aux_k dead latents OF EACH TOKEN (by their ReLU'd pre-activation)
-        reconstruct the detached error e = x - x_hat, decoded without b_dec. Normalised by e's variance
-        over the batch, so the loss is an FVU and alpha means the same at every scale. Target is +e."""
+        """AuxK (Gao et al. 2024): the top aux_k dead latents OF EACH TOKEN (by their ReLU'd pre-activation
+        f_BF) reconstruct the detached error e = x - x_hat, decoded without b_dec. Normalised by e's
+        variance over the batch, so the loss is an FVU and alpha means the same at every scale. Target is +e."""
+        act = self._auxk_active(f_BF.detach())
+        if act is None:
+            return _wide(x_hat_BMd.new_zeros(()))
+        return self._auxk_fvu(x_BMd, x_hat_BMd, f_BF.reshape(-1)[act.flat], act)
+
+    @torch.no_grad()
+    def _auxk_active(self, post_BF):
+        """AuxK's entries: per token the aux_k dead latents with the largest post_BF, where positive
+        (a zero one adds nothing to the reconstruction, and ReLU gives it no gradient)."""
         dead_F = self.tokens_since_active_F >= self.cfg.dead_tokens
         n_dead = int(dead_F.sum())
         if n_dead == 0:
-            return _wide(x_hat_BMd.new_zeros(()))
+            return None
+        acts_BK, idx_BK = post_BF.masked_fill(~dead_F, -torch.inf).topk(min(self.cfg.aux_k, n_dead), dim=1)
+        flat_BK = idx_BK + self.cfg.dict_size * torch.arange(len(idx_BK), device=idx_BK.device)[:, None]
+        flat = flat_BK[acts_BK > 0].sort().values
+        return ActiveSet(flat, *post_BF.shape, post_BF.dtype)
+
+    def _auxk_fvu(self, x_BMd, x_hat_BMd, a_N, act):
         e_BMd = (x_BMd - x_hat_BMd).detach()
-        acts_BK, idx_BK = f_BF.masked_fill(~dead_F, -torch.inf).topk(min(self.cfg.aux_k, n_dead), dim=1)
-        F = self.cfg.dict_size
-        e_hat_BD = torch.nn.functional.embedding_bag(
-            idx_BK, self.W_dec_FMd.view(F, -1), mode="sum", per_sample_weights=acts_BK)
+        e_hat_BD = _Decode.apply(a_N, self.W_dec_FMd.view(self.cfg.dict_size, -1), act)
         num = _wide(e_hat_BD.view_as(e_BMd) - e_BMd).pow(2).sum((1, 2)).mean()
         den = _wide(e_BMd - e_BMd.mean(0)).pow(2).sum((1, 2)).mean()
         return (num / den).nan_to_num(0.0)

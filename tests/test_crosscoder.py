@@ -1,6 +1,8 @@
 """
 Tests for crosscoder.py: the model against a naive per-revision loop, gradients against finite
 differences, init, units (fold/unfold), files, schedules, AuxK, and recovery of planted features.
+The training step's fast path (sparse kernels on the active entries) and its dense fallback are
+each checked against the naive loop: the `kernels` fixture forces one or the other.
 """
 
 import json
@@ -11,7 +13,15 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from crosscoder import CrossCoder, CrossCoderConfig, k_at, l1_coeff_at, lr_factor  # noqa: E402
+import crosscoder  # noqa: E402
+from crosscoder import ActiveSet, CrossCoder, CrossCoderConfig, k_at, l1_coeff_at, lr_factor  # noqa: E402
+
+
+@pytest.fixture(params=["sparse", "dense"])
+def kernels(request, monkeypatch):
+    """Force the sparse kernels (any density) or the dense ones (any active set but an empty one)."""
+    monkeypatch.setattr(crosscoder, "SPARSE_MAX_DENSITY", 1.0 if request.param == "sparse" else 0.0)
+    return request.param
 
 
 def small_cc(arch="l1", M=3, d=8, F=32, dtype=torch.float32, **kw):
@@ -75,7 +85,7 @@ def grads(loss, cc):
 
 
 @pytest.mark.parametrize("arch", ["l1", "batchtopk"])
-def test_matches_naive_loop(arch):
+def test_matches_naive_loop(arch, kernels):
     cc = small_cc(arch, k=3, k_start=6, k_anneal_steps=10, aux_k=4)
     cc.eval()  # buffers frozen, so the dead set is the one the naive loop sees
     x = rand_x()
@@ -102,7 +112,7 @@ def test_matches_naive_loop(arch):
         assert torch.equal(f > 0, keep_ref) and torch.allclose(x_hat, x_hat_ref, atol=1e-5)
 
 
-def test_sparse_decode_equals_dense():
+def test_sparse_decode_equals_dense(kernels):
     cc = small_cc("batchtopk", k=3)
     x = rand_x()
     f = cc.encode(x).detach().requires_grad_()
@@ -119,6 +129,64 @@ def test_sparse_decode_equals_dense():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def trained_cc(arch, B=96, M=3, d=16, F=300, fire=0.03, dtype=torch.float32, **kw):
+    """A crosscoder in a 'trained state': b_enc puts latent i's threshold at the (1 - fire) quantile of
+    its pre-activation on the test batch (midway between two tokens, so no code is ~0), so ~fire of
+    the codes are active, as after the first few percent of a real run (and as bench.py builds it).
+    F is no multiple of the kernels' BLOCK."""
+    cc = small_cc(arch, M=M, d=d, F=F, dtype=dtype, **kw)
+    x = rand_x(B=B, M=M, d=d, seed=3, dtype=dtype)
+    with torch.no_grad():
+        pre = (x.reshape(B, -1) @ cc.W_enc_MdF.reshape(-1, F)).sort(0).values
+        j = B - max(1, round(fire * B))
+        cc.b_enc_F.copy_(-(pre[j - 1] + pre[j]) / 2)
+    return cc, x
+
+
+@pytest.mark.parametrize("arch", ["l1", "batchtopk"])
+def test_trained_state_sparse_path_matches_naive(arch, monkeypatch):
+    """The default settings take the sparse kernels here; loss and every gradient equal the naive loop's,
+    with several latent blocks (BLOCK smaller than F) and AuxK's own active set for BatchTopK."""
+    monkeypatch.setattr(crosscoder, "BLOCK", 64)
+    cc, x = trained_cc(arch, k=4, k_start=4, aux_k=8)
+    cc.eval()
+    x.requires_grad_()
+    if arch == "batchtopk":
+        cc.tokens_since_active_F[1::4] = cc.cfg.dead_tokens
+    pre = (x.detach().reshape(len(x), -1) @ cc.W_enc_MdF.reshape(-1, cc.cfg.dict_size) + cc.b_enc_F).detach()
+    assert ActiveSet.where(pre > 0, pre.dtype).sparse  # ~3% active: the fast path, not the fallback
+    out = cc.loss(x, step=7)
+    _, f_ref, _, loss_ref = naive(cc, x, step=7)
+    assert 0.01 < (f_ref > 0).float().mean() < 0.05
+    assert torch.allclose(out["loss"], loss_ref, rtol=1e-5, atol=1e-6)
+    assert out["l0"] == (f_ref > 0).float().sum(1).mean()
+    if arch == "batchtopk":
+        assert out["sparsity"] > 0
+    wrt = [x, *cc.parameters()]
+    for g, g_ref in zip(torch.autograd.grad(out["loss"], wrt), torch.autograd.grad(loss_ref, wrt)):
+        assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_trained_state_training_matches_dense(monkeypatch):
+    """Ten optimiser steps (buffers updating: theta, dead counters) on the sparse kernels and on the
+    dense ones end at the same weights and buffers."""
+    runs = []
+    for density in (1.0, 0.0):
+        monkeypatch.setattr(crosscoder, "SPARSE_MAX_DENSITY", density)
+        cc, x = trained_cc("batchtopk", k=4, k_start=8, k_anneal_steps=5, threshold_start_step=3,
+                           dead_tokens=300, aux_k=8)
+        opt = cc.make_optimizer(1e-3)
+        for step in range(10):
+            out = cc.loss(rand_x(B=96, M=3, d=16, seed=10 + step), step=step)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+        runs.append(cc.state_dict())
+    for (name, a), b in zip(runs[0].items(), runs[1].values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), name
+    assert runs[0]["threshold"] > 0 and (runs[0]["tokens_since_active_F"] >= 300).any()
+
+
 class _LossOf(torch.nn.Module):
     """The loss (or AuxK's part alone) as a module's forward, for torch.func.functional_call."""
     def __init__(self, cc, aux_only):
@@ -132,7 +200,7 @@ class _LossOf(torch.nn.Module):
 
 
 @pytest.mark.parametrize("arch,aux_only", [("l1", False), ("batchtopk", False), ("batchtopk", True)])
-def test_gradcheck_float64(arch, aux_only):
+def test_gradcheck_float64(arch, aux_only, kernels):
     cc = small_cc(arch, M=2, d=3, F=6, dtype=torch.float64, k=2, aux_k=2, total_steps=10)
     cc.eval()  # a pure function of its inputs: no buffer updates between evaluations
     x = rand_x(B=4, M=2, d=3, dtype=torch.float64)
