@@ -141,7 +141,6 @@ def _wide(t):
 # the same functions use dense matmuls instead; both give the same numbers up to float rounding.
 
 SPARSE_MAX_DENSITY = 0.1  # sparse kernels up to this fraction of active entries (CPU, fp32/fp64)
-BLOCK = 512               # latents per block where a [D, F] gradient is written block by block
 
 
 class ActiveSet:
@@ -181,32 +180,26 @@ class ActiveSet:
             self._t = perm, _offsets(self.cols[perm], self.F), self.rows[perm]
         return self._t
 
-    def csr_t(self, v_N, i0=0, i1=None):
-        """The [F, B] transpose with values v_N (row-major order), or its rows (latents) i0:i1."""
+    def csr_t(self, v_N):
+        """The [F, B] transpose with values v_N (given in row-major order)."""
         perm, crow, rows = self.transposed()
-        i1 = self.F if i1 is None else i1
-        a, b = int(crow[i0]), int(crow[i1])
-        return torch.sparse_csr_tensor(crow[i0:i1 + 1] - a, rows[a:b], v_N[perm[a:b]], (i1 - i0, self.B),
-                                       check_invariants=False)
+        return torch.sparse_csr_tensor(crow, rows, v_N[perm], (self.F, self.B), check_invariants=False)
 
     def matmul(self, v_N, Y_FD):
         """(code with values v_N) @ Y: [B, D]."""
-        return self.csr(v_N) @ Y_FD if self.sparse else self.dense(v_N) @ Y_FD
-
-    def t_matmul(self, v_N, Y_BD):
-        """(code with values v_N)^T @ Y: [F, D]."""
-        return self.csr_t(v_N) @ Y_BD if self.sparse else self.dense(v_N).t() @ Y_BD
-
-    def t_matmul_t(self, v_N, Y_BD):
-        """Y^T @ (code with values v_N): [D, F], contiguous. Sparse: block by block of latents, so
-        each [BLOCK, D] product is transposed while it is still in cache."""
         if not self.sparse:
-            return Y_BD.t() @ self.dense(v_N)
-        out = Y_BD.new_empty(Y_BD.shape[1], self.F)
-        for i0 in range(0, self.F, BLOCK):
-            i1 = min(i0 + BLOCK, self.F)
-            out[:, i0:i1] = (self.csr_t(v_N, i0, i1) @ Y_BD).t()
-        return out
+            return self.dense(v_N) @ Y_FD
+        return _csr_mm(self.csr(v_N), Y_FD)
+
+    def t_matmul(self, v_N, Y_BD, transpose=False):
+        """(code with values v_N)^T @ Y: [F, D], or with transpose=True its transpose [D, F], contiguous."""
+        if not self.sparse:
+            return Y_BD.t() @ self.dense(v_N) if transpose else self.dense(v_N).t() @ Y_BD
+        out_FD = _csr_mm(self.csr_t(v_N), Y_BD)
+        if not transpose:
+            return out_FD
+        # one copy into a fresh contiguous [D, F]: ~3x quicker than .t().contiguous() or a blocked loop
+        return Y_BD.new_empty(Y_BD.shape[1], self.F).copy_(out_FD.t())
 
     def sampled(self, G_BD, W_FD):
         """(G @ W^T) at the active entries only: [nnz]."""
@@ -216,6 +209,12 @@ class ActiveSet:
         pattern = self.csr_t(G_BD.new_zeros(len(self)))
         v_T = torch.sparse.sampled_addmm(pattern, W_FD, G_BD.t(), beta=0).values()
         return torch.empty_like(v_T).index_put_((perm,), v_T)
+
+
+def _csr_mm(csr, Y):
+    """csr @ Y through addmm into an empty output: torch's mm would zero-fill and copy it first."""
+    out = Y.new_empty(csr.shape[0], Y.shape[1])
+    return torch.addmm(out, csr, Y, beta=0, out=out)
 
 
 def _offsets(sorted_idx, n):
@@ -240,7 +239,7 @@ class _PreAt(torch.autograd.Function):
         x_BD, W_DF = ctx.saved_tensors
         act, need = ctx.act, ctx.needs_input_grad
         g_x = act.matmul(g_N, W_DF.t()) if need[0] else None
-        g_W = act.t_matmul_t(g_N, x_BD) if need[1] else None
+        g_W = act.t_matmul(g_N, x_BD, transpose=True) if need[1] else None
         g_b = g_N.new_zeros(act.F).index_add_(0, act.cols, g_N) if need[2] else None
         return g_x, g_W, g_b, None, None
 
@@ -264,6 +263,22 @@ class _Decode(torch.autograd.Function):
         return g_v, g_W, None
 
 
+class _NormSum(torch.autograd.Function):
+    """sum_m s_m ||W_dec[i, m]|| as [F]: decoder_norms().sum(1) with a backward of one pass over W_dec."""
+
+    @staticmethod
+    def forward(ctx, W_FMd, s_M):
+        norms_FM = W_FMd.norm(dim=-1)
+        ctx.save_for_backward(W_FMd, norms_FM, s_M)
+        return (norms_FM * s_M).sum(1)
+
+    @staticmethod
+    def backward(ctx, g_F):
+        W_FMd, norms_FM, s_M = ctx.saved_tensors
+        coef_FM = torch.where(norms_FM > 0, g_F[:, None] * s_M / norms_FM, 0.0)  # as torch: 0 at a zero row
+        return W_FMd * coef_FM[..., None].to(W_FMd.dtype), None
+
+
 def batch_topk_active(pre_BF, norms_F, k):
     """BatchTopK's active set: the k*B largest scores relu(pre) * norm among the positive pre-activations
     (a zero code is the same kept or not), and the smallest kept score (0 if none)."""
@@ -271,9 +286,9 @@ def batch_topk_active(pre_BF, norms_F, k):
     flat = (pre_BF > 0).reshape(-1).nonzero().squeeze(1)
     score = pre_BF.reshape(-1)[flat] * norms_F[flat % F]
     if len(flat) > k * B:
-        score, top = score.topk(k * B, sorted=False)
-        order = top.sort().indices  # back to row-major
-        flat, score = flat[top[order]], score[order]
+        keep = torch.zeros(len(flat), dtype=torch.bool, device=flat.device)
+        keep[score.topk(k * B, sorted=False).indices] = True  # a mask keeps the row-major order
+        flat, score = flat[keep], score[keep]
     smallest = score.min() if len(score) else score.new_zeros(())
     return ActiveSet(flat, B, F, pre_BF.dtype), smallest
 
@@ -366,7 +381,7 @@ class CrossCoder(nn.Module):
         update = step is not None and self.training
         B, F = x_BMd.shape[0], cfg.dict_size
         x_BD, W_enc, W_dec = x_BMd.reshape(B, -1), self.W_enc_MdF.view(-1, F), self.W_dec_FMd.view(F, -1)
-        norms_F = self.decoder_norms().sum(1)
+        norms_F = _NormSum.apply(self.W_dec_FMd, self.scales_M.to(self.W_dec_FMd.dtype))
         out = {}
         with torch.no_grad():
             pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc)  # the one dense matmul
@@ -383,23 +398,23 @@ class CrossCoder(nn.Module):
         if update:
             self.tokens_since_active_F.add_(B).index_fill_(0, act.cols, 0)
 
-        err_BMd = _wide(x_hat_BMd - x_BMd)
+        sq_BMd = _wide(x_hat_BMd - x_BMd).pow(2)
         # "mse" is the paper's: summed over revisions and hidden dims, averaged over tokens
-        mse = err_BMd.pow(2).sum((1, 2)).mean()
+        mse = sq_BMd.sum() / B
         if cfg.arch == "l1":
             coeff = l1_coeff_at(cfg, step)
             sparsity = coeff * _wide(f_N * norms_F[act.cols]).sum() / B
             out["l1_coeff"] = torch.tensor(coeff)
         else:
-            aux = self._auxk_active(pre_BF.clamp(min=0))
+            aux = self._auxk_active(pre_BF)  # the same entries as on ReLU(pre): positive ones only
             sparsity = _wide(x_hat_BMd.new_zeros(()))
             if aux is not None:
                 a_N = _PreAt.apply(x_BD, W_enc, self.b_enc_F, pre_BF, aux)
                 sparsity = cfg.auxk_alpha * self._auxk_fvu(x_BMd, x_hat_BMd, a_N, aux)
 
         with torch.no_grad():
-            total_var_M = _wide(x_BMd - x_BMd.mean(0)).pow(2).sum((0, 2))
-            out["fvu_M"] = err_BMd.pow(2).sum((0, 2)) / total_var_M
+            total_var_M = _wide(x_BMd).var(0, correction=0).sum(-1) * B
+            out["fvu_M"] = sq_BMd.sum((0, 2)) / total_var_M
             out["l0"] = torch.tensor(len(act) / B)
             out["dead_frac"] = (self.tokens_since_active_F >= cfg.dead_tokens).float().mean()
         out.update(loss=mse + sparsity, mse=mse.detach(), sparsity=sparsity.detach())
@@ -426,15 +441,15 @@ class CrossCoder(nn.Module):
     @torch.no_grad()
     def _auxk_active(self, post_BF):
         """AuxK's entries: per token the aux_k dead latents with the largest post_BF, where positive
-        (a zero one adds nothing to the reconstruction, and ReLU gives it no gradient)."""
+        (a zero one adds nothing to the reconstruction, and ReLU gives it no gradient). The same for
+        pre-activations as for their ReLU."""
         dead_F = self.tokens_since_active_F >= self.cfg.dead_tokens
         n_dead = int(dead_F.sum())
         if n_dead == 0:
             return None
         acts_BK, idx_BK = post_BF.masked_fill(~dead_F, -torch.inf).topk(min(self.cfg.aux_k, n_dead), dim=1)
-        flat_BK = idx_BK + self.cfg.dict_size * torch.arange(len(idx_BK), device=idx_BK.device)[:, None]
-        flat = flat_BK[acts_BK > 0].sort().values
-        return ActiveSet(flat, *post_BF.shape, post_BF.dtype)
+        chosen_BF = torch.zeros_like(post_BF, dtype=torch.bool).scatter_(1, idx_BK, acts_BK > 0)
+        return ActiveSet.where(chosen_BF, post_BF.dtype)
 
     def _auxk_fvu(self, x_BMd, x_hat_BMd, a_N, act):
         e_BMd = (x_BMd - x_hat_BMd).detach()

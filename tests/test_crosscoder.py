@@ -132,8 +132,7 @@ def test_sparse_decode_equals_dense(kernels):
 def trained_cc(arch, B=96, M=3, d=16, F=300, fire=0.03, dtype=torch.float32, **kw):
     """A crosscoder in a 'trained state': b_enc puts latent i's threshold at the (1 - fire) quantile of
     its pre-activation on the test batch (midway between two tokens, so no code is ~0), so ~fire of
-    the codes are active, as after the first few percent of a real run (and as bench.py builds it).
-    F is no multiple of the kernels' BLOCK."""
+    the codes are active, as after the first few percent of a real run (and as bench.py builds it)."""
     cc = small_cc(arch, M=M, d=d, F=F, dtype=dtype, **kw)
     x = rand_x(B=B, M=M, d=d, seed=3, dtype=dtype)
     with torch.no_grad():
@@ -144,10 +143,9 @@ def trained_cc(arch, B=96, M=3, d=16, F=300, fire=0.03, dtype=torch.float32, **k
 
 
 @pytest.mark.parametrize("arch", ["l1", "batchtopk"])
-def test_trained_state_sparse_path_matches_naive(arch, monkeypatch):
-    """The default settings take the sparse kernels here; loss and every gradient equal the naive loop's,
-    with several latent blocks (BLOCK smaller than F) and AuxK's own active set for BatchTopK."""
-    monkeypatch.setattr(crosscoder, "BLOCK", 64)
+def test_trained_state_sparse_path_matches_naive(arch):
+    """The default settings take the sparse kernels here; loss and every gradient (x's too) equal the
+    naive loop's, with AuxK's own active set for BatchTopK."""
     cc, x = trained_cc(arch, k=4, k_start=4, aux_k=8)
     cc.eval()
     x.requires_grad_()
