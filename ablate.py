@@ -15,7 +15,6 @@ paper's Table 7).
 Writes runs/<name>/ablation/<task>.csv (every ablation × revision × sub-task) and
 runs/<name>/ablation/<task>-spearman.csv, and prints both summaries.
 """
-import argparse
 import json
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from tqdm import tqdm
 import analysis
 import relie
 import tasks
-from common import UsageError, atomic_path, positive, read_json, run_main
+from common import ArgumentParser, UsageError, atomic_path, positive, read_json, run_main
 
 
 def selection_ie(relie_dir, revisions, subtasks):
@@ -77,7 +76,7 @@ def spearman(a, b) -> float:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True)
     p.add_argument("--task", default=None, help="a task relie.py was run on (default: the model's own)")
     p.add_argument("--top-k", type=positive("--top-k"), default=10)

@@ -67,6 +67,9 @@ def open_run(folder, device="cpu") -> Run:
         raise UsageError(str(e)) from None
     except Exception as e:  # a truncated or corrupt safetensors file
         raise UsageError(f"{folder}/crosscoder.safetensors cannot be read ({type(e).__name__}: {e})") from None
+    if not (folder / "DONE").exists():
+        raise UsageError(f"{folder} is an unfinished training run (no DONE marker); "
+                         f"finish it with `python train.py --out {folder} --resume` and the same arguments")
     cfg = read_json(folder / "config.json", "run config")
     for k in ("model", "revisions", "layer"):
         if k not in cfg:

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 import lm
 import tasks
-from common import UsageError, atomic_path, folder_lock, positive, read_json, run_main, write_json
+from common import (ArgumentParser, UsageError, atomic_path, fault_point, folder_lock, positive, read_json,
+                    run_main, write_json)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VAL_FRACTION = 0.05          # the last 5% of blocks are held out for validation
@@ -57,11 +58,13 @@ def fingerprint(ids) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()[:16]
 
 
-def load_models(spec, revs, device, dtype):
-    """Load each revision; all must share one hidden size and tokenizer."""
+def load_models(spec, revs, device, dtype, layer=None):
+    """Load each revision; all must share one hidden size (and have block `layer`)."""
     out = []
     for r in revs:
         model, tok = lm.load(spec, r, device=device, dtype=dtype)
+        if layer is not None:
+            lm.check_layer(model, layer, spec.key)
         if out and model.config.hidden_size != out[0][1].config.hidden_size:
             raise UsageError(f"revisions have different hidden sizes: {revs[0]} d={out[0][1].config.hidden_size}, "
                              f"{r} d={model.config.hidden_size}; one crosscoder needs one d")
@@ -86,8 +89,7 @@ def make_cache(model_key, layer, revs, out, n_tokens, seq_len, device="cpu", dty
     avail = lm.revisions(spec, quiet=True)
     for r in revs:
         lm.check_revision(spec, r, avail)
-    models = load_models(spec, revs, device, model_dtype)
-    lm.check_layer(models[0][1], layer, spec.key)
+    models = load_models(spec, revs, device, model_dtype, layer)
     tok = models[0][2]
     n_blocks = math.ceil(n_tokens / (seq_len - 1))
     ids = tasks.text_blocks(text or spec.text, tok, n_blocks, seq_len, seed=seed)
@@ -116,6 +118,7 @@ def make_cache(model_key, layer, revs, out, n_tokens, seq_len, device="cpu", dty
                     np.save(f, ids.numpy().astype(np.int32))
         _fill(out, models, layer, ids, d, dtype, batch_blocks)
         scales = {r: _scale(open_array(out, r, meta), meta, d) for r in revs}
+        fault_point("cache_done")               # killed here: every chunk written, not yet marked complete
         write_json(out / "meta.json", dict(meta, complete=True, scales=scales))
     return out
 
@@ -142,6 +145,7 @@ def _fill(out, models, layer, ids, d, dtype, batch_blocks):
                 check_finite(x, r, b0 * rows_per_block, T)
                 mm[b0 * rows_per_block:b1 * rows_per_block] = _to_disk(x, dtype)
                 mm.flush()
+                fault_point("cache_chunk")      # killed here: data written, progress not yet
                 progress[r] = b1
                 write_json(prog_path, progress)
                 bar.update(b1 - b0)
@@ -206,6 +210,8 @@ class Cache:
 
 def open_cache(folder) -> Cache:
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"cache folder {folder} does not exist; make it with cache_acts.py")
     meta = read_json(folder / "meta.json", "cache meta")
     if not meta.get("complete"):
         raise UsageError(f"cache {folder} is incomplete (a killed run?): rerun cache_acts.py with the same "
@@ -346,7 +352,7 @@ def suggest(csv_path) -> list[str]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy")
     p.add_argument("--layer", type=int, default=None, help="block index (default: the model's)")
     p.add_argument("--revisions", default=None, help="comma-separated (default: the model's triplet; scan: all)")

@@ -5,9 +5,11 @@ Exit codes: 2 for bad input (a flag, a file, a name the user can fix), 1 for the
 (no network, a full disk), 0 for success. A script's `main` is wrapped by `run_main`, which turns
 these exceptions into one line on stderr and no traceback.
 """
+import argparse
 import errno
 import json
 import os
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -20,6 +22,13 @@ class UsageError(Exception):
 
 class EnvError(Exception):
     """The environment failed (network, disk). Exit code 1."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's convention: a bad flag is one line on stderr and exit code 2."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def run_main(main):
@@ -143,3 +152,23 @@ def positive(name):
             raise UsageError(f"{name} must be a positive integer, got {s}")
         return v
     return parse
+
+
+_FAULT_HITS: dict = {}
+
+
+def fault_point(name: str):
+    """A failpoint for the fault tests: with CCT_FAULT="name:n" the process SIGKILLs itself the
+    n-th time it passes `name`; with CCT_FAULT="name:n:enospc" it raises a disk-full OSError there.
+    Unset (always, outside tests) it does nothing."""
+    spec = os.environ.get("CCT_FAULT")
+    if not spec:
+        return
+    want, n, *kind = spec.split(":")
+    if want != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] == int(n):
+        if kind == ["enospc"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.kill(os.getpid(), signal.SIGKILL)

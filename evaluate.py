@@ -13,7 +13,6 @@ carry the direction where the latent fires, its decoder norm just shrank there.
 
 Writes runs/<name>/eval.json and runs/<name>/latents.csv, and prints a table.
 """
-import argparse
 
 import numpy as np
 import pandas as pd
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import analysis
-from common import atomic_path, positive, run_main, write_json
+from common import ArgumentParser, atomic_path, positive, run_main, write_json
 
 ARTIFACT_NU = 0.5    # ν above this on a revision the decoder says the latent is absent from
 
@@ -133,7 +132,7 @@ def print_table(summary):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run folder made by train.py")
     p.add_argument("--blocks", type=positive("--blocks"), default=64, help="held-out token blocks")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

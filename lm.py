@@ -9,7 +9,6 @@
 
     python lm.py pythia-1b          # list the revisions of a model
 """
-import argparse
 import contextlib
 import difflib
 import inspect
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import EnvError, UsageError, run_main
+from common import ArgumentParser, EnvError, UsageError, run_main
 
 HERE = Path(__file__).resolve().parent
 TOY_DIR = HERE / "models" / "toy"
@@ -55,7 +54,7 @@ MODELS = {
         _pythia("1.4b", 12), _pythia("2.8b", 16), _pythia("6.9b", 16), _pythia("12b", 18),
         ModelSpec("olmo-1b", "allenai/OLMo-1B-0724-hf",
                   ("step2000-tokens4B", "step16000-tokens33B", "step1454000-tokens3048B"), 8,
-                  tokens_per_step=4_194_304, text="allenai/c4:en"),
+                  tokens_per_step=4_194_304, text="devingulliver/dolma-v1_6-sample"),  # a Dolma sample (parquet)
         ModelSpec("bloom-1b1", "bigscience/bloom-1b1-intermediate",
                   ("global_step10000", "global_step100000", "main"), 12,
                   tokenizer_repo="bigscience/bloom-1b1", tokens_per_step=1_048_576, text="allenai/c4:en"),
@@ -168,6 +167,8 @@ def ensure_toy():
 def load(model: str | ModelSpec, revision: str | None = None, device="cpu", dtype=None):
     """Load one revision with its tokenizer: (model in eval mode with grads off, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # our own bars say what is loading; errors stay one line
     spec = resolve(model) if isinstance(model, str) else model
     if spec.key == "toy":
         ensure_toy()
@@ -321,7 +322,7 @@ def d_model(lm) -> int:
 
 
 def main():
-    p = argparse.ArgumentParser(description="List a model's revisions with step and tokens seen.")
+    p = ArgumentParser(description="List a model's revisions with step and tokens seen.")
     p.add_argument("model")
     args = p.parse_args()
     spec = resolve(args.model)

@@ -16,7 +16,6 @@ Writes runs/<name>/relie/<task>/: ie.csv (IE per sub-task, revision, latent), er
 (the annotation sheet for the union of the top-k latents per revision), contexts.json,
 logit_effects.json, latents.html (self-contained, for reading contexts), summary.json.
 """
-import argparse
 import html
 import json
 from pathlib import Path
@@ -29,7 +28,7 @@ from tqdm import tqdm
 import analysis
 import lm
 import tasks
-from common import UsageError, atomic_path, positive, run_main, write_json, write_text
+from common import ArgumentParser, UsageError, atomic_path, positive, run_main, write_json, write_text
 
 IG_STEPS = 10
 
@@ -267,7 +266,7 @@ def render_html(task, sheet, contexts, effects, revisions) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True)
     p.add_argument("--task", nargs="+", default=None, help="task(s) (default: the model's own)")
     p.add_argument("--method", choices=["ig", "atp", "exact"], default="ig")

@@ -10,7 +10,6 @@ A minimal pair is a prefix and two one-word continuations, the grammatical one a
 
     python tasks.py subjectverb --model pythia-70m     # how many pairs survive tokenisation
 """
-import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from common import EnvError, UsageError, run_main
+from common import ArgumentParser, EnvError, UsageError, run_main
 
 HERE = Path(__file__).resolve().parent
 SEED_DATA = HERE.parent / "shared" / "seed-data" / "data"
@@ -284,7 +283,7 @@ def _texts(source: str, seed: int):
 
 def main():
     import lm as lm_mod
-    p = argparse.ArgumentParser(description="Load a task and report how many pairs survive tokenisation.")
+    p = ArgumentParser(description="Load a task and report how many pairs survive tokenisation.")
     p.add_argument("task")
     p.add_argument("--model", default="toy")
     args = p.parse_args()

@@ -35,7 +35,7 @@ from typing import Iterator
 
 import torch
 
-from common import UsageError, folder_lock, positive, read_json, run_main, write_json, write_text
+from common import ArgumentParser, UsageError, folder_lock, positive, read_json, run_main, write_json, write_text
 
 HERE = Path(__file__).resolve().parent
 PAIRS_PATH = HERE / "data" / "toy_sva.jsonl"
@@ -454,7 +454,7 @@ def ensure_toy(out=DEFAULT_OUT, steps: int = 512, seed: int = 0) -> Path:
 # -----------------------------------------------------------------------------
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: models/toy beside toy.py)")
     p.add_argument("--steps", type=positive("--steps"), default=None, help="training steps (default 512)")

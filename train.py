@@ -14,7 +14,6 @@ Run folder (runs/<name>/): config.json + crosscoder.safetensors at the end, log.
 step, ckpt/ (weights, optimizer, schedule, RNG, data position) every --ckpt-every steps so --resume
 continues after a kill and ends with the weights of an uninterrupted run.
 """
-import argparse
 import contextlib
 import json
 import math
@@ -33,7 +32,7 @@ from tqdm import tqdm
 import cache_acts
 import lm
 import tasks
-from common import UsageError, folder_lock, positive, read_json, run_main, write_json
+from common import ArgumentParser, UsageError, fault_point, folder_lock, positive, read_json, run_main, write_json
 from crosscoder import CrossCoder, CrossCoderConfig
 
 # The paper's defaults (DESIGN.md), and the toy's (a trial: FVU 0.02-0.03, L0 ~33 in ~40 s on 2 cores).
@@ -43,7 +42,7 @@ VAL_ROWS = 8192
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="toy")
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--revisions", default=None, help="comma-separated (default: the model's triplet)")
@@ -191,8 +190,7 @@ def live_source(args, spec, rank, world):
     avail = lm.revisions(spec, quiet=rank > 0)
     for r in args.revisions:
         lm.check_revision(spec, r, avail)
-    models = cache_acts.load_models(spec, args.revisions, args.device, mdt)
-    lm.check_layer(models[0][1], args.layer, spec.key)
+    models = cache_acts.load_models(spec, args.revisions, args.device, mdt, args.layer)
     tok, T, text = models[0][2], args.seq_len or 1024, args.text or spec.text
     # validation and scales come from blocks the training stream never reaches (another seed)
     val_ids = tasks.text_blocks(text, tok, max(1, VAL_ROWS // (T - 1)), T, seed=args.seed + 1)
@@ -225,6 +223,7 @@ def save_checkpoint(folder, step, cc, opt, sched):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
+    fault_point("ckpt_write")                   # killed mid-write: ckpt.tmp has no marker yet
     (tmp / "state.json").write_text(json.dumps(state, default=str))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -233,6 +232,7 @@ def save_checkpoint(folder, step, cc, opt, sched):
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+        fault_point("ckpt_swap")                # killed between the renames: ckpt.old is the newest
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -345,6 +345,10 @@ def _train(args, spec, rank, world):
     cc = CrossCoder(cfg).to(args.device)
     opt = cc.make_optimizer(args.lr)
     sched = cc.make_scheduler(opt)
+    for r, s, v in zip(args.revisions, scales, val.unbind(1)):
+        if not (math.isfinite(s) and torch.isfinite(v).all()):
+            raise UsageError(f"NaN/Inf in the activations of revision {r} (normalisation scale {s}): "
+                             "the checkpoint is broken or the cache is corrupt")
     s_M = torch.tensor(scales, device=args.device)
     val_BMd = val * s_M.cpu()[None, :, None]
     start = load_checkpoint(args.out, cc, opt, sched, args.device) if args.resume else 0
@@ -358,36 +362,47 @@ def _train(args, spec, rank, world):
         loss_fn = torch.compile(loss_fn)
     wandb = _wandb(args) if (args.wandb and rank == 0) else None
     use_autocast = args.dtype == "bf16" and str(args.device).startswith("cuda")
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", disable=rank != 0,
-               dynamic_ncols=True)
-    t0, seen = time.time(), 0
-    for step in bar:
-        x_BMd = batch_at(step).to(args.device, non_blocking=True) * s_M[None, :, None]
+    def checked(x_BMd, step):
         if not torch.isfinite(x_BMd).all():
             r = int((~torch.isfinite(x_BMd)).any(-1).any(0).nonzero()[0])
             raise UsageError(f"NaN/Inf in the activations of revision {args.revisions[r]} at step {step}")
-        with torch.autocast("cuda", torch.bfloat16, enabled=use_autocast):
-            out = loss_fn(x_BMd, step)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(cc.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        seen += x_BMd.shape[0] * world
-        if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
-            rec = dict(step=step + 1, tokens=(step + 1) * args.batch_size, loss=out["loss"].item(),
-                       mse=out["mse"].item(), l0=out["l0"].item(), fvu=out["fvu_M"].tolist(),
-                       dead_frac=out["dead_frac"].item(), lr=sched.get_last_lr()[0],
-                       tokens_per_s=seen / (time.time() - t0))
-            rec.update(validate(cc, val_BMd, args.device))
-            with open(args.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", L0=f"{rec['val_l0']:.1f}",
-                            FVU="/".join(f"{v:.3f}" for v in rec["val_fvu"]))
-            if wandb:
-                wandb.log(rec, step=step + 1)
-        if (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps and rank == 0:
-            save_checkpoint(args.out, step + 1, cc, opt, sched)
+        return x_BMd
+
+    if start < args.steps:
+        checked(batch_at(start), start)   # fail before the progress bar when the data is broken
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", disable=rank != 0,
+               dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    try:
+        for step in bar:
+            x_BMd = checked(batch_at(step).to(args.device, non_blocking=True) * s_M[None, :, None], step)
+            with torch.autocast("cuda", torch.bfloat16, enabled=use_autocast):
+                out = loss_fn(x_BMd, step)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(cc.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            seen += x_BMd.shape[0] * world
+            fault_point("train_step")
+            if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
+                rec = dict(step=step + 1, tokens=(step + 1) * args.batch_size, loss=out["loss"].item(),
+                           mse=out["mse"].item(), l0=out["l0"].item(), fvu=out["fvu_M"].tolist(),
+                           dead_frac=out["dead_frac"].item(), lr=sched.get_last_lr()[0],
+                           tokens_per_s=seen / (time.time() - t0))
+                rec.update(validate(cc, val_BMd, args.device))
+                with open(args.out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", L0=f"{rec['val_l0']:.1f}",
+                                FVU="/".join(f"{v:.3f}" for v in rec["val_fvu"]))
+                if wandb:
+                    wandb.log(rec, step=step + 1)
+            if (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps and rank == 0:
+                save_checkpoint(args.out, step + 1, cc, opt, sched)
+    except BaseException:
+        bar.leave = False   # an error leaves one line on the terminal, not a stale bar
+        bar.close()
+        raise
     if rank == 0:
         final = cc.fold_scales(scales)
         final.save(args.out, extra=dict(
@@ -395,6 +410,7 @@ def _train(args, spec, rank, world):
             data=desc, steps=args.steps, batch_size=args.batch_size, tokens=args.tokens,
             args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             versions=_versions(), activations="raw (scales folded in)"))
+        fault_point("train_final")              # killed here: weights saved, run not marked done
         write_json(args.out / "DONE", dict(step=args.steps))
         shutil.rmtree(args.out / "ckpt", ignore_errors=True)
         last = json.loads((args.out / "log.jsonl").read_text().splitlines()[-1])

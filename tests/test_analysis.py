@@ -30,6 +30,7 @@ def run(local_model, tmp_path_factory):
         cc.b_dec_Md.normal_(0, 0.1)
     cc.fold_scales([0.5, 2.0]).save(folder, extra=dict(model=str(root), revisions=["step0", "step100"], layer=1,
                                                       data=dict(cache=str(cache))))
+    (folder / "DONE").write_text("{}")
     return analysis.open_run(folder)
 
 
@@ -183,6 +184,9 @@ def test_open_run_refusals(tmp_path):
         analysis.open_run(tmp_path)
     cc = CrossCoder(CrossCoderConfig(n_models=2, d_model=4, dict_size=8))
     cc.save(tmp_path, extra=dict(model="toy", revisions=["a", "b"], layer=0))
+    with pytest.raises(UsageError, match="unfinished training run"):
+        analysis.open_run(tmp_path)
+    (tmp_path / "DONE").write_text("{}")
     f = tmp_path / "crosscoder.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(UsageError, match="cannot be read"):

@@ -1,0 +1,189 @@
+"""Bad input, every script: exit code 2 (1 for the environment), one line on stderr naming the bad
+value and what would be valid, no traceback, and nothing written that looks complete."""
+import json
+import runpy
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_model, word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def world(toy_pipeline, tmp_path_factory):
+    """Inputs, good and broken, made from the toy pipeline's outputs (copies: nothing shared is harmed)."""
+    cwd, pipeline_run = toy_pipeline
+    t = tmp_path_factory.mktemp("bad")
+    run = t / "run"
+    shutil.copytree(pipeline_run, run)
+    cache = next((cwd / "cache").iterdir())
+    w = dict(run=run, cache=cache, missing=t / "nope", out=t / "out", text=t / "text.txt")
+
+    def run_copy(name, edit):
+        d = t / name
+        shutil.copytree(run, d)
+        edit(d)
+        w[name] = d
+
+    run_copy("truncated", lambda d: (d / "crosscoder.safetensors").write_bytes(
+        (d / "crosscoder.safetensors").read_bytes()[:1000]))
+
+    def lie(d):
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps(dict(cfg, dict_size=cfg["dict_size"] * 2)))
+    run_copy("lying", lie)
+    run_copy("unfinished", lambda d: (d / "DONE").unlink())
+
+    def gone(d):
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps(dict(cfg, revisions=cfg["revisions"][:2] + ["step9999"])))
+    run_copy("gone_rev", gone)
+
+    def cache_copy(name, edit):
+        d = t / name
+        shutil.copytree(cache, d)
+        edit(d)
+        w[name] = d
+
+    def incomplete(d):
+        meta = json.loads((d / "meta.json").read_text())
+        (d / "meta.json").write_text(json.dumps(dict(meta, complete=False)))
+    cache_copy("incomplete", incomplete)
+
+    def nan(d):
+        mm = np.memmap(d / "step512.bin", dtype=np.uint16, mode="r+")
+        mm[: 64 * 100] = 0x7FC0   # bf16 NaN in the first rows
+        mm.flush()
+    cache_copy("nan_cache", nan)
+    cache_copy("other_cache", lambda d: None)
+
+    (t / "empty.jsonl").write_text("")
+    (t / "malformed.jsonl").write_text('{"prefix": "the dog", "good": " is", "bad": " are"}\n{oops\n')
+    (t / "dropall.jsonl").write_text('{"prefix": "the dog", "good": " is very old", "bad": " are very old"}\n')
+    w.update(empty=t / "empty.jsonl", malformed=t / "malformed.jsonl", dropall=t / "dropall.jsonl")
+    # a local "model" whose revisions disagree on the hidden size
+    mixed = t / "mixed"
+    tok = word_tokenizer([f"w{i}" for i in range(50)])
+    for name, d in (("a", 32), ("b", 64)):
+        tiny_model("gpt_neox", d=d).save_pretrained(mixed / name)
+        tok.save_pretrained(mixed / name)
+    w["text"].write_text("\n".join(" ".join(f"w{i % 50}" for i in range(j, j + 12)) for j in range(300)))
+    w["mixed"] = mixed
+    w["file"] = t / "a_file"
+    w["file"].write_text("x")
+    return w
+
+
+CASES = [
+    # (script and args, what stderr must name, exit code)
+    ("lm.py nope", "unknown model 'nope'; valid keys: pythia-70m", 2),
+    ("tasks.py subjverb", "unknown task 'subjverb'; valid: subjectverb", 2),
+    ("toy.py --steps 0", "--steps", 2),
+    ("toy.py --out {file}", "a_file", 2),
+    ("cache_acts.py --model nope", "unknown model 'nope'", 2),
+    ("cache_acts.py --model toy --revisions step64,step999 --out {out}", "unknown revision 'step999' of toy", 2),
+    ("cache_acts.py --model toy --layer 5 --out {out}", "layer 5 is out of range for toy: valid layers are 0..1", 2),
+    ("cache_acts.py --model toy --layer -1 --out {out}", "layer -1 is out of range", 2),
+    ("cache_acts.py --model toy --tokens 0 --out {out}", "--tokens must be a positive integer, got 0", 2),
+    ("cache_acts.py --model toy --dtype fp8 --out {out}", "invalid choice: 'fp8'", 2),
+    ("cache_acts.py --suggest", "--suggest needs --scan", 2),
+    ("cache_acts.py --scan --model toy --task {empty} --out {out}", "holds no minimal pairs", 2),
+    ("cache_acts.py --scan --model toy --task {malformed} --out {out}", "malformed.jsonl:2: malformed", 2),
+    ("cache_acts.py --model {mixed} --layer 0 --revisions a,b --text {text} --tokens 100 --out {out}",
+     "different hidden sizes: a d=32, b d=64", 2),
+    ("cache_acts.py --model toy --tokens 1000 --out {other_cache}", "was made with n_blocks=", 2),
+    ("train.py --model nope --out {out}", "unknown model 'nope'", 2),
+    ("train.py --dict-size 0 --out {out}", "--dict-size must be a positive integer, got 0", 2),
+    ("train.py --batch-size -3 --out {out}", "--batch-size must be a positive integer, got -3", 2),
+    ("train.py --resume --overwrite --out {out}", "contradict", 2),
+    ("train.py --cache {missing} --out {out}", "nope does not exist", 2),
+    ("train.py --cache {incomplete} --out {out}", "is incomplete", 2),
+    ("train.py --cache {cache} --revisions step0,step512 --out {out}", "revisions step64,step128,step512, not toy", 2),
+    ("train.py --revisions step64 --out {out}", "needs at least 2 revisions", 2),
+    ("train.py --revisions step64,step64 --out {out}", "lists a revision twice", 2),
+    ("train.py --out {run}", "already holds a run", 2),
+    ("train.py --tokens 10 --out {out}", "--tokens 10 is less than one batch of 1024", 2),
+    ("train.py --lr nan --out {out}", "--lr must be a finite number > 0, got nan", 2),
+    ("train.py --arch batchtopk --k 1000 --out {out}", "--k 1000 exceeds --dict-size 512", 2),
+    ("train.py --dict-size 4000000000 --out {out}", "GiB", 2),
+    ("train.py --cache {nan_cache} --out {out}", "NaN/Inf in the activations of revision step512", 2),
+    ("evaluate.py --run {missing}", "holds no trained crosscoder", 2),
+    ("evaluate.py --run {truncated}", "cannot be read", 2),
+    ("evaluate.py --run {lying}", "has shape", 2),
+    ("evaluate.py --run {unfinished}", "unfinished training run", 2),
+    ("evaluate.py --run {run} --blocks 0", "--blocks must be a positive integer", 2),
+    ("relie.py --run {run} --task nope", "unknown task 'nope'", 2),
+    ("relie.py --run {run} --task {dropall}", "drops every one of its 1 pairs", 2),
+    ("relie.py --run {run} --threshold -1", "--threshold must be ≥ 0, got -1.0", 2),
+    ("relie.py --run {run} --method exact --latents 9999", "--latents must lie in 0..511", 2),
+    ("relie.py --run {run} --latents 3", "--latents only applies to --method exact", 2),
+    ("relie.py --run {run} --method magic", "invalid choice: 'magic'", 2),
+    ("relie.py --run {gone_rev}", "revision step9999 of run", 2),
+    ("ablate.py --run {run} --task clams_en", "run `python relie.py", 2),
+    ("ablate.py --run {run} --subtasks nope", "--subtasks ['nope'] not in this task; valid:", 2),
+    ("ablate.py --run {run} --top-k 0", "--top-k must be a positive integer", 2),
+]
+
+
+def _looks_complete(folder):
+    """Anything a later stage would read as a finished output."""
+    found = [p for name in ("DONE", "summary.json", "eval.json") for p in folder.rglob(name)]
+    found += [p for p in folder.rglob("meta.json") if json.loads(p.read_text()).get("complete")]
+    return found
+
+
+def visible_lines(text):
+    """What a terminal shows: a carriage return overwrites its line (progress bars), blank lines vanish."""
+    return [seen for line in text.split("\n") if (seen := line.split("\r")[-1].strip())]
+
+
+def run_cli(args, cwd, monkeypatch, capsys):
+    """Run a script's __main__ in this process (imports stay warm: ~50 cases in seconds, not minutes);
+    the exit code and stderr are what a shell would see. test_train/test_lm run real subprocesses."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / args[0]), *args[1:]])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / args[0]), run_name="__main__")
+    return e.value.code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("cmd,msg,code", CASES, ids=[c[0][:60] for c in CASES])
+def test_bad_input(world, toy_pipeline, cmd, msg, code, monkeypatch, capsys):
+    cwd, _ = toy_pipeline
+    shutil.rmtree(world["out"], ignore_errors=True)
+    before = {p: p.stat().st_mtime for p in world["run"].rglob("*") if p.is_file()}
+    args = [a.format(**world) for a in cmd.split()]
+    rc, err = run_cli(args, cwd, monkeypatch, capsys)
+    assert rc == code, (rc, err[-2000:])
+    shown = visible_lines(err)
+    assert "Traceback" not in err and len(shown) == 1, err[-2000:]
+    assert shown[0].startswith("error: ") and msg in shown[0], err
+    if world["out"].exists():
+        assert not _looks_complete(world["out"]), _looks_complete(world["out"])
+    after = {p: p.stat().st_mtime for p in world["run"].rglob("*") if p.is_file()}
+    assert after == before, "a failed command changed the run folder"
+
+
+def test_a_real_subprocess_too(toy_pipeline):
+    cwd, _ = toy_pipeline
+    r = subprocess.run([sys.executable, str(ROOT / "cache_acts.py"), "--model", "toy", "--layer", "7"], cwd=cwd,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "error: layer 7 is out of range for toy: valid layers are 0..1"
+
+
+def test_enough_cases():
+    assert len(CASES) >= 30 and {c[0].split()[0] for c in CASES} >= {
+        "lm.py", "tasks.py", "toy.py", "cache_acts.py", "train.py", "evaluate.py", "relie.py", "ablate.py"}
+
+
+def test_top_k_larger_than_nonzero_is_capped(world, toy_pipeline):
+    cwd, _ = toy_pipeline
+    r = subprocess.run([sys.executable, str(ROOT / "relie.py"), "--run", str(world["run"]), "--top-k", "100000",
+                        "--max-pairs", "20", "--context-blocks", "2"], cwd=cwd, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--top-k 100000 capped at" in r.stdout
