@@ -140,7 +140,8 @@ def _wide(t):
 # dense (early L1 training), on GPUs (cuBLAS beats sparse kernels there) and in half precision,
 # the same functions use dense matmuls instead; both give the same numbers up to float rounding.
 
-SPARSE_MAX_DENSITY = 0.1  # sparse kernels up to this fraction of active entries (CPU, fp32/fp64)
+SPARSE_MAX_DENSITY = 0.1        # sparse kernels up to this fraction of active entries (CPU, fp32/fp64)
+ACTIVE_SET_DEVICES = ("cpu",)   # where loss() takes the active-set path (fp32/fp64, no autocast)
 
 
 class ActiveSet:
@@ -238,6 +239,7 @@ class _PreAt(torch.autograd.Function):
     def backward(ctx, g_N):
         x_BD, W_DF = ctx.saved_tensors
         act, need = ctx.act, ctx.needs_input_grad
+        g_N, x_BD = g_N.to(W_DF.dtype), x_BD.to(W_DF.dtype)  # in the weights' dtype (autocast: no longer on)
         g_x = act.matmul(g_N, W_DF.t()) if need[0] else None
         g_W = act.t_matmul(g_N, x_BD, transpose=True) if need[1] else None
         g_b = g_N.new_zeros(act.F).index_add_(0, act.cols, g_N) if need[2] else None
@@ -257,7 +259,7 @@ class _Decode(torch.autograd.Function):
     def backward(ctx, g_BD):
         v_N, W_FD = ctx.saved_tensors
         act, need = ctx.act, ctx.needs_input_grad
-        g_BD = g_BD.contiguous()
+        g_BD, v_N = g_BD.contiguous().to(W_FD.dtype), v_N.to(W_FD.dtype)
         g_v = act.sampled(g_BD, W_FD) if need[0] else None
         g_W = act.t_matmul(v_N, g_BD) if need[1] else None
         return g_v, g_W, None
@@ -277,6 +279,13 @@ class _NormSum(torch.autograd.Function):
         W_FMd, norms_FM, s_M = ctx.saved_tensors
         coef_FM = torch.where(norms_FM > 0, g_F[:, None] * s_M / norms_FM, 0.0)  # as torch: 0 at a zero row
         return W_FMd * coef_FM[..., None].to(W_FMd.dtype), None
+
+
+def _as_mask(fired, F):
+    """A [F] bool mask from a mask or from latent indices (repeats allowed)."""
+    if fired.dtype == torch.bool:
+        return fired
+    return torch.zeros(F, dtype=torch.bool, device=fired.device).index_fill_(0, fired, True)
 
 
 def batch_topk_active(pre_BF, norms_F, k):
@@ -375,47 +384,70 @@ class CrossCoder(nn.Module):
 
     def loss(self, x_BMd, step=None):
         """Training loss and its parts. step=None means the end of every schedule. Buffers (theta, the
-        dead-latent counters) are updated only when a step is given and the module is in training mode.
-        The code lives as its active entries (values f_N at act.flat): see "sparse codes" above."""
+        dead-latent counters) are updated only when a step is given and the module is in training mode."""
         cfg = self.cfg
         update = step is not None and self.training
         B, F = x_BMd.shape[0], cfg.dict_size
         x_BD, W_enc, W_dec = x_BMd.reshape(B, -1), self.W_enc_MdF.view(-1, F), self.W_dec_FMd.view(F, -1)
         norms_F = _NormSum.apply(self.W_dec_FMd, self.scales_M.to(self.W_dec_FMd.dtype))
-        out = {}
-        with torch.no_grad():
-            pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc)  # the one dense matmul
-            if cfg.arch == "l1":
-                act = ActiveSet.where(pre_BF > 0, pre_BF.dtype)
-            else:
-                k = k_at(cfg, step)
-                act, smallest = batch_topk_active(pre_BF, norms_F, k)
-                if update and step >= cfg.threshold_start_step:
-                    self._update_threshold(smallest)
-                out["k"] = torch.tensor(k)
-        f_N = _PreAt.apply(x_BD, W_enc, self.b_enc_F, pre_BF, act)  # = ReLU(pre) there: all positive
-        x_hat_BMd = _Decode.apply(f_N, W_dec, act).view_as(x_BMd) + self.b_dec_Md
+        k = k_at(cfg, step)
+        dev = x_BMd.device.type
+        if (dev in ACTIVE_SET_DEVICES and x_BMd.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled(dev)):
+            # the fast path: the code as its active entries, values f_N at act.flat ("sparse codes" above)
+            with torch.no_grad():
+                pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc)  # the one dense matmul
+                if cfg.arch == "l1":
+                    act = ActiveSet.where(pre_BF > 0, pre_BF.dtype)
+                else:
+                    act, smallest = batch_topk_active(pre_BF, norms_F, k)
+            f_N = _PreAt.apply(x_BD, W_enc, self.b_enc_F, pre_BF, act)  # = ReLU(pre) there: all positive
+            x_hat_BD = _Decode.apply(f_N, W_dec, act)
+            l1_sum = _wide(f_N * norms_F[act.cols]).sum()
+            fired_F, n_active = act.cols, len(act)
+            values_at = lambda a: _PreAt.apply(x_BD, W_enc, self.b_enc_F, pre_BF, a)  # noqa: E731
+        else:
+            # dense, straight from DESIGN.md: GPUs (cuBLAS beats sparse kernels there), half precision,
+            # autocast, torch.compile
+            pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc)
+            post_BF = f_BF = torch.relu(pre_BF)
+            if cfg.arch == "batchtopk":
+                with torch.no_grad():
+                    score_BF = f_BF * norms_F
+                    keep_BF = batch_topk_mask(score_BF, k)
+                    smallest = torch.where(keep_BF & (score_BF > 0), score_BF, torch.inf).min()
+                    smallest = torch.where(torch.isinf(smallest), 0.0, smallest)
+                f_BF = f_BF * keep_BF
+            x_hat_BD = f_BF @ W_dec
+            l1_sum = _wide(f_BF @ norms_F).sum()
+            fired_F, n_active = (f_BF > 0).any(0), (f_BF > 0).sum()
+            values_at = lambda a: post_BF.reshape(-1)[a.flat]  # noqa: E731
+            pre_BF = pre_BF.detach()
+        x_hat_BMd = x_hat_BD.view_as(x_BMd) + self.b_dec_Md
         if update:
-            self.tokens_since_active_F.add_(B).index_fill_(0, act.cols, 0)
+            self.tokens_since_active_F.add_(B).masked_fill_(_as_mask(fired_F, F), 0)
+            if cfg.arch == "batchtopk" and step >= cfg.threshold_start_step:
+                self._update_threshold(smallest)
 
+        out = {}
         sq_BMd = _wide(x_hat_BMd - x_BMd).pow(2)
         # "mse" is the paper's: summed over revisions and hidden dims, averaged over tokens
         mse = sq_BMd.sum() / B
         if cfg.arch == "l1":
             coeff = l1_coeff_at(cfg, step)
-            sparsity = coeff * _wide(f_N * norms_F[act.cols]).sum() / B
+            sparsity = coeff * l1_sum / B
             out["l1_coeff"] = torch.tensor(coeff)
         else:
+            out["k"] = torch.tensor(k)
             aux = self._auxk_active(pre_BF)  # the same entries as on ReLU(pre): positive ones only
             sparsity = _wide(x_hat_BMd.new_zeros(()))
             if aux is not None:
-                a_N = _PreAt.apply(x_BD, W_enc, self.b_enc_F, pre_BF, aux)
-                sparsity = cfg.auxk_alpha * self._auxk_fvu(x_BMd, x_hat_BMd, a_N, aux)
+                sparsity = cfg.auxk_alpha * self._auxk_fvu(x_BMd, x_hat_BMd, values_at(aux), aux)
 
         with torch.no_grad():
             total_var_M = _wide(x_BMd).var(0, correction=0).sum(-1) * B
             out["fvu_M"] = sq_BMd.sum((0, 2)) / total_var_M
-            out["l0"] = torch.tensor(len(act) / B)
+            out["l0"] = torch.as_tensor(n_active, dtype=torch.float32) / B
             out["dead_frac"] = (self.tokens_since_active_F >= cfg.dead_tokens).float().mean()
         out.update(loss=mse + sparsity, mse=mse.detach(), sparsity=sparsity.detach())
         return out

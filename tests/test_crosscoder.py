@@ -17,10 +17,13 @@ import crosscoder  # noqa: E402
 from crosscoder import ActiveSet, CrossCoder, CrossCoderConfig, k_at, l1_coeff_at, lr_factor  # noqa: E402
 
 
-@pytest.fixture(params=["sparse", "dense"])
+@pytest.fixture(params=["sparse", "dense", "reference"])
 def kernels(request, monkeypatch):
-    """Force the sparse kernels (any density) or the dense ones (any active set but an empty one)."""
+    """The active-set path with its sparse kernels forced (any density) or its dense ones (any active set
+    but an empty one), or loss()'s plain dense branch (the one GPUs, half precision and autocast take)."""
     monkeypatch.setattr(crosscoder, "SPARSE_MAX_DENSITY", 1.0 if request.param == "sparse" else 0.0)
+    if request.param == "reference":
+        monkeypatch.setattr(crosscoder, "ACTIVE_SET_DEVICES", ())
     return request.param
 
 
@@ -166,11 +169,12 @@ def test_trained_state_sparse_path_matches_naive(arch):
 
 
 def test_trained_state_training_matches_dense(monkeypatch):
-    """Ten optimiser steps (buffers updating: theta, dead counters) on the sparse kernels and on the
-    dense ones end at the same weights and buffers."""
+    """Ten optimiser steps (buffers updating: theta, dead counters) on the sparse kernels, on the dense
+    ones and on loss()'s dense branch end at the same weights and buffers."""
     runs = []
-    for density in (1.0, 0.0):
+    for density, devices in ((1.0, ("cpu",)), (0.0, ("cpu",)), (0.0, ())):
         monkeypatch.setattr(crosscoder, "SPARSE_MAX_DENSITY", density)
+        monkeypatch.setattr(crosscoder, "ACTIVE_SET_DEVICES", devices)
         cc, x = trained_cc("batchtopk", k=4, k_start=8, k_anneal_steps=5, threshold_start_step=3,
                            dead_tokens=300, aux_k=8)
         opt = cc.make_optimizer(1e-3)
@@ -180,9 +184,27 @@ def test_trained_state_training_matches_dense(monkeypatch):
             out["loss"].backward()
             opt.step()
         runs.append(cc.state_dict())
-    for (name, a), b in zip(runs[0].items(), runs[1].values()):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), name
+    for other in runs[1:]:
+        for (name, a), b in zip(runs[0].items(), other.values()):
+            assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), name
     assert runs[0]["threshold"] > 0 and (runs[0]["tokens_since_active_F"] >= 300).any()
+
+
+@pytest.mark.parametrize("arch", ["l1", "batchtopk"])
+def test_autocast_bf16_runs_the_dense_branch(arch):
+    """Under autocast (train.py --dtype bf16 on a GPU; here CPU autocast) matmuls run in bf16, the loss
+    in fp32; it stays close to the fp32 loss and every parameter gets a finite gradient."""
+    cc, x = trained_cc(arch, k=4, k_start=4, aux_k=8)
+    cc.eval()
+    if arch == "batchtopk":
+        cc.tokens_since_active_F[1::4] = cc.cfg.dead_tokens
+    ref = cc.loss(x, step=7)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = cc.loss(x, step=7)
+    assert out["loss"].dtype == torch.float32 and out["fvu_M"].dtype == torch.float32
+    assert torch.allclose(out["loss"], ref["loss"], rtol=0.05)
+    for g in torch.autograd.grad(out["loss"], list(cc.parameters())):
+        assert g.dtype == torch.float32 and torch.isfinite(g).all()
 
 
 class _LossOf(torch.nn.Module):
