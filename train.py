@@ -238,23 +238,24 @@ def save_checkpoint(folder, step, cc, opt, sched):
 
 
 def load_checkpoint(folder, cc, opt, sched, device):
-    """Restore the newest complete checkpoint (ckpt/, or ckpt.old/ if a kill hit the swap); its step."""
-    for name in ("ckpt", "ckpt.old"):
-        d = folder / name
-        if (d / "COMPLETE").exists():
-            t = load_file(d / "state.safetensors", device=str(device))
-            state = json.loads((d / "state.json").read_text())
-            cc.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("cc.")})
-            opt_state = {}
-            for k, v in t.items():
-                if k.startswith("opt."):
-                    _, i, name_ = k.split(".", 2)
-                    opt_state.setdefault(int(i), {})[name_] = v if name_ != "step" else v.cpu()
-            opt.load_state_dict(dict(state=opt_state, param_groups=state["opt_groups"]))
-            sched.load_state_dict(state["sched"])
-            torch.set_rng_state(t["rng.cpu"].cpu())
-            return state["step"]
-    return 0
+    """Restore the newest complete checkpoint; returns its step (0 if none). A kill during the swap
+    can leave the newest one in ckpt.tmp/ and the one before in ckpt.old/."""
+    done = [d for d in (folder / n for n in ("ckpt", "ckpt.tmp", "ckpt.old")) if (d / "COMPLETE").exists()]
+    if not done:
+        return 0
+    d = max(done, key=lambda d: int((d / "COMPLETE").read_text()))
+    t = load_file(d / "state.safetensors", device=str(device))
+    state = json.loads((d / "state.json").read_text())
+    cc.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("cc.")})
+    opt_state = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = v if name != "step" else v.cpu()
+    opt.load_state_dict(dict(state=opt_state, param_groups=state["opt_groups"]))
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(t["rng.cpu"].cpu())
+    return state["step"]
 
 
 def prepare_out(args, rank):
