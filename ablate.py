@@ -15,7 +15,6 @@ paper's Table 7).
 Writes runs/<name>/ablation/<task>.csv (every ablation × revision × sub-task) and
 runs/<name>/ablation/<task>-spearman.csv, and prints both summaries.
 """
-import json
 from pathlib import Path
 
 import numpy as np

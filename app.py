@@ -13,7 +13,6 @@ import argparse
 import fcntl
 import html
 import json
-import math
 import os
 import sys
 from pathlib import Path

@@ -32,7 +32,7 @@ from tqdm import tqdm
 import cache_acts
 import lm
 import tasks
-from common import ArgumentParser, UsageError, fault_point, folder_lock, positive, read_json, run_main, write_json
+from common import ArgumentParser, UsageError, fault_point, folder_lock, positive, run_main, write_json
 from crosscoder import CrossCoder, CrossCoderConfig
 
 # The paper's defaults (DESIGN.md), and the toy's (a trial: FVU 0.02-0.03, L0 ~33 in ~40 s on 2 cores).

@@ -11,7 +11,7 @@ import evaluate
 import lm
 import relie
 import tasks
-from conftest import ROOT
+
 from crosscoder import CrossCoder, CrossCoderConfig
 
 

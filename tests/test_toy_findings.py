@@ -4,7 +4,6 @@ bars of the training issue. These are regression checks of the default seed; the
 "Toy findings" section gives the numbers across seeds."""
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 
