@@ -129,17 +129,20 @@ def page_checkpoints(scans: Path, run: Path | None, cfg: dict | None):
     name = st.selectbox("scan", [p.name for p in files])
     df = csv_of(inside(scans, name))
     acc = [c for c in df.columns if c.startswith("acc_")]
-    long = df.melt(id_vars=["revision", "tokens"], value_vars=acc, var_name="sub-task", value_name="accuracy")
-    long["tokens"] = long["tokens"].fillna(0)
+    # a log axis cannot show step 0: it sits at half the first positive token count
+    pos = df["tokens"][df["tokens"] > 0]
+    df = df.assign(x=df["tokens"].where(df["tokens"] > 0, (pos.min() / 2) if len(pos) else 1).fillna(
+        pos.max() if len(pos) else 1))
+    long = df.melt(id_vars=["revision", "x"], value_vars=acc, var_name="sub-task", value_name="accuracy")
     chart = alt.Chart(long).mark_line(point=True).encode(
-        x=alt.X("tokens:Q", scale=alt.Scale(type="symlog"), title="training tokens (symlog)"),
+        x=alt.X("x:Q", scale=alt.Scale(type="log"), title="training tokens (log; step 0 at the left edge)"),
         y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color="sub-task:N",
         tooltip=["revision", "sub-task", "accuracy"])
     chosen = set(cfg["revisions"]) if cfg else set()
-    marks = df[df.revision.isin(chosen)].assign(tokens=lambda d: d.tokens.fillna(0))
+    marks = df[df.revision.isin(chosen)]
     if len(marks):
         chart = chart + alt.Chart(marks).mark_rule(strokeDash=[4, 4], color="gray").encode(
-            x="tokens:Q", tooltip=["revision"])
+            x="x:Q", tooltip=["revision"])
         st.caption(f"dashed: the run's revisions ({', '.join(cfg['revisions'])})")
     st.altair_chart(chart, width="stretch")
     cos_path = scans / name.replace(".csv", "-cos.csv")
@@ -255,6 +258,8 @@ def page_latents(run: Path, cfg: dict):
         tooltip=[c for c in tip if c in view.columns]).properties(
         title=f"emergence map: {len(view)} latents placed by {source} "
               f"(vertices: {', '.join(revs)})", height=420)
+    corners = pd.DataFrame(polygon(np.eye(len(revs))), columns=["x", "y"]).assign(revision=revs)
+    chart = chart + alt.Chart(corners).mark_text(fontWeight="bold", dy=-12).encode(x="x:Q", y="y:Q", text="revision:N")
     left.altair_chart(chart, width="stretch")
     if task:
         err = csv_of(run / "relie" / task / "error.csv")
