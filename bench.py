@@ -177,11 +177,37 @@ def bench_step(args):
                t_slow / t_fast, target, note=f"L0 {l0:.0f} = {100 * l0 / F:.1f}% of F")
         if arch == "l1":
             roof = roofline_s(B, M * d, F, dev, repeats)
-            frac = roof / t_fast
-            report(f"l1 step, fraction of the matmul roofline ({1e3 * roof:.0f} ms of torch.mm)", frac, 0.6,
+            report(f"l1 step, fraction of the matmul roofline ({1e3 * roof:.0f} ms of torch.mm)", roof / t_fast, 0.6,
                    fmt="{:.0%}", note="dense-equivalent FLOPs 10·B·M·d·F; > 100% = FLOPs skipped")
             report("l1 step, the seed's way, fraction of the same roofline", roof / t_slow, fmt="{:.0%}")
+            # what the fast path executes: the dense encoder matmul, and 4 products over the active entries
+            done = roof / 5 * (1 + 4 * l0 / F)
+            report("l1 step, executed FLOPs at the torch.mm rate / step time (informational)", done / t_fast,
+                   fmt="{:.0%}", note="the sparse products are memory-bound, not FLOP-bound")
+        if str(dev).startswith("cuda"):
+            _gpu_variants(cc, x, t_fast, dev, repeats)
     return roof
+
+
+def _gpu_variants(cc, x, t_fp32, dev, repeats):
+    """On a GPU: the same step under bf16 autocast (train.py --dtype bf16), and in fp32 with TF32 matmuls."""
+    opt = cc.make_optimizer(5e-5)
+    steps = iter(range(20_000, 10_000_000))
+
+    def loss_bf16():
+        with torch.autocast("cuda", torch.bfloat16):
+            return cc.loss(x, step=next(steps))["loss"]
+
+    t_bf16, = compare([step_fn(loss_bf16, list(cc.parameters()), opt)], repeats, dev)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        t_tf32, = compare([step_fn(lambda: cc.loss(x, step=next(steps))["loss"], list(cc.parameters()), opt)],
+                          repeats, dev)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    report(f"{cc.cfg.arch} step, fp32 {1e3 * t_fp32:.1f} ms / bf16 autocast {1e3 * t_bf16:.1f} ms", t_fp32 / t_bf16)
+    report(f"{cc.cfg.arch} step, fp32 {1e3 * t_fp32:.1f} ms / TF32 {1e3 * t_tf32:.1f} ms", t_fp32 / t_tf32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +446,7 @@ def bench_memory(args):
             cmd = [sys.executable, str(HERE / "train.py"), "--model", str(tmp / "model"), "--layer", "0",
                    "--revisions", "a,b,c", "--cache", str(folder), "--dict-size", str(F), "--batch-size", str(B),
                    "--tokens", str(tokens), "--log-every", str(tokens // B), "--ckpt-every", str(10**9),
-                   "--out", str(run), "--device", "cpu"]
+                   "--out", str(run), "--device", str(args.device)]
             t0 = time.time()
             peak, box = _train_child(cmd, tmp, patched)
             tps = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["tokens_per_s"]
@@ -446,8 +472,13 @@ def main(argv=None):
     if bad:
         p.error(f"--only: unknown section(s) {bad}; valid: {','.join(SECTIONS)}")
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
     print(f"bench.py: torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+          f"load average {load:.1f} at start", flush=True)
+    if load > 0.5 and str(args.device) == "cpu":
+        print(f"  note: other processes are using the CPU (load {load:.1f}); when they take the cores this bench's "
+              "threads want, every parallel op waits for a core and the ratios drift: rerun on a quiet machine",
+              flush=True)
     t0 = time.time()
     for name in only:
         globals()[f"bench_{name}"](args)
