@@ -137,8 +137,11 @@ def _wide(t):
 #   dL/dW_enc    sum_b x[b] dL/dpre[b,i]                    ([F,B]-sparse @ x)^T     (CSR matmul)
 # An inactive entry gets no gradient, which is exact for every parameter: ReLU (pre <= 0) or the
 # selection (not kept) cuts it anyway. Nothing of size [nnz, M*d] is ever gathered. Where codes are
-# dense (early L1 training), on GPUs (cuBLAS beats sparse kernels there) and in half precision,
-# the same functions use dense matmuls instead; both give the same numbers up to float rounding.
+# dense (early L1 training: the sparse kernels lose beyond ~12% active on 2 cores), the same
+# functions use dense matmuls; both give the same numbers up to float rounding. On GPUs (cuBLAS in
+# bf16/TF32 beats sparse kernels there), in half precision and under autocast, loss() takes its
+# plain dense branch instead. At M=3, d=512, F=8192, batch 1024 on 2 cores: 2.7x (L1) and 3x
+# (BatchTopK) the seed's step (bench.py).
 
 SPARSE_MAX_DENSITY = 0.1        # sparse kernels up to this fraction of active entries (CPU, fp32/fp64)
 ACTIVE_SET_DEVICES = ("cpu",)   # where loss() takes the active-set path (fp32/fp64, no autocast)
