@@ -76,7 +76,7 @@ def spearman(a, b) -> float:
 
 def main():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", default=None, help="run folder made by train.py (default: the toy default run)")
     p.add_argument("--task", default=None, help="a task relie.py was run on (default: the model's own)")
     p.add_argument("--top-k", type=positive("--top-k"), default=10)
     p.add_argument("--select", choices=["abs", "positive"], default=None, help="default: relie's")
@@ -87,7 +87,7 @@ def main():
     p.add_argument("--max-pairs", type=positive("--max-pairs"), default=None, help="per sub-task")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    run = analysis.open_run(args.run, args.device)
+    run = analysis.open_run(args.run or analysis.default_run(), args.device)
     task = args.task or run.spec.task
     relie_dir = run.folder / "relie" / Path(task).stem
     if not (relie_dir / "summary.json").exists():

@@ -56,6 +56,13 @@ class Run:
                                  seed=self.config.get("seed", 0) + 1)
 
 
+def default_run() -> Path:
+    """The run `python train.py` makes with no arguments (the toy's), for scripts run without --run."""
+    import train
+    args = train.parse_args([])
+    return train.resolve_defaults(args, lm.resolve(args.model)).out
+
+
 def open_run(folder, device="cpu") -> Run:
     folder = Path(folder)
     if not (folder / "crosscoder.safetensors").exists() or not (folder / "config.json").exists():

@@ -133,12 +133,13 @@ def print_table(summary):
 
 def main():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run folder made by train.py")
-    p.add_argument("--blocks", type=positive("--blocks"), default=64, help="held-out token blocks")
+    p.add_argument("--run", default=None, help="run folder made by train.py (default: the toy default run)")
+    p.add_argument("--blocks", type=positive("--blocks"), default=None,
+                   help="held-out token blocks (default: 64; the toy's 32-token blocks: up to 512)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    run = analysis.open_run(args.run, args.device)
-    summary, latents = evaluate(run, args.blocks)
+    run = analysis.open_run(args.run or analysis.default_run(), args.device)
+    summary, latents = evaluate(run, args.blocks or (512 if run.spec.key == "toy" else 64))
     n_art = int(latents["artifact"].sum())
     summary["artifacts"] = n_art
     write_json(run.folder / "eval.json", summary)

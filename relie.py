@@ -267,7 +267,7 @@ def render_html(task, sheet, contexts, effects, revisions) -> str:
 
 def main():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", default=None, help="run folder made by train.py (default: the toy default run)")
     p.add_argument("--task", nargs="+", default=None, help="task(s) (default: the model's own)")
     p.add_argument("--method", choices=["ig", "atp", "exact"], default="ig")
     p.add_argument("--threshold", type=float, default=None, help="per-token |IE| zeroed (paper 0.1; toy 0)")
@@ -283,7 +283,7 @@ def main():
         raise UsageError(f"--threshold must be ≥ 0, got {args.threshold}")
     if args.latents and args.method != "exact":
         raise UsageError("--latents only applies to --method exact")
-    run = analysis.open_run(args.run, args.device)
+    run = analysis.open_run(args.run or analysis.default_run(), args.device)
     threshold = args.threshold if args.threshold is not None else (0.0 if run.spec.key == "toy" else 0.1)
     latents = [int(x) for x in args.latents.split(",")] if args.latents else None
     if latents and not all(0 <= i < run.cc.cfg.dict_size for i in latents):
