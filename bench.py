@@ -482,6 +482,7 @@ def main(argv=None):
     t0 = time.time()
     for name in only:
         globals()[f"bench_{name}"](args)
+        print(f"  (load average {os.getloadavg()[0]:.1f})", flush=True)
     n_fail = sum(not ok for *_, ok in RESULTS)
     print(f"done in {time.time() - t0:.0f} s: {len(RESULTS) - n_fail} PASS, {n_fail} FAIL; "
           f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)
