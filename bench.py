@@ -475,7 +475,7 @@ def main(argv=None):
     load = os.getloadavg()[0]
     print(f"bench.py: torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
           f"load average {load:.1f} at start", flush=True)
-    if load > 0.5 and str(args.device) == "cpu":
+    if load > 1.0 and str(args.device) == "cpu":
         print(f"  note: other processes are using the CPU (load {load:.1f}); when they take the cores this bench's "
               "threads want, every parallel op waits for a core and the ratios drift: rerun on a quiet machine",
               flush=True)
