@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import math
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,8 +168,10 @@ def _from_disk(a, dtype) -> torch.Tensor:
 
 def open_array(folder, revision, meta):
     rows = meta["n_blocks"] * (meta["seq_len"] - 1)
-    return np.memmap(Path(folder) / f"{revision}.bin", mode="r", shape=(rows, meta["d"]),
-                     dtype=np.float32 if meta["dtype"] == "fp32" else np.uint16)
+    arr = np.memmap(Path(folder) / f"{revision}.bin", mode="r", shape=(rows, meta["d"]),
+                    dtype=np.float32 if meta["dtype"] == "fp32" else np.uint16)
+    arr._mmap.madvise(mmap.MADV_RANDOM)   # training reads random rows: no readahead
+    return arr
 
 
 def _scale(mm, meta, d, max_rows=200_000):
@@ -199,9 +202,16 @@ class Cache:
         tb = self.meta["split"]["train_blocks"]
         return (0, tb * T1) if split == "train" else (tb * T1, self.meta["n_blocks"] * T1)
 
-    def get(self, idx) -> torch.Tensor:
-        """Rows `idx` (sorted for locality on disk) of every revision: [B, M, d]."""
-        return torch.stack([_from_disk(a[idx], self.meta["dtype"]) for a in self.arrays], 1)
+    def get(self, idx, chunk=256) -> torch.Tensor:
+        """Rows `idx` (sorted for locality on disk) of every revision: [B, M, d]. Read a chunk at a
+        time and release its pages from the process (they stay in the OS page cache), so the
+        process's memory never holds the cache however long it trains."""
+        out = torch.empty(len(idx), len(self.arrays), self.meta["d"])
+        for m, a in enumerate(self.arrays):
+            for i in range(0, len(idx), chunk):
+                out[i:i + chunk, m] = _from_disk(a[idx[i:i + chunk]], self.meta["dtype"])
+                a._mmap.madvise(mmap.MADV_DONTNEED)
+        return out
 
     def tokens(self):
         return torch.from_numpy(np.load(self.folder / "tokens.npy").astype(np.int64))

@@ -268,11 +268,15 @@ class _Stop(Exception):
     pass
 
 
-def forward(lm, ids_BT, mask_BT=None, **kw):
+def forward(lm, ids_BT, mask_BT=None, last_only=False, **kw):
     """A forward on (possibly left-padded) ids: position ids follow the mask, so padding on the left
-    does not shift positions in rotary/learned-position models (ALiBi models take the mask)."""
-    if mask_BT is not None and "position_ids" in inspect.signature(lm.forward).parameters:
+    does not shift positions in rotary/learned-position models (ALiBi models take the mask).
+    last_only: compute the unembedding at the last position only, where the model supports it."""
+    params = inspect.signature(lm.forward).parameters
+    if mask_BT is not None and "position_ids" in params:
         kw["position_ids"] = (mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+    if last_only and "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1
     return lm(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False, **kw)
 
 

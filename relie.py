@@ -61,7 +61,7 @@ def ie_gradient(run, model, m, batch, f_BTF, r_BTd, alphas):
     big = tasks.PairBatch(rep(batch.ids_BT), rep(batch.mask_BT), rep(batch.good_B), rep(batch.bad_B), [], [])
     where = analysis.splice_mask(big.mask_BT)
     with analysis.splice(model, run.layer, new.flatten(0, 1), where):
-        metric = _metric(lm.forward(model, big.ids_BT, big.mask_BT).logits, big)
+        metric = _metric(lm.forward(model, big.ids_BT, big.mask_BT, last_only=True).logits, big)
     gf, gr = torch.autograd.grad(metric.sum(), [f_SBTF, r_SBTd])
     ie_BTF = -f_BTF * gf.mean(0)
     ie_err_BT = -(r_BTd * gr.mean(0)).sum(-1)

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,8 @@ def _train(args, spec, rank, world):
     cfg = crosscoder_config(args, M, d)
     check_memory(cfg, args.batch_size // world, args.device)
     torch.manual_seed(args.seed)
+    if str(args.device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls; the loss sums stay fp32
     cc = CrossCoder(cfg).to(args.device)
     opt = cc.make_optimizer(args.lr)
     sched = cc.make_scheduler(opt)
@@ -371,12 +374,20 @@ def _train(args, spec, rank, world):
 
     if start < args.steps:
         checked(batch_at(start), start)   # fail before the progress bar when the data is broken
+    # the next batch is read (and checked, and pinned for an asynchronous copy to a GPU) in a thread
+    # while this step runs: batch_at is a pure function of the step, so resuming is unaffected
+    pin = str(args.device).startswith("cuda")
+    fetch = lambda step: checked(batch_at(step).pin_memory() if pin else batch_at(step), step)  # noqa: E731
+    pool = ThreadPoolExecutor(1)
+    nxt = pool.submit(fetch, start) if start < args.steps else None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", disable=rank != 0,
                dynamic_ncols=True)
     t0, seen = time.time(), 0
     try:
         for step in bar:
-            x_BMd = checked(batch_at(step).to(args.device, non_blocking=True) * s_M[None, :, None], step)
+            x_BMd = nxt.result().to(args.device, non_blocking=True) * s_M[None, :, None]
+            if step + 1 < args.steps:
+                nxt = pool.submit(fetch, step + 1)
             with torch.autocast("cuda", torch.bfloat16, enabled=use_autocast):
                 out = loss_fn(x_BMd, step)
             opt.zero_grad(set_to_none=True)
@@ -404,6 +415,8 @@ def _train(args, spec, rank, world):
         bar.leave = False   # an error leaves one line on the terminal, not a stale bar
         bar.close()
         raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     if rank == 0:
         final = cc.fold_scales(scales)
         final.save(args.out, extra=dict(
