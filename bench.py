@@ -386,35 +386,12 @@ def _watch_rss(pid, box, stop):
         stop.wait(0.05)
 
 
-# The change proposed for cache_acts.Cache.get (README "Performance"): read the rows through the
-# memmap a chunk at a time and release each chunk's pages from the process right after the copy.
-# They stay in the kernel's page cache; without this, the kernel's fault-around maps every cached
-# 64 KiB around each row read, so after one epoch the whole cache counts in the process's RSS.
-RELEASE_PAGES = """
-import mmap, os, runpy, sys
-import torch
-sys.path.insert(0, os.path.dirname(sys.argv[1]))
-import cache_acts
-def get(self, idx, chunk=256):
-    out = torch.empty(len(idx), len(self.arrays), self.meta["d"])
-    for m, a in enumerate(self.arrays):
-        for i in range(0, len(idx), chunk):
-            out[i:i + chunk, m] = cache_acts._from_disk(a[idx[i:i + chunk]], self.meta["dtype"])
-            a._mmap.madvise(mmap.MADV_DONTNEED)
-    return out
-cache_acts.Cache.get = get
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def _train_child(cmd, tmp, patched):
+def _train_child(cmd, tmp):
     """Run train.py (1 thread: this section measures memory) and sample its RSS; (ru_maxrss, sampled peaks)."""
     import resource
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    full = [sys.executable, "-c", RELEASE_PAGES, *cmd[1:]] if patched else cmd
-    child = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
     box, stop = {}, threading.Event()
     watcher = threading.Thread(target=_watch_rss, args=(child.pid, box, stop), daemon=True)
     watcher.start()
@@ -441,20 +418,19 @@ def bench_memory(args):
         tokens = n_train // B * B  # one epoch: every training row is read once
         print(f"memory: train.py (subprocess, 1 thread) on a {size / 2**20:.0f} MiB cache, one epoch "
               f"({tokens} tokens), M={M}, d={d}, F={F}, batch {B}", flush=True)
-        for patched in (False, True):
-            run = tmp / ("run-patched" if patched else "run")
-            cmd = [sys.executable, str(HERE / "train.py"), "--model", str(tmp / "model"), "--layer", "0",
-                   "--revisions", "a,b,c", "--cache", str(folder), "--dict-size", str(F), "--batch-size", str(B),
-                   "--tokens", str(tokens), "--log-every", str(tokens // B), "--ckpt-every", str(10**9),
-                   "--out", str(run), "--device", str(args.device)]
-            t0 = time.time()
-            peak, box = _train_child(cmd, tmp, patched)
-            tps = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["tokens_per_s"]
-            what = "Cache.get releasing its pages (proposed)" if patched else "train.py as it is"
-            report(f"{what}: cache {size / 2**20:.0f} MiB / peak RSS {peak / 2**20:.0f} MiB", size / peak,
-                   None if patched else 0.5,
-                   note=f"sampled peaks: anonymous {box.get('RssAnon', 0) / 2**20:.0f} MiB, file-backed "
-                        f"{box.get('RssFile', 0) / 2**20:.0f} MiB; {tps:.0f} tokens/s, {time.time() - t0:.0f} s")
+        # cache_acts.Cache.get releases each chunk's pages after reading it (MADV_DONTNEED): without
+        # that, the kernel's fault-around leaves every page read in the process's RSS
+        run = tmp / "run"
+        cmd = [sys.executable, str(HERE / "train.py"), "--model", str(tmp / "model"), "--layer", "0",
+               "--revisions", "a,b,c", "--cache", str(folder), "--dict-size", str(F), "--batch-size", str(B),
+               "--tokens", str(tokens), "--log-every", str(tokens // B), "--ckpt-every", str(10**9),
+               "--out", str(run), "--device", str(args.device)]
+        t0 = time.time()
+        peak, box = _train_child(cmd, tmp)
+        tps = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["tokens_per_s"]
+        report(f"train.py: cache {size / 2**20:.0f} MiB / peak RSS {peak / 2**20:.0f} MiB", size / peak, 0.5,
+               note=f"sampled peaks: anonymous {box.get('RssAnon', 0) / 2**20:.0f} MiB, file-backed "
+                    f"{box.get('RssFile', 0) / 2**20:.0f} MiB; {tps:.0f} tokens/s, {time.time() - t0:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------
