@@ -145,6 +145,11 @@ def _wide(t):
 
 SPARSE_MAX_DENSITY = 0.1        # sparse kernels up to this fraction of active entries (CPU, fp32/fp64)
 ACTIVE_SET_DEVICES = ("cpu",)   # where loss() takes the active-set path (fp32/fp64, no autocast)
+# ... and only from this size (n_models·d_model·dict_size) up: below it the plain branch is as fast,
+# and it is bit-for-bit deterministic with several threads, which the active-set kernels are not
+# (their parallel sparse reductions sum in a varying order), so small runs such as the toy's
+# reproduce exactly.
+ACTIVE_SET_MIN_SIZE = 1 << 20
 
 
 class ActiveSet:
@@ -396,7 +401,7 @@ class CrossCoder(nn.Module):
         k = k_at(cfg, step)
         dev = x_BMd.device.type
         if (dev in ACTIVE_SET_DEVICES and x_BMd.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled(dev)):
+                and not torch.is_autocast_enabled(dev) and x_BD.shape[1] * F >= ACTIVE_SET_MIN_SIZE):
             # the fast path: the code as its active entries, values f_N at act.flat ("sparse codes" above)
             with torch.no_grad():
                 pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc)  # the one dense matmul

@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +305,18 @@ def validate(cc, val_BMd, device):
                 val_dead_frac=1 - active.float().mean().item())
 
 
+class _Inline:
+    """ThreadPoolExecutor's submit/result/shutdown, run in the calling thread."""
+
+    def submit(self, fn, *args):
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+    def shutdown(self, **kw):
+        pass
+
+
 class _LossModule(torch.nn.Module):
     """DDP averages gradients of what its forward returns: wrap the crosscoder's loss as a forward."""
 
@@ -374,11 +386,12 @@ def _train(args, spec, rank, world):
 
     if start < args.steps:
         checked(batch_at(start), start)   # fail before the progress bar when the data is broken
-    # the next batch is read (and checked, and pinned for an asynchronous copy to a GPU) in a thread
-    # while this step runs: batch_at is a pure function of the step, so resuming is unaffected
+    # on a GPU the next batch is read, checked and pinned in a thread while this step runs, so its
+    # copy is asynchronous (batch_at is a pure function of the step: resuming is unaffected); on a
+    # CPU the thread would only take cores from the step, so there it runs inline
     pin = str(args.device).startswith("cuda")
     fetch = lambda step: checked(batch_at(step).pin_memory() if pin else batch_at(step), step)  # noqa: E731
-    pool = ThreadPoolExecutor(1)
+    pool = ThreadPoolExecutor(1) if pin else _Inline()
     nxt = pool.submit(fetch, start) if start < args.steps else None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", disable=rank != 0,
                dynamic_ncols=True)

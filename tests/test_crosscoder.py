@@ -22,6 +22,7 @@ def kernels(request, monkeypatch):
     """The active-set path with its sparse kernels forced (any density) or its dense ones (any active set
     but an empty one), or loss()'s plain dense branch (the one GPUs, half precision and autocast take)."""
     monkeypatch.setattr(crosscoder, "SPARSE_MAX_DENSITY", 1.0 if request.param == "sparse" else 0.0)
+    monkeypatch.setattr(crosscoder, "ACTIVE_SET_MIN_SIZE", 0)   # the tests' crosscoders are small
     if request.param == "reference":
         monkeypatch.setattr(crosscoder, "ACTIVE_SET_DEVICES", ())
     return request.param
@@ -172,6 +173,7 @@ def test_trained_state_training_matches_dense(monkeypatch):
     """Ten optimiser steps (buffers updating: theta, dead counters) on the sparse kernels, on the dense
     ones and on loss()'s dense branch end at the same weights and buffers."""
     runs = []
+    monkeypatch.setattr(crosscoder, "ACTIVE_SET_MIN_SIZE", 0)
     for density, devices in ((1.0, ("cpu",)), (0.0, ("cpu",)), (0.0, ())):
         monkeypatch.setattr(crosscoder, "SPARSE_MAX_DENSITY", density)
         monkeypatch.setattr(crosscoder, "ACTIVE_SET_DEVICES", devices)
