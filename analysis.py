@@ -116,8 +116,7 @@ def ablated_logit_diffs(run, model, m, batch, f_BTF, r_BTd, sets, chunk=16):
         for c, latents in enumerate(group):
             f[c, ..., list(latents)] = 0
         new = (f @ W + b + r_BTd).flatten(0, 1)
-        rep = lambda t: t.repeat(C, *[1] * (t.dim() - 1))  # noqa: E731  (set-major copies of the batch)
-        big = tasks.PairBatch(rep(batch.ids_BT), rep(batch.mask_BT), rep(batch.good_B), rep(batch.bad_B), [], [])
+        big = batch.repeat(C)   # set-major copies of the batch
         with splice(model, run.layer, new, splice_mask(big.mask_BT)):
             ld = tasks.logit_diff(lm.forward(model, big.ids_BT, big.mask_BT).logits, big)
         out.append(ld.view(C, -1).T)

@@ -57,8 +57,7 @@ def ie_gradient(run, model, m, batch, f_BTF, r_BTd, alphas):
     f_SBTF = (scale * f_BTF).detach().requires_grad_(True)
     r_SBTd = (scale * r_BTd).detach().requires_grad_(True)
     new = f_SBTF @ run.cc.W_dec_FMd[:, m] + run.cc.b_dec_Md[m] + r_SBTd
-    rep = lambda t: t.repeat(S, *[1] * (t.dim() - 1))  # noqa: E731  (α-major copies of the batch)
-    big = tasks.PairBatch(rep(batch.ids_BT), rep(batch.mask_BT), rep(batch.good_B), rep(batch.bad_B), [], [])
+    big = batch.repeat(S)   # α-major copies of the batch
     where = analysis.splice_mask(big.mask_BT)
     with analysis.splice(model, run.layer, new.flatten(0, 1), where):
         metric = _metric(lm.forward(model, big.ids_BT, big.mask_BT, last_only=True).logits, big)

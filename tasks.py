@@ -163,6 +163,12 @@ class PairBatch:
         return PairBatch(self.ids_BT.to(device), self.mask_BT.to(device), self.good_B.to(device),
                          self.bad_B.to(device), self.subtask, self.pairs)
 
+    def repeat(self, n):
+        """n copies of the batch stacked copy-major (row c·B + b is pair b), for batched variants."""
+        rep = lambda t: t.repeat(n, *[1] * (t.dim() - 1))  # noqa: E731
+        return PairBatch(rep(self.ids_BT), rep(self.mask_BT), rep(self.good_B), rep(self.bad_B),
+                         self.subtask * n, self.pairs * n)
+
     def slice(self, i, j):
         return PairBatch(self.ids_BT[i:j], self.mask_BT[i:j], self.good_B[i:j], self.bad_B[i:j],
                          self.subtask[i:j], self.pairs[i:j])
