@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 import cache_acts
@@ -121,6 +122,14 @@ def ablated_logit_diffs(run, model, m, batch, f_BTF, r_BTd, sets, chunk=16):
             ld = tasks.logit_diff(lm.forward(model, big.ids_BT, big.mask_BT).logits, big)
         out.append(ld.view(C, -1).T)
     return torch.cat(out, 1)
+
+
+def read_annotations(folder) -> pd.DataFrame:
+    """runs/<name>/annotations.csv (written by the app): latent, description, tags."""
+    path = Path(folder) / "annotations.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=["latent", "description", "tags"])
+    return pd.read_csv(path, dtype={"description": str, "tags": str}).fillna("")
 
 
 # ---------------------------------------------------------------------------------------------

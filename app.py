@@ -25,6 +25,7 @@ import streamlit as st
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import analysis  # noqa: E402
 from common import atomic_path  # noqa: E402
 
 
@@ -75,14 +76,12 @@ def decoder_table(folder: str, mtime: float) -> pd.DataFrame:
     t = load_file(str(Path(folder) / "crosscoder.safetensors"))
     cfg = json.loads((Path(folder) / "config.json").read_text())
     norms = np.linalg.norm(t["W_dec_FMd"], axis=-1) * t["scales_M"][None, :]
-    rel = norms / np.maximum(norms.sum(1, keepdims=True), 1e-12)
+    rel = analysis.rel(norms)
     df = pd.DataFrame({"latent": np.arange(len(rel))})
     for m, r in enumerate(cfg["revisions"]):
         df[f"dec_norm_{r}"] = norms[:, m]
         df[f"reldec_{r}"] = rel[:, m]
-    top = rel.argmax(1)
-    df["reldec_class"] = [f"specific:{cfg['revisions'][t_]}" if row[t_] > 0.7 else
-                          "shared" if (row >= 0.3).all() else "others" for row, t_ in zip(rel, top)]
+    df["reldec_class"] = analysis.classify(rel, cfg["revisions"])
     return df
 
 
@@ -101,17 +100,10 @@ def missing(what: str, command: str):
 # ---------------------------------------------------------------------------------------------
 # Annotations: atomic, and two tabs saving at once lose nothing (read-modify-write under a lock)
 
-def read_annotations(run: Path) -> pd.DataFrame:
-    path = run / "annotations.csv"
-    if not path.exists():
-        return pd.DataFrame(columns=["latent", "description", "tags"])
-    return pd.read_csv(path, dtype={"description": str, "tags": str}).fillna("")
-
-
 def save_annotation(run: Path, latent: int, description: str, tags: str):
     with open(run / ".annotations.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        df = read_annotations(run)
+        df = analysis.read_annotations(run)
         df = df[df.latent.astype(int) != latent]
         df = pd.concat([df, pd.DataFrame([dict(latent=latent, description=description, tags=tags)])])
         with atomic_path(run / "annotations.csv") as tmp:
@@ -205,7 +197,7 @@ def latent_frame(run: Path, cfg: dict, task: str | None, source: str) -> pd.Data
     if sheet is not None:
         keep = [c for c in sheet.columns if c.startswith(("ie_", "relie")) or c == "latent"]
         df = df.merge(sheet[keep], on="latent", how="left")
-    ann = read_annotations(run)
+    ann = analysis.read_annotations(run)
     df["annotated"] = df.latent.isin(ann.latent.astype(int)) if len(ann) else False
     prefix = {"RelDec": "reldec_", "RelIE": "relie_", "RelIE (normalised)": "relie_norm_"}[source]
     cols = [f"{prefix}{r}" for r in revs]
@@ -309,7 +301,7 @@ def latent_detail(run: Path, cfg: dict, task: str | None, row, latent: int):
                             unsafe_allow_html=True)
         elif ctx is None:
             st.caption("contexts and logit effects are computed by relie.py for its selected latents")
-    ann = read_annotations(run)
+    ann = analysis.read_annotations(run)
     old = ann[ann.latent.astype(int) == latent]
     with st.form(f"annotate-{latent}"):
         desc = st.text_area("description", value=old.description.iloc[0] if len(old) else "", key=f"desc-{latent}")

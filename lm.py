@@ -242,11 +242,11 @@ def check_layer(lm, layer: int, name="model"):
 def final_norm(lm: nn.Module) -> nn.Module:
     """The norm between the last block and the unembedding: the base model's child norm registered
     after the blocks (GPT-NeoX final_layer_norm, Llama/OLMo norm, BLOOM/GPT-2 ln_f)."""
-    base = lm.base_model
+    base, stack = lm.base_model, blocks(lm)
     seen_blocks = False
     found = None
     for _, child in base.named_children():
-        if child is blocks(lm):
+        if child is stack:
             seen_blocks = True
         elif seen_blocks and "norm" in type(child).__name__.lower():
             found = child

@@ -165,11 +165,8 @@ def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
 
 
 def read_annotations(folder) -> dict:
-    """runs/<name>/annotations.csv (written by the app): latent → {description, tags}."""
-    path = Path(folder) / "annotations.csv"
-    if not path.exists():
-        return {}
-    df = pd.read_csv(path, dtype={"description": str, "tags": str}).fillna("")
+    """The app's annotations as latent → {description, tags}."""
+    df = analysis.read_annotations(folder)
     return {int(r.latent): dict(description=r.description, tags=r.tags) for r in df.itertuples()}
 
 
