@@ -123,7 +123,7 @@ def main():
         where = analysis.splice_mask(b.mask_BT)
         fired += (f[where] > 0).sum(0).cpu()
         n_tok += int(where.sum())
-        codes.append((b, f, r))
+        codes.append((b, x, f, r))
     freq = (fired / max(n_tok, 1)).numpy()
     rng = np.random.default_rng(args.seed)
     ablations = [("clean", "-", -1, [])]
@@ -138,8 +138,9 @@ def main():
     lat_sets = [a[3] for a in ablations]
     for m, (rev, model, _) in enumerate(tqdm(models, desc="ablate", unit="rev")):
         row = 0
-        for b, f, r in codes:
-            ld[m, row:row + len(b)] = analysis.ablated_logit_diffs(run, model, m, b, f, r[:, :, m], lat_sets).cpu()
+        for b, x, f, r in codes:
+            ld[m, row:row + len(b)] = analysis.ablated_logit_diffs(run, model, m, b, x[:, :, m], f, r[:, :, m],
+                                                                   lat_sets).cpu()
             row += len(b)
     rows = []
     groups = {"all": list(range(len(batch)))}

@@ -97,14 +97,16 @@ def splice_mask(mask_BT) -> torch.Tensor:
     return mask_BT.bool() & ~first
 
 
-def splice(model, layer, new_BTd, where_BT):
-    """Context manager: block `layer`'s output becomes new_BTd where `where_BT`, else stays."""
-    w = where_BT[..., None]
-    return lm.patch_layer(model, layer, lambda x: torch.where(w, new_BTd.to(x.dtype), x))
+def spliced_logits(model, layer, ids_BT, mask_BT, x_BTd, new_BTd, last_only=False):
+    """Logits with block `layer`'s output x_BTd (the model's own) replaced by new_BTd at the splice
+    positions. Only the blocks above `layer` run: x_BTd stands in for the blocks below."""
+    where = splice_mask(torch.ones_like(ids_BT) if mask_BT is None else mask_BT)[..., None]
+    with lm.start_at_layer(model, layer, torch.where(where, new_BTd.to(x_BTd.dtype), x_BTd)):
+        return lm.forward(model, ids_BT, mask_BT, last_only=last_only).logits
 
 
 @torch.no_grad()
-def ablated_logit_diffs(run, model, m, batch, f_BTF, r_BTd, sets, chunk=16):
+def ablated_logit_diffs(run, model, m, batch, x_BTd, f_BTF, r_BTd, sets, chunk=16):
     """Logit difference (correct − wrong) per pair with each set of latents zeroed in crosscoder
     space, the error term kept, spliced into revision m: [B, len(sets)]. An empty set is the
     unablated splice, which equals the clean model (x̂ + r = x)."""
@@ -118,9 +120,9 @@ def ablated_logit_diffs(run, model, m, batch, f_BTF, r_BTd, sets, chunk=16):
             f[c, ..., list(latents)] = 0
         new = (f @ W + b + r_BTd).flatten(0, 1)
         big = batch.repeat(C)   # set-major copies of the batch
-        with splice(model, run.layer, new, splice_mask(big.mask_BT)):
-            ld = tasks.logit_diff(lm.forward(model, big.ids_BT, big.mask_BT).logits, big)
-        out.append(ld.view(C, -1).T)
+        logits = spliced_logits(model, run.layer, big.ids_BT, big.mask_BT, x_BTd.repeat(C, 1, 1), new,
+                                last_only=True)
+        out.append(tasks.logit_diff(logits, big).view(C, -1).T)
     return torch.cat(out, 1)
 
 

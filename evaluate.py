@@ -57,8 +57,6 @@ def evaluate(run, n_blocks=64, batch_blocks=8):
         E_MFd += torch.einsum("nf,nmd->mfd", f_NF, err_NMd * s_M[:, None])
         # next-token CE per revision: clean, spliced, zero-ablated (predictions from positions ≥ 1)
         B, T = ids_BT.shape
-        where = torch.ones(B, T, dtype=torch.bool, device=ids_BT.device)
-        where[:, 0] = False
         targets = ids_BT[:, 2:]
         for m, (_, model, _) in enumerate(models):
             recon_BTd = torch.cat([x_BTMd[:, :1, m], x_hat_NMd[:, m].view(B, T - 1, d)], 1)
@@ -67,8 +65,7 @@ def evaluate(run, n_blocks=64, batch_blocks=8):
                 if new is None:
                     logits = model(input_ids=ids_BT).logits
                 else:
-                    with analysis.splice(model, run.layer, new, where):
-                        logits = model(input_ids=ids_BT).logits
+                    logits = analysis.spliced_logits(model, run.layer, ids_BT, None, x_BTMd[:, :, m], new)
                 ce[k][m] += F.cross_entropy(logits[:, 1:-1].flatten(0, 1).float(), targets.flatten(),
                                             reduction="sum").cpu()
         n_pred += targets.numel()

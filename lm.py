@@ -5,7 +5,8 @@
 - revisions(model): available revisions sorted by training step, with step and tokens seen.
 - load(model, revision, device, dtype): the model (eval mode, no grad) and its tokenizer.
 - Hooks on block L's output (== hidden_states[L+1]): read it, replace it by a function of itself,
-  or stop the forward right after it, so caching never pays for the layers above.
+  or stop the forward right after it, so caching never pays for the layers above; or start the
+  forward from a given block-L output, so IG steps and ablations never pay for the layers below.
 
     python lm.py pythia-1b          # list the revisions of a model
 """
@@ -15,6 +16,7 @@ import inspect
 import os
 import re
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,6 +308,57 @@ def patch_layer(lm, layer: int, fn):
         yield
     finally:
         h.remove()
+
+
+_TUPLE_BLOCKS = weakref.WeakKeyDictionary()
+
+
+def _blocks_return_tuple(lm) -> bool:
+    """Whether lm's blocks return (hidden, ...) rather than a Tensor (BLOOM does, even in transformers 5):
+    probed once per model on a one-token forward stopped after block 0."""
+    if lm not in _TUPLE_BLOCKS:
+        box = {}
+
+        def hook(mod, inp, output):
+            box["tuple"] = isinstance(output, tuple)
+            raise _Stop
+
+        h = blocks(lm)[0].register_forward_hook(hook)
+        try:
+            forward(lm, torch.zeros(1, 1, dtype=torch.long, device=next(lm.parameters()).device))
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        _TUPLE_BLOCKS[lm] = box["tuple"]
+    return _TUPLE_BLOCKS[lm]
+
+
+@contextlib.contextmanager
+def start_at_layer(lm, layer: int, x_BTd):
+    """Inside the block, a forward skips blocks 0..layer: block `layer`'s output is x_BTd, and only the
+    blocks above it run (the ids still give the shapes, mask and positions; hooks on block `layer` still
+    fire on x_BTd). Many forwards that share the lower blocks (IG steps, ablation sets) pay for them once."""
+    wrap = (lambda h: (h,)) if _blocks_return_tuple(lm) else (lambda h: h)
+
+    def skip(hidden, *args, **kwargs):
+        return wrap(hidden)
+
+    def give(hidden, *args, **kwargs):
+        if hidden.shape != x_BTd.shape:
+            raise ValueError(f"start_at_layer: block {layer}'s output given as {tuple(x_BTd.shape)}, "
+                             f"but the forward's ids make {tuple(hidden.shape)}")
+        return wrap(x_BTd.to(hidden.dtype))
+
+    below = blocks(lm)[: layer + 1]
+    for b in below:              # an instance attribute shadows the class's forward; nn.Module.__call__ uses it
+        b.forward = skip
+    below[-1].forward = give
+    try:
+        yield
+    finally:
+        for b in below:
+            del b.forward
 
 
 def read_layer(lm, layer: int, ids_BT, mask_BT=None):

@@ -6,7 +6,7 @@
 For each minimal pair and revision m, block L's output is spliced with W_dec[:,m] f + b_dec[m] + r_m
 (the error term r_m kept) and the metric m = logit(wrong) − logit(correct) at the last position is
 attributed to the latents f by integrated gradients to a zero baseline (10 steps, all batched in one
-forward/backward per revision and batch of pairs):  IE_{m,i} = −f_i · mean_α ∂m/∂f_i, summed over
+forward/backward per revision and batch of pairs, through the blocks above L only):  IE_{m,i} = −f_i · mean_α ∂m/∂f_i, summed over
 positions (padding and position 0 never count; per-token |IE| ≤ --threshold zeroed), averaged over
 pairs. Positive IE = the latent supports the right answer. Also --method atp (one step) and exact
 (zero-ablate each latent). Beside the paper's RelIE, a scale-normalised one (IE_{m,i} / Σ_j |IE_{m,j}|:
@@ -50,26 +50,30 @@ def pair_codes(run, models, batch):
     return x_BTMd, f_NF.view(B, T, -1), (x_BTMd - x_hat_NMd.view(B, T, M, d))
 
 
-def ie_gradient(run, model, m, batch, f_BTF, r_BTd, alphas):
-    """IG/AtP for revision m: per-token IE of every latent [B, T, F] and of the error term [B, T]."""
+def ie_gradient(run, model, m, batch, x_BTd, f_BTF, r_BTd, alphas):
+    """IG/AtP for revision m: per-token IE of every latent [B, T, F] and of the error term [B, T].
+
+    On the path, block L's spliced output is (1−α)·u + b_dec with u = W_dec f + r, so one gradient
+    g_α = ∂m/∂u per step gives both: ∂m/∂f = g_α W_decᵀ and ∂m/∂r = g_α, and the mean over α comes
+    before the F-wide matmul. All α run in one forward/backward through the blocks above L only."""
     S, B = len(alphas), len(batch)
-    scale = (1 - torch.tensor(alphas, device=f_BTF.device)).view(S, 1, 1, 1)
-    f_SBTF = (scale * f_BTF).detach().requires_grad_(True)
-    r_SBTd = (scale * r_BTd).detach().requires_grad_(True)
-    new = f_SBTF @ run.cc.W_dec_FMd[:, m] + run.cc.b_dec_Md[m] + r_SBTd
+    W, b = run.cc.W_dec_FMd[:, m], run.cc.b_dec_Md[m]
+    scale_S111 = (1 - torch.tensor(alphas, device=f_BTF.device)).view(S, 1, 1, 1)
+    u_SBTd = (scale_S111 * (f_BTF @ W + r_BTd)).requires_grad_(True)
     big = batch.repeat(S)   # α-major copies of the batch
-    where = analysis.splice_mask(big.mask_BT)
-    with analysis.splice(model, run.layer, new.flatten(0, 1), where):
-        metric = _metric(lm.forward(model, big.ids_BT, big.mask_BT, last_only=True).logits, big)
-    gf, gr = torch.autograd.grad(metric.sum(), [f_SBTF, r_SBTd])
-    ie_BTF = -f_BTF * gf.mean(0)
-    ie_err_BT = -(r_BTd * gr.mean(0)).sum(-1)
+    logits = analysis.spliced_logits(model, run.layer, big.ids_BT, big.mask_BT, x_BTd.repeat(S, 1, 1),
+                                     (u_SBTd + b).flatten(0, 1), last_only=True)
+    metric = _metric(logits, big)
+    g_BTd = torch.autograd.grad(metric.sum(), u_SBTd)[0].mean(0)
+    ie_BTF = -f_BTF * (g_BTd @ W.T)
+    ie_err_BT = -(r_BTd * g_BTd).sum(-1)
     return ie_BTF, ie_err_BT, metric.detach().view(S, B)[0]
 
 
-def ie_exact(run, model, m, batch, f_BTF, r_BTd, latents):
+def ie_exact(run, model, m, batch, x_BTd, f_BTF, r_BTd, latents):
     """Zero-ablate each latent (error kept): IE_i = m(f without i) − m(clean) = ld(clean) − ld(ablated)."""
-    ld = analysis.ablated_logit_diffs(run, model, m, batch, f_BTF, r_BTd, [[]] + [[i] for i in latents])
+    sets = [[]] + [[i] for i in latents]
+    ld = analysis.ablated_logit_diffs(run, model, m, batch, x_BTd, f_BTF, r_BTd, sets)
     return ld[:, :1] - ld[:, 1:]
 
 
@@ -88,14 +92,14 @@ def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, lat
         for m, (_, model, _) in enumerate(models):
             if method == "exact":
                 lat = list(range(Fdim)) if latents is None else list(latents)
-                vals = ie_exact(run, model, m, b, f_BTF, r_BTMd[:, :, m], lat).cpu()
+                vals = ie_exact(run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], lat).cpu()
                 ie_BF = torch.zeros(len(b), Fdim)
                 ie_BF[:, lat] = vals
                 err_B = torch.zeros(len(b))
                 with torch.no_grad():
                     clean_B = _metric(lm.forward(model, b.ids_BT, b.mask_BT).logits, b).cpu()
             else:
-                ie_BTF, err_BT, clean_B = ie_gradient(run, model, m, b, f_BTF, r_BTMd[:, :, m], alphas)
+                ie_BTF, err_BT, clean_B = ie_gradient(run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], alphas)
                 ie_BTF = torch.where(ie_BTF.abs() > threshold, ie_BTF, torch.zeros_like(ie_BTF))
                 ie_BF, err_B, clean_B = ie_BTF.sum(1).detach().cpu(), err_BT.sum(1).detach().cpu(), clean_B.cpu()
             ie[:, m].index_add_(0, s_idx, ie_BF)

@@ -45,16 +45,22 @@ def batch(local_model, models):
     return tasks.tokenize_pairs(pairs, models[0][2])
 
 
+def _hook_splice(model, layer, new_BTd, mask_BT):
+    """The reference splice: a full forward whose block-L output is patched by a hook (production code
+    runs only the blocks above L)."""
+    w = analysis.splice_mask(mask_BT)[..., None]
+    return lm.patch_layer(model, layer, lambda x: torch.where(w, new_BTd.to(x.dtype), x))
+
+
 def _metric_with(run, model, batch, new_BTd):
-    where = analysis.splice_mask(batch.mask_BT)
-    with torch.no_grad(), analysis.splice(model, run.layer, new_BTd, where):
+    with torch.no_grad(), _hook_splice(model, run.layer, new_BTd, batch.mask_BT):
         return -tasks.logit_diff(lm.forward(model, batch.ids_BT, batch.mask_BT).logits, batch)
 
 
 def test_splice_of_reconstruction_plus_error_is_clean(run, models, batch):
     x, f, r = relie.pair_codes(run, models, batch)
     for m, (_, model, _) in enumerate(models):
-        ld = analysis.ablated_logit_diffs(run, model, m, batch, f, r[:, :, m], [[]])[:, 0]
+        ld = analysis.ablated_logit_diffs(run, model, m, batch, x[:, :, m], f, r[:, :, m], [[]])[:, 0]
         clean = tasks.logit_diff(lm.forward(model, batch.ids_BT, batch.mask_BT).logits, batch)
         torch.testing.assert_close(ld, clean, rtol=1e-4, atol=1e-4)
 
@@ -62,7 +68,7 @@ def test_splice_of_reconstruction_plus_error_is_clean(run, models, batch):
 def test_ablating_all_latents_leaves_error_plus_bias(run, models, batch):
     x, f, r = relie.pair_codes(run, models, batch)
     m, model = 1, models[1][1]
-    ld = analysis.ablated_logit_diffs(run, model, m, batch, f, r[:, :, m], [list(range(48))])[:, 0]
+    ld = analysis.ablated_logit_diffs(run, model, m, batch, x[:, :, m], f, r[:, :, m], [list(range(48))])[:, 0]
     want = -_metric_with(run, model, batch, r[:, :, m] + run.cc.b_dec_Md[m])
     torch.testing.assert_close(ld, want, rtol=1e-5, atol=1e-5)
 
@@ -91,18 +97,38 @@ def test_atp_equals_first_ig_step(run, models, batch):
     m, model = 0, models[0][1]
     fl = f.clone().requires_grad_(True)
     new = fl @ run.cc.W_dec_FMd[:, m] + run.cc.b_dec_Md[m] + r[:, :, m]
-    with analysis.splice(model, run.layer, new, analysis.splice_mask(batch.mask_BT)):
+    with _hook_splice(model, run.layer, new, batch.mask_BT):
         metric = -tasks.logit_diff(lm.forward(model, batch.ids_BT, batch.mask_BT).logits, batch)
     (g,) = torch.autograd.grad(metric.sum(), fl)
     want = (-(f * g)).sum((0, 1))
     torch.testing.assert_close(att["ie"][:, m].sum(0), want, rtol=1e-4, atol=1e-5)
 
 
+def test_ig_equals_naive_loop_over_steps(run, models, batch):
+    """IG (all α batched, blocks above L only, mean gradient before the decoder matmul) equals a plain
+    loop: one full hooked forward/backward per α with f and r scaled, gradients averaged."""
+    x, f, r = relie.pair_codes(run, models, batch)
+    m, model, alphas = 1, models[1][1], [0.0, 0.3, 0.7]
+    ie, ie_err, _ = relie.ie_gradient(run, model, m, batch, x[:, :, m], f, r[:, :, m], alphas)
+    gf_sum, gr_sum = torch.zeros_like(f), torch.zeros_like(r[:, :, m])
+    for a in alphas:
+        fa, ra = ((1 - a) * f).requires_grad_(True), ((1 - a) * r[:, :, m]).requires_grad_(True)
+        new = fa @ run.cc.W_dec_FMd[:, m] + run.cc.b_dec_Md[m] + ra
+        with _hook_splice(model, run.layer, new, batch.mask_BT):
+            metric = -tasks.logit_diff(lm.forward(model, batch.ids_BT, batch.mask_BT).logits, batch)
+        gf, gr = torch.autograd.grad(metric.sum(), [fa, ra])
+        gf_sum, gr_sum = gf_sum + gf, gr_sum + gr
+    want, want_err = -f * gf_sum / len(alphas), -(r[:, :, m] * gr_sum / len(alphas)).sum(-1)
+    assert want.abs().max() > 0 and want_err.abs().max() > 0
+    torch.testing.assert_close(ie, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ie_err, want_err, rtol=1e-4, atol=1e-6)
+
+
 def test_exact_ablation_matches_hand_made_splice(run, models, batch):
     x, f, r = relie.pair_codes(run, models, batch)
     m, model = 1, models[1][1]
     i = int((f > 0).sum((0, 1)).argmax())       # a latent that fires
-    ie = relie.ie_exact(run, model, m, batch, f, r[:, :, m], [i])[:, 0]
+    ie = relie.ie_exact(run, model, m, batch, x[:, :, m], f, r[:, :, m], [i])[:, 0]
     # by hand: the model's own activation minus this latent's decoder contribution
     x_m = x[:, :, m]
     no_i = x_m - f[..., i:i + 1] * run.cc.W_dec_FMd[i, m]

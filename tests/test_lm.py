@@ -43,6 +43,36 @@ def test_stop_at_layer_equals_full_forward(arch):
     assert calls == [], "the block above the stop layer ran"
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_start_at_layer_equals_full_forward(arch, layer):
+    """Handing block L's own output to start_at_layer gives the full forward's logits, and the blocks
+    up to L never run; a different block-L output changes the logits the way patching it would."""
+    m = tiny_model(arch)
+    ids, mask = _ids()
+    logits, x = lm.read_layer(m, layer, ids, mask)
+    with lm.start_at_layer(m, layer, x):
+        started = lm.forward(m, ids, mask).logits
+    torch.testing.assert_close(started, logits, rtol=1e-5, atol=1e-5)
+    calls = []
+    inner = [mod for b in lm.blocks(m)[: layer + 1] for mod in b.modules() if mod is not b]
+    hooks = [mod.register_forward_hook(lambda *a: calls.append(1)) for mod in inner]
+    x2 = x + torch.randn_like(x)
+    with lm.start_at_layer(m, layer, x2):
+        started2 = lm.forward(m, ids, mask).logits
+    for h in hooks:
+        h.remove()
+    assert inner and calls == [], "a block at or below the start layer computed something"
+    with lm.patch_layer(m, layer, lambda _: x2):
+        patched2 = lm.forward(m, ids, mask).logits
+    torch.testing.assert_close(started2, patched2, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(started2, logits)
+    # the model is itself again afterwards
+    torch.testing.assert_close(lm.forward(m, ids, mask).logits, logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="block 1's output given as"):
+        with lm.start_at_layer(m, 1, x[:1]):
+            lm.forward(m, ids, mask)
+
+
 def test_identity_patch_is_bit_identical(arch):
     m = tiny_model(arch)
     ids, mask = _ids()
