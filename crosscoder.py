@@ -145,10 +145,9 @@ def _wide(t):
 
 SPARSE_MAX_DENSITY = 0.1        # sparse kernels up to this fraction of active entries (CPU, fp32/fp64)
 ACTIVE_SET_DEVICES = ("cpu",)   # where loss() takes the active-set path (fp32/fp64, no autocast)
-# ... and only from this size (n_models·d_model·dict_size) up: below it the plain branch is as fast,
-# and it is bit-for-bit deterministic with several threads, which the active-set kernels are not
-# (their parallel sparse reductions sum in a varying order), so small runs such as the toy's
-# reproduce exactly.
+# ... and only from this size (n_models·d_model·dict_size) up: below it the plain branch is as fast.
+# Both are bit-for-bit deterministic with several threads (no scatter-add whose order depends on the
+# threads), so a run resumed from a checkpoint replays the uninterrupted one exactly.
 ACTIVE_SET_MIN_SIZE = 1 << 20
 
 
@@ -411,7 +410,9 @@ class CrossCoder(nn.Module):
                     act, smallest = batch_topk_active(pre_BF, norms_F, k)
             f_N = _PreAt.apply(x_BD, W_enc, self.b_enc_F, pre_BF, act)  # = ReLU(pre) there: all positive
             x_hat_BD = _Decode.apply(f_N, W_dec, act)
-            l1_sum = _wide(f_N * norms_F[act.cols]).sum()
+            # Σ_i norm_i · (Σ of latent i's codes): index_add_ sums in a fixed order, where the backward
+            # of norms_F[act.cols] would scatter-add in a thread-dependent one
+            l1_sum = _wide(f_N.new_zeros(F).index_add_(0, act.cols, f_N) * norms_F).sum()
             fired_F, n_active = act.cols, len(act)
             values_at = lambda a: _PreAt.apply(x_BD, W_enc, self.b_enc_F, pre_BF, a)  # noqa: E731
         else:
