@@ -341,10 +341,14 @@ def start_at_layer(lm, layer: int, x_BTd):
     fire on x_BTd). Many forwards that share the lower blocks (IG steps, ablation sets) pay for them once."""
     wrap = (lambda h: (h,)) if _blocks_return_tuple(lm) else (lambda h: h)
 
-    def skip(hidden, *args, **kwargs):
-        return wrap(hidden)
+    def hidden_of(args, kwargs):
+        return args[0] if args else kwargs["hidden_states"]
 
-    def give(hidden, *args, **kwargs):
+    def skip(*args, **kwargs):
+        return wrap(hidden_of(args, kwargs))
+
+    def give(*args, **kwargs):
+        hidden = hidden_of(args, kwargs)
         if hidden.shape != x_BTd.shape:
             raise ValueError(f"start_at_layer: block {layer}'s output given as {tuple(x_BTd.shape)}, "
                              f"but the forward's ids make {tuple(hidden.shape)}")
