@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import analysis
+import lm
 from common import ArgumentParser, atomic_path, positive, run_main, write_json
 
 ARTIFACT_NU = 0.5    # ν above this on a revision the decoder says the latent is absent from
@@ -42,7 +43,20 @@ def evaluate(run, n_blocks=64, batch_blocks=8):
     n_pred = 0
     for b0 in tqdm(range(0, len(ids), batch_blocks), desc="evaluate", unit="batch"):
         ids_BT = ids[b0:b0 + batch_blocks].to(run.device)
-        x_BTMd = analysis.run_acts(models, run.layer, ids_BT)
+        B, T = ids_BT.shape
+        targets = ids_BT[:, 2:]
+
+        def ce_sum(logits_BTV):   # next-token CE summed over the predictions from positions ≥ 1
+            return F.cross_entropy(logits_BTV[:, 1:-1].flatten(0, 1).float(), targets.flatten(),
+                                   reduction="sum").cpu()
+
+        xs = []
+        for m, (_, model, _) in enumerate(models):   # one full forward each: the clean CE and block L's output
+            logits, x_BTd = lm.read_layer(model, run.layer, ids_BT)
+            ce["clean"][m] += ce_sum(logits)
+            xs.append(x_BTd.float())
+        del logits
+        x_BTMd = torch.stack(xs, 2)
         x_NMd = x_BTMd[:, 1:].reshape(-1, M, d)      # position 0 excluded
         x_hat_NMd, f_NF = cc(x_NMd)
         err_NMd = x_NMd - x_hat_NMd
@@ -55,19 +69,11 @@ def evaluate(run, n_blocks=64, batch_blocks=8):
         sq_F += f_NF.pow(2).sum(0)
         G_MFd += torch.einsum("nf,nmd->mfd", f_NF, x_NMd * s_M[:, None])
         E_MFd += torch.einsum("nf,nmd->mfd", f_NF, err_NMd * s_M[:, None])
-        # next-token CE per revision: clean, spliced, zero-ablated (predictions from positions ≥ 1)
-        B, T = ids_BT.shape
-        targets = ids_BT[:, 2:]
+        # CE with block L's output spliced by its reconstruction, and zero-ablated (position 0 kept)
         for m, (_, model, _) in enumerate(models):
             recon_BTd = torch.cat([x_BTMd[:, :1, m], x_hat_NMd[:, m].view(B, T - 1, d)], 1)
-            runs = {"clean": None, "spliced": recon_BTd, "zero": torch.zeros_like(recon_BTd)}
-            for k, new in runs.items():
-                if new is None:
-                    logits = model(input_ids=ids_BT).logits
-                else:
-                    logits = analysis.spliced_logits(model, run.layer, ids_BT, None, x_BTMd[:, :, m], new)
-                ce[k][m] += F.cross_entropy(logits[:, 1:-1].flatten(0, 1).float(), targets.flatten(),
-                                            reduction="sum").cpu()
+            for k, new in (("spliced", recon_BTd), ("zero", torch.zeros_like(recon_BTd))):
+                ce[k][m] += ce_sum(analysis.spliced_logits(model, run.layer, ids_BT, None, x_BTMd[:, :, m], new))
         n_pred += targets.numel()
     mean_x = sum_x / n
     var_M = sum_x2 - n * mean_x.pow(2).sum(-1)

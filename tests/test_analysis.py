@@ -1,6 +1,8 @@
 """Attribution and ablation against independent computations on a tiny model: IG completeness,
 AtP = the first IG step, exact ablation = a hand-made splice, no-ablation = clean, all-ablated =
 error + biases; RelIE / RelDec classes on hand-made tables; evaluate's CE and latent scaling."""
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -179,12 +181,22 @@ def test_html_escapes_everything():
 def test_evaluate_ce_and_scaling(run, models):
     summary, lat = evaluate.evaluate(run, n_blocks=4, batch_blocks=2)
     ids = run.eval_blocks(4)
+    x_all = analysis.run_acts(models, run.layer, ids)
+    x_hat_all = run.cc(x_all.flatten(0, 1))[0].view_as(x_all)
+
+    def ce(model, new_BTd=None):
+        """By hand: −log softmax at positions 1..T-2 against the next token, through a full forward
+        (block L's output hooked to new_BTd from position 1 on)."""
+        with _hook_splice(model, run.layer, new_BTd, torch.ones_like(ids)) if new_BTd is not None else nullcontext():
+            logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+        return -logp[:, 1:-1].gather(2, ids[:, 2:, None]).mean().item()
+
     for m, (rev, model, _) in enumerate(models):
-        # clean CE by hand: −log softmax at positions 1..T-2 against the next token
-        logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
-        want = -logp[:, 1:-1].gather(2, ids[:, 2:, None]).mean().item()
-        assert summary["revisions"][rev]["ce_clean"] == pytest.approx(want, rel=1e-5)
         s = summary["revisions"][rev]
+        assert s["ce_clean"] == pytest.approx(ce(model), rel=1e-5)
+        assert s["ce_spliced"] == pytest.approx(ce(model, x_hat_all[:, :, m]), rel=1e-5)
+        assert s["ce_zero"] == pytest.approx(ce(model, torch.zeros_like(x_hat_all[:, :, m])), rel=1e-5)
+        assert abs(s["ce_zero"] - s["ce_clean"]) > 20 * 1e-5 * s["ce_clean"]   # the checks above can tell them apart
         assert s["ce_recovered"] == pytest.approx(1 - s["delta_ce"] / (s["ce_zero"] - s["ce_clean"]))
     # latent scaling: β by least squares on the raw tokens for one firing latent
     x = analysis.run_acts(models, run.layer, ids)[:, 1:].reshape(-1, 2, 32)
