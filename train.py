@@ -317,6 +317,19 @@ class _Inline:
         pass
 
 
+@torch.no_grad()
+def sync_buffers(cc, world, B_local):
+    """After each DDP step, one set of buffers on every rank, as one process over the whole batch would
+    have them (DDP itself only averages gradients). Dead-latent counters: a latent fired if it fired on
+    any rank (the minimum), and the tokens since then count every rank's (B_local·world per step).
+    BatchTopK's θ: every rank applied the same EMA to its own smallest kept score; the EMA is monotone,
+    so the minimum over ranks is the EMA of the whole batch's smallest kept score."""
+    since_F = cc.tokens_since_active_F          # each rank: its previous (shared) value + B_local, or 0
+    dist.all_reduce(since_F, op=dist.ReduceOp.MIN)
+    since_F.add_((since_F > 0) * B_local * (world - 1))
+    dist.all_reduce(cc.threshold, op=dist.ReduceOp.MIN)
+
+
 class _LossModule(torch.nn.Module):
     """DDP averages gradients of what its forward returns: wrap the crosscoder's loss as a forward."""
 
@@ -343,6 +356,7 @@ def train(args):
     with folder_lock(args.out) if rank == 0 else contextlib.nullcontext():
         out = _train(args, spec, rank, world)
     if world > 1:
+        dist.barrier()   # rank 0 may still be saving: a gloo peer torn down mid-way can abort the other
         dist.destroy_process_group()
     return out
 
@@ -408,6 +422,8 @@ def _train(args, spec, rank, world):
             torch.nn.utils.clip_grad_norm_(cc.parameters(), 1.0)
             opt.step()
             sched.step()
+            if world > 1:
+                sync_buffers(cc, world, x_BMd.shape[0])
             seen += x_BMd.shape[0] * world
             fault_point("train_step")
             if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):

@@ -1,5 +1,5 @@
 """train.py: resume after a SIGKILL ends with the weights of an uninterrupted run; DDP with two gloo
-processes matches one process; refusals (mismatched cache, occupied output folder, bad flags)."""
+processes matches one process (weights and dead-latent counters); refusals (mismatched cache, occupied output folder, bad flags)."""
 import json
 import os
 import signal
@@ -63,17 +63,22 @@ def test_resume_after_kill_equals_uninterrupted(local_model, cache, tmp_path):
 
 
 def test_ddp_two_processes_match_one(local_model, cache, tmp_path):
+    sparse = ("--l1-coeff", "20")   # some latents go quiet for a while: dead-latent counters differ
     one = tmp_path / "one"
-    r = subprocess.run(_cmd(local_model, cache, one), env=ENV, capture_output=True, text=True)
+    r = subprocess.run(_cmd(local_model, cache, one, *sparse), env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     two = tmp_path / "two"
-    cmd = _cmd(local_model, cache, two)
+    cmd = _cmd(local_model, cache, two, *sparse)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"] + cmd[1:]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _weights(one), _weights(two)
     for k in ("W_enc_MdF", "W_dec_FMd", "b_enc_F", "b_dec_Md"):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # dead-latent counters count the whole batch's tokens, as in one process (train.sync_buffers)
+    since = a["tokens_since_active_F"]
+    assert since.max() > 64 and (since == 0).any(), since
+    assert torch.equal(since, b["tokens_since_active_F"])
     assert not torch.equal(a["W_dec_FMd"], load_file(one / "crosscoder.safetensors")["W_dec_FMd"] * 0)
 
 
