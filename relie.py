@@ -71,10 +71,11 @@ def ie_gradient(run, model, m, batch, x_BTd, f_BTF, r_BTd, alphas):
 
 
 def ie_exact(run, model, m, batch, x_BTd, f_BTF, r_BTd, latents):
-    """Zero-ablate each latent (error kept): IE_i = m(f without i) − m(clean) = ld(clean) − ld(ablated)."""
+    """Zero-ablate each latent (error kept): IE_i = m(f without i) − m(clean) = ld(clean) − ld(ablated),
+    [B, len(latents)], and the clean metric per pair [B] (the unablated splice: x̂ + r = x)."""
     sets = [[]] + [[i] for i in latents]
     ld = analysis.ablated_logit_diffs(run, model, m, batch, x_BTd, f_BTF, r_BTd, sets)
-    return ld[:, :1] - ld[:, 1:]
+    return ld[:, :1] - ld[:, 1:], -ld[:, 0]
 
 
 def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, latents=None, steps=IG_STEPS):
@@ -84,6 +85,7 @@ def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, lat
     ie, err, n = torch.zeros(S, M, Fdim), torch.zeros(S, M), torch.zeros(S)
     clean = torch.zeros(S, M)
     alphas = [i / steps for i in range(steps)] if method == "ig" else [0.0]
+    lat = list(range(Fdim)) if latents is None else list(latents)   # for method="exact"
     for i in tqdm(range(0, len(batch), batch_size), desc=f"IE ({method})", unit="batch"):
         b = batch.slice(i, i + batch_size).to(run.device)
         s_idx = torch.tensor([subtasks.index(s) for s in b.subtask])
@@ -91,13 +93,10 @@ def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, lat
         n.index_add_(0, s_idx, torch.ones(len(b)))
         for m, (_, model, _) in enumerate(models):
             if method == "exact":
-                lat = list(range(Fdim)) if latents is None else list(latents)
-                vals = ie_exact(run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], lat).cpu()
+                vals, clean_B = ie_exact(run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], lat)
                 ie_BF = torch.zeros(len(b), Fdim)
-                ie_BF[:, lat] = vals
-                err_B = torch.zeros(len(b))
-                with torch.no_grad():
-                    clean_B = _metric(lm.forward(model, b.ids_BT, b.mask_BT).logits, b).cpu()
+                ie_BF[:, lat] = vals.cpu()
+                err_B, clean_B = torch.zeros(len(b)), clean_B.cpu()
             else:
                 ie_BTF, err_BT, clean_B = ie_gradient(run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], alphas)
                 ie_BTF = torch.where(ie_BTF.abs() > threshold, ie_BTF, torch.zeros_like(ie_BTF))

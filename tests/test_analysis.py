@@ -130,13 +130,17 @@ def test_exact_ablation_matches_hand_made_splice(run, models, batch):
     x, f, r = relie.pair_codes(run, models, batch)
     m, model = 1, models[1][1]
     i = int((f > 0).sum((0, 1)).argmax())       # a latent that fires
-    ie = relie.ie_exact(run, model, m, batch, x[:, :, m], f, r[:, :, m], [i])[:, 0]
+    ie, clean = relie.ie_exact(run, model, m, batch, x[:, :, m], f, r[:, :, m], [i])
+    ie = ie[:, 0]
     # by hand: the model's own activation minus this latent's decoder contribution
     x_m = x[:, :, m]
     no_i = x_m - f[..., i:i + 1] * run.cc.W_dec_FMd[i, m]
     want = _metric_with(run, model, batch, no_i) - _metric_with(run, model, batch, x_m)
     torch.testing.assert_close(ie, want, rtol=1e-4, atol=1e-5)
     assert want.abs().sum() > 0
+    with torch.no_grad():   # the clean metric it returns is the model's own
+        own = -tasks.logit_diff(lm.forward(model, batch.ids_BT, batch.mask_BT).logits, batch)
+    torch.testing.assert_close(clean, own, rtol=1e-4, atol=1e-4)
 
 
 def test_threshold_zeroes_small_token_effects(run, models, batch):
