@@ -282,12 +282,12 @@ def forward(lm, ids_BT, mask_BT=None, last_only=False, **kw):
     return lm(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False, **kw)
 
 
-def run_to_layer(lm, layer: int, ids_BT, mask_BT=None) -> torch.Tensor:
-    """Block `layer`'s output [B, T, d], stopping the forward right after that block."""
+def _block_output(lm, layer: int, ids_BT, mask_BT=None):
+    """Block `layer`'s raw output (a Tensor, or a tuple for some blocks), stopping the forward there."""
     box = {}
 
     def hook(mod, inp, output):
-        box["x"] = _out(output)
+        box["out"] = output
         raise _Stop
 
     h = blocks(lm)[layer].register_forward_hook(hook)
@@ -297,7 +297,12 @@ def run_to_layer(lm, layer: int, ids_BT, mask_BT=None) -> torch.Tensor:
         pass
     finally:
         h.remove()
-    return box["x"]
+    return box["out"]
+
+
+def run_to_layer(lm, layer: int, ids_BT, mask_BT=None) -> torch.Tensor:
+    """Block `layer`'s output [B, T, d], stopping the forward right after that block."""
+    return _out(_block_output(lm, layer, ids_BT, mask_BT))
 
 
 @contextlib.contextmanager
@@ -317,20 +322,8 @@ def _blocks_return_tuple(lm) -> bool:
     """Whether lm's blocks return (hidden, ...) rather than a Tensor (BLOOM does, even in transformers 5):
     probed once per model on a one-token forward stopped after block 0."""
     if lm not in _TUPLE_BLOCKS:
-        box = {}
-
-        def hook(mod, inp, output):
-            box["tuple"] = isinstance(output, tuple)
-            raise _Stop
-
-        h = blocks(lm)[0].register_forward_hook(hook)
-        try:
-            forward(lm, torch.zeros(1, 1, dtype=torch.long, device=next(lm.parameters()).device))
-        except _Stop:
-            pass
-        finally:
-            h.remove()
-        _TUPLE_BLOCKS[lm] = box["tuple"]
+        one_token = torch.zeros(1, 1, dtype=torch.long, device=next(lm.parameters()).device)
+        _TUPLE_BLOCKS[lm] = isinstance(_block_output(lm, 0, one_token), tuple)
     return _TUPLE_BLOCKS[lm]
 
 
