@@ -117,7 +117,7 @@ def make_cache(model_key, layer, revs, out, n_tokens, seq_len, device="cpu", dty
                 with open(tmp, "wb") as f:
                     np.save(f, ids.numpy().astype(np.int32))
         _fill(out, models, layer, ids, d, dtype, batch_blocks)
-        scales = {r: _scale(open_array(out, r, meta), meta, d) for r in revs}
+        scales = {r: _scale(open_array(out, r, meta), meta) for r in revs}
         fault_point("cache_done")               # killed here: every chunk written, not yet marked complete
         write_json(out / "meta.json", dict(meta, complete=True, scales=scales))
     return out
@@ -174,12 +174,16 @@ def open_array(folder, revision, meta):
     return arr
 
 
-def _scale(mm, meta, d, max_rows=200_000):
-    """s = √d / mean‖x‖ over (a sample of) the training rows."""
+def norm_scale(x_Nd) -> float:
+    """The normalisation scale s = √d / mean‖x‖: s·x has mean norm √d (DESIGN.md)."""
+    return math.sqrt(x_Nd.shape[-1]) / x_Nd.norm(dim=-1).mean().item()
+
+
+def _scale(mm, meta, max_rows=200_000):
+    """norm_scale over (a sample of) the training rows."""
     train_rows = meta["split"]["train_blocks"] * (meta["seq_len"] - 1)
     idx = np.linspace(0, train_rows - 1, min(train_rows, max_rows)).astype(np.int64)
-    x = _from_disk(mm[idx], meta["dtype"])
-    return math.sqrt(d) / x.norm(dim=-1).mean().item()
+    return norm_scale(_from_disk(mm[idx], meta["dtype"]))
 
 
 @dataclass

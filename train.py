@@ -198,7 +198,7 @@ def live_source(args, spec, rank, world):
     with torch.no_grad():
         val = torch.stack([torch.cat([cache_acts.layer_acts(m, args.layer, val_ids[i:i + 4])
                                       for i in range(0, len(val_ids), 4)]) for _, m, _ in models], 1).cpu()
-    scales = [math.sqrt(val.shape[-1]) / val[:, i].norm(dim=-1).mean().item() for i in range(val.shape[1])]
+    scales = [cache_acts.norm_scale(val[:, i]) for i in range(val.shape[1])]
     buf = cache_acts.LiveBuffer(models, args.layer, lambda: tasks.iter_blocks(text, tok, T, seed=args.seed),
                                 args.buffer_tokens, T, args.seed, args.device)
     B = args.batch_size
