@@ -1,5 +1,5 @@
 """train.py: resume after a SIGKILL ends with the weights of an uninterrupted run; DDP with two gloo
-processes matches one process (weights and dead-latent counters); refusals (mismatched cache, occupied output folder, bad flags)."""
+processes matches one process (weights and dead-latent counters); a live-buffer run; refusals (mismatched cache, occupied output folder, bad flags)."""
 import json
 import os
 import signal
@@ -152,3 +152,26 @@ def test_nan_activations_named(local_model, cache, tmp_path):
     mm.flush()
     r = subprocess.run(_cmd(local_model, bad, tmp_path / "r"), env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and "revision step100" in r.stderr, r.stderr[-1000:]
+
+
+def test_live_buffer_run(local_model, tmp_path):
+    """Without --cache, train.py runs the revisions itself (the paper's pipeline): it finishes, and its
+    normalisation scales give held-out block-L outputs (from output_hidden_states) a mean norm of √d."""
+    import lm
+    import tasks
+    root, text, _ = local_model
+    out = tmp_path / "live"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(root), "--layer", "1",
+           "--revisions", "step0,step100", "--text", str(text), "--seq-len", "16", "--dict-size", "64",
+           "--batch-size", "64", "--tokens", str(64 * 30), "--buffer-tokens", "2048", "--out", str(out)]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "DONE").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["cache"] is None and len(cfg["scales"]) == 2
+    for rev, s in zip(["step0", "step100"], cfg["scales"]):
+        model, tok = lm.load(str(root), rev)
+        ids = tasks.text_blocks(str(text), tok, 64, 16, seed=7)
+        with torch.no_grad():
+            x = lm.forward(model, ids, output_hidden_states=True).hidden_states[2][:, 1:]
+        assert s * x.norm(dim=-1).mean().item() == pytest.approx(32 ** 0.5, rel=0.05)   # raw: ~0.16
