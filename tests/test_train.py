@@ -1,5 +1,6 @@
 """train.py: resume after a SIGKILL ends with the weights of an uninterrupted run; DDP with two gloo
-processes matches one process (weights and dead-latent counters); a live-buffer run; refusals (mismatched cache, occupied output folder, bad flags)."""
+processes matches one process (weights and dead-latent counters); a live-buffer run; refusals
+(mismatched cache, occupied output folder, bad flags)."""
 import json
 import os
 import signal
