@@ -158,6 +158,13 @@ def classify(rel_NM, revisions) -> list[str]:
     return out
 
 
+def add_shares(df, name, rel_NM, revisions):
+    """Columns <name>_<revision> (each revision's share) and <name>_class (one-vs-all) of a latent table."""
+    for m, r in enumerate(revisions):
+        df[f"{name}_{r}"] = rel_NM[:, m]
+    df[f"{name}_class"] = classify(rel_NM, revisions)
+
+
 def rel2(a_N, b_N) -> np.ndarray:
     """2-way: |B| / (|A| + |B|), 0.5 when both are 0."""
     a, b = np.abs(np.asarray(a_N, dtype=float)), np.abs(np.asarray(b_N, dtype=float))

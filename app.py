@@ -80,8 +80,7 @@ def decoder_table(folder: str, mtime: float) -> pd.DataFrame:
     df = pd.DataFrame({"latent": np.arange(len(rel))})
     for m, r in enumerate(cfg["revisions"]):
         df[f"dec_norm_{r}"] = norms[:, m]
-        df[f"reldec_{r}"] = rel[:, m]
-    df["reldec_class"] = analysis.classify(rel, cfg["revisions"])
+    analysis.add_shares(df, "reldec", rel, cfg["revisions"])
     return df
 
 

@@ -96,9 +96,7 @@ def latent_table(cc, revs, freq_F, dec_FMd, G_MFd, E_MFd, sq_F) -> pd.DataFrame:
     df = pd.DataFrame({"latent": np.arange(cc.cfg.dict_size), "freq": freq_F.numpy()})
     for m, r in enumerate(revs):
         df[f"dec_norm_{r}"] = norms_FM[:, m].numpy()
-    for m, r in enumerate(revs):
-        df[f"reldec_{r}"] = rd[:, m]
-    df["reldec_class"] = analysis.classify(rd, revs)
+    analysis.add_shares(df, "reldec", rd, revs)
     unit = F.normalize(dec_FMd, dim=-1)
     for a, b in analysis.pairs_of(revs):
         df[f"cos_{revs[a]}_{revs[b]}"] = (unit[:, a] * unit[:, b]).sum(-1).numpy()

@@ -144,17 +144,10 @@ def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
     df = pd.DataFrame({"latent": chosen})
     for m, r in enumerate(revs):
         df[f"ie_{r}"] = ie_NM[:, m]
-    rel_raw, rel_norm = analysis.rel(ie_NM), analysis.rel(nie_NM)
-    for m, r in enumerate(revs):
-        df[f"relie_{r}"] = rel_raw[:, m]
-    df["relie_class"] = analysis.classify(rel_raw, revs)
-    for m, r in enumerate(revs):
-        df[f"relie_norm_{r}"] = rel_norm[:, m]
-    df["relie_norm_class"] = analysis.classify(rel_norm, revs)
     rd = reldec_FM[chosen]
-    for m, r in enumerate(revs):
-        df[f"reldec_{r}"] = rd[:, m]
-    df["reldec_class"] = analysis.classify(rd, revs)
+    analysis.add_shares(df, "relie", analysis.rel(ie_NM), revs)
+    analysis.add_shares(df, "relie_norm", analysis.rel(nie_NM), revs)
+    analysis.add_shares(df, "reldec", rd, revs)
     for a, b in analysis.pairs_of(revs):
         tag = f"{revs[a]}_{revs[b]}"
         for name, vals in (("relie2", ie_NM), ("relie2_norm", nie_NM), ("reldec2", rd)):
