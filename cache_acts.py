@@ -154,6 +154,7 @@ def _fill(out, models, layer, ids, d, dtype, batch_blocks):
 
 
 def _to_disk(x, dtype):
+    x = x.cpu()   # activations come from the model's device
     if dtype == "fp32":
         return x.numpy()
     return x.to(DTYPES[dtype]).view(torch.uint16 if dtype == "bf16" else torch.float16).numpy().view(np.uint16)

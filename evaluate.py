@@ -35,10 +35,10 @@ def evaluate(run, n_blocks=64, batch_blocks=8):
     Fdim, d = cc.cfg.dict_size, cc.cfg.d_model
     s_M = cc.scales_M.float()                         # normalised space: s_m · x_m
     dec_FMd = cc.W_dec_FMd * s_M[None, :, None]      # decoder in the normalised space
-    n = 0
-    sum_x, sum_x2, sum_err = torch.zeros(M, d), torch.zeros(M), torch.zeros(M)
-    l0_sum, freq_F, sq_F = 0.0, torch.zeros(Fdim), torch.zeros(Fdim)
-    G_MFd, E_MFd = torch.zeros(M, Fdim, d), torch.zeros(M, Fdim, d)   # Σ_t f_i x_m, Σ_t f_i ε_m
+    n, zeros = 0, lambda *shape: torch.zeros(*shape, device=run.device)   # sums stay on the device
+    sum_x, sum_x2, sum_err = zeros(M, d), zeros(M), zeros(M)
+    l0_sum, freq_F, sq_F = 0.0, zeros(Fdim), zeros(Fdim)
+    G_MFd, E_MFd = zeros(M, Fdim, d), zeros(M, Fdim, d)   # Σ_t f_i x_m, Σ_t f_i ε_m
     ce = {k: torch.zeros(M) for k in ("clean", "spliced", "zero")}
     n_pred = 0
     for b0 in tqdm(range(0, len(ids), batch_blocks), desc="evaluate", unit="batch"):
@@ -85,7 +85,7 @@ def evaluate(run, n_blocks=64, batch_blocks=8):
                           ce_recovered=1 - (s - c) / (z - c) if z != c else float("nan"))
     summary = dict(revisions=per_rev, l0=l0_sum / n, dead_frac=(freq_F == 0).float().mean().item(),
                    n_tokens=n, n_blocks=len(ids), dict_size=Fdim)
-    latents = latent_table(cc, revs, freq_F / n, dec_FMd, G_MFd, E_MFd, sq_F)
+    latents = latent_table(cc, revs, *(t.cpu() for t in (freq_F / n, dec_FMd, G_MFd, E_MFd, sq_F)))
     return summary, latents
 
 

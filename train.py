@@ -404,7 +404,11 @@ def _train(args, spec, rank, world):
     # copy is asynchronous (batch_at is a pure function of the step: resuming is unaffected); on a
     # CPU the thread would only take cores from the step, so there it runs inline
     pin = str(args.device).startswith("cuda")
-    fetch = lambda step: checked(batch_at(step).pin_memory() if pin else batch_at(step), step)  # noqa: E731
+
+    def fetch(step):   # a live buffer's batches are on the device already: only cache batches are pinned
+        x_BMd = batch_at(step)
+        return checked(x_BMd.pin_memory() if pin and x_BMd.device.type == "cpu" else x_BMd, step)
+
     pool = ThreadPoolExecutor(1) if pin else _Inline()
     nxt = pool.submit(fetch, start) if start < args.steps else None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", disable=rank != 0,
