@@ -5,15 +5,16 @@
 
 Latents are zeroed in crosscoder space with the error term kept, spliced into each revision:
 - per revision m, its top-k latents by IE (relie's ie.csv, over --subtasks) all together, against
-  --draws sets of k random latents of matched activation frequency (on the task's tokens);
+  --draws sets of k random latents of matched activation frequency (on the task's tokens), drawn
+  outside every revision's top-k set;
 - every latent of the union of those top-k sets alone.
 Per revision: Δ = mean logit difference (correct − wrong; = log p_correct − log p_wrong) clean minus
 ablated, and the accuracy drop. Per pair of revisions (A, B), over the union of A's and B's top-k
 latents: Spearman ρ of |Δ_B|/|Δ_A| with the 2-way RelIE, the normalised RelIE and RelDec (the
 paper's Table 7).
 
-Writes runs/<name>/ablation/<task>.csv (every ablation × revision × sub-task) and
-runs/<name>/ablation/<task>-spearman.csv, and prints both summaries.
+Writes runs/<name>/ablation/<task>/: ablation.csv (every ablation × revision × sub-task),
+spearman.csv, then DONE; and prints both summaries.
 """
 from pathlib import Path
 
@@ -23,13 +24,17 @@ import torch
 from tqdm import tqdm
 
 import analysis
-import relie
+import cli
+import defaults
+import lm
+import measures
 import tasks
-from common import ArgumentParser, UsageError, atomic_path, positive, read_json, run_main
+from common import UsageError, atomic_path, mark_done, positive, read_json, require_done, run_main, unmark_done
 
 
 def selection_ie(relie_dir, revisions, subtasks):
-    """Mean IE per pair over the chosen sub-tasks from relie's tables: [M, F-indexed dict] as a frame."""
+    """Mean IE per pair over the chosen sub-tasks from relie's tables, and its normalised form
+    (measures.normalise, as relie.py computes it): two [latent × revision] frames."""
     ie = pd.read_csv(relie_dir / "ie.csv")
     err = pd.read_csv(relie_dir / "error.csv")
     if subtasks:
@@ -41,9 +46,8 @@ def selection_ie(relie_dir, revisions, subtasks):
     ie = ie.assign(w=ie.subtask.map(n) * ie.ie)
     tot = n.sum()
     wide = ie.pivot_table(index="latent", columns="revision", values="w", aggfunc="sum", fill_value=0.0) / tot
-    wn = ie.assign(w=ie.subtask.map(n) * ie.ie_norm).pivot_table(
-        index="latent", columns="revision", values="w", aggfunc="sum", fill_value=0.0) / tot
-    return wide.reindex(columns=revisions, fill_value=0.0), wn.reindex(columns=revisions, fill_value=0.0)
+    wide = wide.reindex(columns=revisions, fill_value=0.0)
+    return wide, pd.DataFrame(measures.normalise(wide.to_numpy().T).T, index=wide.index, columns=wide.columns)
 
 
 def top_sets(ie_wide, k, how):
@@ -57,8 +61,9 @@ def top_sets(ie_wide, k, how):
 
 
 def matched_random(freq_F, chosen, rng, exclude):
-    """For each chosen latent, a random other latent among the 5 nearest in activation frequency."""
-    pool = np.array([i for i in range(len(freq_F)) if i not in exclude])
+    """For each chosen latent, a random latent outside `exclude` among the 5 nearest in activation
+    frequency; ties in frequency (dead latents, say) are broken at random, anew each draw."""
+    pool = rng.permutation([i for i in range(len(freq_F)) if i not in exclude])
     out = []
     for i in chosen:
         near = pool[np.argsort(np.abs(freq_F[pool] - freq_F[i]), kind="stable")[:5]]
@@ -74,25 +79,54 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def main():
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default=None, help="run folder made by train.py (default: the toy default run)")
-    p.add_argument("--task", default=None, help="a task relie.py was run on (default: the model's own)")
-    p.add_argument("--top-k", type=positive("--top-k"), default=10)
-    p.add_argument("--select", choices=["abs", "positive"], default=None, help="default: relie's")
-    p.add_argument("--subtasks", default=None, help="comma-separated sub-tasks to select on and score")
-    p.add_argument("--draws", type=positive("--draws"), default=5, help="random-k draws")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive("--batch-size"), default=64)
-    p.add_argument("--max-pairs", type=positive("--max-pairs"), default=None, help="per sub-task")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    run = analysis.open_run(args.run or analysis.default_run(), args.device)
-    task = args.task or run.spec.task
+def task_codes(run, models, batch, pair_batch):
+    """Every pair batch's block-L outputs, codes and errors (kept on the CPU, moved to the device one batch
+    at a time), and each latent's activation frequency on the task's spliced tokens."""
+    codes, fired, n_tok = [], torch.zeros(run.cc.cfg.dict_size), 0
+    for i in range(0, len(batch), pair_batch):
+        b = batch.slice(i, i + pair_batch).to(run.device)
+        x, f, r = analysis.pair_codes(run, models, b)
+        where = analysis.splice_mask(b.mask_BT)
+        fired += (f[where] > 0).sum(0).cpu()
+        n_tok += int(where.sum())
+        codes.append((b.to("cpu"), x.cpu(), f.cpu(), r.cpu()))
+    return codes, (fired / max(n_tok, 1)).numpy()
+
+
+def ablated(run, models, codes, sets, n_pairs):
+    """Logit difference (correct − wrong) per revision, pair and set of ablated latents: [M, P, len(sets)]."""
+    ld_MPA = torch.zeros(len(models), n_pairs, len(sets))
+    for m, (_, model, _) in enumerate(tqdm(models, desc="ablate", unit="rev")):
+        row = 0
+        for b, x, f, r in codes:
+            b, x, f, r = b.to(run.device), x.to(run.device), f.to(run.device), r.to(run.device)
+            ld_MPA[m, row:row + len(b)] = analysis.ablated_logit_diffs(run, model, m, b, x[:, :, m], f, r[:, :, m],
+                                                                       sets).cpu()
+            row += len(b)
+    return ld_MPA
+
+
+def parse_args(argv=None):
+    run_dir, spec = cli.run_in(argv)
+    p = cli.parser(__doc__.split("\n\n")[0], spec.preset)
+    cli.add(p, "--run", "--task", "--top-k", "--max-pairs", "--pair-batch", "--device",
+            run=str(run_dir), task=spec.task, top_k=defaults.TOP_K, pair_batch=64, device=defaults.default_device())
+    p.add_argument("--select", choices=("abs", "positive"), default=None,
+                   help="rank latents by |IE| or by positive IE (default: what relie.py used)")
+    p.add_argument("--subtasks", default=None, help="comma-separated sub-tasks to select on and score (default: all)")
+    p.add_argument("--draws", type=positive("--draws"), default=defaults.DRAWS,
+                   help="random-k sets per revision (default: %(default)s)")
+    p.add_argument("--draw-seed", type=int, default=0, help="seed of the random-k draws (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = analysis.open_run(args.run, args.device)
+    task = args.task if cli.given(argv, "--task") else lm.default_task(run.spec, run.data.get("weights", "hub"))
     relie_dir = run.folder / "relie" / Path(task).stem
-    if not (relie_dir / "summary.json").exists():
-        raise UsageError(f"no attribution for task {task} in {run.folder}: run "
-                         f"`python relie.py --run {run.folder} --task {task}` first")
+    require_done(relie_dir, f"attribution of task {task}",
+                 f"run `python relie.py --run {run.folder} --task {task}` first")
     summ = read_json(relie_dir / "summary.json")
     how = args.select or summ["select"]
     subtasks = args.subtasks.split(",") if args.subtasks else None
@@ -109,88 +143,76 @@ def main():
     pairs = tasks.load_task(task)
     if subtasks:
         pairs = [q for q in pairs if q.subtask in subtasks]
-    if args.max_pairs:
-        pairs = [q for s in dict.fromkeys(q.subtask for q in pairs)
-                 for q in [x for x in pairs if x.subtask == s][:args.max_pairs]]
-    batch = tasks.tokenize_pairs(pairs, models[0][2], task)
-
-    # frequency of each latent on the task's (spliced) tokens, for matched random sets
-    Fdim = run.cc.cfg.dict_size
-    codes, fired, n_tok = [], torch.zeros(Fdim), 0
-    for i in range(0, len(batch), args.batch_size):
-        b = batch.slice(i, i + args.batch_size).to(run.device)
-        x, f, r = relie.pair_codes(run, models, b)
-        where = analysis.splice_mask(b.mask_BT)
-        fired += (f[where] > 0).sum(0).cpu()
-        n_tok += int(where.sum())
-        codes.append((b, x, f, r))
-    freq = (fired / max(n_tok, 1)).numpy()
-    rng = np.random.default_rng(args.seed)
+    batch = tasks.tokenize_pairs(tasks.limit_pairs(pairs, args.max_pairs), models[0][2], task)
+    codes, freq = task_codes(run, models, batch, args.pair_batch)
+    rng = np.random.default_rng(args.draw_seed)
     ablations = [("clean", "-", -1, [])]
     for r in run.revisions:
         ablations.append(("top", r, -1, sets[r]))
-        for d in range(args.draws):
-            ablations.append(("random", r, d, matched_random(freq, sets[r], rng, set(sets[r]))))
+        ablations += [("random", r, d, matched_random(freq, sets[r], rng, set(union))) for d in range(args.draws)]
     ablations += [("single", "-", -1, [i]) for i in union]
+    ld_MPA = ablated(run, models, codes, [a[3] for a in ablations], len(batch))
+    df = ablation_table(run.revisions, ablations, ld_MPA, batch.subtask)
+    sp = spearman_table(run, df, union, sets, ie_wide, nie_wide)
+    out = run.folder / "ablation" / Path(task).stem
+    unmark_done(out)
+    for name, frame in (("ablation.csv", df), ("spearman.csv", sp)):
+        with atomic_path(out / name) as tmp:
+            frame.to_csv(tmp, index=False)
+    mark_done(out, task=task, select=how, subtasks=subtasks, top_k=args.top_k, draws=args.draws)
+    print_summary(run.revisions, df, sp, subtasks, args.draws)
+    print(f"wrote {out}/")
 
-    # logit differences for every ablation, pair and revision
-    ld = torch.zeros(len(run.revisions), len(batch), len(ablations))
-    lat_sets = [a[3] for a in ablations]
-    for m, (rev, model, _) in enumerate(tqdm(models, desc="ablate", unit="rev")):
-        row = 0
-        for b, x, f, r in codes:
-            ld[m, row:row + len(b)] = analysis.ablated_logit_diffs(run, model, m, b, x[:, :, m], f, r[:, :, m],
-                                                                   lat_sets).cpu()
-            row += len(b)
+
+def ablation_table(revisions, ablations, ld_MPA, subtask_P) -> pd.DataFrame:
     rows = []
-    groups = {"all": list(range(len(batch)))}
-    for s in dict.fromkeys(batch.subtask):
-        groups[s] = [i for i, t in enumerate(batch.subtask) if t == s]
+    groups = {"all": list(range(len(subtask_P)))}
+    for s in dict.fromkeys(subtask_P):
+        groups[s] = [i for i, t in enumerate(subtask_P) if t == s]
     for a_i, (kind, sel_rev, draw, lat) in enumerate(ablations):
-        for m, rev in enumerate(run.revisions):
+        for m, rev in enumerate(revisions):
             for g, idx in groups.items():
-                clean, abl = ld[m, idx, 0], ld[m, idx, a_i]
+                clean, abl = ld_MPA[m, idx, 0], ld_MPA[m, idx, a_i]
                 rows.append(dict(kind=kind, selected_at=sel_rev, draw=draw, latents=" ".join(map(str, lat)),
                                  revision=rev, subtask=g, delta=float((clean - abl).mean()),
                                  acc_clean=float((clean > 0).float().mean()),
                                  acc_ablated=float((abl > 0).float().mean()),
                                  acc_drop=float((clean > 0).float().mean() - (abl > 0).float().mean())))
-    df = pd.DataFrame(rows)
-    out = run.folder / "ablation"
-    with atomic_path(out / f"{Path(task).stem}.csv") as tmp:
-        df.to_csv(tmp, index=False)
+    return pd.DataFrame(rows)
 
-    # Spearman: |Δ_B| / |Δ_A| of single ablations against 2-way RelIE / normalised RelIE / RelDec
+
+def spearman_table(run, df, union, sets, ie_wide, nie_wide) -> pd.DataFrame:
+    """Spearman ρ of |Δ_B| / |Δ_A| (single-latent ablations) with 2-way RelIE / normalised RelIE / RelDec."""
+    revs = run.revisions
     single = df[(df.kind == "single") & (df.subtask == "all")]
-    delta = single.pivot_table(index="latents", columns="revision", values="delta").reindex(columns=run.revisions)
+    delta = single.pivot_table(index="latents", columns="revision", values="delta").reindex(columns=revs)
     delta.index = delta.index.astype(int)
     delta = delta.reindex(union)
     rd = analysis.reldec(run.cc)[union]
     ie_u, nie_u = ie_wide.reindex(union, fill_value=0.0).to_numpy(), nie_wide.reindex(union, fill_value=0.0).to_numpy()
-    srows = []
-    for a, b in analysis.pairs_of(run.revisions):
+    rows = []
+    for a, b in measures.pairs_of(revs):
         # over the union of the two revisions' top-k sets
-        keep = [j for j, i in enumerate(union) if i in sets[run.revisions[a]] or i in sets[run.revisions[b]]]
+        keep = [j for j, i in enumerate(union) if i in sets[revs[a]] or i in sets[revs[b]]]
         d = delta.iloc[keep].to_numpy()
         ratio = np.abs(d[:, b]) / np.maximum(np.abs(d[:, a]), 1e-12)
-        srows.append(dict(A=run.revisions[a], B=run.revisions[b], n=len(keep),
-                          rho_relie=spearman(ratio, analysis.rel2(ie_u[keep, a], ie_u[keep, b])),
-                          rho_relie_norm=spearman(ratio, analysis.rel2(nie_u[keep, a], nie_u[keep, b])),
-                          rho_reldec=spearman(ratio, analysis.rel2(rd[keep, a], rd[keep, b]))))
-    sp = pd.DataFrame(srows)
-    with atomic_path(out / f"{Path(task).stem}-spearman.csv") as tmp:
-        sp.to_csv(tmp, index=False)
+        rows.append(dict(A=revs[a], B=revs[b], n=len(keep),
+                         rho_relie=spearman(ratio, measures.rel2(ie_u[keep, a], ie_u[keep, b])),
+                         rho_relie_norm=spearman(ratio, measures.rel2(nie_u[keep, a], nie_u[keep, b])),
+                         rho_reldec=spearman(ratio, measures.rel2(rd[keep, a], rd[keep, b]))))
+    return pd.DataFrame(rows)
 
+
+def print_summary(revisions, df, sp, subtasks, draws):
     focus = df[df.subtask == "all"]
     top = focus[focus.kind == "top"].pivot_table(index="selected_at", columns="revision", values="acc_drop")
     rnd = focus[focus.kind == "random"].pivot_table(index="selected_at", columns="revision", values="acc_drop")
     print(f"accuracy drop (points) on {', '.join(subtasks) if subtasks else 'all sub-tasks'}; rows: the revision "
           "whose top-k set is ablated, columns: the revision it is spliced into")
-    print("top-k:\n" + (100 * top.reindex(index=run.revisions, columns=run.revisions)).round(1).to_string())
-    print(f"random-k (mean of {args.draws}, matched frequency):\n"
-          + (100 * rnd.reindex(index=run.revisions, columns=run.revisions)).round(1).to_string())
+    print("top-k:\n" + (100 * top.reindex(index=revisions, columns=revisions)).round(1).to_string())
+    print(f"random-k (mean of {draws}, matched frequency):\n"
+          + (100 * rnd.reindex(index=revisions, columns=revisions)).round(1).to_string())
     print("Spearman ρ of |Δ_B|/|Δ_A| (single-latent ablations):\n" + sp.round(3).to_string(index=False))
-    print(f"wrote {out}/{Path(task).stem}.csv")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,23 @@
 """analysis.py — what evaluate.py, relie.py and ablate.py share: opening a run folder with its
-models and held-out data, splicing the crosscoder into a revision's forward, and the relative
-measures (RelDec, RelIE) with their classes.
+models and held-out text, splicing the crosscoder into a revision's forward, attributing a metric to
+the latents (integrated gradients, AtP, exact ablation), and RelDec.
 
-Splicing (DESIGN.md): at every real position p ≥ 1 of block L's output, x_m is replaced by
-x̂_m = W_dec[:, m] f + b_dec[m] (+ the error term r_m = x_m − x̂_m where it is kept). Position 0 and
-left padding always keep the model's own activation.
+Splicing (METHOD.md): at every real position p ≥ 1 of block L's output, x_m is replaced by
+x̂_m = W_dec[:, m] f + b_dec[m] (+ the error term r_m = x_m − x̂_m where it is kept). Position 0 (BOS)
+and left padding always keep the model's own activation.
 """
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-import cache_acts
+import defaults
 import lm
 import tasks
-from common import UsageError, read_json
+from common import UsageError, read_json, require_done
 from crosscoder import CrossCoder
-
-SPECIFIC, SHARED_MIN = 0.7, 0.3        # one-vs-all classes: > 0.7 specific, all ≥ 0.3 shared
-LOW, HIGH = 0.3, 0.7                   # 2-way classes: < 0.3 discontinued, > 0.7 emerging
+from measures import rel
 
 
 @dataclass
@@ -34,34 +30,35 @@ class Run:
     spec: lm.ModelSpec
     device: str
 
-    def load_models(self, dtype=None):
-        """[(revision, model, tokenizer)] for every revision of the run."""
-        avail = lm.revisions(self.spec, quiet=True)
-        out = []
-        for r in self.revisions:
-            if r not in [a.name for a in avail]:
-                raise UsageError(f"revision {r} of run {self.folder} no longer loads from {self.spec.repo}")
-            out.append((r, *lm.load(self.spec, r, device=self.device, dtype=dtype)))
-        return out
+    @property
+    def preset(self) -> defaults.Preset:
+        return self.spec.preset
 
-    def eval_blocks(self, n_blocks):
-        """Held-out token blocks: the cache's validation split, or fresh text for a live-buffer run."""
-        cache = self.config.get("data", {}).get("cache")
-        if cache and Path(cache, "meta.json").exists():
-            c = cache_acts.open_cache(cache)
-            ids = c.tokens()[c.meta["split"]["train_blocks"]:]
-            return ids[:n_blocks]
-        _, tok = lm.load(self.spec, self.revisions[-1])
-        data = self.config.get("data", {})
-        return tasks.text_blocks(data.get("text", self.spec.text), tok, n_blocks, data.get("seq_len", 1024),
-                                 seed=self.config.get("seed", 0) + 1)
+    @property
+    def data(self) -> dict:
+        return self.config.get("data", {})
+
+    def load_models(self, dtype=None):
+        """[(revision, model, tokenizer)] for every revision of the run (random weights if it was trained so)."""
+        weights = self.data.get("weights", "hub")
+        if weights == "hub":
+            avail = [a.name for a in lm.revisions(self.spec, quiet=True)]
+            for r in self.revisions:
+                if r not in avail:
+                    raise UsageError(f"revision {r} of run {self.folder} no longer loads from {self.spec.repo}")
+        return [(r, *lm.load(self.spec, r, device=self.device, dtype=dtype, weights=weights)) for r in self.revisions]
+
+    def heldout_blocks(self, n_blocks, tok):
+        """The first n_blocks of the run's held-out text (never trained on): evaluation, contexts."""
+        d = self.data
+        return tasks.text_blocks(d.get("text", self.spec.text), tok, n_blocks, d.get("seq_len", self.preset.seq_len),
+                                 d.get("heldout_tokens", self.preset.heldout_tokens), "heldout")
 
 
 def default_run() -> Path:
     """The run `python train.py` makes with no arguments (the toy's), for scripts run without --run."""
-    import train
-    args = train.parse_args([])
-    return train.resolve_defaults(args, lm.resolve(args.model)).out
+    spec = lm.resolve("toy")
+    return defaults.run_dir(spec.key, spec.layer, spec.revisions, defaults.ARCH)
 
 
 def open_run(folder, device="cpu") -> Run:
@@ -75,9 +72,8 @@ def open_run(folder, device="cpu") -> Run:
         raise UsageError(str(e)) from None
     except Exception as e:  # a truncated or corrupt safetensors file
         raise UsageError(f"{folder}/crosscoder.safetensors cannot be read ({type(e).__name__}: {e})") from None
-    if not (folder / "DONE").exists():
-        raise UsageError(f"{folder} is an unfinished training run (no DONE marker); "
-                         f"finish it with `python train.py --out {folder} --resume` and the same arguments")
+    require_done(folder, "training run",
+                 f"finish it with `python train.py --out {folder} --resume` and the same arguments")
     cfg = read_json(folder / "config.json", "run config")
     for k in ("model", "revisions", "layer"):
         if k not in cfg:
@@ -97,12 +93,18 @@ def splice_mask(mask_BT) -> torch.Tensor:
     return mask_BT.bool() & ~first
 
 
-def spliced_logits(model, layer, ids_BT, mask_BT, x_BTd, new_BTd, last_only=False):
-    """Logits with block `layer`'s output x_BTd (the model's own) replaced by new_BTd at the splice
-    positions. Only the blocks above `layer` run: x_BTd stands in for the blocks below."""
+def spliced_forward(module, layer, ids_BT, mask_BT, x_BTd, new_BTd, **kw):
+    """A forward of `module` (the LM, or its base model for hidden states) with block `layer`'s output
+    x_BTd (the model's own) replaced by new_BTd at the splice positions. Only the blocks above `layer`
+    run: x_BTd stands in for the blocks below."""
     where = splice_mask(torch.ones_like(ids_BT) if mask_BT is None else mask_BT)[..., None]
-    with lm.start_at_layer(model, layer, torch.where(where, new_BTd.to(x_BTd.dtype), x_BTd)):
-        return lm.forward(model, ids_BT, mask_BT, last_only=last_only).logits
+    with lm.start_at_layer(module, layer, torch.where(where, new_BTd.to(x_BTd.dtype), x_BTd)):
+        return lm.forward(module, ids_BT, mask_BT, **kw)
+
+
+def spliced_logits(model, layer, ids_BT, mask_BT, x_BTd, new_BTd, last_only=False):
+    """Logits of the spliced forward (see spliced_forward)."""
+    return spliced_forward(model, layer, ids_BT, mask_BT, x_BTd, new_BTd, last_only=last_only).logits
 
 
 @torch.no_grad()
@@ -126,59 +128,49 @@ def ablated_logit_diffs(run, model, m, batch, x_BTd, f_BTF, r_BTd, sets, chunk=1
     return torch.cat(out, 1)
 
 
-def read_annotations(folder) -> pd.DataFrame:
-    """runs/<name>/annotations.csv (written by the app): latent, description, tags."""
-    path = Path(folder) / "annotations.csv"
-    if not path.exists():
-        return pd.DataFrame(columns=["latent", "description", "tags"])
-    return pd.read_csv(path, dtype={"description": str, "tags": str}).fillna("")
-
-
 # ---------------------------------------------------------------------------------------------
-# Relative measures and classes
+# Attribution: the metric's indirect effect through each latent
 
-def rel(values_NM) -> np.ndarray:
-    """|v_m| / Σ_m' |v_m'| per row; an all-zero row splits evenly (1/M)."""
-    a = np.abs(np.asarray(values_NM, dtype=float))
-    s = a.sum(1, keepdims=True)
-    return np.where(s > 0, a / np.where(s > 0, s, 1), 1.0 / a.shape[1])
+def _metric(logits_BTV, batch):
+    """m = logit(wrong) − logit(correct) at the last position, per pair."""
+    return -tasks.logit_diff(logits_BTV, batch)
 
 
-def classify(rel_NM, revisions) -> list[str]:
-    """One-vs-all: 'specific:<rev>' when one share > 0.7, 'shared' when every share ≥ 0.3, else 'others'."""
-    out = []
-    for row in np.asarray(rel_NM):
-        top = int(np.argmax(row))
-        if row[top] > SPECIFIC:
-            out.append(f"specific:{revisions[top]}")
-        elif (row >= SHARED_MIN).all():
-            out.append("shared")
-        else:
-            out.append("others")
-    return out
+def pair_codes(run, models, batch):
+    """Every revision's block-L output on the batch, its codes and errors."""
+    with torch.no_grad():
+        x_BTMd = run_acts(models, run.layer, batch.ids_BT, batch.mask_BT)
+        B, T, M, d = x_BTMd.shape
+        x_hat_NMd, f_NF = run.cc(x_BTMd.view(B * T, M, d))
+    return x_BTMd, f_NF.view(B, T, -1), (x_BTMd - x_hat_NMd.view(B, T, M, d))
 
 
-def add_shares(df, name, rel_NM, revisions):
-    """Columns <name>_<revision> (each revision's share) and <name>_class (one-vs-all) of a latent table."""
-    for m, r in enumerate(revisions):
-        df[f"{name}_{r}"] = rel_NM[:, m]
-    df[f"{name}_class"] = classify(rel_NM, revisions)
+def ie_gradient(run, model, m, batch, x_BTd, f_BTF, r_BTd, alphas):
+    """IG/AtP for revision m: per-token IE of every latent [B, T, F] and of the error term [B, T].
+
+    On the path, block L's spliced output is (1−α)·u + b_dec with u = W_dec f + r, so one gradient
+    g_α = ∂m/∂u per step gives both: ∂m/∂f = g_α W_decᵀ and ∂m/∂r = g_α, and the mean over α comes
+    before the F-wide matmul. All α run in one forward/backward through the blocks above L only."""
+    S, B = len(alphas), len(batch)
+    W, b = run.cc.W_dec_FMd[:, m], run.cc.b_dec_Md[m]
+    scale_S111 = (1 - torch.tensor(alphas, device=f_BTF.device)).view(S, 1, 1, 1)
+    u_SBTd = (scale_S111 * (f_BTF @ W + r_BTd)).requires_grad_(True)
+    big = batch.repeat(S)   # α-major copies of the batch
+    logits = spliced_logits(model, run.layer, big.ids_BT, big.mask_BT, x_BTd.repeat(S, 1, 1),
+                                     (u_SBTd + b).flatten(0, 1), last_only=True)
+    metric = _metric(logits, big)
+    g_BTd = torch.autograd.grad(metric.sum(), u_SBTd)[0].mean(0)
+    ie_BTF = -f_BTF * (g_BTd @ W.T)
+    ie_err_BT = -(r_BTd * g_BTd).sum(-1)
+    return ie_BTF, ie_err_BT, metric.detach().view(S, B)[0]
 
 
-def rel2(a_N, b_N) -> np.ndarray:
-    """2-way: |B| / (|A| + |B|), 0.5 when both are 0."""
-    a, b = np.abs(np.asarray(a_N, dtype=float)), np.abs(np.asarray(b_N, dtype=float))
-    s = a + b
-    return np.where(s > 0, b / np.where(s > 0, s, 1), 0.5)
-
-
-def classify2(r_N) -> list[str]:
-    return ["discontinued" if r < LOW else "emerging" if r > HIGH else "maintained" for r in np.asarray(r_N)]
-
-
-def pairs_of(revisions):
-    """Every (A, B) with A before B."""
-    return list(itertools.combinations(range(len(revisions)), 2))
+def ie_exact(run, model, m, batch, x_BTd, f_BTF, r_BTd, latents):
+    """Zero-ablate each latent (error kept): IE_i = m(f without i) − m(clean) = ld(clean) − ld(ablated),
+    [B, len(latents)], and the clean metric per pair [B] (the unablated splice: x̂ + r = x)."""
+    sets = [[]] + [[i] for i in latents]
+    ld = ablated_logit_diffs(run, model, m, batch, x_BTd, f_BTF, r_BTd, sets)
+    return ld[:, :1] - ld[:, 1:], -ld[:, 0]
 
 
 def reldec(cc) -> np.ndarray:

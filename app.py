@@ -10,7 +10,6 @@ pickles, escapes every text it renders as HTML, and (by Streamlit's config here)
 127.0.0.1. Annotations go to runs/<name>/annotations.csv, which relie.py's exports pick up.
 """
 import argparse
-import fcntl
 import html
 import json
 import os
@@ -25,8 +24,8 @@ import streamlit as st
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import analysis  # noqa: E402
-from common import atomic_path  # noqa: E402
+import measures  # noqa: E402  (numpy/pandas only: the viewer loads no torch)
+from common import DONE  # noqa: E402
 
 
 def roots():
@@ -76,11 +75,11 @@ def decoder_table(folder: str, mtime: float) -> pd.DataFrame:
     t = load_file(str(Path(folder) / "crosscoder.safetensors"))
     cfg = json.loads((Path(folder) / "config.json").read_text())
     norms = np.linalg.norm(t["W_dec_FMd"], axis=-1) * t["scales_M"][None, :]
-    rel = analysis.rel(norms)
+    rel = measures.rel(norms)
     df = pd.DataFrame({"latent": np.arange(len(rel))})
     for m, r in enumerate(cfg["revisions"]):
         df[f"dec_norm_{r}"] = norms[:, m]
-    analysis.add_shares(df, "reldec", rel, cfg["revisions"])
+    measures.add_shares(df, "reldec", rel, cfg["revisions"])
     return df
 
 
@@ -94,19 +93,6 @@ def json_of(path: Path):
 
 def missing(what: str, command: str):
     st.info(f"No {what} yet. Make it with:\n\n`{command}`")
-
-
-# ---------------------------------------------------------------------------------------------
-# Annotations: atomic, and two tabs saving at once lose nothing (read-modify-write under a lock)
-
-def save_annotation(run: Path, latent: int, description: str, tags: str):
-    with open(run / ".annotations.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        df = analysis.read_annotations(run)
-        df = df[df.latent.astype(int) != latent]
-        df = pd.concat([df, pd.DataFrame([dict(latent=latent, description=description, tags=tags)])])
-        with atomic_path(run / "annotations.csv") as tmp:
-            df.sort_values("latent").to_csv(tmp, index=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +182,7 @@ def latent_frame(run: Path, cfg: dict, task: str | None, source: str) -> pd.Data
     if sheet is not None:
         keep = [c for c in sheet.columns if c.startswith(("ie_", "relie")) or c == "latent"]
         df = df.merge(sheet[keep], on="latent", how="left")
-    ann = analysis.read_annotations(run)
+    ann = measures.read_annotations(run)
     df["annotated"] = df.latent.isin(ann.latent.astype(int)) if len(ann) else False
     prefix = {"RelDec": "reldec_", "RelIE": "relie_", "RelIE (normalised)": "relie_norm_"}[source]
     cols = [f"{prefix}{r}" for r in revs]
@@ -222,7 +208,7 @@ def context_html(ctx: dict) -> str:
 def page_latents(run: Path, cfg: dict):
     st.header("Latents: which feature matters at which checkpoint?")
     revs = cfg["revisions"]
-    tasks_done = sorted(p.name for p in (run / "relie").iterdir() if (p / "summary.json").exists()) \
+    tasks_done = sorted(p.name for p in (run / "relie").iterdir() if (p / DONE).exists()) \
         if (run / "relie").is_dir() else []
     c1, c2, c3 = st.columns(3)
     task = c1.selectbox("task", tasks_done) if tasks_done else None
@@ -300,24 +286,24 @@ def latent_detail(run: Path, cfg: dict, task: str | None, row, latent: int):
                             unsafe_allow_html=True)
         elif ctx is None:
             st.caption("contexts and logit effects are computed by relie.py for its selected latents")
-    ann = analysis.read_annotations(run)
+    ann = measures.read_annotations(run)
     old = ann[ann.latent.astype(int) == latent]
     with st.form(f"annotate-{latent}"):
         desc = st.text_area("description", value=old.description.iloc[0] if len(old) else "", key=f"desc-{latent}")
         tags = st.text_input("tags (comma-separated)", value=old.tags.iloc[0] if len(old) else "", key=f"tags-{latent}")
         if st.form_submit_button("save annotation"):
-            save_annotation(run, latent, desc, tags)
+            measures.save_annotation(run, latent, desc, tags)
             st.success(f"saved to {run.name}/annotations.csv")
 
 
 def page_ablation(run: Path):
     st.header("Ablation: what breaks without them?")
     folder = run / "ablation"
-    files = sorted(p.name for p in folder.glob("*.csv") if not p.name.endswith("-spearman.csv")) if folder.is_dir() else []
-    if not files:
+    done = sorted(p.name for p in folder.iterdir() if (p / DONE).exists()) if folder.is_dir() else []
+    if not done:
         return missing("ablations", f"python ablate.py --run {run}")
-    name = st.selectbox("task", files)
-    df = csv_of(inside(folder, name))
+    name = st.selectbox("task", done)
+    df = csv_of(inside(folder, name) / "ablation.csv")
     sub = st.selectbox("sub-task", list(dict.fromkeys(df.subtask)))
     d = df[df.subtask == sub]
     sets = d[d.kind.isin(["top", "random"])].groupby(["kind", "selected_at", "revision"], as_index=False)[
@@ -329,7 +315,7 @@ def page_ablation(run: Path):
     single = d[d.kind == "single"].pivot_table(index="latents", columns="revision", values="delta")
     st.subheader("Single-latent ablations: Δ logit difference per revision")
     st.dataframe(single, width="stretch")
-    sp = csv_of(folder / name.replace(".csv", "-spearman.csv"))
+    sp = csv_of(inside(folder, name) / "spearman.csv")
     if sp is not None:
         st.subheader("Spearman ρ of |Δ_B|/|Δ_A| with 2-way RelIE, normalised RelIE and RelDec")
         st.dataframe(sp, width="stretch")

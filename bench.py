@@ -46,6 +46,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from common import mark_done  # noqa: E402
 from crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
 
 SECTIONS = ("step", "cache", "data", "ig", "memory")
@@ -268,25 +269,26 @@ def write_cache(folder, model, revisions, layer, d, rows, seq_len=1024, seed=0):
     meta = dict(model=str(model), repo=str(model), revisions=list(revisions), layer=layer, text="bench",
                 n_blocks=n_blocks, seq_len=seq_len, tokens=n_blocks * T1, d=d, dtype="bf16",
                 split=dict(train_blocks=n_blocks - n_val, val_blocks=n_val), fingerprint="bench",
-                position0="excluded", complete=True,
+                position0="excluded",
                 scales={r: math.sqrt(d) / ((1 + m) * math.sqrt(d)) for m, r in enumerate(revisions)})
+    meta["split"]["heldout_tokens"] = 0
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    mark_done(folder)
     return folder
 
 
 def bench_data(args):
-    import cache_acts
-    import train
+    import activations
     M, d, F, B = (3, 64, 512, 256) if args.tiny else (3, 512, 8192, 1024)
     dev = args.device
     n_batches = 8 if args.tiny else (24 if args.quick else 64)
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         folder = write_cache(Path(tmp) / "cache", "bench", ["a", "b", "c"], 0, d, n_batches * B)
-        cache = cache_acts.open_cache(folder)
+        cache = activations.open_cache(folder)
         size = sum(a.nbytes for a in cache.arrays)
         print(f"data: train.py's loop from a cache ({size / 2**20:.0f} MiB, page-cached) vs the bare step "
               f"(L1, M={M}, d={d}, F={F}, batch {B})", flush=True)
-        batches = train.CacheBatches(cache, B, seed=0)
+        batches = activations.CacheBatches(cache, B, seed=0)
         s_M = torch.tensor(cache.scales, device=dev)
         cc = trained_state("l1", M, d, F, dev)
         opt = cc.make_optimizer(5e-5)
@@ -340,10 +342,10 @@ def _ig_one(args, name, n_layers, d, heads, vocab, F, target, B=16, T=12):
     from types import SimpleNamespace
 
     import analysis
+    import defaults
     import lm
-    import relie
     import tasks
-    L, S, dev = n_layers // 2 - 1, relie.IG_STEPS, args.device
+    L, S, dev = n_layers // 2 - 1, defaults.IG_STEPS, args.device
     model = neox(n_layers, d, vocab, heads).to(dev)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (B, T), generator=g)
@@ -363,7 +365,7 @@ def _ig_one(args, name, n_layers, d, heads, vocab, F, target, B=16, T=12):
     keep = analysis.splice_mask(batch.mask_BT)[..., None]
 
     def batched():
-        return relie.ie_gradient(run, model, 0, batch, x, f_BTF, r_BTd, alphas)[0]
+        return analysis.ie_gradient(run, model, 0, batch, x, f_BTF, r_BTd, alphas)[0]
 
     def looped():  # the seed's way: per step, a full forward with a hook splicing the decoded point, a backward
         gf_sum = torch.zeros_like(f_BTF)

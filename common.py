@@ -1,5 +1,5 @@
-"""common.py — the plumbing every script shares: one-line errors with exit codes, atomic writes,
-and the lock that keeps two processes out of one output folder.
+"""common.py — the plumbing every script shares: one-line errors with exit codes, atomic writes, the
+completion marker, and the lock that keeps two processes out of one output folder.
 
 Exit codes: 2 for bad input (a flag, a file, a name the user can fix), 1 for the environment
 (no network, a full disk), 0 for success. A script's `main` is wrapped by `run_main`, which turns
@@ -9,6 +9,7 @@ import argparse
 import errno
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -83,6 +84,30 @@ def atomic_path(path, suffix=""):
         raise
 
 
+@contextmanager
+def atomic_dir(path):
+    """Yield a temporary folder beside `path`; on success fsync its files and swap it into place (the old
+    folder, if any, is removed after the swap). A killed process leaves the old folder or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_text(path, text: str):
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -101,6 +126,36 @@ def read_json(path, what="file"):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{what} {path} is not valid JSON ({e})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The completion marker: a folder is finished when it holds DONE (JSON), written last. Every output
+# folder that a kill can leave half-made (the toy model, a cache, a checkpoint, a run, an attribution,
+# an ablation) uses it; readers call require_done and never read a folder without it.
+
+DONE = "DONE"
+
+
+def mark_done(folder, **info):
+    write_json(Path(folder) / DONE, info)
+
+
+def is_done(folder) -> bool:
+    return (Path(folder) / DONE).is_file()
+
+
+def unmark_done(folder):
+    (Path(folder) / DONE).unlink(missing_ok=True)
+
+
+def require_done(folder, what: str, how: str):
+    """A UsageError naming the folder, what it should be and how to finish it, unless it is DONE."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{what} {folder} does not exist; {how}")
+    if not is_done(folder):
+        raise UsageError(f"{what} {folder} is unfinished (no {DONE} marker: a killed run?); {how}")
+    return read_json(folder / DONE, f"{what} completion marker")
 
 
 @contextmanager

@@ -1,10 +1,9 @@
-"""
-The crosscoder: one sparse dictionary learned over the residual streams of M revisions at once.
+"""crosscoder.py — one sparse dictionary learned over the residual streams of M revisions at once.
 
-Shapes: B tokens, M revisions, d hidden size, F latents.
+Shapes: B tokens, M revisions, d hidden size, F latents (README, Conventions).
     f_BF     = ReLU(sum_m x_m W_enc[m] + b_enc)      one code shared by all revisions
     x_hat_m  = f W_dec[:, m] + b_dec[m]              one decoder per revision
-Two sparsity regimes (DESIGN.md, "The model"):
+Two sparsity regimes (METHOD.md, "The model"):
   - "l1": the paper's. Penalty lambda(t) * sum_i f_i sum_m ||W_dec[i,m]||, lambda warmed up linearly.
     Summing per-revision norms (not one joint norm) is what lets a latent live in one revision only.
   - "batchtopk": keep the k*B largest scores f_i * sum_m ||W_dec[i,m]|| of the batch; at inference
@@ -15,6 +14,8 @@ result acts on raw activations; the folded-in scales are kept in the buffer scal
 norms (RelDec, the BatchTopK score, the L1 penalty) are still measured in the normalised space,
 which makes folding an exact change of units.
 
+The file reads top to bottom: config, schedules, the model, its loss, the training step, save/load.
+The loss's math is the dense code below; sparse.py computes the same numbers faster on a CPU.
 Files: a run folder holds crosscoder.safetensors (parameters and buffers) and config.json (the
 config fields plus whatever the caller adds). Nothing is pickled.
 """
@@ -24,14 +25,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 
-import warnings
-
-import numpy as np
 import torch
 import torch.nn as nn
+from einops import rearrange
 from safetensors.torch import load_file, save_file
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+import defaults
+import sparse
+from common import atomic_path
 
 ARCHS = ("l1", "batchtopk")
 WEIGHTS_FILE = "crosscoder.safetensors"
@@ -42,34 +43,52 @@ CONFIG_FILE = "config.json"
 
 @dataclass
 class CrossCoderConfig:
+    """Every field's default is the paper's; the schedules given as None follow the run's length as the
+    paper's do (its run: 97,656 steps of 4096 tokens)."""
     n_models: int                  # M: revisions crosscoded together
     d_model: int                   # d: hidden size at the layer
-    dict_size: int = 16384         # F: number of latents
+    dict_size: int = defaults.PAPER.dict_size   # F: number of latents
     arch: str = "l1"               # "l1" or "batchtopk"
-    l1_coeff: float = 2.0          # lambda, the L1 penalty's final weight
+    l1_coeff: float = defaults.PAPER.l1_coeff   # lambda, the L1 penalty's final weight
     l1_warmup_frac: float = 0.05   # lambda goes 0 -> l1_coeff over this fraction of total_steps
-    lr: float = 5e-5
-    total_steps: int = 97_656      # the paper: 400M tokens in batches of 4096
+    lr: float = defaults.PAPER.lr
+    total_steps: int = defaults.PAPER.tokens // defaults.PAPER.batch_size
+    batch_size: int = defaults.PAPER.batch_size  # tokens per step (sets dead_tokens' default)
     decay_start_frac: float = 0.8  # lr flat until here, then linear to 0
     dec_init_norm: float = 0.08    # norm of every W_dec[i, m] row at init
-    k: int = 200                   # BatchTopK: final mean number of latents per token
-    k_start: int = 1000            # ... annealed linearly from k_start to k
-    k_anneal_steps: int = 5000
-    threshold_start_step: int = 1000  # theta's EMA starts at this step
+    k: int = defaults.PAPER.k      # BatchTopK: final mean number of latents per token
+    k_start: int | None = None     # ... annealed linearly from k_start to k; None: 5k (the paper's 1000), ≤ F
+    k_anneal_steps: int | None = None        # None: 5.12% of total_steps (the paper's 5000)
+    threshold_start_step: int | None = None  # theta's EMA starts here; None: 1.024% of total_steps (1000)
     threshold_beta: float = 0.999
     auxk_alpha: float = 1 / 32
-    dead_tokens: int = 10_000_000  # a latent silent for this many tokens is dead (AuxK target)
+    dead_tokens: int | None = None  # silent this many tokens = dead (AuxK); None: 2.5% of the run (10M)
     aux_k: int = 512               # AuxK reconstructs the error from this many dead latents per token
     seed: int = 0
 
     def __post_init__(self):
         def bad(name, valid):
             raise ValueError(f"CrossCoderConfig.{name}={getattr(self, name)!r} is invalid: {valid}")
-        sizes = ("n_models", "d_model", "dict_size", "total_steps", "k", "k_start", "aux_k", "dead_tokens")
-        for name in sizes:
+        for name in ("n_models", "d_model", "dict_size", "total_steps", "batch_size", "k", "aux_k"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, "must be an integer > 0")
+        if self.arch == "batchtopk" and self.k > self.dict_size:
+            bad("k", f"must be at most dict_size={self.dict_size}")
+        if self.k_start is None:
+            self.k_start = min(5 * self.k, self.dict_size)
+        if self.k_anneal_steps is None:
+            self.k_anneal_steps = round(0.0512 * self.total_steps)
+        if self.threshold_start_step is None:
+            self.threshold_start_step = round(0.01024 * self.total_steps)
+        if self.dead_tokens is None:
+            self.dead_tokens = max(self.batch_size, round(0.025 * self.total_steps * self.batch_size))
+        for name in ("k_start", "dead_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(name, "must be an integer > 0")
+        if self.arch == "batchtopk" and self.k_start > self.dict_size:
+            bad("k_start", f"must be at most dict_size={self.dict_size} (BatchTopK cannot keep more latents than exist)")
         for name in ("k_anneal_steps", "threshold_start_step"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -113,8 +132,12 @@ def lr_factor(cfg, step):
     return max(0.0, (cfg.total_steps - step) / max(1, cfg.total_steps - decay_start))
 
 
-def batch_topk_mask(score_BF, k):
-    """Keep the k*B largest scores of the whole batch: k latents per token on average, not each."""
+def batch_topk_mask(score_BF, k, group=None):
+    """Keep the k*B largest scores of the whole batch: k latents per token on average, not each. With a
+    process group (DDP), of the global batch (sparse.topk_cut)."""
+    if group is not None:
+        n = k * score_BF.shape[0] * torch.distributed.get_world_size(group)
+        return score_BF >= sparse.topk_cut(score_BF.flatten(), n, group)
     n_keep = min(k * score_BF.shape[0], score_BF.numel())
     idx = score_BF.flatten().topk(n_keep, sorted=False).indices
     keep = torch.zeros(score_BF.numel(), dtype=torch.bool, device=score_BF.device)
@@ -124,189 +147,6 @@ def batch_topk_mask(score_BF, k):
 def _wide(t):
     """Losses are summed in at least float32, even when the model runs in bf16/fp16."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-# -----------------------------------------------------------------------------
-# sparse codes: the training step's fast path
-#
-# Once training is past its first few percent, a code f_BF has ~1-3% of its entries set. Only the
-# encoder's forward, x[B, M*d] @ W_enc[M*d, F], has to be dense: everything after the selection
-# (ReLU, BatchTopK) touches the active entries (b, i) alone. With g = dL/dx_hat:
-#   decode       x_hat[b] = sum_i f[b,i] W_dec[i]          [B,F]-sparse @ W_dec     (CSR matmul)
-#   dL/dW_dec    sum_b f[b,i] g[b]                          [F,B]-sparse @ g         (CSR matmul)
-#   dL/df[b,i]   g[b] . W_dec[i], at active entries only    sampled dot products     (sampled_addmm)
-#   dL/dW_enc    sum_b x[b] dL/dpre[b,i]                    ([F,B]-sparse @ x)^T     (CSR matmul)
-# An inactive entry gets no gradient, which is exact for every parameter: ReLU (pre <= 0) or the
-# selection (not kept) cuts it anyway. Nothing of size [nnz, M*d] is ever gathered. Where codes are
-# dense (early L1 training: the sparse kernels lose beyond ~12% active on 2 cores), the same
-# functions use dense matmuls; both give the same numbers up to float rounding. On GPUs (cuBLAS in
-# bf16/TF32 beats sparse kernels there), in half precision and under autocast, loss() takes its
-# plain dense branch instead. At M=3, d=512, F=8192, batch 1024 on 2 cores: 2.7x (L1) and 3x
-# (BatchTopK) the seed's step (bench.py).
-
-SPARSE_MAX_DENSITY = 0.1        # sparse kernels up to this fraction of active entries (CPU, fp32/fp64)
-ACTIVE_SET_DEVICES = ("cpu",)   # where loss() takes the active-set path (fp32/fp64, no autocast)
-# ... and only from this size (n_models·d_model·dict_size) up: below it the plain branch is as fast.
-# Both are bit-for-bit deterministic with several threads (no scatter-add whose order depends on the
-# threads), so a run resumed from a checkpoint replays the uninterrupted one exactly.
-ACTIVE_SET_MIN_SIZE = 1 << 20
-
-
-class ActiveSet:
-    """The active entries of a [B, F] code, in row-major order (flat = b * F + i, increasing), with
-    the CSR index structures of the code and of its transpose (built on first use)."""
-
-    def __init__(self, flat, B, F, dtype):
-        self.flat, self.B, self.F = flat, B, F
-        self.rows, self.cols = flat // F, flat % F
-        self.sparse = (flat.device.type == "cpu" and dtype in (torch.float32, torch.float64)
-                       and len(flat) <= SPARSE_MAX_DENSITY * B * F)
-        self._crow = self._t = None
-
-    @classmethod
-    def where(cls, mask_BF, dtype):
-        return cls(mask_BF.reshape(-1).nonzero().squeeze(1), *mask_BF.shape, dtype)
-
-    def __len__(self):
-        return len(self.flat)
-
-    def dense(self, v_N):
-        """The [B, F] tensor with v_N at the active entries, zeros elsewhere."""
-        return v_N.new_zeros(self.B * self.F).index_put_((self.flat,), v_N).view(self.B, self.F)
-
-    def csr(self, v_N):
-        if self._crow is None:
-            self._crow = _offsets(self.rows, self.B)
-        return torch.sparse_csr_tensor(self._crow, self.cols, v_N, (self.B, self.F), check_invariants=False)
-
-    def transposed(self):
-        """The [F, B] transpose's structure: perm (row-major position of each entry, sorted by latent,
-        so each W_dec row is read once), row offsets, token of each entry."""
-        if self._t is None:
-            # a stable counting/radix sort; numpy's is far quicker than torch.sort on 2 busy cores
-            small = np.int16 if self.F <= 2**15 else np.int32
-            perm = torch.from_numpy(np.argsort(self.cols.numpy().astype(small), kind="stable"))
-            self._t = perm, _offsets(self.cols[perm], self.F), self.rows[perm]
-        return self._t
-
-    def csr_t(self, v_N):
-        """The [F, B] transpose with values v_N (given in row-major order)."""
-        perm, crow, rows = self.transposed()
-        return torch.sparse_csr_tensor(crow, rows, v_N[perm], (self.F, self.B), check_invariants=False)
-
-    def matmul(self, v_N, Y_FD):
-        """(code with values v_N) @ Y: [B, D]."""
-        if not self.sparse:
-            return self.dense(v_N) @ Y_FD
-        return _csr_mm(self.csr(v_N), Y_FD)
-
-    def t_matmul(self, v_N, Y_BD, transpose=False):
-        """(code with values v_N)^T @ Y: [F, D], or with transpose=True its transpose [D, F], contiguous."""
-        if not self.sparse:
-            return Y_BD.t() @ self.dense(v_N) if transpose else self.dense(v_N).t() @ Y_BD
-        out_FD = _csr_mm(self.csr_t(v_N), Y_BD)
-        if not transpose:
-            return out_FD
-        # one copy into a fresh contiguous [D, F]: ~3x quicker than .t().contiguous() or a blocked loop
-        return Y_BD.new_empty(Y_BD.shape[1], self.F).copy_(out_FD.t())
-
-    def sampled(self, G_BD, W_FD):
-        """(G @ W^T) at the active entries only: [nnz]."""
-        if not self.sparse:
-            return (G_BD @ W_FD.t()).reshape(-1)[self.flat]
-        perm = self.transposed()[0]
-        pattern = self.csr_t(G_BD.new_zeros(len(self)))
-        v_T = torch.sparse.sampled_addmm(pattern, W_FD, G_BD.t(), beta=0).values()
-        return torch.empty_like(v_T).index_put_((perm,), v_T)
-
-
-def _csr_mm(csr, Y):
-    """csr @ Y through addmm into an empty output: torch's mm would zero-fill and copy it first."""
-    out = Y.new_empty(csr.shape[0], Y.shape[1])
-    return torch.addmm(out, csr, Y, beta=0, out=out)
-
-
-def _offsets(sorted_idx, n):
-    """CSR row offsets [n + 1] of sorted row indices."""
-    out = torch.zeros(n + 1, dtype=torch.long, device=sorted_idx.device)
-    torch.cumsum(torch.bincount(sorted_idx, minlength=n), 0, out=out[1:])
-    return out
-
-
-class _PreAt(torch.autograd.Function):
-    """pre[b, i] = x[b] . W_enc[:, i] + b_enc[i] at the active entries, differentiable in x, W_enc and
-    b_enc; pre_BF (the dense matmul, computed once without autograd) supplies the values."""
-
-    @staticmethod
-    def forward(ctx, x_BD, W_DF, b_F, pre_BF, act):
-        ctx.save_for_backward(x_BD, W_DF)
-        ctx.act = act
-        return pre_BF.reshape(-1)[act.flat]
-
-    @staticmethod
-    def backward(ctx, g_N):
-        x_BD, W_DF = ctx.saved_tensors
-        act, need = ctx.act, ctx.needs_input_grad
-        g_N, x_BD = g_N.to(W_DF.dtype), x_BD.to(W_DF.dtype)  # in the weights' dtype (autocast: no longer on)
-        g_x = act.matmul(g_N, W_DF.t()) if need[0] else None
-        g_W = act.t_matmul(g_N, x_BD, transpose=True) if need[1] else None
-        g_b = g_N.new_zeros(act.F).index_add_(0, act.cols, g_N) if need[2] else None
-        return g_x, g_W, g_b, None, None
-
-
-class _Decode(torch.autograd.Function):
-    """y[b] = sum_i v[b, i] W[i] over the active entries: [B, D], differentiable in v and W."""
-
-    @staticmethod
-    def forward(ctx, v_N, W_FD, act):
-        ctx.save_for_backward(v_N, W_FD)
-        ctx.act = act
-        return act.matmul(v_N, W_FD)
-
-    @staticmethod
-    def backward(ctx, g_BD):
-        v_N, W_FD = ctx.saved_tensors
-        act, need = ctx.act, ctx.needs_input_grad
-        g_BD, v_N = g_BD.contiguous().to(W_FD.dtype), v_N.to(W_FD.dtype)
-        g_v = act.sampled(g_BD, W_FD) if need[0] else None
-        g_W = act.t_matmul(v_N, g_BD) if need[1] else None
-        return g_v, g_W, None
-
-
-class _NormSum(torch.autograd.Function):
-    """sum_m s_m ||W_dec[i, m]|| as [F]: decoder_norms().sum(1) with a backward of one pass over W_dec."""
-
-    @staticmethod
-    def forward(ctx, W_FMd, s_M):
-        norms_FM = W_FMd.norm(dim=-1)
-        ctx.save_for_backward(W_FMd, norms_FM, s_M)
-        return (norms_FM * s_M).sum(1)
-
-    @staticmethod
-    def backward(ctx, g_F):
-        W_FMd, norms_FM, s_M = ctx.saved_tensors
-        coef_FM = torch.where(norms_FM > 0, g_F[:, None] * s_M / norms_FM, 0.0)  # as torch: 0 at a zero row
-        return W_FMd * coef_FM[..., None].to(W_FMd.dtype), None
-
-
-def _as_mask(fired, F):
-    """A [F] bool mask from a mask or from latent indices (repeats allowed)."""
-    if fired.dtype == torch.bool:
-        return fired
-    return torch.zeros(F, dtype=torch.bool, device=fired.device).index_fill_(0, fired, True)
-
-
-def batch_topk_active(pre_BF, norms_F, k):
-    """BatchTopK's active set: the k*B largest scores relu(pre) * norm among the positive pre-activations
-    (a zero code is the same kept or not), and the smallest kept score (0 if none)."""
-    B, F = pre_BF.shape
-    flat = (pre_BF > 0).reshape(-1).nonzero().squeeze(1)
-    score = pre_BF.reshape(-1)[flat] * norms_F[flat % F]
-    if len(flat) > k * B:
-        keep = torch.zeros(len(flat), dtype=torch.bool, device=flat.device)
-        keep[score.topk(k * B, sorted=False).indices] = True  # a mask keeps the row-major order
-        flat, score = flat[keep], score[keep]
-    smallest = score.min() if len(score) else score.new_zeros(())
-    return ActiveSet(flat, B, F, pre_BF.dtype), smallest
 
 # -----------------------------------------------------------------------------
 # the model
@@ -328,6 +168,7 @@ class CrossCoder(nn.Module):
         # the input scales folded into the weights (1 = acts on the space it was trained in)
         self.register_buffer("scales_M", torch.ones(M))
         self.extra = {}  # the non-config entries of config.json, filled by load()
+        self.group = None  # under DDP, the process group BatchTopK selects over (train.py sets it)
         if init:
             # a local generator: construction is deterministic and leaves the global RNG alone
             g = torch.Generator().manual_seed(cfg.seed)
@@ -368,17 +209,17 @@ class CrossCoder(nn.Module):
                 keep_BF = batch_topk_mask(score_BF, self.cfg.k)
         return f_BF * keep_BF
 
-    def decode(self, f_BF, sparse=None):
-        """x_hat_BMd = f W_dec + b_dec. sparse=True sums only the active rows of W_dec (ActiveSet), and
-        gives f a gradient at its non-zero entries only; the default is sparse for BatchTopK."""
+    def decode(self, f_BF, active_only=None):
+        """x_hat_BMd = f W_dec + b_dec. active_only=True sums only the active rows of W_dec (sparse.ActiveSet),
+        and gives f a gradient at its non-zero entries only; the default for BatchTopK."""
         B = f_BF.shape[0]
         M, d, F = self.cfg.n_models, self.cfg.d_model, self.cfg.dict_size
         W_dec = self.W_dec_FMd.view(F, M * d)
-        if sparse is None:
-            sparse = self.cfg.arch == "batchtopk"
-        if sparse:
-            act = ActiveSet.where(f_BF != 0, f_BF.dtype)
-            y_BD = _Decode.apply(f_BF.reshape(-1)[act.flat], W_dec, act)
+        if active_only is None:
+            active_only = self.cfg.arch == "batchtopk"
+        if active_only:
+            act = sparse.ActiveSet.where(f_BF != 0, f_BF.dtype)
+            y_BD = sparse.Decode.apply(f_BF.reshape(-1)[act.flat], W_dec, act)
         else:
             y_BD = f_BF @ W_dec
         return y_BD.view(B, M, d) + self.b_dec_Md
@@ -395,48 +236,19 @@ class CrossCoder(nn.Module):
         cfg = self.cfg
         update = step is not None and self.training
         B, F = x_BMd.shape[0], cfg.dict_size
-        x_BD, W_enc, W_dec = x_BMd.reshape(B, -1), self.W_enc_MdF.view(-1, F), self.W_dec_FMd.view(F, -1)
-        norms_F = _NormSum.apply(self.W_dec_FMd, self.scales_M.to(self.W_dec_FMd.dtype))
+        x_BD = rearrange(x_BMd, "b m d -> b (m d)")
+        W_enc_DF, W_dec_FD = self.W_enc_MdF.view(-1, F), self.W_dec_FMd.view(F, -1)
+        norms_F = sparse.NormSum.apply(self.W_dec_FMd, self.scales_M.to(self.W_dec_FMd.dtype))  # Σ_m ‖W_dec[i,m]‖
         k = k_at(cfg, step)
-        dev = x_BMd.device.type
-        if (dev in ACTIVE_SET_DEVICES and x_BMd.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled(dev) and x_BD.shape[1] * F >= ACTIVE_SET_MIN_SIZE):
-            # the fast path: the code as its active entries, values f_N at act.flat ("sparse codes" above)
-            with torch.no_grad():
-                pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc)  # the one dense matmul
-                if cfg.arch == "l1":
-                    act = ActiveSet.where(pre_BF > 0, pre_BF.dtype)
-                else:
-                    act, smallest = batch_topk_active(pre_BF, norms_F, k)
-            f_N = _PreAt.apply(x_BD, W_enc, self.b_enc_F, pre_BF, act)  # = ReLU(pre) there: all positive
-            x_hat_BD = _Decode.apply(f_N, W_dec, act)
-            # Σ_i norm_i · (Σ of latent i's codes): index_add_ sums in a fixed order, where the backward
-            # of norms_F[act.cols] would scatter-add in a thread-dependent one
-            l1_sum = _wide(f_N.new_zeros(F).index_add_(0, act.cols, f_N) * norms_F).sum()
-            fired_F, n_active = act.cols, len(act)
-            values_at = lambda a: _PreAt.apply(x_BD, W_enc, self.b_enc_F, pre_BF, a)  # noqa: E731
+        if sparse.use_active_set(x_BD, F):
+            t = sparse.active_terms(x_BD, W_enc_DF, self.b_enc_F, W_dec_FD, norms_F, cfg.arch, k, self.group)
         else:
-            # dense, straight from DESIGN.md: GPUs (cuBLAS beats sparse kernels there), half precision,
-            # autocast, torch.compile
-            pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc)
-            post_BF = f_BF = torch.relu(pre_BF)
-            if cfg.arch == "batchtopk":
-                with torch.no_grad():
-                    score_BF = f_BF * norms_F
-                    keep_BF = batch_topk_mask(score_BF, k)
-                    smallest = torch.where(keep_BF & (score_BF > 0), score_BF, torch.inf).min()
-                    smallest = torch.where(torch.isinf(smallest), 0.0, smallest)
-                f_BF = f_BF * keep_BF
-            x_hat_BD = f_BF @ W_dec
-            l1_sum = _wide(f_BF @ norms_F).sum()
-            fired_F, n_active = (f_BF > 0).any(0), (f_BF > 0).sum()
-            values_at = lambda a: post_BF.reshape(-1)[a.flat]  # noqa: E731
-            pre_BF = pre_BF.detach()
-        x_hat_BMd = x_hat_BD.view_as(x_BMd) + self.b_dec_Md
+            t = self._dense_terms(x_BD, W_enc_DF, W_dec_FD, norms_F, k)
+        x_hat_BMd = t.x_hat_BD.view_as(x_BMd) + self.b_dec_Md
         if update:
-            self.tokens_since_active_F.add_(B).masked_fill_(_as_mask(fired_F, F), 0)
+            self.tokens_since_active_F.add_(B).masked_fill_(t.fired_F, 0)
             if cfg.arch == "batchtopk" and step >= cfg.threshold_start_step:
-                self._update_threshold(smallest)
+                self._update_threshold(t.smallest)
 
         out = {}
         sq_BMd = _wide(x_hat_BMd - x_BMd).pow(2)
@@ -444,22 +256,40 @@ class CrossCoder(nn.Module):
         mse = sq_BMd.sum() / B
         if cfg.arch == "l1":
             coeff = l1_coeff_at(cfg, step)
-            sparsity = coeff * l1_sum / B
+            sparsity = coeff * t.l1_sum / B
             out["l1_coeff"] = torch.tensor(coeff)
         else:
             out["k"] = torch.tensor(k)
-            aux = self._auxk_active(pre_BF)  # the same entries as on ReLU(pre): positive ones only
+            aux = self._auxk_active(t.pre_BF)  # the same entries as on ReLU(pre): positive ones only
             sparsity = _wide(x_hat_BMd.new_zeros(()))
             if aux is not None:
-                sparsity = cfg.auxk_alpha * self._auxk_fvu(x_BMd, x_hat_BMd, values_at(aux), aux)
+                sparsity = cfg.auxk_alpha * self._auxk_fvu(x_BMd, x_hat_BMd, t.values_at(aux), aux)
 
         with torch.no_grad():
             total_var_M = _wide(x_BMd).var(0, correction=0).sum(-1) * B
             out["fvu_M"] = sq_BMd.sum((0, 2)) / total_var_M
-            out["l0"] = torch.as_tensor(n_active, dtype=torch.float32) / B
+            out["l0"] = torch.as_tensor(t.n_active, dtype=torch.float32) / B
             out["dead_frac"] = (self.tokens_since_active_F >= cfg.dead_tokens).float().mean()
         out.update(loss=mse + sparsity, mse=mse.detach(), sparsity=sparsity.detach())
         return out
+
+    def _dense_terms(self, x_BD, W_enc_DF, W_dec_FD, norms_F, k) -> "sparse.Terms":
+        """The code and what the loss needs of it, dense, straight from the formulas (GPUs, half
+        precision, autocast, small crosscoders)."""
+        pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc_DF)
+        post_BF = f_BF = torch.relu(pre_BF)
+        smallest = None
+        if self.cfg.arch == "batchtopk":
+            with torch.no_grad():
+                score_BF = f_BF * norms_F
+                keep_BF = batch_topk_mask(score_BF, k, self.group)
+                smallest = torch.where(keep_BF & (score_BF > 0), score_BF, torch.inf).min()
+                smallest = torch.where(torch.isinf(smallest), 0.0, smallest)
+            f_BF = f_BF * keep_BF
+        active_BF = f_BF > 0
+        return sparse.Terms(x_hat_BD=f_BF @ W_dec_FD, l1_sum=_wide(f_BF @ norms_F).sum(), fired_F=active_BF.any(0),
+                            n_active=active_BF.sum(), smallest=smallest, pre_BF=pre_BF.detach(),
+                            values_at=lambda act: post_BF.reshape(-1)[act.flat])
 
     @torch.no_grad()
     def _update_threshold(self, smallest):
@@ -490,11 +320,11 @@ class CrossCoder(nn.Module):
             return None
         acts_BK, idx_BK = post_BF.masked_fill(~dead_F, -torch.inf).topk(min(self.cfg.aux_k, n_dead), dim=1)
         chosen_BF = torch.zeros_like(post_BF, dtype=torch.bool).scatter_(1, idx_BK, acts_BK > 0)
-        return ActiveSet.where(chosen_BF, post_BF.dtype)
+        return sparse.ActiveSet.where(chosen_BF, post_BF.dtype)
 
     def _auxk_fvu(self, x_BMd, x_hat_BMd, a_N, act):
         e_BMd = (x_BMd - x_hat_BMd).detach()
-        e_hat_BD = _Decode.apply(a_N, self.W_dec_FMd.view(self.cfg.dict_size, -1), act)
+        e_hat_BD = sparse.Decode.apply(a_N, self.W_dec_FMd.view(self.cfg.dict_size, -1), act)
         num = _wide(e_hat_BD.view_as(e_BMd) - e_BMd).pow(2).sum((1, 2)).mean()
         den = _wide(e_BMd - e_BMd.mean(0)).pow(2).sum((1, 2)).mean()
         return (num / den).nan_to_num(0.0)
@@ -511,6 +341,20 @@ class CrossCoder(nn.Module):
     def make_scheduler(self, opt):
         cfg = self.cfg
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step))
+
+    def train_step(self, opt, sched, x_BMd, step, loss_fn=None, autocast=False):
+        """One optimisation step, the paper's: loss, backward, grad-norm clip 1.0, Adam, the lr schedule.
+        loss_fn(x, step) defaults to self.loss (train.py passes its DDP wrapper); autocast runs the loss's
+        matmuls in bf16 on a GPU (the sums stay fp32). Used by train.py, bench.py and the tests."""
+        with torch.autocast(x_BMd.device.type, torch.bfloat16, enabled=autocast):
+            out = (loss_fn or self.loss)(x_BMd, step)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        return out
 
     # ---- units
 
@@ -537,7 +381,7 @@ class CrossCoder(nn.Module):
 
     def save(self, run_dir, extra=None):
         """Write run_dir/crosscoder.safetensors and run_dir/config.json (config fields + extra), each to a
-        temporary name first and renamed into place, so a killed process never leaves half a file."""
+        temporary name first, fsynced and renamed into place (common.atomic_path)."""
         extra = dict(extra or {})
         meta = asdict(self.cfg)
         clash = sorted(set(extra) & set(meta))
@@ -545,17 +389,11 @@ class CrossCoder(nn.Module):
             raise ValueError(f"extra keys {clash} collide with CrossCoderConfig fields")
         meta.update(extra)
         text = json.dumps(meta, indent=2)  # before touching the disk: unserialisable extras fail here
-        os.makedirs(run_dir, exist_ok=True)
         tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
-        path = os.path.join(run_dir, WEIGHTS_FILE)
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-        path = os.path.join(run_dir, CONFIG_FILE)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, path)
+        with atomic_path(os.path.join(run_dir, WEIGHTS_FILE)) as tmp:
+            save_file(tensors, str(tmp))
+        with atomic_path(os.path.join(run_dir, CONFIG_FILE)) as tmp:
+            tmp.write_text(text + "\n")
 
     @classmethod
     def load(cls, run_dir, device="cpu"):

@@ -21,17 +21,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import analysis
+import cli
+import defaults
 import lm
-from common import ArgumentParser, atomic_path, positive, run_main, write_json
+import measures
+from common import atomic_path, positive, run_main, write_json
 
 ARTIFACT_NU = 0.5    # ν above this on a revision the decoder says the latent is absent from
 
 
 @torch.no_grad()
-def evaluate(run, n_blocks=64, batch_blocks=8):
+def evaluate(run, n_blocks, batch_blocks=8):
     cc, revs, M = run.cc, run.revisions, len(run.revisions)
     models = run.load_models()
-    ids = run.eval_blocks(n_blocks)
+    ids = run.heldout_blocks(n_blocks, models[-1][2])
     Fdim, d = cc.cfg.dict_size, cc.cfg.d_model
     s_M = cc.scales_M.float()                         # normalised space: s_m · x_m
     dec_FMd = cc.W_dec_FMd * s_M[None, :, None]      # decoder in the normalised space
@@ -44,37 +47,37 @@ def evaluate(run, n_blocks=64, batch_blocks=8):
     for b0 in tqdm(range(0, len(ids), batch_blocks), desc="evaluate", unit="batch"):
         ids_BT = ids[b0:b0 + batch_blocks].to(run.device)
         B, T = ids_BT.shape
-        targets = ids_BT[:, 2:]
+        targets_BT = ids_BT[:, 2:]   # next-token predictions from positions 1 … T−2 (position 0 is BOS)
 
-        def ce_sum(logits_BTV):   # next-token CE summed over the predictions from positions ≥ 1
-            return F.cross_entropy(logits_BTV[:, 1:-1].flatten(0, 1).float(), targets.flatten(),
-                                   reduction="sum").cpu()
+        def ce_sum(model, out):
+            return lm.next_token_ce(model, out.last_hidden_state[:, 1:-1], targets_BT).cpu()
 
         xs = []
         for m, (_, model, _) in enumerate(models):   # one full forward each: the clean CE and block L's output
-            logits, x_BTd = lm.read_layer(model, run.layer, ids_BT)
-            ce["clean"][m] += ce_sum(logits)
+            out, x_BTd = lm.read_layer(model.base_model, run.layer, ids_BT)
+            ce["clean"][m] += ce_sum(model, out)
             xs.append(x_BTd.float())
-        del logits
+        del out
         x_BTMd = torch.stack(xs, 2)
-        x_NMd = x_BTMd[:, 1:].reshape(-1, M, d)      # position 0 excluded
-        x_hat_NMd, f_NF = cc(x_NMd)
-        err_NMd = x_NMd - x_hat_NMd
-        n += len(x_NMd)
-        sum_x += x_NMd.sum(0)
-        sum_x2 += x_NMd.pow(2).sum((0, 2))
-        sum_err += err_NMd.pow(2).sum((0, 2))
-        l0_sum += (f_NF > 0).sum().item()
-        freq_F += (f_NF > 0).sum(0)
-        sq_F += f_NF.pow(2).sum(0)
-        G_MFd += torch.einsum("nf,nmd->mfd", f_NF, x_NMd * s_M[:, None])
-        E_MFd += torch.einsum("nf,nmd->mfd", f_NF, err_NMd * s_M[:, None])
+        x_RMd = x_BTMd[:, 1:].reshape(-1, M, d)      # R = B·(T−1) token rows: position 0 excluded
+        x_hat_RMd, f_RF = cc(x_RMd)
+        err_RMd = x_RMd - x_hat_RMd
+        n += len(x_RMd)
+        sum_x += x_RMd.sum(0)
+        sum_x2 += x_RMd.pow(2).sum((0, 2))
+        sum_err += err_RMd.pow(2).sum((0, 2))
+        l0_sum += (f_RF > 0).sum().item()
+        freq_F += (f_RF > 0).sum(0)
+        sq_F += f_RF.pow(2).sum(0)
+        G_MFd += torch.einsum("rf,rmd->mfd", f_RF, x_RMd * s_M[:, None])
+        E_MFd += torch.einsum("rf,rmd->mfd", f_RF, err_RMd * s_M[:, None])
         # CE with block L's output spliced by its reconstruction, and zero-ablated (position 0 kept)
         for m, (_, model, _) in enumerate(models):
-            recon_BTd = torch.cat([x_BTMd[:, :1, m], x_hat_NMd[:, m].view(B, T - 1, d)], 1)
+            recon_BTd = torch.cat([x_BTMd[:, :1, m], x_hat_RMd[:, m].view(B, T - 1, d)], 1)
             for k, new in (("spliced", recon_BTd), ("zero", torch.zeros_like(recon_BTd))):
-                ce[k][m] += ce_sum(analysis.spliced_logits(model, run.layer, ids_BT, None, x_BTMd[:, :, m], new))
-        n_pred += targets.numel()
+                out = analysis.spliced_forward(model.base_model, run.layer, ids_BT, None, x_BTMd[:, :, m], new)
+                ce[k][m] += ce_sum(model, out)
+        n_pred += targets_BT.numel()
     mean_x = sum_x / n
     var_M = sum_x2 - n * mean_x.pow(2).sum(-1)
     fvu = (sum_err / var_M).tolist()
@@ -96,9 +99,9 @@ def latent_table(cc, revs, freq_F, dec_FMd, G_MFd, E_MFd, sq_F) -> pd.DataFrame:
     df = pd.DataFrame({"latent": np.arange(cc.cfg.dict_size), "freq": freq_F.numpy()})
     for m, r in enumerate(revs):
         df[f"dec_norm_{r}"] = norms_FM[:, m].numpy()
-    analysis.add_shares(df, "reldec", rd, revs)
+    measures.add_shares(df, "reldec", rd, revs)
     unit = F.normalize(dec_FMd, dim=-1)
-    for a, b in analysis.pairs_of(revs):
+    for a, b in measures.pairs_of(revs):
         df[f"cos_{revs[a]}_{revs[b]}"] = (unit[:, a] * unit[:, b]).sum(-1).numpy()
     # latent scaling with the favoured revision's decoder direction u = d_{i,m*}
     top_F = torch.from_numpy(rd.argmax(1))
@@ -132,15 +135,15 @@ def print_table(summary):
           f"({summary['n_tokens']} held-out tokens)")
 
 
-def main():
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default=None, help="run folder made by train.py (default: the toy default run)")
-    p.add_argument("--blocks", type=positive("--blocks"), default=None,
-                   help="held-out token blocks (default: 64; the toy's 32-token blocks: up to 512)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    run = analysis.open_run(args.run or analysis.default_run(), args.device)
-    summary, latents = evaluate(run, args.blocks or (512 if run.spec.key == "toy" else 64))
+def main(argv=None):
+    run_dir, spec = cli.run_in(argv)
+    p = cli.parser(__doc__.split("\n\n")[0], spec.preset)
+    cli.add(p, "--run", "--device", run=str(run_dir), device=defaults.default_device())
+    p.add_argument("--blocks", type=positive("--blocks"), default=spec.preset.eval_blocks,
+                   help="held-out text blocks to evaluate on (default: %(default)s)")
+    args = p.parse_args(argv)
+    run = analysis.open_run(args.run, args.device)
+    summary, latents = evaluate(run, args.blocks)
     n_art = int(latents["artifact"].sum())
     summary["artifacts"] = n_art
     write_json(run.folder / "eval.json", summary)

@@ -1,7 +1,8 @@
 """lm.py — language models by revision, and raw forward hooks on one layer's residual stream.
 
 - MODELS: keys (pythia-70m … pythia-12b, olmo-1b, bloom-1b1, toy) with their Hugging Face repo,
-  default revision triplet, layer, LM-text source and task. Any other repo id or local folder works.
+  default revision triplet, layer, LM-text source, task and run preset (defaults.py). Any other repo
+  id or local folder works too (with the paper's preset).
 - revisions(model): available revisions sorted by training step, with step and tokens seen.
 - load(model, revision, device, dtype): the model (eval mode, no grad) and its tokenizer.
 - Hooks on block L's output (== hidden_states[L+1]): read it, replace it by a function of itself,
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import ArgumentParser, EnvError, UsageError, run_main
+import defaults
+from common import ArgumentParser, EnvError, UsageError, is_done, run_main
 
 HERE = Path(__file__).resolve().parent
 TOY_DIR = HERE / "models" / "toy"
@@ -33,37 +35,55 @@ TOY_DIR = HERE / "models" / "toy"
 class ModelSpec:
     key: str
     repo: str                      # Hugging Face repo id, or a local folder whose sub-folders are revisions
-    revisions: tuple = ()          # default triplet (DESIGN.md)
-    layer: int | None = None       # default layer; None = half depth
+    revisions: tuple = ()          # default revisions (the paper's triplet)
+    layer: int | None = None       # default layer; None = the user must say
     tokenizer_repo: str | None = None
     tokens_per_step: int | None = None
     text: str = "monology/pile-uncopyrighted"   # LM text for caching / evaluation
     task: str = "subjectverb"      # the model's own task
+    preset: defaults.Preset = defaults.PAPER
+    build: str | None = None       # for a local model made by this toolkit: the command that makes it
+    arch: tuple = ()               # (config class, its keywords) for --weights random: the real shapes
+    tokenizer_size: int | None = None   # the real tokenizer's vocabulary, for --weights random's stand-in
 
     @property
     def local(self) -> bool:
-        return self.key == "toy" or os.path.isdir(self.repo)
+        return self.build is not None or os.path.isdir(self.repo)
 
 
-def _pythia(size, layer, triplet=("step512", "step2000", "step143000")):
-    # Pythia: 1024 sequences × 2048 tokens per step.
-    return ModelSpec(f"pythia-{size}", f"EleutherAI/pythia-{size}", triplet, layer, tokens_per_step=2_097_152)
+def _pythia(size, layer, n_layers, d, heads, vocab=50304):
+    # Pythia: 1024 sequences × 2048 tokens per step; GPT-NeoX blocks with parallel attention and MLP.
+    arch = ("GPTNeoXConfig", dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=n_layers,
+                                  num_attention_heads=heads, intermediate_size=4 * d, rotary_pct=0.25,
+                                  max_position_embeddings=2048, use_parallel_residual=True,
+                                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=0))
+    return ModelSpec(f"pythia-{size}", f"EleutherAI/pythia-{size}", ("step512", "step2000", "step143000"), layer,
+                     tokens_per_step=2_097_152, arch=arch, tokenizer_size=50277)
 
 
 MODELS = {
     m.key: m for m in [
-        _pythia("70m", 3), _pythia("160m", 6), _pythia("410m", 12), _pythia("1b", 8),
-        _pythia("1.4b", 12), _pythia("2.8b", 16), _pythia("6.9b", 16), _pythia("12b", 18),
+        _pythia("70m", 3, 6, 512, 8), _pythia("160m", 6, 12, 768, 12), _pythia("410m", 12, 24, 1024, 16),
+        _pythia("1b", 8, 16, 2048, 8), _pythia("1.4b", 12, 24, 2048, 16), _pythia("2.8b", 16, 32, 2560, 32),
+        _pythia("6.9b", 16, 32, 4096, 32), _pythia("12b", 18, 36, 5120, 40, vocab=50688),
         ModelSpec("olmo-1b", "allenai/OLMo-1B-0724-hf",
                   ("step2000-tokens4B", "step16000-tokens33B", "step1454000-tokens3048B"), 8,
-                  tokens_per_step=4_194_304, text="devingulliver/dolma-v1_6-sample"),  # a Dolma sample (parquet)
+                  tokens_per_step=4_194_304, text="devingulliver/dolma-v1_6-sample",   # a Dolma sample (parquet)
+                  arch=("OlmoConfig", dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
+                                           num_hidden_layers=16, num_attention_heads=16, max_position_embeddings=4096,
+                                           clip_qkv=8.0, tie_word_embeddings=True, pad_token_id=1,
+                                           bos_token_id=None, eos_token_id=50279)),
+                  tokenizer_size=50280),
         ModelSpec("bloom-1b1", "bigscience/bloom-1b1-intermediate",
                   ("global_step10000", "global_step100000", "main"), 12,
-                  tokenizer_repo="bigscience/bloom-1b1", tokens_per_step=1_048_576, text="allenai/c4:en"),
-        # The embedded default: trained locally by toy.py (no network). Triplet: before agreement,
+                  tokenizer_repo="bigscience/bloom-1b1", tokens_per_step=1_048_576, text="allenai/c4:en",
+                  arch=("BloomConfig", dict(vocab_size=250880, hidden_size=1536, n_layer=24, n_head=16,
+                                            bos_token_id=1, eos_token_id=2, pad_token_id=3)),
+                  tokenizer_size=250680),
+        # The embedded default, trained locally by toy.py (no network). Triplet: before agreement,
         # the nearest-noun phase (simple agreement right, attractors fool it), the last.
-        ModelSpec("toy", str(TOY_DIR), ("step64", "step128", "step512"), 0,
-                  tokens_per_step=64 * 32, text="toy", task="toy_sva"),
+        ModelSpec("toy", str(TOY_DIR), ("step64", "step128", "step512"), 0, tokens_per_step=64 * 32,
+                  text="toy", task="toy_sva", preset=defaults.TOY, build="python toy.py"),
     ]
 }
 
@@ -78,6 +98,13 @@ def resolve(model: str) -> ModelSpec:
         return ModelSpec(model, model)
     raise UsageError(f"unknown model {model!r}; valid keys: {', '.join(MODELS)}, "
                      "or a Hugging Face repo id (org/name), or a local folder")
+
+
+def check_built(spec: ModelSpec):
+    """A model this toolkit builds locally (the toy) must have been built: say how, do not build it here."""
+    if spec.build and not is_done(spec.repo):
+        raise UsageError(f"model {spec.key} is not built yet ({spec.repo}): run `{spec.build}` first "
+                         "(about 20 s on 2 CPU cores, offline)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,8 +137,7 @@ def _sort_key(r: Revision):
 def revisions(model: str | ModelSpec, quiet=False) -> list[Revision]:
     """The model's available revisions, sorted by training step."""
     spec = resolve(model) if isinstance(model, str) else model
-    if spec.key == "toy":
-        ensure_toy()
+    check_built(spec)
     if spec.local:
         root = Path(spec.repo)
         names = [p.name for p in root.iterdir() if (p / "config.json").exists()]
@@ -160,20 +186,17 @@ def check_revision(spec: ModelSpec, revision: str, available: list[Revision] | N
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-def ensure_toy():
-    """The toy model is built locally on first use (toy.py, no network)."""
-    import toy
-    toy.ensure_toy(TOY_DIR)
-
-
-def load(model: str | ModelSpec, revision: str | None = None, device="cpu", dtype=None):
-    """Load one revision with its tokenizer: (model in eval mode with grads off, tokenizer)."""
+def load(model: str | ModelSpec, revision: str | None = None, device="cpu", dtype=None, weights="hub"):
+    """Load one revision with its tokenizer: (model in eval mode with grads off, tokenizer).
+    weights="random": the model's architecture with random weights (see random_model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()   # our own bars say what is loading; errors stay one line
     spec = resolve(model) if isinstance(model, str) else model
-    if spec.key == "toy":
-        ensure_toy()
+    if weights == "random":
+        lm, tok = random_model(spec, revision or "main"), standin_tokenizer(spec)
+        return lm.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False), tok
+    check_built(spec)
     if spec.local:
         path = Path(spec.repo) / (revision or ".")
         if not (path / "config.json").exists():
@@ -193,6 +216,80 @@ def load(model: str | ModelSpec, revision: str | None = None, device="cpu", dtyp
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return lm, tok
+
+
+# ---------------------------------------------------------------------------------------------
+# --weights random: the paper's shapes offline
+
+def default_text(spec: ModelSpec, weights="hub") -> str:
+    """The LM text of a model; with random weights the toy grammar's (offline, in the stand-in's vocabulary)."""
+    return "toy" if weights == "random" else spec.text
+
+
+def default_task(spec: ModelSpec, weights="hub") -> str:
+    return "toy_sva" if weights == "random" else spec.task
+
+
+def _need_arch(spec):
+    if not spec.arch:
+        with_arch = ", ".join(k for k, m in MODELS.items() if m.arch)
+        raise UsageError(f"--weights random needs a model whose architecture is known: {with_arch}; "
+                         f"{spec.key!r} is not one of them")
+
+
+def random_model(spec: ModelSpec, revision: str):
+    """A model of spec's architecture (its real numbers: layers, d, heads, vocabulary) with random weights,
+    seeded by the revision's name, so each revision is another random model and each load the same one."""
+    import zlib
+    import transformers
+    from transformers import AutoModelForCausalLM
+    _need_arch(spec)
+    cls, kw = spec.arch
+    cfg = getattr(transformers, cls)(**kw)
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(zlib.crc32(f"{spec.key}@{revision}".encode()))
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+_STANDINS: dict = {}
+
+
+def standin_tokenizer(spec: ModelSpec):
+    """A word-level tokenizer with the real tokenizer's vocabulary size and special-token ids (BOS, EOS,
+    pad), whose words are the toy grammar's (so the toy text and pairs encode one token per word), and
+    which, like GPT-NeoX's, adds no BOS on a plain call."""
+    if spec.key in _STANDINS:
+        return _STANDINS[spec.key]
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    import grammar
+    _need_arch(spec)
+    kw = spec.arch[1]
+    V = spec.tokenizer_size or kw["vocab_size"]
+    special = {}
+    for role, name in (("eos", "<|endoftext|>"), ("bos", "<s>"), ("pad", "<pad>")):
+        i = kw.get(f"{role}_token_id")
+        if i is not None:
+            special.setdefault(i, name)
+    special.setdefault(next(i for i in range(V) if i not in special), "<unk>")
+    words = iter(w for w in grammar.vocabulary() if not w.startswith("<"))
+    vocab = {}
+    for i in range(V):
+        vocab[special.get(i) or next(words, None) or f"<extra_{i}>"] = i
+    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = Whitespace()
+    ids = {role: kw.get(f"{role}_token_id") for role in ("bos", "eos", "pad")}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", name_or_path=f"standin-{spec.key}",
+        **{f"{role}_token": special[i] for role, i in ids.items() if i is not None})
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    _STANDINS[spec.key] = tok
+    return tok
 
 
 def _explain_load_error(spec, revision, e):
@@ -358,17 +455,41 @@ def start_at_layer(lm, layer: int, x_BTd):
             del b.forward
 
 
-def read_layer(lm, layer: int, ids_BT, mask_BT=None):
-    """(logits [B,T,V], block `layer`'s output [B,T,d]) from one full forward."""
+def read_layer(module, layer: int, ids_BT, mask_BT=None):
+    """(the forward's output, block `layer`'s output [B,T,d]) from one full forward of `module` (the LM,
+    or its base_model: then the output's last_hidden_state has the final norm applied)."""
     box = {}
 
     def keep(x):
         box["x"] = x
         return x
 
-    with patch_layer(lm, layer, keep):
-        logits = forward(lm, ids_BT, mask_BT).logits
-    return logits, box["x"]
+    with patch_layer(module, layer, keep):
+        out = forward(module, ids_BT, mask_BT)
+    return out, box["x"]
+
+
+def next_token_ce(lm, h_BTd, targets_BT, rows=2048) -> torch.Tensor:
+    """Σ of next-token cross-entropies of the final hidden states h (final norm applied) against targets,
+    through the unembedding `rows` positions at a time: full-vocabulary fp32 logits for a whole batch
+    (8 GB for BLOOM's 250k vocabulary) never exist at once."""
+    head = lm.get_output_embeddings()
+    h_Rd, t_R = h_BTd.reshape(-1, h_BTd.shape[-1]), targets_BT.reshape(-1)
+    total = torch.zeros((), device=h_BTd.device)
+    for i in range(0, len(t_R), rows):
+        logits_RV = head(h_Rd[i:i + rows]).float()
+        total += torch.nn.functional.cross_entropy(logits_RV, t_R[i:i + rows], reduction="sum")
+    return total
+
+
+def bos_id(tok) -> int:
+    """The token every sequence starts with: the tokenizer's BOS, or its EOS where it has none (as
+    lm-eval-harness does for Pythia). Never the tokenizer's defaults: GPT-NeoX, OLMo-hf and BLOOM
+    tokenizers add no BOS on a plain call, so every encode here passes add_special_tokens=False."""
+    for t in (tok.bos_token_id, tok.eos_token_id):
+        if t is not None:
+            return t
+    raise UsageError(f"tokenizer {tok.name_or_path!r} has neither a BOS nor an EOS token to start sequences with")
 
 
 def d_model(lm) -> int:

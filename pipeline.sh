@@ -1,35 +1,41 @@
 #!/usr/bin/env bash
-# pipeline.sh [MODEL [LAYER]] — every stage in order, each with its own defaults:
-# toy pretraining (toy only), scan, cache, train, evaluate, relie, ablate.
-#   bash pipeline.sh                 # the toy model, offline, a few minutes on a laptop CPU
-#   bash pipeline.sh pythia-1b 8     # the paper's Pythia run (GPU box with network)
+# pipeline.sh [MODEL [LAYER [FLAGS…]]] — every stage in order, each with its own defaults:
+# toy pretraining (toy only), scan, cache (toy only), train, evaluate, relie, ablate.
+#   bash pipeline.sh                              # the toy model, offline, ~2 minutes on 2 CPU cores
+#   bash pipeline.sh pythia-1b 8                  # the paper's Pythia run (GPU box with network)
+#   bash pipeline.sh pythia-160m 6 --weights random --tokens 16384 --batch-size 4096
+#                                                 # the paper's shapes, random weights, offline
+# FLAGS go to the scan and to train.py (--weights, --tokens, --batch-size, --device, …); the later
+# stages read what they need from the run folder.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODEL=${1:-toy}
 LAYER=${2:-}
+shift $(( $# < 2 ? $# : 2 ))
+FLAGS=("$@")
 L=()
 if [ -n "$LAYER" ]; then L=(--layer "$LAYER"); fi
+RANDOM_WEIGHTS=no
+for f in "${FLAGS[@]}"; do if [ "$f" = random ]; then RANDOM_WEIGHTS=yes; fi; done
 
 if [ "$MODEL" = toy ]; then
   echo "== toy: pretrain the toy LM (models/toy)"
   python toy.py
 fi
-echo "== scan: accuracy and layer similarity over revisions (scans/)"
-python cache_acts.py --scan --suggest --model "$MODEL" "${L[@]}"
-if [ "$MODEL" = toy ]; then
-  echo "== cache: layer activations of the triplet (cache/)"
-  python cache_acts.py --model "$MODEL" "${L[@]}"
+if [ "$RANDOM_WEIGHTS" = no ]; then
+  echo "== scan: accuracy and layer similarity over revisions (scans/)"
+  python cache_acts.py --scan --suggest --model "$MODEL" "${L[@]}"
 else
-  echo "== cache: skipped — the paper's 400M tokens × 3 revisions do not fit on disk; train.py runs a live buffer"
+  echo "== scan: skipped — random weights have no learning curve"
 fi
-echo "== train: one crosscoder over the triplet (runs/)"
-OUT=$(python -c "import sys, lm, train; a = train.parse_args(sys.argv[1:]); print(train.resolve_defaults(a, lm.resolve(a.model)).out)" --model "$MODEL" "${L[@]}")
+echo "== train: one crosscoder over the revisions (runs/; the toy's cache is made first)"
+OUT=$(python -c "import sys, train; a, _ = train.parse_args(sys.argv[1:]); print(a.out)" --model "$MODEL" "${L[@]}" "${FLAGS[@]}")
 if [ -f "$OUT/config.json" ] && [ -f "$OUT/DONE" ]; then
   echo "   $OUT is already trained; keeping it (delete it to train again)"
 elif [ -d "$OUT/ckpt" ]; then
-  python train.py --model "$MODEL" "${L[@]}" --resume
+  python train.py --model "$MODEL" "${L[@]}" "${FLAGS[@]}" --resume
 else
-  python train.py --model "$MODEL" "${L[@]}" --overwrite
+  python train.py --model "$MODEL" "${L[@]}" "${FLAGS[@]}" --overwrite
 fi
 echo "== evaluate: FVU, L0, dead, ΔCE, RelDec, latent scaling"
 python evaluate.py --run "$OUT"

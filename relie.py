@@ -4,17 +4,17 @@
     python relie.py --run runs/pythia-1b-L8-step512_step2000_step143000-l1 --task subjectverb clams_en
 
 For each minimal pair and revision m, block L's output is spliced with W_dec[:,m] f + b_dec[m] + r_m
-(the error term r_m kept) and the metric m = logit(wrong) − logit(correct) at the last position is
+(the error term r_m kept) and the metric μ = logit(wrong) − logit(correct) at the last position is
 attributed to the latents f by integrated gradients to a zero baseline (10 steps, all batched in one
-forward/backward per revision and batch of pairs, through the blocks above L only):  IE_{m,i} = −f_i · mean_α ∂m/∂f_i, summed over
-positions (padding and position 0 never count; per-token |IE| ≤ --threshold zeroed), averaged over
-pairs. Positive IE = the latent supports the right answer. Also --method atp (one step) and exact
+forward/backward per revision and batch of pairs, through the blocks above L only):
+IE_{m,i} = −f_i · mean_α ∂μ/∂f_i, summed over positions (padding and position 0 never count; per-token
+|IE| ≤ --threshold zeroed), averaged over pairs. Positive IE = the latent supports the right answer. Also --method atp (one step) and exact
 (zero-ablate each latent). Beside the paper's RelIE, a scale-normalised one (IE_{m,i} / Σ_j |IE_{m,j}|:
 later checkpoints have larger logits), and the error term's IE per revision and sub-task.
 
 Writes runs/<name>/relie/<task>/: ie.csv (IE per sub-task, revision, latent), error.csv, latents.csv
 (the annotation sheet for the union of the top-k latents per revision), contexts.json,
-logit_effects.json, latents.html (self-contained, for reading contexts), summary.json.
+logit_effects.json, latents.html (self-contained, for reading contexts), summary.json, then DONE.
 """
 import html
 import json
@@ -26,59 +26,19 @@ import torch
 from tqdm import tqdm
 
 import analysis
+import cli
+import defaults
 import lm
+import measures
 import tasks
-from common import ArgumentParser, UsageError, atomic_path, positive, run_main, write_json, write_text
-
-IG_STEPS = 10
+from analysis import ie_exact, ie_gradient, pair_codes
+from common import UsageError, atomic_path, mark_done, positive, run_main, unmark_done, write_json, write_text
 
 
 # ---------------------------------------------------------------------------------------------
 # Indirect effects
 
-def _metric(logits_BTV, batch):
-    """m = logit(wrong) − logit(correct) at the last position, per pair."""
-    return -tasks.logit_diff(logits_BTV, batch)
-
-
-def pair_codes(run, models, batch):
-    """Every revision's block-L output on the batch, its codes and errors."""
-    with torch.no_grad():
-        x_BTMd = analysis.run_acts(models, run.layer, batch.ids_BT, batch.mask_BT)
-        B, T, M, d = x_BTMd.shape
-        x_hat_NMd, f_NF = run.cc(x_BTMd.view(B * T, M, d))
-    return x_BTMd, f_NF.view(B, T, -1), (x_BTMd - x_hat_NMd.view(B, T, M, d))
-
-
-def ie_gradient(run, model, m, batch, x_BTd, f_BTF, r_BTd, alphas):
-    """IG/AtP for revision m: per-token IE of every latent [B, T, F] and of the error term [B, T].
-
-    On the path, block L's spliced output is (1−α)·u + b_dec with u = W_dec f + r, so one gradient
-    g_α = ∂m/∂u per step gives both: ∂m/∂f = g_α W_decᵀ and ∂m/∂r = g_α, and the mean over α comes
-    before the F-wide matmul. All α run in one forward/backward through the blocks above L only."""
-    S, B = len(alphas), len(batch)
-    W, b = run.cc.W_dec_FMd[:, m], run.cc.b_dec_Md[m]
-    scale_S111 = (1 - torch.tensor(alphas, device=f_BTF.device)).view(S, 1, 1, 1)
-    u_SBTd = (scale_S111 * (f_BTF @ W + r_BTd)).requires_grad_(True)
-    big = batch.repeat(S)   # α-major copies of the batch
-    logits = analysis.spliced_logits(model, run.layer, big.ids_BT, big.mask_BT, x_BTd.repeat(S, 1, 1),
-                                     (u_SBTd + b).flatten(0, 1), last_only=True)
-    metric = _metric(logits, big)
-    g_BTd = torch.autograd.grad(metric.sum(), u_SBTd)[0].mean(0)
-    ie_BTF = -f_BTF * (g_BTd @ W.T)
-    ie_err_BT = -(r_BTd * g_BTd).sum(-1)
-    return ie_BTF, ie_err_BT, metric.detach().view(S, B)[0]
-
-
-def ie_exact(run, model, m, batch, x_BTd, f_BTF, r_BTd, latents):
-    """Zero-ablate each latent (error kept): IE_i = m(f without i) − m(clean) = ld(clean) − ld(ablated),
-    [B, len(latents)], and the clean metric per pair [B] (the unablated splice: x̂ + r = x)."""
-    sets = [[]] + [[i] for i in latents]
-    ld = analysis.ablated_logit_diffs(run, model, m, batch, x_BTd, f_BTF, r_BTd, sets)
-    return ld[:, :1] - ld[:, 1:], -ld[:, 0]
-
-
-def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, latents=None, steps=IG_STEPS):
+def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, latents=None, steps=defaults.IG_STEPS):
     """IE summed over each sub-task's pairs: dict with 'ie' [S, M, F], 'err' [S, M], 'n' [S], 'subtasks'."""
     subtasks = list(dict.fromkeys(batch.subtask))
     S, M, Fdim = len(subtasks), len(models), run.cc.cfg.dict_size
@@ -119,12 +79,6 @@ def mean_ie(att, subtasks=None):
     return (att["ie"][keep].sum(0) / n).numpy(), (att["err"][keep].sum(0) / n).numpy()
 
 
-def normalise(ie_MF):
-    """Each revision's IE divided by its total |IE| over latents (removes the logit scale)."""
-    tot = np.abs(ie_MF).sum(1, keepdims=True)
-    return ie_MF / np.where(tot > 0, tot, 1)
-
-
 def select(ie_MF, k, how="abs"):
     """The union of the top-k latents per revision, by |IE| (the paper) or by positive IE."""
     chosen = []
@@ -139,21 +93,21 @@ def select(ie_MF, k, how="abs"):
 def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
     revs = run.revisions
     ie_MF, _ = mean_ie(att)
-    nie_MF = normalise(ie_MF)
+    nie_MF = measures.normalise(ie_MF)
     ie_NM, nie_NM = ie_MF[:, chosen].T, nie_MF[:, chosen].T
     df = pd.DataFrame({"latent": chosen})
     for m, r in enumerate(revs):
         df[f"ie_{r}"] = ie_NM[:, m]
     rd = reldec_FM[chosen]
-    analysis.add_shares(df, "relie", analysis.rel(ie_NM), revs)
-    analysis.add_shares(df, "relie_norm", analysis.rel(nie_NM), revs)
-    analysis.add_shares(df, "reldec", rd, revs)
-    for a, b in analysis.pairs_of(revs):
+    measures.add_shares(df, "relie", measures.rel(ie_NM), revs)
+    measures.add_shares(df, "relie_norm", measures.rel(nie_NM), revs)
+    measures.add_shares(df, "reldec", rd, revs)
+    for a, b in measures.pairs_of(revs):
         tag = f"{revs[a]}_{revs[b]}"
         for name, vals in (("relie2", ie_NM), ("relie2_norm", nie_NM), ("reldec2", rd)):
-            r2 = analysis.rel2(vals[:, a], vals[:, b])
+            r2 = measures.rel2(vals[:, a], vals[:, b])
             df[f"{name}_{tag}"] = r2
-            df[f"{name}_class_{tag}"] = analysis.classify2(r2)
+            df[f"{name}_class_{tag}"] = measures.classify2(r2)
     df["artifact"] = [bool(flags.get(i, False)) for i in chosen]
     df["description"] = [annotations.get(i, {}).get("description", "") for i in chosen]
     df["tags"] = [annotations.get(i, {}).get("tags", "") for i in chosen]
@@ -162,7 +116,7 @@ def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
 
 def read_annotations(folder) -> dict:
     """The app's annotations as latent → {description, tags}."""
-    df = analysis.read_annotations(folder)
+    df = measures.read_annotations(folder)
     return {int(r.latent): dict(description=r.description, tags=r.tags) for r in df.itertuples()}
 
 
@@ -198,8 +152,8 @@ def logit_effects(run, models, chosen, n=10):
 def top_contexts(run, models, chosen, n_blocks=64, n=8, before=12, after=3):
     """For each chosen latent, its n highest activations on held-out LM text, each with the window
     of tokens around it and the latent's activation on every token of the window."""
-    ids = run.eval_blocks(n_blocks)
     tok = models[-1][2]
+    ids = run.heldout_blocks(n_blocks, tok)
     acts = []
     for b0 in range(0, len(ids), 8):
         x = analysis.run_acts(models, run.layer, ids[b0:b0 + 8].to(run.device))
@@ -257,42 +211,44 @@ def render_html(task, sheet, contexts, effects, revisions) -> str:
     return "\n".join(parts) + "\n"
 
 
-def main():
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default=None, help="run folder made by train.py (default: the toy default run)")
-    p.add_argument("--task", nargs="+", default=None, help="task(s) (default: the model's own)")
-    p.add_argument("--method", choices=["ig", "atp", "exact"], default="ig")
-    p.add_argument("--threshold", type=float, default=None, help="per-token |IE| zeroed (paper 0.1; toy 0)")
-    p.add_argument("--top-k", type=positive("--top-k"), default=10)
-    p.add_argument("--select", choices=["abs", "positive"], default="abs")
-    p.add_argument("--latents", default=None, help="exact: comma-separated latents to ablate (default all)")
-    p.add_argument("--batch-size", type=positive("--batch-size"), default=16)
-    p.add_argument("--max-pairs", type=positive("--max-pairs"), default=None, help="per sub-task")
-    p.add_argument("--context-blocks", type=positive("--context-blocks"), default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    if args.threshold is not None and not args.threshold >= 0:
-        raise UsageError(f"--threshold must be ≥ 0, got {args.threshold}")
+def parse_args(argv=None):
+    run_dir, spec = cli.run_in(argv)
+    pre = spec.preset
+    p = cli.parser(__doc__.split("\n\n")[0], pre)
+    cli.add(p, "--run", "--top-k", "--select", "--max-pairs", "--pair-batch", "--device",
+            run=str(run_dir), top_k=defaults.TOP_K, select="abs", pair_batch=16, device=defaults.default_device())
+    p.add_argument("--task", nargs="+", default=[spec.task], help=cli.FLAGS["--task"]["help"])
+    p.add_argument("--method", choices=["ig", "atp", "exact"], default="ig",
+                   help="integrated gradients to the zero baseline (the paper's), attribution patching (one "
+                        "step), or exact zero-ablation of each latent (default: %(default)s)")
+    p.add_argument("--threshold", type=cli.finite_nonnegative("--threshold"), default=pre.ie_threshold,
+                   help="per-token |IE| at or below this is zeroed (default: %(default)s)")
+    p.add_argument("--latents", default=None, help="--method exact: comma-separated latents to ablate (default: all)")
+    p.add_argument("--context-blocks", type=positive("--context-blocks"), default=pre.context_blocks,
+                   help="held-out text blocks searched for top-activating contexts (default: %(default)s)")
+    args = p.parse_args(argv)
     if args.latents and args.method != "exact":
         raise UsageError("--latents only applies to --method exact")
-    run = analysis.open_run(args.run or analysis.default_run(), args.device)
-    threshold = args.threshold if args.threshold is not None else (0.0 if run.spec.key == "toy" else 0.1)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = analysis.open_run(args.run, args.device)
     latents = [int(x) for x in args.latents.split(",")] if args.latents else None
     if latents and not all(0 <= i < run.cc.cfg.dict_size for i in latents):
         raise UsageError(f"--latents must lie in 0..{run.cc.cfg.dict_size - 1}")
     models = run.load_models()
-    for task in args.task or [run.spec.task]:
-        relie_task(run, models, task, args, threshold, latents)
+    for task in args.task if cli.given(argv, "--task") else [lm.default_task(run.spec, run.data.get("weights", "hub"))]:
+        relie_task(run, models, task, args, args.threshold, latents)
 
 
 def relie_task(run, models, task, args, threshold, latents):
-    pairs = tasks.load_task(task)
-    if args.max_pairs:
-        pairs = [p for s in dict.fromkeys(p.subtask for p in pairs)
-                 for p in [q for q in pairs if q.subtask == s][:args.max_pairs]]
+    pairs = tasks.limit_pairs(tasks.load_task(task), args.max_pairs)
     batch = tasks.tokenize_pairs(pairs, models[0][2], task)
-    att = attribute(run, models, batch, args.method, threshold, args.batch_size, latents)
     out = run.folder / "relie" / Path(task).stem
+    unmark_done(out)
+    att = attribute(run, models, batch, args.method, threshold, args.pair_batch, latents)
     ie_MF, err_M = mean_ie(att)
     nonzero = int((np.abs(ie_MF) > 0).any(0).sum())
     k = args.top_k
@@ -308,7 +264,7 @@ def relie_task(run, models, task, args, threshold, latents):
     rows, erows = [], []
     for s_i, s in enumerate(att["subtasks"]):
         ie_s, err_s = mean_ie(att, [s])
-        nie_s = normalise(ie_s)
+        nie_s = measures.normalise(ie_s)
         tot = np.abs(ie_s).sum(1)
         for m, r in enumerate(run.revisions):
             nz = np.nonzero(ie_s[m])[0]
@@ -320,7 +276,8 @@ def relie_task(run, models, task, args, threshold, latents):
     ie_df = pd.DataFrame(rows, columns=["subtask", "revision", "latent", "ie", "ie_norm"])
     err_df = pd.DataFrame(erows, columns=["subtask", "revision", "ie_error", "ie_latents_sum", "ie_latents_abs",
                                           "error_share", "clean_logit_diff", "n_pairs"])
-    summary = dict(task=task, method=args.method, threshold=threshold, steps=IG_STEPS if args.method == "ig" else 1,
+    summary = dict(task=task, method=args.method, threshold=threshold,
+                   steps=defaults.IG_STEPS if args.method == "ig" else 1,
                    select=args.select, top_k=k, n_pairs=len(batch), subtasks=att["subtasks"],
                    revisions=run.revisions, chosen=chosen, error_ie=dict(zip(run.revisions, map(float, err_M))),
                    classes=sheet["relie_class"].value_counts().to_dict(),
@@ -331,7 +288,8 @@ def relie_task(run, models, task, args, threshold, latents):
     write_text(out / "contexts.json", json.dumps(contexts))
     write_text(out / "logit_effects.json", json.dumps(effects))
     write_text(out / "latents.html", render_html(task, sheet, contexts, effects, run.revisions))
-    write_json(out / "summary.json", summary)   # last: its presence says the folder is complete
+    write_json(out / "summary.json", summary)
+    mark_done(out, task=task)                   # last: the folder is complete
     print(sheet[["latent"] + [f"ie_{r}" for r in run.revisions] + ["relie_class", "relie_norm_class",
                                                                      "reldec_class"]].to_string(index=False))
     print("error-term IE per revision:", {r: round(float(v), 4) for r, v in zip(run.revisions, err_M)})

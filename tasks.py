@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+import grammar
+import lm
 from common import ArgumentParser, EnvError, UsageError, run_main
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +33,14 @@ class Pair:
     good: str      # the grammatical continuation, with its leading space (" is")
     bad: str
     subtask: str
+    good_sentence: str | None = None   # the whole sentences, where the source has them (--metric sentence)
+    bad_sentence: str | None = None
+
+    def sentences(self) -> tuple[str, str]:
+        """(good, bad) whole sentences; prefix + answer where the source gave no sentences."""
+        if self.good_sentence and self.bad_sentence:
+            return self.good_sentence, self.bad_sentence
+        return self.prefix + self.good, self.prefix + self.bad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,19 +53,20 @@ def pair_from_sentences(good: str, bad: str, subtask: str) -> Pair | None:
         if wg != wb:
             if i == 0:
                 return None  # nothing to condition on
-            return Pair(" ".join(g[:i]), " " + wg, " " + wb, subtask)
+            return Pair(" ".join(g[:i]), " " + wg, " " + wb, subtask, good, bad)
     return None
 
 
 def _pair_from_record(rec: dict, subtask: str) -> Pair | None:
+    sentences = (rec.get("sentence_good"), rec.get("sentence_bad"))
     if "prefix" in rec and "good" in rec:                                   # ours
-        return Pair(rec["prefix"], rec["good"], rec["bad"], rec.get("subtask", subtask))
+        return Pair(rec["prefix"], rec["good"], rec["bad"], rec.get("subtask", subtask), *sentences)
     if "one_prefix_prefix" in rec:                                          # BLiMP one-prefix
         return Pair(rec["one_prefix_prefix"], " " + rec["one_prefix_word_good"],
-                    " " + rec["one_prefix_word_bad"], rec.get("UID", subtask))
+                    " " + rec["one_prefix_word_bad"], rec.get("UID", subtask), *sentences)
     if "clean_prefix" in rec:                                               # CLAMS
         return None if rec.get("skip") else Pair(rec["clean_prefix"], rec["clean_answer"],
-                                                 rec["patch_answer"], subtask)
+                                                 rec["patch_answer"], subtask, *sentences)
     for g, b in (("sentence_good", "sentence_bad"), ("sen", "wrong_sen")):  # whole sentences
         if g in rec:
             return pair_from_sentences(rec[g], rec[b], rec.get("UID") or rec.get("phenomenon") or subtask)
@@ -128,6 +139,13 @@ def _hf_rows(repo, name, split):
 TASK_SETS = ("subjectverb", "clams_en", "clams_fr", "multiblimp_<lang>", "toy_sva", "<file.jsonl>")
 
 
+def limit_pairs(pairs: list[Pair], max_pairs: int | None) -> list[Pair]:
+    """At most max_pairs pairs of each sub-task (all when None), in order."""
+    if not max_pairs:
+        return pairs
+    return [p for s in dict.fromkeys(p.subtask for p in pairs) for p in [q for q in pairs if q.subtask == s][:max_pairs]]
+
+
 def load_task(name: str) -> list[Pair]:
     """A named task set (see the module docstring) or a jsonl path → its pairs, each with its sub-task."""
     if name == "subjectverb":
@@ -175,10 +193,10 @@ class PairBatch:
 
 
 def encode_pair(p: Pair, tok) -> tuple[list[int], int, int] | None:
-    """(prefix ids, good id, bad id), or None when the seed's rule drops the pair: answers of
+    """(BOS + prefix ids, good id, bad id), or None when the seed's rule drops the pair: answers of
     different token counts or longer than 2 tokens. 2-token answers sharing their first token move
     it into the prefix; 2-token answers that differ at once are told apart by their first token."""
-    prefix = tok(p.prefix)["input_ids"]
+    prefix = [lm.bos_id(tok)] + tok(p.prefix, add_special_tokens=False)["input_ids"]
     g = tok(p.good, add_special_tokens=False)["input_ids"]
     b = tok(p.bad, add_special_tokens=False)["input_ids"]
     if len(g) != len(b) or not 1 <= len(g) <= 2:
@@ -214,12 +232,11 @@ def logit_diff(logits_BTV: torch.Tensor, batch: PairBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logit_diffs(lm, batch: PairBatch, device="cpu", batch_size=256) -> torch.Tensor:
-    import lm as lm_mod
+def logit_diffs(model, batch: PairBatch, device="cpu", batch_size=256) -> torch.Tensor:
     out = []
     for i in range(0, len(batch), batch_size):
         b = batch.slice(i, i + batch_size).to(device)
-        out.append(logit_diff(lm_mod.forward(lm, b.ids_BT, b.mask_BT).logits, b).cpu())
+        out.append(logit_diff(lm.forward(model, b.ids_BT, b.mask_BT, last_only=True).logits, b).cpu())
     return torch.cat(out)
 
 
@@ -233,47 +250,43 @@ def by_subtask(values, subtasks) -> dict:
     return out
 
 
-def accuracy_by_subtask(lm, tok, pairs: list[Pair], device="cpu", batch_size=256) -> dict:
+def accuracy_by_subtask(model, tok, pairs: list[Pair], device="cpu", batch_size=256) -> dict:
     """Per sub-task, the fraction of pairs where the model prefers the correct answer token."""
     batch = tokenize_pairs(pairs, tok)
-    return by_subtask(logit_diffs(lm, batch, device, batch_size) > 0, batch.subtask)
+    return by_subtask(logit_diffs(model, batch, device, batch_size) > 0, batch.subtask)
 
 
 # ---------------------------------------------------------------------------------------------
-# LM text → fixed-length token blocks
+# LM text → fixed-length token blocks. A source is a stream of documents (the toy grammar's sentences,
+# a local file's non-empty lines, a Hugging Face dataset's "text" field). Its first documents, the
+# fewest that hold `heldout_tokens` tokens, are the held-out split (validation, normalisation scales,
+# evaluation, top contexts); training reads the documents after them, so the two never share text.
 
-def iter_blocks(source: str, tok, seq_len: int, seed: int = 0):
-    """Yield [seq_len] token-id blocks from the toy corpus ('toy'), a local text file, or a HF dataset
-    ('name' or 'name:config', streamed, field 'text'). Documents are joined with EOS and cut into
-    blocks; each block starts with BOS where the tokenizer has one."""
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    body = seq_len - len(bos)
-    ids: list[int] = []
-    for text in _texts(source, seed):
-        ids += tok(text, add_special_tokens=False)["input_ids"] + sep
-        while len(ids) >= body:
-            yield torch.tensor(bos + ids[:body])
-            ids = ids[body:]
+@dataclass(frozen=True)
+class TextPos:
+    """Where a block's first token lies in a source: the document's index, the token offset in that
+    document (its tokens + EOS), and for a local file the document's byte offset (to seek straight to it)."""
+    doc: int = 0
+    offset: int = 0
+    byte: int = 0
 
 
-def text_blocks(source: str, tok, n_blocks: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """[n_blocks, seq_len] token ids (see iter_blocks)."""
-    out = [b for b, _ in zip(iter_blocks(source, tok, seq_len, seed), range(n_blocks))]
-    if len(out) < n_blocks:
-        raise UsageError(f"text source {source!r} gives only {len(out)} blocks of {seq_len} tokens; "
-                         f"{n_blocks} are needed")
-    return torch.stack(out)
-
-
-def _texts(source: str, seed: int):
+def _documents(source: str, start: TextPos = TextPos()):
+    """(index, byte offset, text) of every document from start.doc on."""
     if source == "toy":
-        import toy
-        yield from toy.toy_corpus(10**9, seed)   # a generator: we stop when we have enough
+        for i, text in enumerate(grammar.toy_corpus()):
+            if i >= start.doc:
+                yield i, 0, text
         return
     if os.path.isfile(source):
-        with open(source) as f:
-            yield from (line for line in f if line.strip())
+        with open(source, "rb") as f:
+            f.seek(start.byte)
+            i = start.doc
+            while line := f.readline():
+                text = line.decode("utf-8", errors="replace")
+                if text.strip():
+                    yield i, f.tell() - len(line), text
+                    i += 1
         return
     if os.path.exists(source) or "/" not in source:
         raise UsageError(f"text source {source!r} is neither 'toy', a file, nor a HF dataset id (org/name)")
@@ -281,21 +294,102 @@ def _texts(source: str, seed: int):
     try:
         import datasets
         ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
-        yield from (r["text"] for r in ds)
+        yield from ((start.doc + i, 0, r["text"]) for i, r in enumerate(ds.skip(start.doc)))
     except (ConnectionError, OSError) as e:
         raise EnvError(f"cannot stream {source} from the Hugging Face hub ({type(e).__name__}); "
                        "without network, give a local text file") from None
 
 
+def _doc_ids(tok, text) -> list[int]:
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    return tok(text, add_special_tokens=False)["input_ids"] + eos
+
+
+_BOUNDARY: dict = {}
+
+
+def heldout_end(source: str, tok, heldout_tokens: int) -> TextPos:
+    """Where training text starts: the document after the fewest first documents holding ≥ heldout_tokens."""
+    key = (source, tok.name_or_path, len(tok), heldout_tokens)
+    if key not in _BOUNDARY:
+        n = 0
+        for i, byte, text in _documents(source):
+            if n >= heldout_tokens:
+                _BOUNDARY[key] = TextPos(i, 0, byte)
+                break
+            n += len(_doc_ids(tok, text))
+        else:
+            raise UsageError(f"text source {source!r} holds only {n} tokens, all of them in its held-out split "
+                             f"({heldout_tokens} tokens): nothing is left to train on; give more text")
+    return _BOUNDARY[key]
+
+
+def iter_blocks(source: str, tok, seq_len: int, heldout_tokens: int, split: str = "train",
+                start: TextPos | None = None):
+    """Yield (block [seq_len] ids, TextPos of its first token after BOS). Each block is BOS (or EOS where
+    the tokenizer has no BOS) and seq_len − 1 tokens of documents joined by EOS. split 'heldout' reads
+    the held-out documents only; 'train' the documents after them, from `start` when given (resume)."""
+    end = heldout_end(source, tok, heldout_tokens)
+    if split == "heldout":
+        first, stop = TextPos(), end.doc
+    elif split == "train":
+        first, stop = start or end, None
+    else:
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    bos, body = [lm.bos_id(tok)], seq_len - 1
+    ids: list[int] = []
+    segs: list[list] = []   # per document with tokens in `ids`: [index, byte, offset of its next token, tokens left]
+    for i, byte, text in _documents(source, first):
+        if stop is not None and i >= stop:
+            return
+        skip = first.offset if i == first.doc else 0
+        doc = _doc_ids(tok, text)[skip:]
+        if not doc:
+            continue
+        segs.append([i, byte, skip, len(doc)])
+        ids += doc
+        while len(ids) >= body:
+            yield torch.tensor(bos + ids[:body]), TextPos(segs[0][0], segs[0][2], segs[0][1])
+            ids, used = ids[body:], body
+            while used:   # the segments' offsets move past the tokens just used
+                take = min(used, segs[0][3])
+                segs[0][2] += take
+                segs[0][3] -= take
+                used -= take
+                if segs[0][3] == 0:
+                    segs.pop(0)
+
+
+def text_blocks(source: str, tok, n_blocks: int, seq_len: int, heldout_tokens: int,
+                split: str = "heldout") -> torch.Tensor:
+    """[n_blocks, seq_len] token ids: the first n_blocks of a split (see iter_blocks)."""
+    out = [b for (b, _), _ in zip(iter_blocks(source, tok, seq_len, heldout_tokens, split), range(n_blocks))]
+    if len(out) < n_blocks:
+        where = f"its held-out split (the first {heldout_tokens} tokens)" if split == "heldout" else "its training split"
+        raise UsageError(f"text source {source!r} gives only {len(out)} blocks of {seq_len} tokens in {where}; "
+                         f"{n_blocks} are needed")
+    return torch.stack(out)
+
+
+def count_blocks(source: str, tok, seq_len: int, heldout_tokens: int, need: int, start: TextPos | None = None):
+    """How many training blocks the source holds from `start`, counting up to `need` (the toy's is endless)."""
+    if source == "toy":
+        return need
+    n = 0
+    for n, _ in enumerate(iter_blocks(source, tok, seq_len, heldout_tokens, "train", start), 1):
+        if n >= need:
+            break
+    return n
+
+
 def main():
-    import lm as lm_mod
     p = ArgumentParser(description="Load a task and report how many pairs survive tokenisation.")
     p.add_argument("task")
     p.add_argument("--model", default="toy")
     args = p.parse_args()
     pairs = load_task(args.task)
-    spec = lm_mod.resolve(args.model)
-    _, tok = lm_mod.load(spec, spec.revisions[-1] if spec.revisions else None)
+    spec = lm.resolve(args.model)
+    _, tok = lm.load(spec, spec.revisions[-1] if spec.revisions else None)
     batch = tokenize_pairs(pairs, tok, args.task)
     counts = {s: batch.subtask.count(s) for s in dict.fromkeys(batch.subtask)}
     print(f"{args.task}: {len(batch)} of {len(pairs)} pairs kept; per sub-task: {counts}")

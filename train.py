@@ -1,20 +1,21 @@
 """train.py — train ONE sparse crosscoder over layer L of several checkpoints.
 
-    python train.py                                   # embedded default: the toy model, ~1 minute on a CPU
+    python train.py                                   # the toy model (after `python toy.py`), ~1 minute on a CPU
     python train.py --model pythia-1b --layer 8       # the paper's run (GPU, network): live buffer, 400M tokens
     python train.py --cache cache/toy-L0-step64_step128_step512 --arch batchtopk
     torchrun --nproc_per_node=2 train.py ...          # data-parallel (gloo on CPU, nccl on GPU)
 
-Activations come from a cache (--cache, made by cache_acts.py) or, without one, from a live buffer
-that runs the checkpoints itself. The toy model is built, and its cache made, on first use.
-The crosscoder trains on normalised activations s_m·x_m; the saved one has the scales folded in,
-so it acts on raw activations (crosscoder.decoder_norms() still reports normalised norms).
+Activations come from a cache (made by cache_acts.py; the toy's preset makes its cache first, saying
+so) or from a live buffer that runs the checkpoints on the text's training split. Validation and the
+normalisation scales s_m come from the held-out split. The crosscoder trains on s_m·x_m; the saved
+one has the scales folded in, so it acts on raw activations.
 
-Run folder (runs/<name>/): config.json + crosscoder.safetensors at the end, log.jsonl per logging
-step, ckpt/ (weights, optimizer, schedule, RNG, data position) every --ckpt-every steps so --resume
-continues after a kill and ends with the weights of an uninterrupted run.
+Run folder (runs/<name>/): config.json + crosscoder.safetensors, then DONE; log.jsonl per logging
+step; ckpt/ (weights, optimizer, schedule, RNG, the live buffer's text position) every --ckpt-every
+steps, so --resume continues after a kill and ends with the weights of an uninterrupted run.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -24,74 +25,55 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import cache_acts
+import cli
+import defaults
 import lm
 import tasks
-from common import ArgumentParser, UsageError, fault_point, folder_lock, positive, run_main, write_json
+from activations import CacheBatches, LiveBuffer, layer_acts, load_models, make_cache, norm_scale, open_cache
+from common import (UsageError, atomic_dir, fault_point, folder_lock, is_done, mark_done, positive, read_json,
+                    run_main, write_json)
 from crosscoder import CrossCoder, CrossCoderConfig
-
-# The paper's defaults (DESIGN.md), and the toy's (a trial: FVU 0.02-0.03, L0 ~33 in ~40 s on 2 cores).
-PAPER = dict(dict_size=16384, batch_size=4096, tokens=400_000_000, lr=5e-5, l1_coeff=2.0, k=200)
-TOY = dict(dict_size=512, batch_size=1024, tokens=4_096_000, lr=2e-3, l1_coeff=2.0, k=32)
-VAL_ROWS = 8192
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="toy")
-    p.add_argument("--layer", type=int, default=None)
-    p.add_argument("--revisions", default=None, help="comma-separated (default: the model's triplet)")
-    p.add_argument("--cache", default=None, help="activation cache folder (cache_acts.py)")
-    p.add_argument("--arch", choices=["l1", "batchtopk"], default="l1")
-    p.add_argument("--dict-size", type=positive("--dict-size"), default=None)
-    p.add_argument("--batch-size", type=positive("--batch-size"), default=None, help="tokens per step (global)")
-    p.add_argument("--tokens", type=positive("--tokens"), default=None, help="training tokens in all")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--l1-coeff", type=float, default=None)
-    p.add_argument("--k", type=positive("--k"), default=None, help="BatchTopK: latents per token")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="crosscoder matmuls (bf16 autocast on GPU; the loss stays fp32)")
-    p.add_argument("--model-dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="dtype of the language models in the live buffer (default bf16 on GPU)")
-    p.add_argument("--buffer-tokens", type=positive("--buffer-tokens"), default=524_288)
-    p.add_argument("--seq-len", type=positive("--seq-len"), default=None)
-    p.add_argument("--text", default=None, help="LM text for the live buffer / toy cache")
-    p.add_argument("--log-every", type=positive("--log-every"), default=None)
-    p.add_argument("--ckpt-every", type=positive("--ckpt-every"), default=None)
-    p.add_argument("--out", default=None, help="run folder (default runs/<model>-L<layer>-<revisions>-<arch>)")
+    spec = cli.model_in(argv)
+    pre = spec.preset
+    p = cli.parser(__doc__.split("\n\n")[0], pre)
+    cli.add(p, "--model", "--layer", "--revisions", "--weights", "--arch", "--batch-size", "--tokens", "--seed",
+            "--device", "--model-dtype", "--text", "--seq-len", "--heldout-tokens", "--out", "--overwrite",
+            model=spec.key, layer=spec.layer, revisions=",".join(spec.revisions) or None, weights="hub",
+            arch=defaults.ARCH, batch_size=pre.batch_size, tokens=pre.tokens, seed=0,
+            device=defaults.default_device(), text=spec.text, seq_len=pre.seq_len,
+            heldout_tokens=pre.heldout_tokens, out=None)
+    p.add_argument("--cache", default=None, help="activation cache folder made by cache_acts.py (default: "
+                   + ("the toy's, made first if missing" if pre.data == "cache" else "none: a live buffer") + ")")
+    p.add_argument("--dict-size", type=positive("--dict-size"), default=pre.dict_size, help="latents F (default: %(default)s)")
+    p.add_argument("--lr", type=cli.finite_positive("--lr"), default=pre.lr, help="Adam's lr (default: %(default)s)")
+    p.add_argument("--l1-coeff", type=cli.finite_nonnegative("--l1-coeff"), default=pre.l1_coeff,
+                   help="λ, the L1 penalty's weight after its warm-up (default: %(default)s)")
+    p.add_argument("--k", type=positive("--k"), default=pre.k, help="BatchTopK: latents per token (default: %(default)s)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="the crosscoder's matmuls: fp32, or bf16 autocast on a GPU (the loss sums stay fp32) "
+                        "(default: %(default)s)")
+    p.add_argument("--buffer-tokens", type=positive("--buffer-tokens"), default=pre.buffer_tokens,
+                   help="live buffer: token positions held on the device (default: %(default)s)")
+    p.add_argument("--log-every", type=positive("--log-every"), default=None, help="default: 1/20 of the steps")
+    p.add_argument("--ckpt-every", type=positive("--ckpt-every"), default=None, help="default: 1/10 of the steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished or different run in --out")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss (GPU)")
     p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in "
                          "--out, --overwrite starts it again")
-    for name in ("lr", "l1_coeff"):
-        v = getattr(args, name)
-        if v is not None and not (v > 0 if name == "lr" else v >= 0) or (v is not None and not math.isfinite(v)):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v}")
-    return args
-
-
-def resolve_defaults(args, spec):
-    """Fill unset flags: the toy's defaults for the toy model, the paper's for every other."""
-    base = TOY if spec.key == "toy" else PAPER
-    for k, v in base.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.layer = spec.layer if args.layer is None else args.layer
     if args.layer is None:
         raise UsageError(f"--layer is required for {args.model}")
-    args.revisions = args.revisions.split(",") if isinstance(args.revisions, str) else list(spec.revisions)
+    args.revisions = args.revisions.split(",") if args.revisions else []
     if len(args.revisions) < 2:
         raise UsageError(f"--revisions needs at least 2 revisions to crosscode, got {args.revisions}")
     if len(set(args.revisions)) != len(args.revisions):
@@ -103,148 +85,146 @@ def resolve_defaults(args, spec):
     args.ckpt_every = args.ckpt_every or max(1, args.steps // 10)
     if args.arch == "batchtopk" and args.k > args.dict_size:
         raise UsageError(f"--k {args.k} exceeds --dict-size {args.dict_size}")
-    name = f"{Path(spec.key).name}-L{args.layer}-{'_'.join(args.revisions)}-{args.arch}"
-    args.out = Path(args.out or Path("runs") / name)
-    return args
+    args.text = cli.given(argv, "--text") or lm.default_text(spec, args.weights)
+    if args.cache is None and pre.data == "cache" and args.weights == "hub":
+        args.cache = str(defaults.cache_dir(spec.key, args.layer, args.revisions))
+        args.make_cache = True
+    else:
+        args.make_cache = False
+    args.out = Path(args.out or defaults.run_dir(spec.key, args.layer, args.revisions, args.arch))
+    return args, spec
 
 
 def crosscoder_config(args, M, d):
-    """The paper's schedules, scaled to the run's length where the paper's step counts would not fit
-    (BatchTopK: k annealed over 5% of steps from 5k, θ from 1%, dead after 2.5% of tokens)."""
-    kw = dict(n_models=M, d_model=d, dict_size=args.dict_size, arch=args.arch, l1_coeff=args.l1_coeff,
-              lr=args.lr, total_steps=args.steps, seed=args.seed)
-    if args.arch == "batchtopk":
-        kw.update(k=args.k, k_start=min(5 * args.k, args.dict_size), k_anneal_steps=min(5000, args.steps // 20),
-                  threshold_start_step=min(1000, args.steps // 100),
-                  dead_tokens=min(10_000_000, max(args.batch_size, args.tokens // 40)))
-    return CrossCoderConfig(**kw)
+    """The paper's crosscoder; its schedules (λ warm-up, k anneal, θ, dead after 2.5% of the run) follow
+    the run's length as the paper's do (CrossCoderConfig)."""
+    return CrossCoderConfig(n_models=M, d_model=d, dict_size=args.dict_size, arch=args.arch, l1_coeff=args.l1_coeff,
+                            lr=args.lr, total_steps=args.steps, batch_size=args.batch_size, k=args.k, seed=args.seed)
 
 
-def check_memory(cfg, batch, device):
-    """Refuse requests that cannot fit: weights, grads and 2 Adam moments, plus a few [B, F] tensors."""
-    n_params = 2 * cfg.n_models * cfg.d_model * cfg.dict_size + cfg.dict_size + cfg.n_models * cfg.d_model
-    need = 4 * (4 * n_params + 6 * batch * cfg.dict_size + 4 * batch * cfg.n_models * cfg.d_model)
+# ---------------------------------------------------------------------------------------------
+# Memory: predict the peak before the first step, refuse what cannot fit
+
+def _rss() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def predict_memory(cfg, batch, device, resident=0) -> int:
+    """Bytes the device will hold at the training loop's peak: what it holds now (on a CPU the process's
+    RSS: the interpreter, the language models, the buffer) + `resident` not yet allocated + the crosscoder's
+    weights, grads and 2 Adam moments (16 bytes a parameter) + the step's activations: about 7 fp32
+    [B, F] and 6 [B, M·d] tensors (pre-activations, codes, their masks and grads; inputs, reconstructions,
+    errors), measured on a CPU (tests/test_train.py) and a GPU."""
+    M, d, F = cfg.n_models, cfg.d_model, cfg.dict_size
+    n_params = 2 * M * d * F + F + M * d
+    now = torch.cuda.memory_allocated(torch.device(device)) if str(device).startswith("cuda") else _rss()
+    return now + resident + 16 * n_params + 4 * (7 * batch * F + 6 * batch * M * d)
+
+
+def check_memory(need, device):
     if str(device).startswith("cuda"):
-        have = torch.cuda.mem_get_info(torch.device(device))[0]
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        have = free + torch.cuda.memory_allocated(torch.device(device))
     else:
         try:
-            have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + _rss()
         except (ValueError, OSError):
             return
     if need > have:
         raise UsageError(f"this run needs about {need / 2**30:.1f} GiB on {device} but {have / 2**30:.1f} GiB are "
-                         "free; lower --dict-size or --batch-size")
+                         "available; lower --dict-size, --batch-size or --buffer-tokens")
 
 
 # ---------------------------------------------------------------------------------------------
 # Data: batches as a pure function of the step, so a resumed run sees the same data
 
-class CacheBatches:
-    """Random batches from a cache: a seeded permutation of the training rows per epoch."""
-
-    def __init__(self, cache, batch_size, seed, rank=0, world=1):
-        self.cache, self.B, self.seed, self.rank, self.world = cache, batch_size, seed, rank, world
-        self.lo, self.hi = cache.rows("train")
-        self.per_epoch = (self.hi - self.lo) // batch_size
-        if self.per_epoch == 0:
-            raise UsageError(f"cache {cache.folder} has {self.hi - self.lo} training rows, fewer than one "
-                             f"batch of {batch_size}")
-        self.epoch, self.perm = -1, None
-
-    def batch_at(self, step):
-        epoch, j = divmod(step, self.per_epoch)
-        if epoch != self.epoch:
-            g = np.random.default_rng([self.seed, epoch])
-            self.perm, self.epoch = self.lo + g.permutation(self.hi - self.lo), epoch
-        idx = np.sort(self.perm[j * self.B:(j + 1) * self.B][self.rank::self.world])
-        return self.cache.get(idx)
-
-
-def data_source(args, spec, rank, world):
-    """(batch_at(step) → raw [B/world, M, d], scales [M], val [V, M, d], data description)."""
-    if args.cache is None and spec.key == "toy":
-        # the embedded default: make the toy's cache on first use (cached and resumable itself)
-        args.cache = str(cache_acts.default_cache_dir("toy", args.layer, args.revisions))
-        if rank == 0:
-            cache_acts.make_cache("toy", args.layer, args.revisions, args.cache, 262_144, args.seq_len or 32,
-                                  text=args.text)
-        if world > 1:
-            dist.barrier()
+def data_source(args, spec, rank, world, resume_state):
+    """(batch_at(step) → raw [B/world, M, d], scales [M], val [V, M, d], data description, buffer)."""
+    if args.make_cache and rank == 0 and not is_done(args.cache):
+        print(f"making the activation cache first (as `python cache_acts.py --model {spec.key}` would): {args.cache}",
+              file=sys.stderr)
+        make_cache(spec.key, args.layer, args.revisions, args.cache, spec.preset.cache_tokens,
+                              args.seq_len, args.heldout_tokens, args.text, args.device)
+    if world > 1:
+        dist.barrier()
     if args.cache:
-        cache = cache_acts.open_cache(args.cache)
+        cache = open_cache(args.cache)
         m = cache.meta
         if m["revisions"] != args.revisions or m["layer"] != args.layer or m["model"] != spec.key:
             raise UsageError(f"cache {args.cache} holds {m['model']} layer {m['layer']} revisions "
                              f"{','.join(m['revisions'])}, not {spec.key} layer {args.layer} "
                              f"revisions {','.join(args.revisions)}")
         batches = CacheBatches(cache, args.batch_size, args.seed, rank, world)
-        lo, hi = cache.rows("val")
-        val = cache.get(np.linspace(lo, hi - 1, min(VAL_ROWS, hi - lo)).astype(np.int64))
-        desc = dict(cache=str(args.cache), fingerprint=m["fingerprint"], text=m["text"], d=m["d"])
-        return (lambda step: batches.batch_at(step)), cache.scales, val, desc
-    return live_source(args, spec, rank, world)
+        desc = dict(cache=str(args.cache), fingerprint=m["fingerprint"], text=m["text"], d=m["d"],
+                    seq_len=m["seq_len"], heldout_tokens=m["split"]["heldout_tokens"], weights=m.get("weights", "hub"))
+        return batches.batch_at, cache.scales, cache.val(defaults.VAL_ROWS), desc, None
+    return live_source(args, spec, rank, world, resume_state)
 
 
-def live_source(args, spec, rank, world):
-    mdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.model_dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")]
-    avail = lm.revisions(spec, quiet=rank > 0)
-    for r in args.revisions:
-        lm.check_revision(spec, r, avail)
-    models = cache_acts.load_models(spec, args.revisions, args.device, mdt, args.layer)
-    tok, T, text = models[0][2], args.seq_len or 1024, args.text or spec.text
-    # validation and scales come from blocks the training stream never reaches (another seed)
-    val_ids = tasks.text_blocks(text, tok, max(1, VAL_ROWS // (T - 1)), T, seed=args.seed + 1)
+def live_source(args, spec, rank, world, resume_state):
+    mdt = cli.dtype(args.model_dtype, args.device)
+    if args.weights == "hub":
+        avail = lm.revisions(spec, quiet=rank > 0)
+        for r in args.revisions:
+            lm.check_revision(spec, r, avail)
+    models = load_models(spec, args.revisions, args.device, mdt, args.layer, args.weights)
+    tok, T, text, H = models[0][2], args.seq_len, args.text, args.heldout_tokens
+    # validation and scales: the held-out split, which training never reads
+    val_ids = tasks.text_blocks(text, tok, math.ceil(defaults.VAL_ROWS / (T - 1)), T, H, "heldout")
     with torch.no_grad():
-        val = torch.stack([torch.cat([cache_acts.layer_acts(m, args.layer, val_ids[i:i + 4])
-                                      for i in range(0, len(val_ids), 4)]) for _, m, _ in models], 1).cpu()
-    scales = [cache_acts.norm_scale(val[:, i]) for i in range(val.shape[1])]
-    buf = cache_acts.LiveBuffer(models, args.layer, lambda: tasks.iter_blocks(text, tok, T, seed=args.seed),
-                                args.buffer_tokens, T, args.seed, args.device)
-    B = args.batch_size
+        val = torch.stack([torch.cat([layer_acts(m, args.layer, val_ids[i:i + 4]) for i in range(0, len(val_ids), 4)])
+                           for _, m, _ in models], 1).cpu()
+    scales = [norm_scale(val[:, i]) for i in range(val.shape[1])]
+
+    def blocks(pos):
+        start = None if pos is None else tasks.TextPos(**pos)
+        return ((b, dataclasses.asdict(p)) for b, p in tasks.iter_blocks(text, tok, T, H, "train", start))
+
+    buf = LiveBuffer(models, args.layer, blocks, T, args.buffer_tokens, args.steps * args.batch_size, args.seed,
+                     args.device, lm_batch=32 if str(args.device).startswith("cuda") else 8, start=resume_state)
+    need = buf.blocks_needed(args.steps, args.batch_size)
+    if resume_state is None:
+        have = tasks.count_blocks(text, tok, T, H, need)
+        if have < need:
+            raise UsageError(f"text source {text!r} holds {have} training blocks of {T} tokens after its held-out "
+                             f"split, this run needs {need} (--tokens {args.tokens}, the live buffer's windows); "
+                             "give a longer --text or fewer --tokens")
+    desc = dict(cache=None, text=text, seq_len=T, heldout_tokens=H, d=val.shape[-1], buffer_tokens=args.buffer_tokens,
+                buffer_windows=buf.K, weights=args.weights)
 
     def batch_at(step):
-        return buf.batch_at(step, B)[rank::world]
+        return buf.batch_at(step, args.batch_size)[rank::world]
 
-    desc = dict(cache=None, text=text, seq_len=T, d=val.shape[-1], buffer_tokens=args.buffer_tokens)
-    return batch_at, scales, val, desc
+    return batch_at, scales, val, desc, buf
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON, written to a temporary folder and swapped in
+# Checkpoints: safetensors + JSON in a folder swapped in whole, DONE inside it
 
-def save_checkpoint(folder, step, cc, opt, sched):
+def save_checkpoint(folder, step, cc, opt, sched, buffer_state=None):
     tensors = {f"cc.{k}": v.detach().contiguous() for k, v in cc.state_dict().items()}
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).contiguous()
     tensors["rng.cpu"] = torch.get_rng_state()
-    state = dict(step=step, sched=sched.state_dict(), opt_groups=opt.state_dict()["param_groups"])
-    tmp, final, old = folder / "ckpt.tmp", folder / "ckpt", folder / "ckpt.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
-    fault_point("ckpt_write")                   # killed mid-write: ckpt.tmp has no marker yet
-    (tmp / "state.json").write_text(json.dumps(state, default=str))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    (tmp / "COMPLETE").write_text(str(step))   # the marker goes last
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        fault_point("ckpt_swap")                # killed between the renames: ckpt.old is the newest
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    state = dict(step=step, sched=sched.state_dict(), opt_groups=opt.state_dict()["param_groups"],
+                 buffer=buffer_state)
+    with atomic_dir(folder / "ckpt") as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
+        fault_point("ckpt_write")               # killed mid-write: the temporary folder has no marker yet
+        (tmp / "state.json").write_text(json.dumps(state, default=str))
+        mark_done(tmp, step=step)               # the marker goes last
+        fault_point("ckpt_swap")                # killed before the swap: the previous checkpoint stands
 
 
 def load_checkpoint(folder, cc, opt, sched, device):
-    """Restore the newest complete checkpoint; returns its step (0 if none). A kill during the swap
-    can leave the newest one in ckpt.tmp/ and the one before in ckpt.old/."""
-    done = [d for d in (folder / n for n in ("ckpt", "ckpt.tmp", "ckpt.old")) if (d / "COMPLETE").exists()]
-    if not done:
-        return 0
-    d = max(done, key=lambda d: int((d / "COMPLETE").read_text()))
+    """Restore the checkpoint; returns (its step, the live buffer's state), (0, None) if there is none."""
+    d = folder / "ckpt"
+    if not is_done(d):
+        return 0, None
     t = load_file(d / "state.safetensors", device=str(device))
     state = json.loads((d / "state.json").read_text())
     cc.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("cc.")})
@@ -256,7 +236,10 @@ def load_checkpoint(folder, cc, opt, sched, device):
     opt.load_state_dict(dict(state=opt_state, param_groups=state["opt_groups"]))
     sched.load_state_dict(state["sched"])
     torch.set_rng_state(t["rng.cpu"].cpu())
-    return state["step"]
+    return state["step"], state.get("buffer")
+
+
+RESUME_KEYS = ("model", "layer", "revisions", "arch", "dict_size", "batch_size", "tokens", "lr", "seed", "weights")
 
 
 def prepare_out(args, rank):
@@ -268,11 +251,11 @@ def prepare_out(args, rank):
     if held and not (args.resume or args.overwrite):
         raise UsageError(f"{out} already holds a run ({held[0]}); pass --resume to continue it, "
                          "--overwrite to replace it, or another --out")
-    if args.resume and (out / "crosscoder.safetensors").exists() and (out / "DONE").exists():
+    if args.resume and is_done(out):
         raise UsageError(f"{out} is a finished run; nothing to resume (--overwrite to train it again)")
     if args.resume and (out / "run_args.json").exists():
-        old = json.loads((out / "run_args.json").read_text())
-        for k in ("model", "layer", "revisions", "arch", "dict_size", "batch_size", "tokens", "lr", "seed"):
+        old = read_json(out / "run_args.json", "run arguments")
+        for k in RESUME_KEYS:
             if str(old.get(k)) != str(getattr(args, k)):
                 raise UsageError(f"--resume: {out} was started with {k}={old.get(k)}, this command has "
                                  f"{k}={getattr(args, k)}")
@@ -280,7 +263,7 @@ def prepare_out(args, rank):
         for f in ("config.json", "crosscoder.safetensors", "log.jsonl", "DONE", "run_args.json", "eval.json",
                   "latents.csv"):
             (out / f).unlink(missing_ok=True)
-        for d in ("ckpt", "ckpt.old", "ckpt.tmp", "relie", "ablation"):
+        for d in ("ckpt", "relie", "ablation", "stability"):
             shutil.rmtree(out / d, ignore_errors=True)
 
 
@@ -322,8 +305,8 @@ def sync_buffers(cc, world, B_local):
     """After each DDP step, one set of buffers on every rank, as one process over the whole batch would
     have them (DDP itself only averages gradients). Dead-latent counters: a latent fired if it fired on
     any rank (the minimum), and the tokens since then count every rank's (B_local·world per step).
-    BatchTopK's θ: every rank applied the same EMA to its own smallest kept score; the EMA is monotone,
-    so the minimum over ranks is the EMA of the whole batch's smallest kept score."""
+    BatchTopK's θ: every rank applied the same EMA to its own smallest kept score (all ≥ the global
+    cut); the EMA is monotone, so the minimum over ranks is the EMA of the global batch's smallest."""
     since_F = cc.tokens_since_active_F          # each rank: its previous (shared) value + B_local, or 0
     dist.all_reduce(since_F, op=dist.ReduceOp.MIN)
     since_F.add_((since_F > 0) * B_local * (world - 1))
@@ -341,16 +324,14 @@ class _LossModule(torch.nn.Module):
         return self.cc.loss(x_BMd, step=step)
 
 
-def train(args):
+def train(args, spec):
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world > 1:
         dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
-        if str(args.device) == "cuda":
+        if str(args.device).startswith("cuda"):   # cuda or cuda:N: each rank its own GPU
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(args.device)
-    spec = lm.resolve(args.model)
-    args = resolve_defaults(args, spec)
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     with folder_lock(args.out) if rank == 0 else contextlib.nullcontext():
@@ -365,14 +346,19 @@ def _train(args, spec, rank, world):
     prepare_out(args, rank)
     if world > 1:
         dist.barrier()
-    batch_at, scales, val, desc = data_source(args, spec, rank, world)
+    resume_state = None
+    if args.resume and is_done(args.out / "ckpt"):
+        resume_state = json.loads((args.out / "ckpt" / "state.json").read_text()).get("buffer")
+    batch_at, scales, val, desc, buf = data_source(args, spec, rank, world, resume_state)
     M, d = len(args.revisions), desc["d"]
     cfg = crosscoder_config(args, M, d)
-    check_memory(cfg, args.batch_size // world, args.device)
+    need = predict_memory(cfg, args.batch_size // world, args.device, buf.resident_bytes(d) if buf else 0)
+    check_memory(need, args.device)
     torch.manual_seed(args.seed)
     if str(args.device).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls; the loss sums stay fp32
     cc = CrossCoder(cfg).to(args.device)
+    cc.group = dist.group.WORLD if world > 1 else None   # BatchTopK over the global batch
     opt = cc.make_optimizer(args.lr)
     sched = cc.make_scheduler(opt)
     for r, s, v in zip(args.revisions, scales, val.unbind(1)):
@@ -381,7 +367,7 @@ def _train(args, spec, rank, world):
                              "the checkpoint is broken or the cache is corrupt")
     s_M = torch.tensor(scales, device=args.device)
     val_BMd = val * s_M.cpu()[None, :, None]
-    start = load_checkpoint(args.out, cc, opt, sched, args.device) if args.resume else 0
+    start = load_checkpoint(args.out, cc, opt, sched, args.device)[0] if args.resume else 0
     if rank == 0:
         write_json(args.out / "run_args.json", {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
         _truncate_log(args.out / "log.jsonl", start)
@@ -391,26 +377,28 @@ def _train(args, spec, rank, world):
     if args.compile:
         loss_fn = torch.compile(loss_fn)
     wandb = _wandb(args) if (args.wandb and rank == 0) else None
-    use_autocast = args.dtype == "bf16" and str(args.device).startswith("cuda")
+    autocast = args.precision == "bf16" and str(args.device).startswith("cuda")
+
     def checked(x_BMd, step):
         if not torch.isfinite(x_BMd).all():
             r = int((~torch.isfinite(x_BMd)).any(-1).any(0).nonzero()[0])
             raise UsageError(f"NaN/Inf in the activations of revision {args.revisions[r]} at step {step}")
         return x_BMd
 
-    if start < args.steps:
-        checked(batch_at(start), start)   # fail before the progress bar when the data is broken
-    # on a GPU the next batch is read, checked and pinned in a thread while this step runs, so its
-    # copy is asynchronous (batch_at is a pure function of the step: resuming is unaffected); on a
-    # CPU the thread would only take cores from the step, so there it runs inline
-    pin = str(args.device).startswith("cuda")
+    # on a GPU the next cache batch is read, checked and pinned in a thread while this step runs, so its
+    # copy is asynchronous (batch_at is a pure function of the step: resuming is unaffected); on a CPU the
+    # thread would only take cores from the step, and a live buffer's batches are on the device already
+    pin = str(args.device).startswith("cuda") and buf is None
 
-    def fetch(step):   # a live buffer's batches are on the device already: only cache batches are pinned
+    def fetch(step):
         x_BMd = batch_at(step)
-        return checked(x_BMd.pin_memory() if pin and x_BMd.device.type == "cpu" else x_BMd, step)
+        return checked(x_BMd.pin_memory() if pin else x_BMd, step)
 
     pool = ThreadPoolExecutor(1) if pin else _Inline()
-    nxt = pool.submit(fetch, start) if start < args.steps else None
+    nxt = pool.submit(fetch, start) if start < args.steps else None   # fails here, before the bar, on bad data
+    if rank == 0:
+        print(f"training {M} revisions × d={d} → F={cfg.dict_size} ({cfg.arch}), {args.steps} steps of "
+              f"{args.batch_size}; predicted peak memory {need / 2**30:.2f} GiB on {args.device}", file=sys.stderr)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", disable=rank != 0,
                dynamic_ncols=True)
     t0, seen = time.time(), 0
@@ -419,13 +407,7 @@ def _train(args, spec, rank, world):
             x_BMd = nxt.result().to(args.device, non_blocking=True) * s_M[None, :, None]
             if step + 1 < args.steps:
                 nxt = pool.submit(fetch, step + 1)
-            with torch.autocast("cuda", torch.bfloat16, enabled=use_autocast):
-                out = loss_fn(x_BMd, step)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(cc.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            out = cc.train_step(opt, sched, x_BMd, step, loss_fn=loss_fn, autocast=autocast)
             if world > 1:
                 sync_buffers(cc, world, x_BMd.shape[0])
             seen += x_BMd.shape[0] * world
@@ -443,7 +425,8 @@ def _train(args, spec, rank, world):
                 if wandb:
                     wandb.log(rec, step=step + 1)
             if (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps and rank == 0:
-                save_checkpoint(args.out, step + 1, cc, opt, sched)
+                save_checkpoint(args.out, step + 1, cc, opt, sched,
+                                buf.state(step + 1, args.batch_size) if buf else None)
     except BaseException:
         bar.leave = False   # an error leaves one line on the terminal, not a stale bar
         bar.close()
@@ -452,17 +435,20 @@ def _train(args, spec, rank, world):
         pool.shutdown(wait=True, cancel_futures=True)
     if rank == 0:
         final = cc.fold_scales(scales)
+        peak = torch.cuda.max_memory_allocated(torch.device(args.device)) if str(args.device).startswith("cuda") else None
         final.save(args.out, extra=dict(
             model=spec.key, repo=spec.repo, revisions=args.revisions, layer=args.layer, scales=scales,
-            data=desc, steps=args.steps, batch_size=args.batch_size, tokens=args.tokens,
+            data=desc, steps=args.steps, tokens=args.tokens,
+            memory=dict(predicted=need, measured_gpu_peak=peak),
             args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             versions=_versions(), activations="raw (scales folded in)"))
         fault_point("train_final")              # killed here: weights saved, run not marked done
-        write_json(args.out / "DONE", dict(step=args.steps))
+        mark_done(args.out, step=args.steps)
         shutil.rmtree(args.out / "ckpt", ignore_errors=True)
         last = json.loads((args.out / "log.jsonl").read_text().splitlines()[-1])
         print(f"run {args.out}: val FVU {['%.3f' % v for v in last['val_fvu']]}, L0 {last['val_l0']:.1f}, "
-              f"dead {100 * last['val_dead_frac']:.0f}%, {last['tokens_per_s']:.0f} tokens/s")
+              f"dead {100 * last['val_dead_frac']:.0f}%, {last['tokens_per_s']:.0f} tokens/s, "
+              f"{time.time() - t0:.0f} s")
     return args.out
 
 
@@ -470,8 +456,8 @@ def _truncate_log(path, step):
     """On resume, drop log lines past the checkpoint (they will be written again)."""
     if not path.exists():
         return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    path.write_text("".join(l + "\n" for l in keep))
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def _versions():
@@ -485,8 +471,8 @@ def _wandb(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    return train(args)
+    args, spec = parse_args(argv)
+    return train(args, spec)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import analysis
-import cache_acts
+import activations
 import evaluate
 import lm
+import measures
 import relie
 import tasks
 
@@ -23,15 +24,16 @@ def run(local_model, tmp_path_factory):
     tested here hold for any weights."""
     root, text, _ = local_model
     folder = tmp_path_factory.mktemp("run")
-    cache = cache_acts.make_cache(str(root), 1, ["step0", "step100"], folder / "cache", n_tokens=600, seq_len=16,
-                                  text=str(text))
+    cache = activations.make_cache(str(root), 1, ["step0", "step100"], folder / "cache", n_tokens=600, seq_len=16,
+                                   heldout_tokens=400, text=str(text), val_rows=150)
     cfg = CrossCoderConfig(n_models=2, d_model=32, dict_size=48, seed=3)
     cc = CrossCoder(cfg)
     with torch.no_grad():
         cc.b_enc_F.fill_(0.05)
         cc.b_dec_Md.normal_(0, 0.1)
     cc.fold_scales([0.5, 2.0]).save(folder, extra=dict(model=str(root), revisions=["step0", "step100"], layer=1,
-                                                      data=dict(cache=str(cache))))
+                                                      data=dict(cache=str(cache), text=str(text), seq_len=16,
+                                                                heldout_tokens=400)))
     (folder / "DONE").write_text("{}")
     return analysis.open_run(folder)
 
@@ -60,7 +62,7 @@ def _metric_with(run, model, batch, new_BTd):
 
 
 def test_splice_of_reconstruction_plus_error_is_clean(run, models, batch):
-    x, f, r = relie.pair_codes(run, models, batch)
+    x, f, r = analysis.pair_codes(run, models, batch)
     for m, (_, model, _) in enumerate(models):
         ld = analysis.ablated_logit_diffs(run, model, m, batch, x[:, :, m], f, r[:, :, m], [[]])[:, 0]
         clean = tasks.logit_diff(lm.forward(model, batch.ids_BT, batch.mask_BT).logits, batch)
@@ -68,7 +70,7 @@ def test_splice_of_reconstruction_plus_error_is_clean(run, models, batch):
 
 
 def test_ablating_all_latents_leaves_error_plus_bias(run, models, batch):
-    x, f, r = relie.pair_codes(run, models, batch)
+    x, f, r = analysis.pair_codes(run, models, batch)
     m, model = 1, models[1][1]
     ld = analysis.ablated_logit_diffs(run, model, m, batch, x[:, :, m], f, r[:, :, m], [list(range(48))])[:, 0]
     want = -_metric_with(run, model, batch, r[:, :, m] + run.cc.b_dec_Md[m])
@@ -78,7 +80,7 @@ def test_ablating_all_latents_leaves_error_plus_bias(run, models, batch):
 def test_ig_completeness(run, models, batch):
     """Σ_i IE_i + IE_error → m(zero baseline) − m(clean) as the steps grow (a left Riemann sum:
     the gap shrinks like 1/steps)."""
-    x, f, r = relie.pair_codes(run, models, batch)
+    x, f, r = analysis.pair_codes(run, models, batch)
     gaps = {}
     for steps in (100, 400):
         att = relie.attribute(run, models, batch, "ig", threshold=0.0, batch_size=32, steps=steps)
@@ -95,7 +97,7 @@ def test_ig_completeness(run, models, batch):
 def test_atp_equals_first_ig_step(run, models, batch):
     """AtP = −f · ∂m/∂f at the clean point, computed here by plain autograd on one forward."""
     att = relie.attribute(run, models, batch, "atp", threshold=0.0, batch_size=32)
-    x, f, r = relie.pair_codes(run, models, batch)
+    x, f, r = analysis.pair_codes(run, models, batch)
     m, model = 0, models[0][1]
     fl = f.clone().requires_grad_(True)
     new = fl @ run.cc.W_dec_FMd[:, m] + run.cc.b_dec_Md[m] + r[:, :, m]
@@ -109,9 +111,9 @@ def test_atp_equals_first_ig_step(run, models, batch):
 def test_ig_equals_naive_loop_over_steps(run, models, batch):
     """IG (all α batched, blocks above L only, mean gradient before the decoder matmul) equals a plain
     loop: one full hooked forward/backward per α with f and r scaled, gradients averaged."""
-    x, f, r = relie.pair_codes(run, models, batch)
+    x, f, r = analysis.pair_codes(run, models, batch)
     m, model, alphas = 1, models[1][1], [0.0, 0.3, 0.7]
-    ie, ie_err, _ = relie.ie_gradient(run, model, m, batch, x[:, :, m], f, r[:, :, m], alphas)
+    ie, ie_err, _ = analysis.ie_gradient(run, model, m, batch, x[:, :, m], f, r[:, :, m], alphas)
     gf_sum, gr_sum = torch.zeros_like(f), torch.zeros_like(r[:, :, m])
     for a in alphas:
         fa, ra = ((1 - a) * f).requires_grad_(True), ((1 - a) * r[:, :, m]).requires_grad_(True)
@@ -127,10 +129,10 @@ def test_ig_equals_naive_loop_over_steps(run, models, batch):
 
 
 def test_exact_ablation_matches_hand_made_splice(run, models, batch):
-    x, f, r = relie.pair_codes(run, models, batch)
+    x, f, r = analysis.pair_codes(run, models, batch)
     m, model = 1, models[1][1]
     i = int((f > 0).sum((0, 1)).argmax())       # a latent that fires
-    ie, clean = relie.ie_exact(run, model, m, batch, x[:, :, m], f, r[:, :, m], [i])
+    ie, clean = analysis.ie_exact(run, model, m, batch, x[:, :, m], f, r[:, :, m], [i])
     ie = ie[:, 0]
     # by hand: the model's own activation minus this latent's decoder contribution
     x_m = x[:, :, m]
@@ -152,23 +154,23 @@ def test_threshold_zeroes_small_token_effects(run, models, batch):
 
 def test_rel_and_classes_hand_made():
     ie = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [-4.0, 1.0, 0.0], [0.35, 0.33, 0.32]])
-    r = analysis.rel(ie)
+    r = measures.rel(ie)
     np.testing.assert_allclose(r[0], [1 / 3] * 3)
     np.testing.assert_allclose(r[3], [0.8, 0.2, 0.0])
     revs = ["a", "b", "c"]
-    assert analysis.classify(r, revs) == ["shared", "specific:a", "others", "specific:a", "shared"]
-    r2 = analysis.rel2([0.0, 1.0, 1.0, 2.0], [0.0, 0.0, 9.0, 2.0])
+    assert measures.classify(r, revs) == ["shared", "specific:a", "others", "specific:a", "shared"]
+    r2 = measures.rel2([0.0, 1.0, 1.0, 2.0], [0.0, 0.0, 9.0, 2.0])
     np.testing.assert_allclose(r2, [0.5, 0.0, 0.9, 0.5])
-    assert analysis.classify2(r2) == ["maintained", "discontinued", "emerging", "maintained"]
-    two = analysis.rel(np.array([[0.0, 0.0], [3.0, 1.0]]))
-    assert analysis.classify(two, ["a", "b"]) == ["shared", "specific:a"]
+    assert measures.classify2(r2) == ["maintained", "discontinued", "emerging", "maintained"]
+    two = measures.rel(np.array([[0.0, 0.0], [3.0, 1.0]]))
+    assert measures.classify(two, ["a", "b"]) == ["shared", "specific:a"]
 
 
 def test_select_union_and_normalise():
     ie = np.array([[0.5, -0.9, 0.1, 0.0], [0.0, 0.2, 0.0, 0.3]])
     assert relie.select(ie, 1, "abs") == [1, 3]
     assert relie.select(ie, 2, "positive") == [0, 2, 3, 1]
-    np.testing.assert_allclose(np.abs(relie.normalise(ie)).sum(1), [1, 1])
+    np.testing.assert_allclose(np.abs(measures.normalise(ie)).sum(1), [1, 1])
 
 
 def test_html_escapes_everything():
@@ -184,7 +186,7 @@ def test_html_escapes_everything():
 
 def test_evaluate_ce_and_scaling(run, models):
     summary, lat = evaluate.evaluate(run, n_blocks=4, batch_blocks=2)
-    ids = run.eval_blocks(4)
+    ids = run.heldout_blocks(4, models[0][2])
     x_all = analysis.run_acts(models, run.layer, ids)
     x_hat_all = run.cc(x_all.flatten(0, 1))[0].view_as(x_all)
 
@@ -197,10 +199,10 @@ def test_evaluate_ce_and_scaling(run, models):
 
     for m, (rev, model, _) in enumerate(models):
         s = summary["revisions"][rev]
-        assert s["ce_clean"] == pytest.approx(ce(model), rel=1e-5)
-        assert s["ce_spliced"] == pytest.approx(ce(model, x_hat_all[:, :, m]), rel=1e-5)
-        assert s["ce_zero"] == pytest.approx(ce(model, torch.zeros_like(x_hat_all[:, :, m])), rel=1e-5)
-        assert abs(s["ce_zero"] - s["ce_clean"]) > 20 * 1e-5 * s["ce_clean"]   # the checks above can tell them apart
+        assert s["ce_clean"] == pytest.approx(ce(model), rel=2e-6)
+        assert s["ce_spliced"] == pytest.approx(ce(model, x_hat_all[:, :, m]), rel=2e-6)
+        assert s["ce_zero"] == pytest.approx(ce(model, torch.zeros_like(x_hat_all[:, :, m])), rel=2e-6)
+        assert abs(s["ce_zero"] - s["ce_clean"]) > 5 * 2e-6 * s["ce_clean"]   # the checks above can tell them apart
         assert s["ce_recovered"] == pytest.approx(1 - s["delta_ce"] / (s["ce_zero"] - s["ce_clean"]))
     # latent scaling: β by least squares on the raw tokens for one firing latent
     x = analysis.run_acts(models, run.layer, ids)[:, 1:].reshape(-1, 2, 32)
@@ -226,10 +228,27 @@ def test_open_run_refusals(tmp_path):
         analysis.open_run(tmp_path)
     cc = CrossCoder(CrossCoderConfig(n_models=2, d_model=4, dict_size=8))
     cc.save(tmp_path, extra=dict(model="toy", revisions=["a", "b"], layer=0))
-    with pytest.raises(UsageError, match="unfinished training run"):
+    with pytest.raises(UsageError, match="training run .* is unfinished"):
         analysis.open_run(tmp_path)
     (tmp_path / "DONE").write_text("{}")
     f = tmp_path / "crosscoder.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(UsageError, match="cannot be read"):
         analysis.open_run(tmp_path)
+
+
+def test_one_word_prefix_is_attributed_on_every_revision(run, models):
+    """A one-word prefix ("Paula references") is [BOS, word]: the word sits at position 1, which is spliced,
+    so its IE and its ablation Δ are non-zero at every revision (the tokenizer adds no BOS itself; before
+    BOS was put first, the word was position 0, never spliced: IE = Δ = 0 while the pair still counted)."""
+    pairs = [tasks.Pair("w5", " w1", " w2", "one"), tasks.Pair("w7", " w3", " w4", "one")]
+    tok = models[0][2]
+    assert tok("w5")["input_ids"] == [tok.convert_tokens_to_ids("w5")]
+    batch = tasks.tokenize_pairs(pairs, tok)
+    assert batch.ids_BT[:, 0].tolist() == [tok.bos_token_id] * 2 and batch.ids_BT.shape[1] == 2
+    att = relie.attribute(run, models, batch, "ig", threshold=0.0, batch_size=2)
+    x, f, r = analysis.pair_codes(run, models, batch)
+    for m, (_, model, _) in enumerate(models):
+        assert att["ie"][0, m].abs().sum() > 0 and att["err"][0, m].abs() > 0, m
+        ld = analysis.ablated_logit_diffs(run, model, m, batch, x[:, :, m], f, r[:, :, m], [[], list(range(48))])
+        assert (ld[:, 0] - ld[:, 1]).abs().min() > 0, m

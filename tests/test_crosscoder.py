@@ -14,17 +14,19 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import crosscoder  # noqa: E402
-from crosscoder import ActiveSet, CrossCoder, CrossCoderConfig, k_at, l1_coeff_at, lr_factor  # noqa: E402
+import sparse  # noqa: E402
+from crosscoder import CrossCoder, CrossCoderConfig, k_at, l1_coeff_at, lr_factor  # noqa: E402
+from sparse import ActiveSet  # noqa: E402
 
 
 @pytest.fixture(params=["sparse", "dense", "reference"])
 def kernels(request, monkeypatch):
     """The active-set path with its sparse kernels forced (any density) or its dense ones (any active set
     but an empty one), or loss()'s plain dense branch (the one GPUs, half precision and autocast take)."""
-    monkeypatch.setattr(crosscoder, "SPARSE_MAX_DENSITY", 1.0 if request.param == "sparse" else 0.0)
-    monkeypatch.setattr(crosscoder, "ACTIVE_SET_MIN_SIZE", 0)   # the tests' crosscoders are small
+    monkeypatch.setattr(sparse, "SPARSE_MAX_DENSITY", 1.0 if request.param == "sparse" else 0.0)
+    monkeypatch.setattr(sparse, "ACTIVE_SET_MIN_SIZE", 0)   # the tests' crosscoders are small
     if request.param == "reference":
-        monkeypatch.setattr(crosscoder, "ACTIVE_SET_DEVICES", ())
+        monkeypatch.setattr(sparse, "ACTIVE_SET_DEVICES", ())
     return request.param
 
 
@@ -121,7 +123,7 @@ def test_sparse_decode_equals_dense(kernels):
     x = rand_x()
     f = cc.encode(x).detach().requires_grad_()
     f.data[0] = 0  # a token with no active latent: an empty bag
-    dense, sparse = cc.decode(f, sparse=False), cc.decode(f, sparse=True)
+    dense, sparse = cc.decode(f, active_only=False), cc.decode(f, active_only=True)
     assert torch.allclose(dense, sparse, atol=1e-6)
     w = torch.randn_like(dense)
     g_dense = torch.autograd.grad((dense * w).sum(), [f, cc.W_dec_FMd, cc.b_dec_Md])
@@ -173,10 +175,10 @@ def test_trained_state_training_matches_dense(monkeypatch):
     """Ten optimiser steps (buffers updating: theta, dead counters) on the sparse kernels, on the dense
     ones and on loss()'s dense branch end at the same weights and buffers."""
     runs = []
-    monkeypatch.setattr(crosscoder, "ACTIVE_SET_MIN_SIZE", 0)
+    monkeypatch.setattr(sparse, "ACTIVE_SET_MIN_SIZE", 0)
     for density, devices in ((1.0, ("cpu",)), (0.0, ("cpu",)), (0.0, ())):
-        monkeypatch.setattr(crosscoder, "SPARSE_MAX_DENSITY", density)
-        monkeypatch.setattr(crosscoder, "ACTIVE_SET_DEVICES", devices)
+        monkeypatch.setattr(sparse, "SPARSE_MAX_DENSITY", density)
+        monkeypatch.setattr(sparse, "ACTIVE_SET_DEVICES", devices)
         cc, x = trained_cc("batchtopk", k=4, k_start=8, k_anneal_steps=5, threshold_start_step=3,
                            dead_tokens=300, aux_k=8)
         opt = cc.make_optimizer(1e-3)
@@ -197,7 +199,7 @@ def test_sparse_path_is_bit_deterministic_with_two_threads(arch, monkeypatch):
     """Repeated loss + backward on the active-set path with 2 threads give bit-identical gradients, so a
     resumed run at scale replays the uninterrupted one exactly. (The L1 term once summed through an
     indexing backward, whose threaded scatter-add order varies: this size made it differ every time.)"""
-    monkeypatch.setattr(crosscoder, "ACTIVE_SET_MIN_SIZE", 0)
+    monkeypatch.setattr(sparse, "ACTIVE_SET_MIN_SIZE", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -222,7 +224,7 @@ def test_sparse_path_is_bit_deterministic_with_two_threads(arch, monkeypatch):
 
 @pytest.mark.parametrize("arch", ["l1", "batchtopk"])
 def test_autocast_bf16_runs_the_dense_branch(arch):
-    """Under autocast (train.py --dtype bf16 on a GPU; here CPU autocast) matmuls run in bf16, the loss
+    """Under autocast (train.py --precision bf16 on a GPU; here CPU autocast) matmuls run in bf16, the loss
     in fp32; it stays close to the fp32 loss and every parameter gets a finite gradient."""
     cc, x = trained_cc(arch, k=4, k_start=4, aux_k=8)
     cc.eval()
@@ -339,6 +341,24 @@ def test_save_load_roundtrip(tmp_path):
 # -----------------------------------------------------------------------------
 # schedules
 
+def test_batchtopk_schedule_follows_k_and_the_run():
+    """k = 8 of 512 latents anneals from 5k = 40 (not the paper's 1000, more latents than exist) over
+    5.12% of the run, θ starts at 1.024% and latents are dead after 2.5% of its tokens: the paper's
+    proportions (5000 / 1000 of 97,656 steps, 10M of 400M tokens), at any length."""
+    cfg = CrossCoderConfig(n_models=2, d_model=8, dict_size=512, arch="batchtopk", k=8, total_steps=2000,
+                           batch_size=256)
+    assert (cfg.k_start, cfg.k_anneal_steps, cfg.threshold_start_step) == (40, 102, 20)
+    assert cfg.dead_tokens == round(0.025 * 2000 * 256)
+    assert k_at(cfg, 0) == 40 and k_at(cfg, 51) == 24 and k_at(cfg, 102) == 8 and k_at(cfg, 10**6) == 8
+    paper = CrossCoderConfig(n_models=3, d_model=2048, arch="batchtopk")
+    assert (paper.k_start, paper.k_anneal_steps, paper.threshold_start_step) == (1000, 5000, 1000)
+    assert abs(paper.dead_tokens - 10_000_000) < 100
+    with pytest.raises(ValueError, match="k_start=1000 is invalid: must be at most dict_size=512"):
+        CrossCoderConfig(n_models=2, d_model=8, dict_size=512, arch="batchtopk", k=8, k_start=1000)
+    with pytest.raises(ValueError, match="k=600 is invalid"):
+        CrossCoderConfig(n_models=2, d_model=8, dict_size=512, arch="batchtopk", k=600)
+
+
 def test_lr_schedule():
     cc = small_cc(total_steps=100, lr=1e-3)
     opt = cc.make_optimizer()
@@ -450,8 +470,8 @@ def sample_acts(D, g, B, p=4 / 48):
 @pytest.mark.parametrize("arch,kw", [
     # lambda scaled down from 2: the paper's lambda goes with d = 2048 (||x|| = sqrt(d) = 45), here d = 32
     ("l1", dict(l1_coeff=0.5)),
-    ("batchtopk", dict(k=4, k_start=16, k_anneal_steps=500, threshold_start_step=500,
-                       dead_tokens=10_000, aux_k=32)),
+    # the API's own schedule: k anneals from 5k over 5.12% of the run, θ from 1% (CrossCoderConfig)
+    ("batchtopk", dict(k=4, dead_tokens=10_000, aux_k=32)),
 ])
 def test_planted_features_recovered(arch, kw):
     torch.manual_seed(0)
@@ -466,12 +486,7 @@ def test_planted_features_recovered(arch, kw):
         opt = cc.make_optimizer(3e-3)
         sched = cc.make_scheduler(opt)
         for step in range(steps):
-            out = cc.loss(sample_acts(D, g, 512) * s_M[:, None], step=step)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(cc.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            cc.train_step(opt, sched, sample_acts(D, g, 512) * s_M[:, None], step)
     finally:
         torch.set_num_threads(threads)
 

@@ -26,9 +26,13 @@ def test_read_matches_hidden_states(arch, layer):
     m = tiny_model(arch)
     ids, mask = _ids()
     ref = lm.forward(m, ids, mask, output_hidden_states=True)
-    logits, x = lm.read_layer(m, layer, ids, mask)
+    out, x = lm.read_layer(m, layer, ids, mask)
     torch.testing.assert_close(x, ref.hidden_states[layer + 1], rtol=0, atol=0)
-    torch.testing.assert_close(logits, ref.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+    # the base model's last hidden state (final norm applied) gives the same logits through the unembedding
+    base, x_base = lm.read_layer(m.base_model, layer, ids, mask)
+    torch.testing.assert_close(x_base, x, rtol=0, atol=0)
+    torch.testing.assert_close(m.get_output_embeddings()(base.last_hidden_state), ref.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_stop_at_layer_equals_full_forward(arch):
@@ -49,7 +53,8 @@ def test_start_at_layer_equals_full_forward(arch, layer):
     up to L never run; a different block-L output changes the logits the way patching it would."""
     m = tiny_model(arch)
     ids, mask = _ids()
-    logits, x = lm.read_layer(m, layer, ids, mask)
+    out, x = lm.read_layer(m, layer, ids, mask)
+    logits = out.logits
     with lm.start_at_layer(m, layer, x):
         started = lm.forward(m, ids, mask).logits
     torch.testing.assert_close(started, logits, rtol=1e-5, atol=1e-5)
@@ -211,6 +216,49 @@ def test_hub_path_offline(tmp_path):
     assert out["revs"] == revs
     assert "local cache" in r.stderr
     assert "step9999" in out["bad"] and "step512" in out["bad"]
+
+
+def test_next_token_ce_in_chunks_equals_direct():
+    m = tiny_model("gpt_neox")
+    ids, _ = _ids(B=3, T=12)
+    out = m.base_model(input_ids=ids)
+    targets = ids[:, 2:]
+    want = torch.nn.functional.cross_entropy(m(input_ids=ids).logits[:, 1:-1].flatten(0, 1), targets.flatten(),
+                                             reduction="sum")
+    for rows in (1, 7, 10_000):
+        got = lm.next_token_ce(m, out.last_hidden_state[:, 1:-1], targets, rows=rows)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("key,layers,d,vocab,tok_size", [
+    ("pythia-70m", 6, 512, 50304, 50277), ("olmo-1b", 16, 2048, 50304, 50280), ("bloom-1b1", 24, 1536, 250880, 250680)])
+def test_random_weights_have_the_real_shapes(key, layers, d, vocab, tok_size):
+    """--weights random: the registry's architecture numbers (meta tensors: no memory), a seeded init per
+    revision, and a stand-in tokenizer of the real vocabulary size and special ids that adds no BOS."""
+    import transformers
+    spec = lm.resolve(key)
+    cls, kw = spec.arch
+    cfg = getattr(transformers, cls)(**kw)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (layers, d, vocab)
+    with torch.device("meta"):
+        m = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert len(lm.blocks(m)) == layers and spec.layer < layers
+    tok = lm.standin_tokenizer(spec)
+    assert len(tok) == tok_size and max(tok.get_vocab().values()) < vocab
+    ids = tok("the key to the cabinets is")["input_ids"]
+    assert len(ids) == 6 and tok.unk_token_id not in ids and lm.bos_id(tok) not in ids
+    assert lm.bos_id(tok) == (kw["bos_token_id"] if kw.get("bos_token_id") is not None else kw["eos_token_id"])
+
+
+def test_random_weights_seeded_by_revision():
+    a1, tok = lm.load("pythia-70m", "step512", weights="random")
+    a2, _ = lm.load("pythia-70m", "step512", weights="random")
+    b, _ = lm.load("pythia-70m", "step2000", weights="random")
+    w = lambda m: m.gpt_neox.layers[0].attention.query_key_value.weight  # noqa: E731
+    assert torch.equal(w(a1), w(a2)) and not torch.equal(w(a1), w(b))
+    assert a1.config.hidden_size == 512 and not a1.training and not w(a1).requires_grad
+    with pytest.raises(UsageError, match="--weights random needs a model whose architecture is known"):
+        lm.load("org/unknown", "main", weights="random")
 
 
 def test_cli_unknown_model():

@@ -1,5 +1,6 @@
-"""Tests for toy.py: the grammar, the held-out split, the tokenizer, the committed pairs file and a
-reduced training run. Fast (well under a minute on 2 CPU cores)."""
+"""Tests for grammar.py and toy.py: the grammar, the held-out noun pairs, the tokenizer (no BOS on a
+plain call, as GPT-NeoX's), the committed pairs file and a reduced training run. Fast (well under a
+minute on 2 CPU cores)."""
 import csv
 import json
 import random
@@ -12,10 +13,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import grammar  # noqa: E402
+import lm  # noqa: E402
 import toy  # noqa: E402
 
-NOUN_NUMBER = {w: (i, pl) for i, pair in enumerate(toy.NOUNS) for pl, w in enumerate(pair)}
-VERB_NUMBER = {w: pl for pair in toy.INTRANSITIVE + toy.TRANSITIVE + toy.BE + toy.HAVE
+NOUN_NUMBER = {w: (i, pl) for i, pair in enumerate(grammar.NOUNS) for pl, w in enumerate(pair)}
+VERB_NUMBER = {w: pl for pair in grammar.INTRANSITIVE + grammar.TRANSITIVE + grammar.BE + grammar.HAVE
                for pl, w in enumerate(pair)}
 
 
@@ -25,17 +28,17 @@ def nouns_of(words):
 
 
 def test_vocabulary_size_and_no_ambiguous_forms():
-    vocab = toy.vocabulary()
+    vocab = grammar.vocabulary()
     assert len(vocab) == len(set(vocab)), "a word form appears twice"
     assert 100 <= len(vocab) <= 130
-    assert len(toy.NOUNS) == 24 and len(toy.INTRANSITIVE) == 7 and len(toy.TRANSITIVE) == 7
+    assert len(grammar.NOUNS) == 24 and len(grammar.INTRANSITIVE) == 7 and len(grammar.TRANSITIVE) == 7
 
 
 def test_grammar_agreement_on_sampled_sentences():
     rng = random.Random(0)
-    kinds = {k: 0 for k in toy.SUBJECT_KINDS}
+    kinds = {k: 0 for k in grammar.SUBJECT_KINDS}
     for _ in range(3000):
-        s = toy.sample_sentence(rng)
+        s = grammar.sample_sentence(rng)
         kinds[s.kind] += 1
         w = s.words
         head, head_pl = nouns_of(w)[0]
@@ -53,15 +56,15 @@ def test_grammar_agreement_on_sampled_sentences():
             assert VERB_NUMBER[subject[-1]] == s.attractor_pl
         assert w[-1] == "."
     # subject shapes near 40 / 30 / 15 / 15 %
-    for k, p in toy.SUBJECT_KINDS.items():
+    for k, p in grammar.SUBJECT_KINDS.items():
         assert abs(kinds[k] / 3000 - p) < 0.04, kinds
     # the attractor's number is independent of the head's: all four combinations occur
-    combos = {(s.head_pl, s.attractor_pl) for s in (toy.sample_sentence(rng, "pp") for _ in range(200))}
+    combos = {(s.head_pl, s.attractor_pl) for s in (grammar.sample_sentence(rng, "pp") for _ in range(200))}
     assert combos == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
 def test_pairs_agree_and_attractors_mismatch():
-    pairs = toy.make_pairs()
+    pairs = grammar.make_pairs()
     by = {}
     for p in pairs:
         by.setdefault(p["subtask"], []).append(p)
@@ -73,21 +76,21 @@ def test_pairs_agree_and_attractors_mismatch():
             assert others == []
         else:  # an attractor of the other number inside the subject
             assert others and others[0][1] == 1 - head_pl, p
-    assert set(by) == set(toy.SUBTASKS)
-    assert all(len(v) == toy.PAIRS_PER_SUBTASK for v in by.values())
+    assert set(by) == set(grammar.SUBTASKS)
+    assert all(len(v) == grammar.PAIRS_PER_SUBTASK for v in by.values())
     assert all("that" in p["prefix"].split() for p in by["across_rc"] + by["across_orc"])
     # held-out noun pairs are among the test pairs
-    heldout = toy.heldout_pairs()
+    heldout = grammar.heldout_pairs()
     used = {(nouns_of(p["prefix"].split())[0][0], nouns_of(p["prefix"].split())[1][0])
             for p in by["across_pp"]}
     assert len(used & heldout) > 30
 
 
 def test_heldout_pairs_never_in_training():
-    heldout = toy.heldout_pairs()
+    heldout = grammar.heldout_pairs()
     assert len(heldout) == round(0.15 * 24 * 24)
-    assert heldout == toy.heldout_pairs()  # fixed
-    gen = toy.training_sentences(seed=0)
+    assert heldout == grammar.heldout_pairs()  # fixed
+    gen = grammar.training_sentences(seed=0)
     seen = set()
     for _ in range(20000):
         n = [i for i, _ in nouns_of(next(gen).words)]
@@ -96,9 +99,9 @@ def test_heldout_pairs_never_in_training():
         seen |= pairs
     assert len(seen) > 0.8 * (24 * 24 - len(heldout))  # everything else does occur
     # the LM text for later stages follows the same rule, from another stream
-    corpus = list(toy.toy_corpus(2000, seed=0))
-    assert corpus == list(toy.toy_corpus(2000, seed=0))
-    gen = toy.training_sentences(seed=0)
+    corpus = list(grammar.toy_corpus(2000, seed=0))
+    assert corpus == list(grammar.toy_corpus(2000, seed=0))
+    gen = grammar.training_sentences(seed=0)
     assert corpus[:50] != [next(gen).text for _ in range(50)]
     for text in corpus:
         n = [i for i, _ in nouns_of(text.split())]
@@ -106,7 +109,7 @@ def test_heldout_pairs_never_in_training():
 
 
 def test_toy_corpus_is_lazy():
-    it = toy.toy_corpus(10**9, seed=3)
+    it = grammar.toy_corpus(10**9, seed=3)
     assert isinstance(next(it), str)
 
 
@@ -117,25 +120,26 @@ def test_tokenizer_roundtrip(tmp_path):
     tok2 = AutoTokenizer.from_pretrained(tmp_path)
     assert tok2.get_vocab() == tok.get_vocab()
     assert (tok2.bos_token, tok2.eos_token, tok2.pad_token, tok2.unk_token) == ("<bos>", "<eos>", "<pad>", "<unk>")
-    for text in toy.toy_corpus(200, seed=1):
+    assert lm.bos_id(tok2) == tok2.bos_token_id
+    for text in grammar.toy_corpus(200, seed=1):
         ids = tok2(text)["input_ids"]
-        assert ids == tok(text)["input_ids"]
-        assert ids[0] == tok2.bos_token_id  # BOS first, as in training
+        assert ids == tok(text)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+        assert tok2.bos_token_id not in ids  # like GPT-NeoX's: a plain call adds no BOS (we add it ourselves)
         assert tok2.unk_token_id not in ids
-        assert len(ids) == len(text.split()) + 1  # one token per word
+        assert len(ids) == len(text.split())  # one token per word
         assert tok2.decode(ids, skip_special_tokens=True) == text
-    for p in toy.make_pairs()[::50]:  # answers are single tokens
+    for p in grammar.make_pairs()[::50]:  # answers are single tokens
         assert len(tok2(p["good"], add_special_tokens=False)["input_ids"]) == 1
         assert len(tok2(p["bad"], add_special_tokens=False)["input_ids"]) == 1
 
 
 def test_pairs_file_is_a_fresh_regeneration():
-    assert toy.PAIRS_PATH.read_text() == toy.pairs_jsonl()
+    assert grammar.PAIRS_PATH.read_text() == grammar.pairs_jsonl()
     from tasks import load_pairs_jsonl
-    pairs = load_pairs_jsonl(toy.PAIRS_PATH)
-    assert len(pairs) == len(toy.SUBTASKS) * toy.PAIRS_PER_SUBTASK
+    pairs = load_pairs_jsonl(grammar.PAIRS_PATH)
+    assert len(pairs) == len(grammar.SUBTASKS) * grammar.PAIRS_PER_SUBTASK
     assert pairs == toy.toy_pairs()
-    first = json.loads(toy.PAIRS_PATH.read_text().splitlines()[0])
+    first = json.loads(grammar.PAIRS_PATH.read_text().splitlines()[0])
     assert list(first) == ["prefix", "good", "bad", "subtask"]
 
 
@@ -158,7 +162,7 @@ def test_reduced_training_learns_and_saves(tmp_path):
     out = toy.train_toy(tmp_path / "toy", cfg, progress=False)
     assert not (out / "step999").exists() and not (out / ".step5.tmp123").exists()
     assert (out / "notes").is_dir() and not (out / ".lock").exists()
-    done = json.loads((out / "done.json").read_text())
+    done = json.loads((out / "DONE").read_text())
     assert done["revisions"] == ["step0", "step64", "step128"]
     assert not list(out.glob(".*tmp*"))  # no temporary folders left behind
     with open(out / "curve.csv") as f:

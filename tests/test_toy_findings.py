@@ -60,8 +60,8 @@ def test_last_revision_latents_newly_used_across_attractors(toy):
     """Normalised RelIE of the last revision's top-10 is higher on attractors than on simple agreement."""
     _, nie_simple = ablate.selection_ie(toy["run"] / "relie" / "toy_sva", toy["revs"], ["simple"])
     top = toy["sets"][toy["revs"][-1]]
-    att = analysis.rel(toy["nie"].reindex(top, fill_value=0).to_numpy())[:, -1].mean()
-    simple = analysis.rel(nie_simple.reindex(top, fill_value=0).to_numpy())[:, -1].mean()
+    att = measures.rel(toy["nie"].reindex(top, fill_value=0).to_numpy())[:, -1].mean()
+    simple = measures.rel(nie_simple.reindex(top, fill_value=0).to_numpy())[:, -1].mean()
     assert att - simple >= 0.2, (att, simple)
 
 

@@ -1,0 +1,134 @@
+"""cli.py — the flags the scripts share, each defined once: one name, one meaning, one help text.
+
+A script builds its parser with `parser(description, preset)` and `add(p, "--model", "--layer", …,
+name=default)`. Defaults come from the preset of the model in force (defaults.py), found by a first
+look at the command line (`model_in(argv)`, `run_in(argv)`), so `--help` prints the values a run
+would use: `python train.py --help` the toy's, `python train.py --model pythia-1b --help` the paper's.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import defaults
+from common import ArgumentParser, positive
+
+DTYPE_CHOICES = ("fp32", "bf16", "fp16")
+
+
+def _finite(name, low, strict):
+    def parse(s):
+        import math
+        from common import UsageError
+        try:
+            v = float(s)
+        except ValueError:
+            raise UsageError(f"{name} must be a number, got {s!r}") from None
+        if not math.isfinite(v) or (v <= low if strict else v < low):
+            raise UsageError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {s}")
+        return v
+    return parse
+
+
+# name → argparse keywords (without the default, which each script sets from its preset)
+FLAGS = {
+    "--model": dict(help="a model key (toy, pythia-70m … pythia-12b, olmo-1b, bloom-1b1), a Hugging Face "
+                         "repo id, or a local folder of revisions (default: %(default)s)"),
+    "--layer": dict(type=int, help="decoder block L whose output is crosscoded, 0-indexed; the output of "
+                                   "block L is hidden_states[L+1] (default: the model's, %(default)s)"),
+    "--revisions": dict(help="comma-separated revisions in training order (default: the model's, %(default)s)"),
+    "--weights": dict(choices=("hub", "random"), help="hub: the revisions' trained weights; random: the "
+                      "model's architecture with random weights seeded by the revision name, a stand-in "
+                      "tokenizer of its vocabulary size and the toy grammar's text, offline (to check memory "
+                      "and speed at the paper's shapes) (default: %(default)s)"),
+    "--device": dict(help="torch device: cpu, cuda, cuda:N; under torchrun each rank takes cuda:LOCAL_RANK "
+                          "(default: %(default)s)"),
+    "--model-dtype": dict(choices=DTYPE_CHOICES, help="dtype the language models run in (default: bf16 on a "
+                                                      "GPU, fp32 on a CPU)"),
+    "--text": dict(help="LM text: 'toy' (the toy grammar), a local text file (one document per line), or a "
+                        "Hugging Face dataset id[:config] (default: the model's, %(default)s; 'toy' with "
+                        "--weights random)"),
+    "--seq-len": dict(type=positive("--seq-len"), help="tokens per LM text block, BOS first (default: %(default)s)"),
+    "--heldout-tokens": dict(type=positive("--heldout-tokens"), help="the text's first documents holding this "
+                             "many tokens are held out: validation, scales, evaluation and contexts come from "
+                             "them, training never sees them (default: %(default)s)"),
+    "--tokens": dict(type=positive("--tokens"), help="token positions of LM text, each run through every "
+                     "revision: train.py trains on them, cache_acts.py caches them, --scan compares layer L "
+                     "on them (default: %(default)s)"),
+    "--run": dict(help="a run folder made by train.py (default: the toy's default run, %(default)s)"),
+    "--task": dict(help="task: subjectverb (BLiMP), clams_en, clams_fr, multiblimp_<lang>, toy_sva, or a "
+                        "jsonl file of minimal pairs (default: the model's, %(default)s)"),
+    "--top-k": dict(type=positive("--top-k"), help="latents studied per revision, by IE (default: %(default)s)"),
+    "--select": dict(choices=("abs", "positive"), help="rank latents by |IE| (the paper) or by positive IE, "
+                                                       "the latents that support the right answer (default: %(default)s)"),
+    "--max-pairs": dict(type=positive("--max-pairs"), help="at most this many pairs per sub-task (default: all)"),
+    "--pair-batch": dict(type=positive("--pair-batch"), help="minimal pairs per forward pass (default: %(default)s)"),
+    "--batch-size": dict(type=positive("--batch-size"), help="token positions per training step, over all "
+                                                             "ranks (default: %(default)s)"),
+    "--seed": dict(type=int, help="seed of the crosscoder's init and of the batch order (default: %(default)s)"),
+    "--arch": dict(choices=("l1", "batchtopk"), help="crosscoder sparsity: l1 (the paper's) or batchtopk "
+                                                     "(default: %(default)s)"),
+    "--out": dict(help="output folder (default: %(default)s)"),
+    "--overwrite": dict(action="store_true", help="replace what the output folder holds"),
+}
+
+
+def parser(description: str, preset: defaults.Preset, epilog: str | None = None) -> ArgumentParser:
+    """The script's parser; its epilog names the preset whose values the defaults show."""
+    note = (f"Defaults are the '{preset.name}' preset's (defaults.py): "
+            + ("the toy model's, tuned for 2 CPU cores. Every Hugging Face model uses the 'paper' preset, the "
+               "paper's settings (arXiv 2509.05291, §3 and App. B); `--model pythia-1b --help` shows them."
+               if preset.name == "toy" else "the paper's settings (arXiv 2509.05291, §3 and App. B)."))
+    return ArgumentParser(description=description, epilog=" ".join(x for x in (epilog, note) if x),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add(p: argparse.ArgumentParser, *names, **default_of):
+    """Add shared flags; default_of maps a flag's dest (model, top_k, …) to its default."""
+    for name in names:
+        kw = dict(FLAGS[name])
+        dest = name.lstrip("-").replace("-", "_")
+        if dest in default_of:
+            kw["default"] = default_of[dest]
+        p.add_argument(name, **kw)
+
+
+def given(argv, flag):
+    """The value of `flag` on the command line, or None when it is not there."""
+    return _peek(argv, flag)
+
+
+def _peek(argv, flag):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument(flag, default=None)
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return getattr(known, flag.lstrip("-").replace("-", "_"))
+
+
+def model_in(argv, default="toy"):
+    """The model a command line names (--model), before the full parse: its spec sets the defaults."""
+    import lm
+    return lm.resolve(_peek(argv, "--model") or default)
+
+
+def run_in(argv):
+    """The run folder a command line names (--run, else the toy's default run) and its model's spec."""
+    import analysis
+    import lm
+    run = Path(_peek(argv, "--run") or analysis.default_run())
+    try:
+        model = json.loads((run / "config.json").read_text())["model"]
+    except (OSError, ValueError, KeyError):
+        model = "toy"    # no readable run yet: open_run will say so; the toy's defaults meanwhile
+    return run, lm.resolve(model)
+
+
+def dtype(name, device):
+    """--model-dtype (None: bf16 on a GPU, fp32 on a CPU) as a torch dtype."""
+    import torch
+    name = name or ("bf16" if str(device).startswith("cuda") else "fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+finite_positive = lambda name: _finite(name, 0.0, strict=True)        # noqa: E731
+finite_nonnegative = lambda name: _finite(name, 0.0, strict=False)    # noqa: E731

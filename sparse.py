@@ -1,0 +1,245 @@
+"""sparse.py — the training step's fast path: a crosscoder's code as its active entries.
+
+crosscoder.py holds the math (CrossCoder.loss, dense, straight from the formulas); this module only
+makes the same numbers cheaper on a CPU, and tests/test_crosscoder.py checks it against the dense
+math and a naive per-revision loop. CrossCoder.loss calls `active_terms` where it pays (fp32/fp64 on
+a CPU, no autocast, M·d·F ≥ ACTIVE_SET_MIN_SIZE).
+"""
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+# # Once training is past its first few percent, a code f_BF has ~1-3% of its entries set. Only the
+# encoder's forward, x[B, M*d] @ W_enc[M*d, F], has to be dense: everything after the selection
+# (ReLU, BatchTopK) touches the active entries (b, i) alone. With g = dL/dx_hat:
+#   decode       x_hat[b] = sum_i f[b,i] W_dec[i]          [B,F]-sparse @ W_dec     (CSR matmul)
+#   dL/dW_dec    sum_b f[b,i] g[b]                          [F,B]-sparse @ g         (CSR matmul)
+#   dL/df[b,i]   g[b] . W_dec[i], at active entries only    sampled dot products     (sampled_addmm)
+#   dL/dW_enc    sum_b x[b] dL/dpre[b,i]                    ([F,B]-sparse @ x)^T     (CSR matmul)
+# An inactive entry gets no gradient, which is exact for every parameter: ReLU (pre <= 0) or the
+# selection (not kept) cuts it anyway. Nothing of size [nnz, M*d] is ever gathered. Where codes are
+# dense (early L1 training: the sparse kernels lose beyond ~12% active on 2 cores), the same
+# functions use dense matmuls; both give the same numbers up to float rounding. On GPUs (cuBLAS in
+# bf16/TF32 beats sparse kernels there), in half precision and under autocast, loss() takes its
+# plain dense branch instead. At M=3, d=512, F=8192, batch 1024 on 2 cores: 2.7x (L1) and 3x
+# (BatchTopK) the seed's step (bench.py).
+
+SPARSE_MAX_DENSITY = 0.1        # sparse kernels up to this fraction of active entries (CPU, fp32/fp64)
+ACTIVE_SET_DEVICES = ("cpu",)   # where loss() takes the active-set path (fp32/fp64, no autocast)
+# ... and only from this size (n_models·d_model·dict_size) up: below it the plain branch is as fast.
+# Both are bit-for-bit deterministic with several threads (no scatter-add whose order depends on the
+# threads), so a run resumed from a checkpoint replays the uninterrupted one exactly.
+ACTIVE_SET_MIN_SIZE = 1 << 20
+
+
+class ActiveSet:
+    """The active entries of a [B, F] code, in row-major order (flat = b * F + i, increasing), with
+    the CSR index structures of the code and of its transpose (built on first use)."""
+
+    def __init__(self, flat, B, F, dtype):
+        self.flat, self.B, self.F = flat, B, F
+        self.rows, self.cols = flat // F, flat % F
+        self.sparse = (flat.device.type == "cpu" and dtype in (torch.float32, torch.float64)
+                       and len(flat) <= SPARSE_MAX_DENSITY * B * F)
+        self._crow = self._t = None
+
+    @classmethod
+    def where(cls, mask_BF, dtype):
+        return cls(mask_BF.reshape(-1).nonzero().squeeze(1), *mask_BF.shape, dtype)
+
+    def __len__(self):
+        return len(self.flat)
+
+    def dense(self, v_N):
+        """The [B, F] tensor with v_N at the active entries, zeros elsewhere."""
+        return v_N.new_zeros(self.B * self.F).index_put_((self.flat,), v_N).view(self.B, self.F)
+
+    def csr(self, v_N):
+        if self._crow is None:
+            self._crow = _offsets(self.rows, self.B)
+        return torch.sparse_csr_tensor(self._crow, self.cols, v_N, (self.B, self.F), check_invariants=False)
+
+    def transposed(self):
+        """The [F, B] transpose's structure: perm (row-major position of each entry, sorted by latent,
+        so each W_dec row is read once), row offsets, token of each entry."""
+        if self._t is None:
+            # a stable counting/radix sort; numpy's is far quicker than torch.sort on 2 busy cores
+            small = np.int16 if self.F <= 2**15 else np.int32
+            perm = torch.from_numpy(np.argsort(self.cols.numpy().astype(small), kind="stable"))
+            self._t = perm, _offsets(self.cols[perm], self.F), self.rows[perm]
+        return self._t
+
+    def csr_t(self, v_N):
+        """The [F, B] transpose with values v_N (given in row-major order)."""
+        perm, crow, rows = self.transposed()
+        return torch.sparse_csr_tensor(crow, rows, v_N[perm], (self.F, self.B), check_invariants=False)
+
+    def matmul(self, v_N, Y_FD):
+        """(code with values v_N) @ Y: [B, D]."""
+        if not self.sparse:
+            return self.dense(v_N) @ Y_FD
+        return _csr_mm(self.csr(v_N), Y_FD)
+
+    def t_matmul(self, v_N, Y_BD, transpose=False):
+        """(code with values v_N)^T @ Y: [F, D], or with transpose=True its transpose [D, F], contiguous."""
+        if not self.sparse:
+            return Y_BD.t() @ self.dense(v_N) if transpose else self.dense(v_N).t() @ Y_BD
+        out_FD = _csr_mm(self.csr_t(v_N), Y_BD)
+        if not transpose:
+            return out_FD
+        # one copy into a fresh contiguous [D, F]: ~3x quicker than .t().contiguous() or a blocked loop
+        return Y_BD.new_empty(Y_BD.shape[1], self.F).copy_(out_FD.t())
+
+    def sampled(self, G_BD, W_FD):
+        """(G @ W^T) at the active entries only: [nnz]."""
+        if not self.sparse:
+            return (G_BD @ W_FD.t()).reshape(-1)[self.flat]
+        perm = self.transposed()[0]
+        pattern = self.csr_t(G_BD.new_zeros(len(self)))
+        v_T = torch.sparse.sampled_addmm(pattern, W_FD, G_BD.t(), beta=0).values()
+        return torch.empty_like(v_T).index_put_((perm,), v_T)
+
+
+def _csr_mm(csr, Y):
+    """csr @ Y through addmm into an empty output: torch's mm would zero-fill and copy it first."""
+    out = Y.new_empty(csr.shape[0], Y.shape[1])
+    return torch.addmm(out, csr, Y, beta=0, out=out)
+
+
+def _offsets(sorted_idx, n):
+    """CSR row offsets [n + 1] of sorted row indices."""
+    out = torch.zeros(n + 1, dtype=torch.long, device=sorted_idx.device)
+    torch.cumsum(torch.bincount(sorted_idx, minlength=n), 0, out=out[1:])
+    return out
+
+
+class PreAt(torch.autograd.Function):
+    """pre[b, i] = x[b] . W_enc[:, i] + b_enc[i] at the active entries, differentiable in x, W_enc and
+    b_enc; pre_BF (the dense matmul, computed once without autograd) supplies the values."""
+
+    @staticmethod
+    def forward(ctx, x_BD, W_DF, b_F, pre_BF, act):
+        ctx.save_for_backward(x_BD, W_DF)
+        ctx.act = act
+        return pre_BF.reshape(-1)[act.flat]
+
+    @staticmethod
+    def backward(ctx, g_N):
+        x_BD, W_DF = ctx.saved_tensors
+        act, need = ctx.act, ctx.needs_input_grad
+        g_N, x_BD = g_N.to(W_DF.dtype), x_BD.to(W_DF.dtype)  # in the weights' dtype (autocast: no longer on)
+        g_x = act.matmul(g_N, W_DF.t()) if need[0] else None
+        g_W = act.t_matmul(g_N, x_BD, transpose=True) if need[1] else None
+        g_b = g_N.new_zeros(act.F).index_add_(0, act.cols, g_N) if need[2] else None
+        return g_x, g_W, g_b, None, None
+
+
+class Decode(torch.autograd.Function):
+    """y[b] = sum_i v[b, i] W[i] over the active entries: [B, D], differentiable in v and W."""
+
+    @staticmethod
+    def forward(ctx, v_N, W_FD, act):
+        ctx.save_for_backward(v_N, W_FD)
+        ctx.act = act
+        return act.matmul(v_N, W_FD)
+
+    @staticmethod
+    def backward(ctx, g_BD):
+        v_N, W_FD = ctx.saved_tensors
+        act, need = ctx.act, ctx.needs_input_grad
+        g_BD, v_N = g_BD.contiguous().to(W_FD.dtype), v_N.to(W_FD.dtype)
+        g_v = act.sampled(g_BD, W_FD) if need[0] else None
+        g_W = act.t_matmul(v_N, g_BD) if need[1] else None
+        return g_v, g_W, None
+
+
+class NormSum(torch.autograd.Function):
+    """sum_m s_m ||W_dec[i, m]|| as [F]: decoder_norms().sum(1) with a backward of one pass over W_dec."""
+
+    @staticmethod
+    def forward(ctx, W_FMd, s_M):
+        norms_FM = W_FMd.norm(dim=-1)
+        ctx.save_for_backward(W_FMd, norms_FM, s_M)
+        return (norms_FM * s_M).sum(1)
+
+    @staticmethod
+    def backward(ctx, g_F):
+        W_FMd, norms_FM, s_M = ctx.saved_tensors
+        coef_FM = torch.where(norms_FM > 0, g_F[:, None] * s_M / norms_FM, 0.0)  # as torch: 0 at a zero row
+        return W_FMd * coef_FM[..., None].to(W_FMd.dtype), None
+
+
+def topk_cut(v_N, n, group):
+    """The n-th largest value over every rank's v_N (group: a torch.distributed process group), -inf when
+    all ranks together hold fewer than n: under DDP, BatchTopK keeps the k·B largest scores of the GLOBAL
+    batch, so its cut, θ and L0 do not depend on the number of ranks."""
+    import torch.distributed as dist
+    top = torch.full((n,), -torch.inf, dtype=v_N.dtype, device=v_N.device)
+    m = min(n, len(v_N))
+    top[:m] = v_N.topk(m, sorted=False).values
+    every = [torch.empty_like(top) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, top, group=group)
+    return torch.cat(every).topk(n, sorted=False).values.min()
+
+
+def batch_topk_active(pre_BF, norms_F, k, group=None):
+    """BatchTopK's active set: the k*B largest scores relu(pre) * norm among the positive pre-activations
+    (a zero code is the same kept or not), and the smallest kept score (0 if none). With a process group,
+    B is the global batch (topk_cut)."""
+    B, F = pre_BF.shape
+    flat = (pre_BF > 0).reshape(-1).nonzero().squeeze(1)
+    score = pre_BF.reshape(-1)[flat] * norms_F[flat % F]
+    if group is not None:
+        keep = score >= topk_cut(score, k * B * torch.distributed.get_world_size(group), group)
+        flat, score = flat[keep], score[keep]
+    elif len(flat) > k * B:
+        keep = torch.zeros(len(flat), dtype=torch.bool, device=flat.device)
+        keep[score.topk(k * B, sorted=False).indices] = True  # a mask keeps the row-major order
+        flat, score = flat[keep], score[keep]
+    smallest = score.min() if len(score) else score.new_zeros(())
+    return ActiveSet(flat, B, F, pre_BF.dtype), smallest
+
+
+@dataclass
+class Terms:
+    """What CrossCoder.loss needs of a batch's code, however it was computed."""
+    x_hat_BD: torch.Tensor        # f W_dec, flattened over revisions (b_dec not added)
+    l1_sum: torch.Tensor          # Σ_b Σ_i f[b,i] Σ_m ‖W_dec[i,m]‖
+    fired_F: torch.Tensor         # [F] bool: the latent was active on some token
+    n_active: object              # number of active entries
+    smallest: torch.Tensor | None   # BatchTopK: the smallest kept score (θ's EMA input)
+    pre_BF: torch.Tensor          # pre-activations, detached (AuxK ranks dead latents by them)
+    values_at: Callable           # ActiveSet -> ReLU(pre) there, differentiable (AuxK's codes)
+
+
+def use_active_set(x_BD, F) -> bool:
+    """Where the active-set path pays: on a CPU in fp32/fp64 without autocast, from M·d·F = 2^20 up."""
+    dev = x_BD.device.type
+    return (dev in ACTIVE_SET_DEVICES and x_BD.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(dev) and x_BD.shape[1] * F >= ACTIVE_SET_MIN_SIZE)
+
+
+def active_terms(x_BD, W_enc_DF, b_enc_F, W_dec_FD, norms_F, arch, k, group=None) -> Terms:
+    """The code as its active entries, values f_N at act.flat: one dense matmul, the rest sparse."""
+    F = W_enc_DF.shape[1]
+    smallest = None
+    with torch.no_grad():
+        pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_DF)  # the one dense matmul
+        if arch == "l1":
+            act = ActiveSet.where(pre_BF > 0, pre_BF.dtype)
+        else:
+            act, smallest = batch_topk_active(pre_BF, norms_F, k, group)
+    f_N = PreAt.apply(x_BD, W_enc_DF, b_enc_F, pre_BF, act)  # = ReLU(pre) there: all positive
+    x_hat_BD = Decode.apply(f_N, W_dec_FD, act)
+    # Σ_i norm_i · (Σ of latent i's codes): index_add_ sums in a fixed order, where the backward of
+    # norms_F[act.cols] would scatter-add in a thread-dependent one
+    l1_sum = f_N.new_zeros(F).index_add_(0, act.cols, f_N) @ norms_F
+    fired_F = torch.zeros(F, dtype=torch.bool, device=x_BD.device).index_fill_(0, act.cols, True)
+    return Terms(x_hat_BD=x_hat_BD, l1_sum=l1_sum.float() if l1_sum.dtype != torch.float64 else l1_sum,
+                 fired_F=fired_F, n_active=len(act), smallest=smallest, pre_BF=pre_BF,
+                 values_at=lambda a: PreAt.apply(x_BD, W_enc_DF, b_enc_F, pre_BF, a))
