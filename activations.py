@@ -190,7 +190,8 @@ def make_cache(model_key, layer, revs, out, n_tokens, seq_len, heldout_tokens, t
     n_train = math.ceil(n_tokens / (seq_len - 1))
     n_val = math.ceil(val_rows / (seq_len - 1))
     ids = torch.cat([tasks.text_blocks(text, tok, n_train, seq_len, heldout_tokens, "train"),
-                     tasks.text_blocks(text, tok, n_val, seq_len, heldout_tokens, "heldout")])
+                     tasks.text_blocks(text, tok, n_val, seq_len, heldout_tokens, "heldout", min_blocks=1)])
+    n_val = len(ids) - n_train
     d = models[0][1].config.hidden_size
     meta = dict(model=spec.key, repo=spec.repo, weights=weights, revisions=list(revs), layer=layer, text=text,
                 n_blocks=n_train + n_val, seq_len=seq_len, tokens=n_train * (seq_len - 1), d=d, dtype=cache_dtype,

@@ -245,10 +245,6 @@ class CrossCoder(nn.Module):
         else:
             t = self._dense_terms(x_BD, W_enc_DF, W_dec_FD, norms_F, k)
         x_hat_BMd = t.x_hat_BD.view_as(x_BMd) + self.b_dec_Md
-        if update:
-            self.tokens_since_active_F.add_(B).masked_fill_(t.fired_F, 0)
-            if cfg.arch == "batchtopk" and step >= cfg.threshold_start_step:
-                self._update_threshold(t.smallest)
 
         out = {}
         sq_BMd = _wide(x_hat_BMd - x_BMd).pow(2)
@@ -265,6 +261,12 @@ class CrossCoder(nn.Module):
             if aux is not None:
                 sparsity = cfg.auxk_alpha * self._auxk_fvu(x_BMd, x_hat_BMd, t.values_at(aux), aux)
 
+        # the buffers move after the loss: AuxK's dead set is the one this step started with (so DDP
+        # ranks, whose counters are synced between steps, all use the same one)
+        if update:
+            self.tokens_since_active_F.add_(B).masked_fill_(t.fired_F, 0)
+            if cfg.arch == "batchtopk" and step >= cfg.threshold_start_step:
+                self._update_threshold(t.smallest)
         with torch.no_grad():
             total_var_M = _wide(x_BMd).var(0, correction=0).sum(-1) * B
             out["fvu_M"] = sq_BMd.sum((0, 2)) / total_var_M
@@ -326,7 +328,14 @@ class CrossCoder(nn.Module):
         e_BMd = (x_BMd - x_hat_BMd).detach()
         e_hat_BD = sparse.Decode.apply(a_N, self.W_dec_FMd.view(self.cfg.dict_size, -1), act)
         num = _wide(e_hat_BD.view_as(e_BMd) - e_BMd).pow(2).sum((1, 2)).mean()
-        den = _wide(e_BMd - e_BMd.mean(0)).pow(2).sum((1, 2)).mean()
+        e = _wide(e_BMd)
+        if self.group is None:
+            den = (e - e.mean(0)).pow(2).sum((1, 2)).mean()
+        else:   # under DDP, e's variance over the global batch (DDP averages num's gradient over the ranks)
+            stats = torch.cat([e.sum(0).flatten(), e.pow(2).sum().view(1), e.new_tensor([len(e)])])
+            torch.distributed.all_reduce(stats, group=self.group)
+            n = stats[-1]
+            den = (stats[-2] - stats[:-2].pow(2).sum() / n) / n
         return (num / den).nan_to_num(0.0)
 
     def make_optimizer(self, lr=None):
@@ -365,7 +374,11 @@ class CrossCoder(nn.Module):
         s_M = torch.as_tensor(scales_M, dtype=self.W_enc_MdF.dtype, device=self.W_enc_MdF.device)
         if s_M.shape != (self.cfg.n_models,) or not bool((s_M > 0).all()):
             raise ValueError(f"scales_M must be {self.cfg.n_models} positive numbers, got {scales_M!r}")
-        new = copy.deepcopy(self)
+        group, self.group = self.group, None    # a process group cannot be copied; the copy needs none
+        try:
+            new = copy.deepcopy(self)
+        finally:
+            self.group = group
         new.W_enc_MdF.mul_(s_M[:, None, None])
         new.W_dec_FMd.div_(s_M[None, :, None])
         new.b_dec_Md.div_(s_M[:, None])

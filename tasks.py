@@ -361,10 +361,11 @@ def iter_blocks(source: str, tok, seq_len: int, heldout_tokens: int, split: str 
 
 
 def text_blocks(source: str, tok, n_blocks: int, seq_len: int, heldout_tokens: int,
-                split: str = "heldout") -> torch.Tensor:
-    """[n_blocks, seq_len] token ids: the first n_blocks of a split (see iter_blocks)."""
+                split: str = "heldout", min_blocks: int | None = None) -> torch.Tensor:
+    """[n_blocks, seq_len] token ids: the first n_blocks of a split (see iter_blocks); fewer, down to
+    min_blocks, where the split holds fewer (a small held-out split still validates)."""
     out = [b for (b, _), _ in zip(iter_blocks(source, tok, seq_len, heldout_tokens, split), range(n_blocks))]
-    if len(out) < n_blocks:
+    if len(out) < (n_blocks if min_blocks is None else min_blocks):
         where = f"its held-out split (the first {heldout_tokens} tokens)" if split == "heldout" else "its training split"
         raise UsageError(f"text source {source!r} gives only {len(out)} blocks of {seq_len} tokens in {where}; "
                          f"{n_blocks} are needed")

@@ -173,7 +173,7 @@ def live_source(args, spec, rank, world, resume_state):
     models = load_models(spec, args.revisions, args.device, mdt, args.layer, args.weights)
     tok, T, text, H = models[0][2], args.seq_len, args.text, args.heldout_tokens
     # validation and scales: the held-out split, which training never reads
-    val_ids = tasks.text_blocks(text, tok, math.ceil(defaults.VAL_ROWS / (T - 1)), T, H, "heldout")
+    val_ids = tasks.text_blocks(text, tok, math.ceil(defaults.VAL_ROWS / (T - 1)), T, H, "heldout", min_blocks=1)
     with torch.no_grad():
         val = torch.stack([torch.cat([layer_acts(m, args.layer, val_ids[i:i + 4]) for i in range(0, len(val_ids), 4)])
                            for _, m, _ in models], 1).cpu()
@@ -412,7 +412,13 @@ def _train(args, spec, rank, world):
                 sync_buffers(cc, world, x_BMd.shape[0])
             seen += x_BMd.shape[0] * world
             fault_point("train_step")
-            if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
+            log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+            if log_now and world > 1:      # the whole batch's numbers, not rank 0's share
+                for k in ("loss", "mse", "l0"):
+                    out[k] = out[k].detach().clone()
+                    dist.all_reduce(out[k])
+                    out[k] /= world
+            if rank == 0 and log_now:
                 rec = dict(step=step + 1, tokens=(step + 1) * args.batch_size, loss=out["loss"].item(),
                            mse=out["mse"].item(), l0=out["l0"].item(), fvu=out["fvu_M"].tolist(),
                            dead_frac=out["dead_frac"].item(), lr=sched.get_last_lr()[0],

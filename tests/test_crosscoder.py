@@ -211,6 +211,7 @@ def test_sparse_path_is_bit_deterministic_with_two_threads(arch, monkeypatch):
             pre = x.reshape(B, -1) @ cc.W_enc_MdF.view(-1, Fdim)
             cc.b_enc_F.copy_(-pre.quantile(0.97, dim=0))
             cc.tokens_since_active_F[1::4] = cfg.dead_tokens   # AuxK in the loss too
+        cc.eval()   # the buffers stay as set: every repeat sees the same dead set
         grads = []
         for _ in range(10):
             cc.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
 """train.py: resume after a SIGKILL ends with the weights of an uninterrupted run; DDP with two gloo
-processes matches one process (weights and dead-latent counters); a live-buffer run; refusals
-(mismatched cache, occupied output folder, bad flags)."""
+processes matches one process (weights, dead-latent counters, BatchTopK's L0); a live-buffer run;
+refusals (mismatched cache, occupied output folder, bad flags, text that runs out)."""
 import json
 import os
 import signal
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cache_acts
+import activations
 from conftest import ROOT
 
 
@@ -20,7 +20,8 @@ from conftest import ROOT
 def cache(local_model, tmp_path_factory):
     root, text, _ = local_model
     out = tmp_path_factory.mktemp("cache") / "c"
-    return cache_acts.make_cache(str(root), 1, ["step0", "step100"], out, n_tokens=6000, seq_len=16, text=str(text))
+    return activations.make_cache(str(root), 1, ["step0", "step100"], out, n_tokens=6000, seq_len=16,
+                                  heldout_tokens=2000, text=str(text), val_rows=1000)
 
 
 def _cmd(local_model, cache, out, *extra, steps=60):
@@ -46,13 +47,13 @@ def test_resume_after_kill_equals_uninterrupted(local_model, cache, tmp_path):
     p = subprocess.Popen(_cmd(local_model, cache, out, steps=400), env=ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "ckpt" / "COMPLETE").exists():
+    while time.time() < deadline and not (out / "ckpt" / "DONE").exists():
         time.sleep(0.02)
     time.sleep(0.3)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (out / "crosscoder.safetensors").exists(), "the run finished before it could be killed"
-    ckpt_step = int((out / "ckpt" / "COMPLETE").read_text())
+    ckpt_step = json.loads((out / "ckpt" / "DONE").read_text())["step"]
     assert 0 < ckpt_step < 400
     r = subprocess.run(_cmd(local_model, cache, out, "--resume", steps=400), env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -96,10 +97,7 @@ def test_run_folder_outputs(local_model, cache, tmp_path):
     # the saved crosscoder acts on RAW activations: its FVU on raw validation rows matches the log
     from crosscoder import CrossCoder
     cc = CrossCoder.load(out)
-    c = cache_acts.open_cache(cache)
-    lo, hi = c.rows("val")
-    import numpy as np
-    x = c.get(np.linspace(lo, hi - 1, min(8192, hi - lo)).astype(np.int64))
+    x = activations.open_cache(cache).val(8192)
     with torch.no_grad():
         x_hat, _ = cc(x)
     fvu = ((x_hat - x).pow(2).sum((0, 2)) / (x - x.mean(0)).pow(2).sum((0, 2))).tolist()
@@ -137,10 +135,9 @@ def test_incomplete_cache_refused(local_model, cache, tmp_path):
     import shutil
     bad = tmp_path / "c"
     shutil.copytree(cache, bad)
-    meta = json.loads((bad / "meta.json").read_text())
-    (bad / "meta.json").write_text(json.dumps(dict(meta, complete=False)))
+    (bad / "DONE").unlink()          # as a killed cache_acts.py leaves it
     r = subprocess.run(_cmd(local_model, bad, tmp_path / "r"), env=ENV, capture_output=True, text=True)
-    assert r.returncode == 2 and "incomplete" in r.stderr
+    assert r.returncode == 2 and "is unfinished" in r.stderr
 
 
 def test_nan_activations_named(local_model, cache, tmp_path):
@@ -164,15 +161,129 @@ def test_live_buffer_run(local_model, tmp_path):
     out = tmp_path / "live"
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(root), "--layer", "1",
            "--revisions", "step0,step100", "--text", str(text), "--seq-len", "16", "--dict-size", "64",
-           "--batch-size", "64", "--tokens", str(64 * 30), "--buffer-tokens", "2048", "--out", str(out)]
+           "--batch-size", "64", "--tokens", str(64 * 30), "--buffer-tokens", "512", "--heldout-tokens", "9000",
+           "--out", str(out)]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "DONE").exists()
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["data"]["cache"] is None and len(cfg["scales"]) == 2
+    assert cfg["data"]["cache"] is None and len(cfg["scales"]) == 2 and cfg["data"]["heldout_tokens"] == 9000
+    assert cfg["data"]["buffer_windows"] == 4        # 1920 rows do not fit 512: windows over 4 chunks
     for rev, s in zip(["step0", "step100"], cfg["scales"]):
         model, tok = lm.load(str(root), rev)
-        ids = tasks.text_blocks(str(text), tok, 64, 16, seed=7)
+        ids = tasks.text_blocks(str(text), tok, 64, 16, 9000, "heldout")
         with torch.no_grad():
             x = lm.forward(model, ids, output_hidden_states=True).hidden_states[2][:, 1:]
         assert s * x.norm(dim=-1).mean().item() == pytest.approx(32 ** 0.5, rel=0.05)   # raw: ~0.16
+
+
+def test_text_that_runs_out_is_refused_before_training(local_model, tmp_path):
+    """A local text shorter than the run needs: one line naming what it holds and what the run needs, exit 2,
+    before any step (it used to train a while, then die with a bare StopIteration)."""
+    root, text, _ = local_model
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(text.read_text().splitlines()[:900]))
+    out = tmp_path / "r"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(root), "--layer", "1", "--revisions",
+           "step0,step100", "--text", str(short), "--seq-len", "16", "--dict-size", "64", "--batch-size", "64",
+           "--tokens", str(64 * 400), "--buffer-tokens", "512", "--heldout-tokens", "2000", "--out", str(out)]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert "holds" in line and "training blocks" in line and "needs" in line and "Traceback" not in r.stderr
+    assert not (out / "log.jsonl").exists() and not (out / "crosscoder.safetensors").exists()
+
+
+def test_ddp_batchtopk_selects_over_the_global_batch(local_model, cache, tmp_path):
+    """BatchTopK under DDP keeps the k·B largest scores of the whole batch, so 2 ranks train what 1 process
+    does and L0 does not grow with the rank count (it did with a per-rank top-k and θ = min over ranks)."""
+    arch = ("--arch", "batchtopk", "--k", "4")
+    one = tmp_path / "one"
+    r = subprocess.run(_cmd(local_model, cache, one, *arch), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518"] + \
+        _cmd(local_model, cache, two, *arch)[1:]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(one), _weights(two)
+    for k in ("W_enc_MdF", "W_dec_FMd", "b_enc_F", "b_dec_Md", "threshold"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    logs = [[json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert [x["val_l0"] for x in logs[0]] == pytest.approx([x["val_l0"] for x in logs[1]], rel=1e-3)
+    assert [x["l0"] for x in logs[0]] == pytest.approx([x["l0"] for x in logs[1]], rel=1e-6)   # k·B of the batch
+
+
+def test_live_buffer_resume_after_kill_equals_uninterrupted(local_model, tmp_path):
+    """Killed after a checkpoint, a live-buffer run resumes from the text position the checkpoint recorded
+    (no re-reading of the text before it) and ends with the uninterrupted run's weights."""
+    root, text, _ = local_model
+    base = [sys.executable, str(ROOT / "train.py"), "--model", str(root), "--layer", "1", "--revisions",
+            "step0,step100", "--text", str(text), "--seq-len", "16", "--dict-size", "64", "--batch-size", "64",
+            "--tokens", str(64 * 60), "--buffer-tokens", "640", "--heldout-tokens", "2000", "--ckpt-every", "25"]
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    r = subprocess.run(base + ["--out", str(ref)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(base + ["--out", str(out)], env=dict(ENV, CCT_FAULT="train_step:40"), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL and not (out / "DONE").exists()
+    state = json.loads((out / "ckpt" / "state.json").read_text())
+    assert state["step"] == 25 and state["buffer"]["chunk"] >= 1 and state["buffer"]["pos"]["doc"] > 100
+    r = subprocess.run(base + ["--out", str(out), "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _weights(ref), _weights(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class _StubLM(torch.nn.Module):
+    """Stands in for a language model in the LiveBuffer: 'block L's output' of token t is the vector t·1."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("C", (), {"hidden_size": d})()
+
+
+def test_live_buffer_windows_mix_chunks_and_serve_every_row_once(monkeypatch):
+    """Each window mixes the rows of K = 4 consecutive chunks (no sharp fill boundary); over the run every row
+    is served exactly once (the first K−1 chunks' early parts excepted); a buffer restarted from state()
+    serves the same batches as the uninterrupted one."""
+    monkeypatch.setattr(activations, "layer_acts",
+                        lambda model, layer, ids, fp32=True: ids[:, 1:].reshape(-1, 1).float().expand(-1, 4))
+    T, B = 9, 16
+    models = [("a", _StubLM(), None), ("b", _StubLM(), None)]
+
+    def blocks(pos):   # block j holds tokens j·T … j·T+T−1; its position is j
+        j0 = 0 if pos is None else pos
+        return ((torch.arange(j * T, (j + 1) * T), j) for j in range(j0, 10_000))
+
+    def make(start=None):
+        return activations.LiveBuffer(models, 0, blocks, T, buffer_tokens=160, run_rows=10**6, seed=3,
+                                      device="cpu", lm_batch=3, start=start)
+
+    buf = make()
+    assert buf.K == 4
+    per = buf.per_window(B)
+    steps = 12 * per
+    full = [buf.batch_at(s, B) for s in range(steps)]
+    got = [x[:, 0, 0].long() for x in full]
+    served = torch.cat(got)
+    assert len(set(served.tolist())) == len(served)                 # no row twice
+    chunk_rows = buf.chunk_blocks * T
+    chunks_of = lambda rows: set((rows // chunk_rows).tolist())     # noqa: E731
+    window = torch.cat(got[5 * per:6 * per])
+    assert chunks_of(window) == {5, 6, 7, 8}                         # window w mixes chunks w … w+3
+    assert chunks_of(got[5 * per]) == {5, 6, 7, 8} or len(chunks_of(got[5 * per])) >= 3
+    # rows of chunks 3 … 8 are all served once their last part has passed (chunk c is done after window c)
+    done = {r for r in served.tolist() if 3 * chunk_rows <= r < 9 * chunk_rows}
+    usable = {r for r in range(3 * chunk_rows, 9 * chunk_rows) if (r % T) != 0}   # position 0 (BOS) is never a row
+    assert len(done) >= 0.95 * len(usable)
+    # resume from the state a checkpoint at step s would record
+    s = 7 * per + 2
+    state = make()
+    for t in range(s):
+        state.batch_at(t, B)
+    again = make(state.state(s, B))
+    for t in range(s, steps):
+        assert torch.equal(again.batch_at(t, B), full[t]), t
