@@ -16,6 +16,7 @@ paper's Table 7).
 Writes runs/<name>/ablation/<task>/: ablation.csv (every ablation × revision × sub-task),
 spearman.csv, then DONE; and prints both summaries.
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ import defaults
 import lm
 import measures
 import tasks
-from common import UsageError, atomic_path, mark_done, positive, read_json, require_done, run_main, unmark_done
+from common import UsageError, atomic_path, mark_done, positive, require_done, run_main, unmark_done
 
 
 def selection_ie(relie_dir, revisions, subtasks):
@@ -111,8 +112,8 @@ def parse_args(argv=None):
     p = cli.parser(__doc__.split("\n\n")[0], spec.preset)
     cli.add(p, "--run", "--task", "--top-k", "--max-pairs", "--pair-batch", "--device",
             run=str(run_dir), task=spec.task, top_k=defaults.TOP_K, pair_batch=64, device=defaults.default_device())
-    p.add_argument("--select", choices=("abs", "positive"), default=None,
-                   help="rank latents by |IE| or by positive IE (default: what relie.py used)")
+    summary = run_dir / "relie" / Path(cli.given(argv, "--task") or spec.task).stem / "summary.json"
+    cli.add(p, "--select", select=json.loads(summary.read_text())["select"] if summary.exists() else "abs")
     p.add_argument("--subtasks", default=None, help="comma-separated sub-tasks to select on and score (default: all)")
     p.add_argument("--draws", type=positive("--draws"), default=defaults.DRAWS,
                    help="random-k sets per revision (default: %(default)s)")
@@ -127,8 +128,7 @@ def main(argv=None):
     relie_dir = run.folder / "relie" / Path(task).stem
     require_done(relie_dir, f"attribution of task {task}",
                  f"run `python relie.py --run {run.folder} --task {task}` first")
-    summ = read_json(relie_dir / "summary.json")
-    how = args.select or summ["select"]
+    how = args.select
     subtasks = args.subtasks.split(",") if args.subtasks else None
     ie_wide, nie_wide = selection_ie(relie_dir, run.revisions, subtasks)
     sets = top_sets(ie_wide, args.top_k, how)

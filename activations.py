@@ -23,8 +23,18 @@ from tqdm import tqdm
 import defaults
 import lm
 import tasks
-from common import (UsageError, atomic_path, fault_point, folder_lock, is_done, mark_done, read_json, require_done,
-                    unmark_done, write_json)
+from common import (
+    UsageError,
+    atomic_path,
+    fault_point,
+    folder_lock,
+    is_done,
+    mark_done,
+    read_json,
+    require_done,
+    unmark_done,
+    write_json,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

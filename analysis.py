@@ -55,12 +55,6 @@ class Run:
                                  d.get("heldout_tokens", self.preset.heldout_tokens), "heldout")
 
 
-def default_run() -> Path:
-    """The run `python train.py` makes with no arguments (the toy's), for scripts run without --run."""
-    spec = lm.resolve("toy")
-    return defaults.run_dir(spec.key, spec.layer, spec.revisions, defaults.ARCH)
-
-
 def open_run(folder, device="cpu") -> Run:
     folder = Path(folder)
     if not (folder / "crosscoder.safetensors").exists() or not (folder / "config.json").exists():

@@ -128,7 +128,8 @@ def page_checkpoints(scans: Path, run: Path | None, cfg: dict | None):
         order = list(df.revision)
         st.subheader("Layer-L activation similarity between revisions (mean per-token cosine)")
         st.altair_chart(alt.Chart(cos).mark_rect().encode(
-            x=alt.X("a:N", sort=order), y=alt.Y("b:N", sort=order), color=alt.Color("cos:Q", scale=alt.Scale(scheme="viridis")),
+            x=alt.X("a:N", sort=order), y=alt.Y("b:N", sort=order),
+            color=alt.Color("cos:Q", scale=alt.Scale(scheme="viridis")),
             tooltip=["a", "b", alt.Tooltip("cos:Q", format=".3f")]), width="stretch")
     st.dataframe(df, width="stretch")
 
@@ -144,14 +145,17 @@ def page_training(run: Path):
     fvu = pd.DataFrame([dict(step=s, revision=revs[m], fvu=v) for s, vals in zip(df.step, df.val_fvu)
                         for m, v in enumerate(vals)])
     c1, c2 = st.columns(2)
-    c1.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("loss:Q", scale=alt.Scale(type="log"))).properties(title="loss"),
+    c1.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("loss:Q", scale=alt.Scale(type="log")))
+                    .properties(title="loss"),
                     width="stretch")
     c2.altair_chart(alt.Chart(fvu).mark_line().encode(x="step:Q", y="fvu:Q", color="revision:N").properties(
         title="validation FVU per revision"), width="stretch")
     c3, c4 = st.columns(2)
-    c3.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("val_l0:Q", title="L0")).properties(title="L0"),
+    c3.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("val_l0:Q", title="L0"))
+                    .properties(title="L0"),
                     width="stretch")
-    c4.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("val_dead_frac:Q", title="dead fraction")).properties(
+    c4.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("val_dead_frac:Q", title="dead fraction"))
+                    .properties(
         title="dead latents (validation)"), width="stretch")
     ev = json_of(run / "eval.json")
     if ev is None:
@@ -220,7 +224,8 @@ def page_latents(run: Path, cfg: dict):
     f1, f2, f3 = st.columns(3)
     classes = sorted(df["class"].unique()) if len(df) else []
     pick = f1.multiselect("class", classes, default=classes)
-    art = f2.selectbox("latent-scaling artifact", ["all", "flagged only", "hide flagged"]) if "artifact" in df else "all"
+    art = (f2.selectbox("latent-scaling artifact", ["all", "flagged only", "hide flagged"])
+           if "artifact" in df else "all")
     ann = f3.selectbox("annotated", ["all", "annotated", "not annotated"])
     view = df[df["class"].isin(pick)]
     if art != "all":
@@ -259,18 +264,21 @@ def page_latents(run: Path, cfg: dict):
 
 def latent_detail(run: Path, cfg: dict, task: str | None, row, latent: int):
     revs = cfg["revisions"]
-    st.subheader(f"Latent {latent}" + (" — flagged: likely L1 artifact (latent scaling)" if row.get("artifact") is True else ""))
+    flagged = " — flagged: likely L1 artifact (latent scaling)" if row.get("artifact") is True else ""
+    st.subheader(f"Latent {latent}{flagged}")
     per = pd.DataFrame(dict(revision=revs, decoder_norm=[row[f"dec_norm_{r}"] for r in revs],
                             IE=[row.get(f"ie_{r}", np.nan) for r in revs]))
     c1, c2 = st.columns(2)
     c1.altair_chart(alt.Chart(per).mark_bar().encode(x=alt.X("revision:N", sort=revs), y="decoder_norm:Q").properties(
         title="decoder norm per revision"), width="stretch")
     if per.IE.notna().any():
-        c2.altair_chart(alt.Chart(per.fillna(0)).mark_bar().encode(x=alt.X("revision:N", sort=revs), y="IE:Q").properties(
+        c2.altair_chart(alt.Chart(per.fillna(0)).mark_bar().encode(x=alt.X("revision:N", sort=revs), y="IE:Q")
+                        .properties(
             title=f"IE per revision ({task})"), width="stretch")
     cos = {c[4:]: row[c] for c in row.index if c.startswith("cos_")}
     if cos:
-        st.write("decoder cosine between revisions: " + ", ".join(f"{k.replace('_', ' vs ', 1)}: {v:.2f}" for k, v in cos.items()))
+        st.write("decoder cosine between revisions: "
+                 + ", ".join(f"{k.replace('_', ' vs ', 1)}: {v:.2f}" for k, v in cos.items()))
     if task:
         eff = (json_of(run / "relie" / task / "logit_effects.json") or {}).get(str(latent))
         ctx = (json_of(run / "relie" / task / "contexts.json") or {}).get(str(latent))

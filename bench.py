@@ -28,7 +28,6 @@ fires on a fraction p of tokens: L1 p = 2%; BatchTopK p = 4% with k = 2% of F (t
 half of the positive codes). Steps are timed at step 10000 (λ warmed up, k annealed, θ updating);
 no latent is dead (AuxK off, as in a healthy run). L0 is printed after timing.
 """
-import argparse
 import json
 import math
 import os
@@ -46,7 +45,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import mark_done  # noqa: E402
+import cli  # noqa: E402
+import defaults  # noqa: E402
+from common import ArgumentParser, mark_done, run_main  # noqa: E402
 from crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
 
 SECTIONS = ("step", "cache", "data", "ig", "memory")
@@ -151,7 +152,8 @@ def roofline_s(B, D, F, device, repeats):
     """Seconds of the five plain torch.mm calls a dense step needs: encode x@W_enc, decode f@W_dec,
     dL/df = g@W_dec^T, dL/dW_dec = f^T@g, dL/dW_enc = x^T@dL/dpre (10·B·D·F FLOPs)."""
     x, g = torch.randn(B, D, device=device), torch.randn(B, D, device=device)
-    f, W_enc, W_dec = torch.randn(B, F, device=device), torch.randn(D, F, device=device), torch.randn(F, D, device=device)
+    f, W_enc = torch.randn(B, F, device=device), torch.randn(D, F, device=device)
+    W_dec = torch.randn(F, D, device=device)
     calls = [lambda: x @ W_enc, lambda: f @ W_dec, lambda: g @ W_dec.t(), lambda: f.t() @ g, lambda: x.t() @ f]
     return sum(compare(calls, repeats, device))
 
@@ -170,8 +172,8 @@ def bench_step(args):
         opt_cc = cc.make_optimizer(5e-5)
         opt_seed = torch.optim.Adam(seed.parameters(), lr=5e-5, betas=(0.9, 0.999))  # plain: the default
         steps = iter(range(10_000, 10_000_000))
-        fast = step_fn(lambda: cc.loss(x, step=next(steps))["loss"], list(cc.parameters()), opt_cc)
-        slow = step_fn(lambda: seed.loss(x), list(seed.parameters()), opt_seed)
+        fast = step_fn(lambda cc=cc, steps=steps: cc.loss(x, step=next(steps))["loss"], list(cc.parameters()), opt_cc)
+        slow = step_fn(lambda seed=seed: seed.loss(x), list(seed.parameters()), opt_seed)
         t_fast, t_slow = compare([fast, slow], repeats, dev)
         with torch.no_grad():
             l0 = cc.loss(x, step=10_000)["l0"].item()
@@ -316,7 +318,7 @@ def bench_data(args):
             step_on(bare_x[step % len(bare_x)], step)
 
         t_loop, t_bare = compare([loop, bare], 3 if args.tiny else (6 if args.quick else 12), dev)
-        t_get = statistics.median(timed(lambda: batches.batch_at(it["loop"] + i), dev) for i in range(5))
+        t_get = statistics.median(timed(lambda i=i: batches.batch_at(it["loop"] + i), dev) for i in range(5))
     report(f"data loading overhead: loop {1e3 * t_loop:.0f} ms / bare step {1e3 * t_bare:.0f} ms - 1",
            t_loop / t_bare - 1, 0.10, fmt="{:.1%}", higher=False,
            note=f"CacheBatches.batch_at alone {1e3 * t_get:.1f} ms; {B / t_loop:.0f} tokens/s")
@@ -372,7 +374,7 @@ def _ig_one(args, name, n_layers, d, heads, vocab, F, target, B=16, T=12):
         for a in alphas:
             fa = ((1 - a) * f_BTF).requires_grad_(True)
             new = fa @ W + b + (1 - a) * r_BTd
-            with lm.patch_layer(model, L, lambda h: torch.where(keep, new, h)):
+            with lm.patch_layer(model, L, lambda h, new=new: torch.where(keep, new, h)):
                 metric = -tasks.logit_diff(lm.forward(model, batch.ids_BT, batch.mask_BT).logits, batch)
             gf_sum += torch.autograd.grad(metric.sum(), fa)[0]
         return -f_BTF * gf_sum / S
@@ -457,11 +459,11 @@ def bench_memory(args):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats, a smaller memory run (≤ 2 minutes)")
     p.add_argument("--tiny", action="store_true", help="toy sizes, for the smoke test (numbers mean nothing)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
-    p.add_argument("--device", default="cpu")
+    cli.add(p, "--device", device=defaults.default_device())
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     args = p.parse_args(argv)
     only = args.only.split(",")
@@ -486,4 +488,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,7 +30,6 @@ import tasks
 from activations import layer_acts, make_cache, open_cache
 from common import UsageError, atomic_path, positive, run_main
 
-
 # ---------------------------------------------------------------------------------------------
 # Scan: accuracy and representation similarity over many revisions
 

@@ -19,13 +19,14 @@ DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 def _finite(name, low, strict):
     def parse(s):
         import math
+
         from common import UsageError
         try:
             v = float(s)
         except ValueError:
             raise UsageError(f"{name} must be a number, got {s!r}") from None
         if not math.isfinite(v) or (v <= low if strict else v < low):
-            raise UsageError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {s}")
+            raise UsageError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {s}")
         return v
     return parse
 
@@ -59,13 +60,14 @@ FLAGS = {
     "--task": dict(help="task: subjectverb (BLiMP), clams_en, clams_fr, multiblimp_<lang>, toy_sva, or a "
                         "jsonl file of minimal pairs (default: the model's, %(default)s)"),
     "--top-k": dict(type=positive("--top-k"), help="latents studied per revision, by IE (default: %(default)s)"),
-    "--select": dict(choices=("abs", "positive"), help="rank latents by |IE| (the paper) or by positive IE, "
-                                                       "the latents that support the right answer (default: %(default)s)"),
+    "--select": dict(choices=("abs", "positive"), help="rank latents by |IE| (the paper) or by positive IE, the "
+                     "latents that support the right answer (default: %(default)s; ablate.py: what relie.py used)"),
     "--max-pairs": dict(type=positive("--max-pairs"), help="at most this many pairs per sub-task (default: all)"),
     "--pair-batch": dict(type=positive("--pair-batch"), help="minimal pairs per forward pass (default: %(default)s)"),
     "--batch-size": dict(type=positive("--batch-size"), help="token positions per training step, over all "
                                                              "ranks (default: %(default)s)"),
-    "--seed": dict(type=int, help="seed of the crosscoder's init and of the batch order (default: %(default)s)"),
+    "--seed": dict(type=int, help="random seed of what this command trains (train.py: the crosscoder's init and "
+                                  "batch order; toy.py: the toy LM's init and data) (default: %(default)s)"),
     "--arch": dict(choices=("l1", "batchtopk"), help="crosscoder sparsity: l1 (the paper's) or batchtopk "
                                                      "(default: %(default)s)"),
     "--out": dict(help="output folder (default: %(default)s)"),
@@ -111,11 +113,17 @@ def model_in(argv, default="toy"):
     return lm.resolve(_peek(argv, "--model") or default)
 
 
+def default_run() -> Path:
+    """The run `python train.py` makes with no arguments (the toy's): the analysis scripts' default --run."""
+    import lm
+    spec = lm.resolve("toy")
+    return defaults.run_dir(spec.key, spec.layer, spec.revisions, defaults.ARCH)
+
+
 def run_in(argv):
     """The run folder a command line names (--run, else the toy's default run) and its model's spec."""
-    import analysis
     import lm
-    run = Path(_peek(argv, "--run") or analysis.default_run())
+    run = Path(_peek(argv, "--run") or default_run())
     try:
         model = json.loads((run / "config.json").read_text())["model"]
     except (OSError, ValueError, KeyError):

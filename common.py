@@ -125,7 +125,7 @@ def read_json(path, what="file"):
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{what} {path} is not valid JSON ({e})")
+        raise UsageError(f"{what} {path} is not valid JSON ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def folder_lock(folder):
             except (OSError, ValueError):
                 pid = 0
             if pid and _alive(pid):
-                raise UsageError(f"{folder} is in use by process {pid}; wait for it or use another --out")
+                raise UsageError(f"{folder} is in use by process {pid}; wait for it or use another --out") from None
             lock.unlink(missing_ok=True)  # stale: its owner is gone
     try:
         yield
@@ -202,7 +202,7 @@ def positive(name):
         try:
             v = int(float(s)) if ("e" in s.lower() and "." not in s) else int(s)
         except ValueError:
-            raise UsageError(f"{name} must be a positive integer, got {s!r}")
+            raise UsageError(f"{name} must be a positive integer, got {s!r}") from None
         if v <= 0:
             raise UsageError(f"{name} must be a positive integer, got {s}")
         return v

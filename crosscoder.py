@@ -88,7 +88,8 @@ class CrossCoderConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, "must be an integer > 0")
         if self.arch == "batchtopk" and self.k_start > self.dict_size:
-            bad("k_start", f"must be at most dict_size={self.dict_size} (BatchTopK cannot keep more latents than exist)")
+            bad("k_start", f"must be at most dict_size={self.dict_size} (BatchTopK cannot keep more latents "
+                           "than exist)")
         for name in ("k_anneal_steps", "threshold_start_step"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

@@ -49,7 +49,7 @@ def evaluate(run, n_blocks, batch_blocks=8):
         B, T = ids_BT.shape
         targets_BT = ids_BT[:, 2:]   # next-token predictions from positions 1 … T−2 (position 0 is BOS)
 
-        def ce_sum(model, out):
+        def ce_sum(model, out, targets_BT=targets_BT):
             return lm.next_token_ce(model, out.last_hidden_state[:, 1:-1], targets_BT).cpu()
 
         xs = []

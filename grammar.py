@@ -9,9 +9,9 @@ Pure Python (no torch), read by tasks.py (LM text 'toy') and toy.py (pretraining
 """
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from common import write_text
 

@@ -158,7 +158,7 @@ def _hub_revisions(repo: str, quiet: bool) -> list[str]:
         names = _cached_revisions(repo)
         if not names:
             raise EnvError(f"cannot list the revisions of {repo}: the hub is unreachable ({type(e).__name__}) "
-                           "and nothing of it is in the local Hugging Face cache; local folders work offline")
+                           "and nothing of it is in the local Hugging Face cache; local folders work offline") from None
         if not quiet:
             print(f"note: hub unreachable for {repo}; using the {len(names)} revisions in the local cache",
                   file=sys.stderr)
@@ -241,6 +241,7 @@ def random_model(spec: ModelSpec, revision: str):
     """A model of spec's architecture (its real numbers: layers, d, heads, vocabulary) with random weights,
     seeded by the revision's name, so each revision is another random model and each load the same one."""
     import zlib
+
     import transformers
     from transformers import AutoModelForCausalLM
     _need_arch(spec)
@@ -293,8 +294,12 @@ def standin_tokenizer(spec: ModelSpec):
 
 
 def _explain_load_error(spec, revision, e):
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
     if isinstance(e, RevisionNotFoundError):
         check_revision(spec, revision)
     if isinstance(e, RepositoryNotFoundError):

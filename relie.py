@@ -8,7 +8,8 @@ For each minimal pair and revision m, block L's output is spliced with W_dec[:,m
 attributed to the latents f by integrated gradients to a zero baseline (10 steps, all batched in one
 forward/backward per revision and batch of pairs, through the blocks above L only):
 IE_{m,i} = −f_i · mean_α ∂μ/∂f_i, summed over positions (padding and position 0 never count; per-token
-|IE| ≤ --threshold zeroed), averaged over pairs. Positive IE = the latent supports the right answer. Also --method atp (one step) and exact
+|IE| ≤ --threshold zeroed), averaged over pairs. Positive IE = the latent supports the right answer.
+Also --method atp (one step) and exact
 (zero-ablate each latent). Beside the paper's RelIE, a scale-normalised one (IE_{m,i} / Σ_j |IE_{m,j}|:
 later checkpoints have larger logits), and the error term's IE per revision and sub-task.
 
@@ -33,7 +34,6 @@ import measures
 import tasks
 from analysis import ie_exact, ie_gradient, pair_codes
 from common import UsageError, atomic_path, mark_done, positive, run_main, unmark_done, write_json, write_text
-
 
 # ---------------------------------------------------------------------------------------------
 # Indirect effects
@@ -144,7 +144,8 @@ def logit_effects(run, models, chosen, n=10):
             up, down = eff_NV[j].topk(n), (-eff_NV[j]).topk(n)
             out.setdefault(str(i), {})[r] = dict(
                 promoted=[[tok.decode([t]), round(v, 3)] for t, v in zip(up.indices.tolist(), up.values.tolist())],
-                suppressed=[[tok.decode([t]), round(-v, 3)] for t, v in zip(down.indices.tolist(), down.values.tolist())])
+                suppressed=[[tok.decode([t]), round(-v, 3)]
+                            for t, v in zip(down.indices.tolist(), down.values.tolist())])
     return out
 
 
@@ -191,7 +192,8 @@ def render_html(task, sheet, contexts, effects, revisions) -> str:
         i = int(row["latent"])
         parts.append(f"<h2 id='latent-{i}'>latent {i}</h2><p>RelIE class <b>{e(str(row['relie_class']))}</b>, "
                      f"normalised <b>{e(str(row['relie_norm_class']))}</b>, RelDec class "
-                     f"<b>{e(str(row['reldec_class']))}</b>{' — <i>likely L1 artifact</i>' if row['artifact'] else ''}</p>")
+                     f"<b>{e(str(row['reldec_class']))}</b>"
+                     f"{' — <i>likely L1 artifact</i>' if row['artifact'] else ''}</p>")
         if row.get("description"):
             parts.append(f"<p>Description: {e(str(row['description']))}</p>")
         parts.append("<table><tr><th>revision</th><th>IE</th><th>RelIE</th><th>RelDec</th><th>promotes</th>"

@@ -6,8 +6,8 @@ math and a naive per-revision loop. CrossCoder.loss calls `active_terms` where i
 a CPU, no autocast, M·d·F ≥ ACTIVE_SET_MIN_SIZE).
 """
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -143,7 +143,10 @@ def limit_pairs(pairs: list[Pair], max_pairs: int | None) -> list[Pair]:
     """At most max_pairs pairs of each sub-task (all when None), in order."""
     if not max_pairs:
         return pairs
-    return [p for s in dict.fromkeys(p.subtask for p in pairs) for p in [q for q in pairs if q.subtask == s][:max_pairs]]
+    by = {}
+    for p in pairs:
+        by.setdefault(p.subtask, []).append(p)
+    return [p for group in by.values() for p in group[:max_pairs]]
 
 
 def load_task(name: str) -> list[Pair]:
@@ -366,7 +369,8 @@ def text_blocks(source: str, tok, n_blocks: int, seq_len: int, heldout_tokens: i
     min_blocks, where the split holds fewer (a small held-out split still validates)."""
     out = [b for (b, _), _ in zip(iter_blocks(source, tok, seq_len, heldout_tokens, split), range(n_blocks))]
     if len(out) < (n_blocks if min_blocks is None else min_blocks):
-        where = f"its held-out split (the first {heldout_tokens} tokens)" if split == "heldout" else "its training split"
+        where = (f"its held-out split (the first {heldout_tokens} tokens)" if split == "heldout"
+                 else "its training split")
         raise UsageError(f"text source {source!r} gives only {len(out)} blocks of {seq_len} tokens in {where}; "
                          f"{n_blocks} are needed")
     return torch.stack(out)
@@ -386,7 +390,8 @@ def count_blocks(source: str, tok, seq_len: int, heldout_tokens: int, need: int,
 def main():
     p = ArgumentParser(description="Load a task and report how many pairs survive tokenisation.")
     p.add_argument("task")
-    p.add_argument("--model", default="toy")
+    import cli
+    cli.add(p, "--model", model="toy")
     args = p.parse_args()
     pairs = load_task(args.task)
     spec = lm.resolve(args.model)

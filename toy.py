@@ -13,7 +13,7 @@ which is what the crosscoder over step64 / step128 / step512 is meant to show.
 Examples:
   python toy.py                          # train into models/toy (about 20 s on 2 CPU cores)
   python toy.py --out /tmp/toy --seed 1  # another seed
-  python toy.py --quick                  # 128 steps, for a smoke test
+  python toy.py --steps 128              # a smoke test
   python toy.py --write-pairs            # regenerate data/toy_sva.jsonl (deterministic)
 """
 import argparse
@@ -30,8 +30,19 @@ from pathlib import Path
 
 import torch
 
-from common import (ArgumentParser, UsageError, folder_lock, is_done, mark_done, positive, read_json, run_main,
-                    unmark_done, write_text)
+import cli
+from common import (
+    ArgumentParser,
+    UsageError,
+    folder_lock,
+    is_done,
+    mark_done,
+    positive,
+    read_json,
+    run_main,
+    unmark_done,
+    write_text,
+)
 from grammar import PAIRS_PATH, SUBTASKS, make_pairs, training_sentences, vocabulary, write_pairs
 
 HERE = Path(__file__).resolve().parent
@@ -247,10 +258,8 @@ def ensure_toy(out=DEFAULT_OUT, steps: int = 512, seed: int = 0) -> Path:
 def main():
     p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: models/toy beside toy.py)")
+    cli.add(p, "--out", "--seed", out=str(DEFAULT_OUT), seed=0)
     p.add_argument("--steps", type=positive("--steps"), default=None, help="training steps (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
-    p.add_argument("--quick", action="store_true", help="128 steps: a smoke test")
     p.add_argument("--write-pairs", action="store_true", help=f"regenerate {PAIRS_PATH.relative_to(HERE)} and exit")
     args = p.parse_args()
     if args.write_pairs:
@@ -258,7 +267,7 @@ def main():
         print(f"wrote {len(make_pairs())} pairs to {path}")
         return
     torch.set_num_threads(2)  # the dev machines have 2 cores; more threads only slow a model this small
-    steps = args.steps or (128 if args.quick else 512)
+    steps = args.steps or 512
     t0 = time.time()
     out = train_toy(args.out, ToyConfig(steps=steps, seed=args.seed))
     print(format_curve(read_curve(out)))

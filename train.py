@@ -11,8 +11,9 @@ normalisation scales s_m come from the held-out split. The crosscoder trains on 
 one has the scales folded in, so it acts on raw activations.
 
 Run folder (runs/<name>/): config.json + crosscoder.safetensors, then DONE; log.jsonl per logging
-step; ckpt/ (weights, optimizer, schedule, RNG, the live buffer's text position) every --ckpt-every
-steps, so --resume continues after a kill and ends with the weights of an uninterrupted run.
+step; ckpt/<step>/ (weights, optimizer, schedule, RNG, the live buffer's text position) every
+--ckpt-every steps, so --resume continues after a kill and ends with the weights of an
+uninterrupted run.
 """
 import contextlib
 import dataclasses
@@ -35,8 +36,18 @@ import defaults
 import lm
 import tasks
 from activations import CacheBatches, LiveBuffer, layer_acts, load_models, make_cache, norm_scale, open_cache
-from common import (UsageError, atomic_dir, fault_point, folder_lock, is_done, mark_done, positive, read_json,
-                    run_main, write_json)
+from common import (
+    UsageError,
+    atomic_dir,
+    fault_point,
+    folder_lock,
+    is_done,
+    mark_done,
+    positive,
+    read_json,
+    run_main,
+    write_json,
+)
 from crosscoder import CrossCoder, CrossCoderConfig
 
 
@@ -52,11 +63,13 @@ def parse_args(argv=None):
             heldout_tokens=pre.heldout_tokens, out=None)
     p.add_argument("--cache", default=None, help="activation cache folder made by cache_acts.py (default: "
                    + ("the toy's, made first if missing" if pre.data == "cache" else "none: a live buffer") + ")")
-    p.add_argument("--dict-size", type=positive("--dict-size"), default=pre.dict_size, help="latents F (default: %(default)s)")
+    p.add_argument("--dict-size", type=positive("--dict-size"), default=pre.dict_size,
+                   help="latents F (default: %(default)s)")
     p.add_argument("--lr", type=cli.finite_positive("--lr"), default=pre.lr, help="Adam's lr (default: %(default)s)")
     p.add_argument("--l1-coeff", type=cli.finite_nonnegative("--l1-coeff"), default=pre.l1_coeff,
                    help="λ, the L1 penalty's weight after its warm-up (default: %(default)s)")
-    p.add_argument("--k", type=positive("--k"), default=pre.k, help="BatchTopK: latents per token (default: %(default)s)")
+    p.add_argument("--k", type=positive("--k"), default=pre.k,
+                   help="BatchTopK: latents per token (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="the crosscoder's matmuls: fp32, or bf16 autocast on a GPU (the loss sums stay fp32) "
                         "(default: %(default)s)")
@@ -202,7 +215,8 @@ def live_source(args, spec, rank, world, resume_state):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON in a folder swapped in whole, DONE inside it
+# Checkpoints: ckpt/<step>/ (safetensors + JSON, DONE last), made in a temporary folder and renamed
+# into place; the older one is removed only after. A kill anywhere leaves the newest finished one.
 
 def save_checkpoint(folder, step, cc, opt, sched, buffer_state=None):
     tensors = {f"cc.{k}": v.detach().contiguous() for k, v in cc.state_dict().items()}
@@ -212,19 +226,29 @@ def save_checkpoint(folder, step, cc, opt, sched, buffer_state=None):
     tensors["rng.cpu"] = torch.get_rng_state()
     state = dict(step=step, sched=sched.state_dict(), opt_groups=opt.state_dict()["param_groups"],
                  buffer=buffer_state)
-    with atomic_dir(folder / "ckpt") as tmp:
+    with atomic_dir(folder / "ckpt" / f"{step:09d}") as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
         fault_point("ckpt_write")               # killed mid-write: the temporary folder has no marker yet
         (tmp / "state.json").write_text(json.dumps(state, default=str))
         mark_done(tmp, step=step)               # the marker goes last
-        fault_point("ckpt_swap")                # killed before the swap: the previous checkpoint stands
+    fault_point("ckpt_prune")                   # killed here: two finished checkpoints, the newer one wins
+    for old in (folder / "ckpt").iterdir():
+        if old.name != f"{step:09d}":
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def newest_checkpoint(folder):
+    """The newest finished checkpoint folder, or None."""
+    root = folder / "ckpt"
+    done = sorted(d for d in root.iterdir() if d.name.isdigit() and is_done(d)) if root.is_dir() else []
+    return done[-1] if done else None
 
 
 def load_checkpoint(folder, cc, opt, sched, device):
-    """Restore the checkpoint; returns (its step, the live buffer's state), (0, None) if there is none."""
-    d = folder / "ckpt"
-    if not is_done(d):
-        return 0, None
+    """Restore the newest checkpoint; returns its step (0 if there is none)."""
+    d = newest_checkpoint(folder)
+    if d is None:
+        return 0
     t = load_file(d / "state.safetensors", device=str(device))
     state = json.loads((d / "state.json").read_text())
     cc.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("cc.")})
@@ -236,7 +260,7 @@ def load_checkpoint(folder, cc, opt, sched, device):
     opt.load_state_dict(dict(state=opt_state, param_groups=state["opt_groups"]))
     sched.load_state_dict(state["sched"])
     torch.set_rng_state(t["rng.cpu"].cpu())
-    return state["step"], state.get("buffer")
+    return state["step"]
 
 
 RESUME_KEYS = ("model", "layer", "revisions", "arch", "dict_size", "batch_size", "tokens", "lr", "seed", "weights")
@@ -346,9 +370,8 @@ def _train(args, spec, rank, world):
     prepare_out(args, rank)
     if world > 1:
         dist.barrier()
-    resume_state = None
-    if args.resume and is_done(args.out / "ckpt"):
-        resume_state = json.loads((args.out / "ckpt" / "state.json").read_text()).get("buffer")
+    ckpt = newest_checkpoint(args.out) if args.resume else None
+    resume_state = json.loads((ckpt / "state.json").read_text()).get("buffer") if ckpt else None
     batch_at, scales, val, desc, buf = data_source(args, spec, rank, world, resume_state)
     M, d = len(args.revisions), desc["d"]
     cfg = crosscoder_config(args, M, d)
@@ -367,9 +390,9 @@ def _train(args, spec, rank, world):
                              "the checkpoint is broken or the cache is corrupt")
     s_M = torch.tensor(scales, device=args.device)
     val_BMd = val * s_M.cpu()[None, :, None]
-    start = load_checkpoint(args.out, cc, opt, sched, args.device)[0] if args.resume else 0
+    start = load_checkpoint(args.out, cc, opt, sched, args.device) if args.resume else 0
     if rank == 0:
-        write_json(args.out / "run_args.json", {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+        write_json(args.out / "run_args.json", _jsonable(vars(args)))
         _truncate_log(args.out / "log.jsonl", start)
     loss_fn = _LossModule(cc)
     if world > 1:
@@ -441,21 +464,26 @@ def _train(args, spec, rank, world):
         pool.shutdown(wait=True, cancel_futures=True)
     if rank == 0:
         final = cc.fold_scales(scales)
-        peak = torch.cuda.max_memory_allocated(torch.device(args.device)) if str(args.device).startswith("cuda") else None
+        gpu = str(args.device).startswith("cuda")
+        peak = torch.cuda.max_memory_allocated(torch.device(args.device)) if gpu else None
         final.save(args.out, extra=dict(
             model=spec.key, repo=spec.repo, revisions=args.revisions, layer=args.layer, scales=scales,
             data=desc, steps=args.steps, tokens=args.tokens,
             memory=dict(predicted=need, measured_gpu_peak=peak),
-            args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            args=_jsonable(vars(args)),
             versions=_versions(), activations="raw (scales folded in)"))
         fault_point("train_final")              # killed here: weights saved, run not marked done
         mark_done(args.out, step=args.steps)
         shutil.rmtree(args.out / "ckpt", ignore_errors=True)
         last = json.loads((args.out / "log.jsonl").read_text().splitlines()[-1])
-        print(f"run {args.out}: val FVU {['%.3f' % v for v in last['val_fvu']]}, L0 {last['val_l0']:.1f}, "
+        print(f"run {args.out}: val FVU {[f'{v:.3f}' for v in last['val_fvu']]}, L0 {last['val_l0']:.1f}, "
               f"dead {100 * last['val_dead_frac']:.0f}%, {last['tokens_per_s']:.0f} tokens/s, "
               f"{time.time() - t0:.0f} s")
     return args.out
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
 def _truncate_log(path, step):

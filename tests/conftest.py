@@ -68,6 +68,7 @@ def local_model(tmp_path_factory):
     """A local 'model folder' of three tiny GPT-NeoX revisions with a word tokenizer, a text file
     of random words, and a small pairs file: the hub's layout, offline."""
     import json
+
     import numpy as np
     root = tmp_path_factory.mktemp("lm")
     tok = word_tokenizer(WORDS)
@@ -94,6 +95,30 @@ def run_script(args, cwd, timeout=600, check=True):
     if check:
         assert r.returncode == 0, f"{args} failed:\n{r.stderr[-3000:]}"
     return r
+
+
+@pytest.fixture(scope="session", autouse=True)
+def toy_model():
+    """The toy model (models/toy), built once if missing: every `--model toy` command reads it."""
+    import toy
+    return toy.ensure_toy()
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """A small, fast toy run through every stage (a 20k-token cache, 60 steps of a 128-latent
+    crosscoder, 10 pairs per sub-task): what the app and the bad-input tests read. The findings of the
+    default run are conftest.toy_pipeline's (slow)."""
+    cwd = tmp_path_factory.mktemp("toyrun")
+    run_script(["cache_acts.py", "--scan", "--model", "toy", "--scan-tokens", "512"], cwd)
+    run_script(["cache_acts.py", "--model", "toy", "--tokens", "20000"], cwd)
+    run = cwd / "runs" / "toy-small"
+    run_script(["train.py", "--dict-size", "128", "--tokens", str(1024 * 60), "--out", str(run),
+                "--cache", str(next((cwd / "cache").iterdir()))], cwd)
+    run_script(["evaluate.py", "--run", str(run), "--blocks", "32"], cwd)
+    run_script(["relie.py", "--run", str(run), "--max-pairs", "10", "--context-blocks", "4"], cwd)
+    run_script(["ablate.py", "--run", str(run), "--max-pairs", "10", "--draws", "2"], cwd)
+    return cwd, run
 
 
 @pytest.fixture(scope="session")

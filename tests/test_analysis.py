@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import analysis
 import activations
+import analysis
 import evaluate
 import lm
 import measures
 import relie
 import tasks
-
 from crosscoder import CrossCoder, CrossCoderConfig
 
 

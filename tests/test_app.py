@@ -1,6 +1,6 @@
-"""app.py over the toy pipeline's outputs: every page renders, the emergence map holds every latent,
-annotations are saved and survive a reload, hostile names and strings are refused or escaped; and
-one real-browser test (headless Chromium) of the Latents page."""
+"""app.py over a small toy run's outputs: every page renders, the emergence map holds every latent,
+annotations are saved and survive a reload, hostile names and strings are refused or escaped, the
+viewer loads no torch; and one real-browser test (headless Chromium) of the Latents page."""
 import json
 import os
 import shutil
@@ -14,13 +14,15 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow   # real subprocesses of whole stages: `-m 'not slow'` skips them
+
 PAGES = ["Checkpoints", "Training", "Latents", "Ablation"]
 
 
 @pytest.fixture
-def app(toy_pipeline, monkeypatch):
+def app(toy_run, monkeypatch):
     from streamlit.testing.v1 import AppTest
-    cwd, run = toy_pipeline
+    cwd, run = toy_run
     monkeypatch.setenv("CCT_RUNS", str(cwd / "runs"))
     monkeypatch.setenv("CCT_SCANS", str(cwd / "scans"))
     (run / "annotations.csv").unlink(missing_ok=True)
@@ -41,8 +43,8 @@ def test_every_page_renders(app, page):
     assert not at.error
 
 
-def test_emergence_map_holds_every_latent(app, toy_pipeline):
-    _, run = toy_pipeline
+def test_emergence_map_holds_every_latent(app, toy_run):
+    _, run = toy_run
     at = app("Latents")
     n = json.loads((run / "config.json").read_text())["dict_size"]
     import pyarrow as pa
@@ -56,8 +58,8 @@ def test_emergence_map_holds_every_latent(app, toy_pipeline):
     assert latents == set(range(n))
 
 
-def test_annotation_saved_and_survives_reload(app, toy_pipeline):
-    _, run = toy_pipeline
+def test_annotation_saved_and_survives_reload(app, toy_run):
+    _, run = toy_run
     at = app("Latents")
     latent = at.selectbox(key="latent").value
     text = "promotes plural verbs <script>alert(1)</script>"
@@ -76,8 +78,9 @@ def test_annotation_saved_and_survives_reload(app, toy_pipeline):
 def test_relie_export_picks_up_annotations(tmp_path):
     import numpy as np
     import torch
+
     import relie
-    from app import save_annotation
+    from measures import save_annotation
     save_annotation(tmp_path, 3, "plural <b>verbs</b>", "number")
     save_annotation(tmp_path, 5, "other", "")
     save_annotation(tmp_path, 3, "plural verbs", "number")        # a later save replaces the earlier one
@@ -98,9 +101,9 @@ CONCURRENT = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-import app
+import measures
 for i in range(int(sys.argv[3]), int(sys.argv[3]) + 20):
-    app.save_annotation(Path(sys.argv[2]), i, f"d{i}", "")
+    measures.save_annotation(Path(sys.argv[2]), i, f"d{i}", "")
 """
 
 
@@ -121,6 +124,13 @@ def test_run_names_outside_roots_refused(tmp_path):
     assert app.inside(tmp_path, "ok") == tmp_path.resolve() / "ok"
 
 
+def test_viewer_imports_no_torch():
+    """The app only reads files: importing it (and the table helpers it uses) never loads torch."""
+    r = subprocess.run([sys.executable, "-c", "import sys, app; sys.exit('torch' in sys.modules)"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_streamlit_binds_localhost():
     cfg = (ROOT / ".streamlit" / "config.toml").read_text()
     assert 'address = "127.0.0.1"' in cfg
@@ -136,9 +146,9 @@ def _free_port():
 
 @pytest.mark.skipif(not shutil.which("chromium") and not os.path.exists("/usr/bin/chromium"),
                     reason="no Chromium on this machine (apt-get install -y chromium)")
-def test_browser_latents_page(toy_pipeline, tmp_path):
+def test_browser_latents_page(toy_run, tmp_path):
     from playwright.sync_api import sync_playwright
-    cwd, run = toy_pipeline
+    cwd, run = toy_run
     port = _free_port()
     env = dict(os.environ, CCT_RUNS=str(cwd / "runs"), CCT_SCANS=str(cwd / "scans"))
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),

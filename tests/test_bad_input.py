@@ -11,11 +11,13 @@ import pytest
 
 from conftest import ROOT, tiny_model, word_tokenizer
 
+pytestmark = pytest.mark.slow   # real subprocesses of whole stages: `-m 'not slow'` skips them
+
 
 @pytest.fixture(scope="module")
-def world(toy_pipeline, tmp_path_factory):
-    """Inputs, good and broken, made from the toy pipeline's outputs (copies: nothing shared is harmed)."""
-    cwd, pipeline_run = toy_pipeline
+def world(toy_run, tmp_path_factory):
+    """Inputs, good and broken, made from a small toy run's outputs (copies: nothing shared is harmed)."""
+    cwd, pipeline_run = toy_run
     t = tmp_path_factory.mktemp("bad")
     run = t / "run"
     shutil.copytree(pipeline_run, run)
@@ -48,10 +50,7 @@ def world(toy_pipeline, tmp_path_factory):
         edit(d)
         w[name] = d
 
-    def incomplete(d):
-        meta = json.loads((d / "meta.json").read_text())
-        (d / "meta.json").write_text(json.dumps(dict(meta, complete=False)))
-    cache_copy("incomplete", incomplete)
+    cache_copy("incomplete", lambda d: (d / "DONE").unlink())   # as a killed cache_acts.py leaves it
 
     def nan(d):
         mm = np.memmap(d / "step512.bin", dtype=np.uint16, mode="r+")
@@ -88,7 +87,10 @@ CASES = [
     ("cache_acts.py --model toy --layer 5 --out {out}", "layer 5 is out of range for toy: valid layers are 0..1", 2),
     ("cache_acts.py --model toy --layer -1 --out {out}", "layer -1 is out of range", 2),
     ("cache_acts.py --model toy --tokens 0 --out {out}", "--tokens must be a positive integer, got 0", 2),
-    ("cache_acts.py --model toy --dtype fp8 --out {out}", "invalid choice: 'fp8'", 2),
+    ("cache_acts.py --model toy --cache-dtype fp8 --out {out}", "invalid choice: 'fp8'", 2),
+    ("cache_acts.py --scan --model toy --suggest 0 --out {out}", "--suggest must be a positive integer, got 0", 2),
+    ("cache_acts.py --model org/unknown --layer 1 --revisions a,b --weights random --out {out}",
+     "--weights random needs a model whose architecture is known", 2),
     ("cache_acts.py --suggest", "--suggest needs --scan", 2),
     ("cache_acts.py --scan --model toy --task {empty} --out {out}", "holds no minimal pairs", 2),
     ("cache_acts.py --scan --model toy --task {malformed} --out {out}", "malformed.jsonl:2: malformed", 2),
@@ -100,7 +102,7 @@ CASES = [
     ("train.py --batch-size -3 --out {out}", "--batch-size must be a positive integer, got -3", 2),
     ("train.py --resume --overwrite --out {out}", "contradict", 2),
     ("train.py --cache {missing} --out {out}", "nope does not exist", 2),
-    ("train.py --cache {incomplete} --out {out}", "is incomplete", 2),
+    ("train.py --cache {incomplete} --out {out}", "is unfinished", 2),
     ("train.py --cache {cache} --revisions step0,step512 --out {out}", "revisions step64,step128,step512, not toy", 2),
     ("train.py --revisions step64 --out {out}", "needs at least 2 revisions", 2),
     ("train.py --revisions step64,step64 --out {out}", "lists a revision twice", 2),
@@ -113,12 +115,12 @@ CASES = [
     ("evaluate.py --run {missing}", "holds no trained crosscoder", 2),
     ("evaluate.py --run {truncated}", "cannot be read", 2),
     ("evaluate.py --run {lying}", "has shape", 2),
-    ("evaluate.py --run {unfinished}", "unfinished training run", 2),
+    ("evaluate.py --run {unfinished}", "is unfinished (no DONE marker", 2),
     ("evaluate.py --run {run} --blocks 0", "--blocks must be a positive integer", 2),
     ("relie.py --run {run} --task nope", "unknown task 'nope'", 2),
     ("relie.py --run {run} --task {dropall}", "drops every one of its 1 pairs", 2),
-    ("relie.py --run {run} --threshold -1", "--threshold must be ≥ 0, got -1.0", 2),
-    ("relie.py --run {run} --method exact --latents 9999", "--latents must lie in 0..511", 2),
+    ("relie.py --run {run} --threshold -1", "--threshold must be a finite number >= 0, got -1", 2),
+    ("relie.py --run {run} --method exact --latents 9999", "--latents must lie in 0..127", 2),
     ("relie.py --run {run} --latents 3", "--latents only applies to --method exact", 2),
     ("relie.py --run {run} --method magic", "invalid choice: 'magic'", 2),
     ("relie.py --run {gone_rev}", "revision step9999 of run", 2),
@@ -130,9 +132,7 @@ CASES = [
 
 def _looks_complete(folder):
     """Anything a later stage would read as a finished output."""
-    found = [p for name in ("DONE", "summary.json", "eval.json") for p in folder.rglob(name)]
-    found += [p for p in folder.rglob("meta.json") if json.loads(p.read_text()).get("complete")]
-    return found
+    return [p for name in ("DONE", "summary.json", "eval.json") for p in folder.rglob(name)]
 
 
 def visible_lines(text):
@@ -152,8 +152,8 @@ def run_cli(args, cwd, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("cmd,msg,code", CASES, ids=[c[0][:60] for c in CASES])
-def test_bad_input(world, toy_pipeline, cmd, msg, code, monkeypatch, capsys):
-    cwd, _ = toy_pipeline
+def test_bad_input(world, toy_run, cmd, msg, code, monkeypatch, capsys):
+    cwd, _ = toy_run
     shutil.rmtree(world["out"], ignore_errors=True)
     before = {p: p.stat().st_mtime for p in world["run"].rglob("*") if p.is_file()}
     args = [a.format(**world) for a in cmd.split()]
@@ -168,8 +168,8 @@ def test_bad_input(world, toy_pipeline, cmd, msg, code, monkeypatch, capsys):
     assert after == before, "a failed command changed the run folder"
 
 
-def test_a_real_subprocess_too(toy_pipeline):
-    cwd, _ = toy_pipeline
+def test_a_real_subprocess_too(toy_run):
+    cwd, _ = toy_run
     r = subprocess.run([sys.executable, str(ROOT / "cache_acts.py"), "--model", "toy", "--layer", "7"], cwd=cwd,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == "error: layer 7 is out of range for toy: valid layers are 0..1"
@@ -180,8 +180,8 @@ def test_enough_cases():
         "lm.py", "tasks.py", "toy.py", "cache_acts.py", "train.py", "evaluate.py", "relie.py", "ablate.py"}
 
 
-def test_top_k_larger_than_nonzero_is_capped(world, toy_pipeline):
-    cwd, _ = toy_pipeline
+def test_top_k_larger_than_nonzero_is_capped(world, toy_run):
+    cwd, _ = toy_run
     r = subprocess.run([sys.executable, str(ROOT / "relie.py"), "--run", str(world["run"]), "--top-k", "100000",
                         "--max-pairs", "20", "--context-blocks", "2"], cwd=cwd, capture_output=True, text=True,
                        timeout=600)

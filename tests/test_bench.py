@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -13,6 +15,7 @@ def run_bench(*args, timeout=120):
                           timeout=timeout, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_bench_tiny_prints_ratio_lines():
     r = run_bench("--tiny", "--only", "step,cache,data,ig", "--threads", "1")
     assert r.returncode == 0, r.stderr[-3000:]

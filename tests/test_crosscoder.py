@@ -13,7 +13,6 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import crosscoder  # noqa: E402
 import sparse  # noqa: E402
 from crosscoder import CrossCoder, CrossCoderConfig, k_at, l1_coeff_at, lr_factor  # noqa: E402
 from sparse import ActiveSet  # noqa: E402
@@ -474,6 +473,7 @@ def sample_acts(D, g, B, p=4 / 48):
     # the API's own schedule: k anneals from 5k over 5.12% of the run, θ from 1% (CrossCoderConfig)
     ("batchtopk", dict(k=4, dead_tokens=10_000, aux_k=32)),
 ])
+@pytest.mark.slow
 def test_planted_features_recovered(arch, kw):
     torch.manual_seed(0)
     threads = torch.get_num_threads()

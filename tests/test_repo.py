@@ -28,3 +28,101 @@ def test_torch_load_always_weights_only_and_no_remote_code():
         for call in re.findall(r"torch\.load\([^)]*\)", src):
             assert "weights_only=True" in call, f"{p.name}: {call}"
         assert not re.search(r"trust_remote_code\s*=\s*True", src), f"{p.name} sets trust_remote_code=True"
+
+
+LIBRARY = {"activations", "analysis", "cli", "common", "crosscoder", "defaults", "grammar", "lm", "measures",
+           "sparse", "tasks", "toy"}
+STAGES = {"cache_acts", "train", "evaluate", "relie", "ablate", "bench", "app", "stability"}
+
+
+def _imports(path):
+    """Every project module a file imports, at any depth (function-level imports too)."""
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & (LIBRARY | STAGES)
+
+
+def test_imports_run_one_way():
+    """Library modules import no stage script, and project modules import each other in no circle."""
+    files = {p.stem: p for p in ROOT.glob("*.py")}
+    assert LIBRARY | STAGES >= set(files), set(files) - LIBRARY - STAGES   # every module is one or the other
+    graph = {name: _imports(path) - {name} for name, path in files.items()}
+    for name in LIBRARY & set(files):
+        assert not graph[name] & STAGES, f"library module {name} imports stage(s) {graph[name] & STAGES}"
+    for name in STAGES & set(files):
+        assert not graph[name] & STAGES, f"stage {name} imports another stage: {graph[name] & STAGES}"
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+    cycles = [name for name in graph if name in reach(name)]
+    assert not cycles, f"import circle through {cycles}"
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _parser_of(module, argv, monkeypatch):
+    """The argparse parser a script builds, caught at its parse_args call."""
+    import importlib
+
+    import common
+    box = {}
+
+    def catch(self, args=None, namespace=None):
+        box["p"] = self
+        raise _Parsed
+    monkeypatch.setattr(common.ArgumentParser, "parse_args", catch)
+    mod = importlib.import_module(module)
+    entry = getattr(mod, "parse_args", None) or mod.main
+    monkeypatch.setattr("sys.argv", [module + ".py", *argv])
+    try:
+        entry(argv) if entry is not mod.main or module not in ("toy", "lm", "tasks", "bench") else entry()
+    except _Parsed:
+        return box["p"]
+    raise AssertionError(f"{module} parsed no arguments")
+
+
+def test_every_shared_flag_has_one_meaning(monkeypatch):
+    """A flag used by two scripts has one help text (its meaning), whatever its default there; and
+    --help prints the defaults in force (no bare None for a value the run will use)."""
+    helps = {}
+    for module in ("cache_acts", "train", "evaluate", "relie", "ablate", "bench", "toy", "tasks", "lm"):
+        p = _parser_of(module, [], monkeypatch)
+        for action in p._actions:
+            for opt in action.option_strings:
+                if opt.startswith("--") and opt != "--help":
+                    helps.setdefault(opt, {})[module] = action.help
+    shared = {opt: h for opt, h in helps.items() if len(h) > 1}
+    assert {"--model", "--device", "--tokens", "--out", "--seed", "--run", "--top-k"} <= set(shared)
+    for opt, by_module in shared.items():
+        assert len(set(by_module.values())) == 1, (opt, by_module)
+    assert "--dtype" not in helps       # two meanings once: now --cache-dtype (on disk) and --precision (matmuls)
+
+
+def test_train_help_shows_the_defaults_in_force():
+    import subprocess
+    import sys
+    toy = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
+    assert toy.returncode == 0
+    flat = " ".join(toy.stdout.split())
+    for want in ("(default: 512)", "(default: 1024)", "(default: 4096000)", "(default: 0.002)", "(default: toy)",
+                 "(default: the model's, step64,step128,step512)", "arXiv 2509.05291"):
+        assert want in flat, want
+    paper = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "pythia-1b", "--help"],
+                           capture_output=True, text=True)
+    flat = " ".join(paper.stdout.split())
+    for want in ("(default: 16384)", "(default: 4096)", "(default: 400000000)", "(default: 5e-05)",
+                 "(default: the model's, step512,step2000,step143000)", "(default: the model's, 8)"):
+        assert want in flat, want
