@@ -32,22 +32,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import cli
+import common
 import defaults
 import lm
 import tasks
 from activations import CacheBatches, LiveBuffer, layer_acts, load_models, make_cache, norm_scale, open_cache
-from common import (
-    UsageError,
-    atomic_dir,
-    fault_point,
-    folder_lock,
-    is_done,
-    mark_done,
-    positive,
-    read_json,
-    run_main,
-    write_json,
-)
+from common import UsageError, positive
 from crosscoder import CrossCoder, CrossCoderConfig
 
 
@@ -156,7 +146,7 @@ def check_memory(need, device):
 
 def data_source(args, spec, rank, world, resume_state):
     """(batch_at(step) → raw [B/world, M, d], scales [M], val [V, M, d], data description, buffer)."""
-    if args.make_cache and rank == 0 and not is_done(args.cache):
+    if args.make_cache and rank == 0 and not common.is_done(args.cache):
         print(f"making the activation cache first (as `python cache_acts.py --model {spec.key}` would): {args.cache}",
               file=sys.stderr)
         make_cache(spec.key, args.layer, args.revisions, args.cache, spec.preset.cache_tokens,
@@ -226,12 +216,12 @@ def save_checkpoint(folder, step, cc, opt, sched, buffer_state=None):
     tensors["rng.cpu"] = torch.get_rng_state()
     state = dict(step=step, sched=sched.state_dict(), opt_groups=opt.state_dict()["param_groups"],
                  buffer=buffer_state)
-    with atomic_dir(folder / "ckpt" / f"{step:09d}") as tmp:
+    with common.atomic_dir(folder / "ckpt" / f"{step:09d}") as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
-        fault_point("ckpt_write")               # killed mid-write: the temporary folder has no marker yet
+        common.fault_point("ckpt_write")               # killed mid-write: the temporary folder has no marker yet
         (tmp / "state.json").write_text(json.dumps(state, default=str))
-        mark_done(tmp, step=step)               # the marker goes last
-    fault_point("ckpt_prune")                   # killed here: two finished checkpoints, the newer one wins
+        common.mark_done(tmp, step=step)               # the marker goes last
+    common.fault_point("ckpt_prune")                   # killed here: two finished checkpoints, the newer one wins
     for old in (folder / "ckpt").iterdir():
         if old.name != f"{step:09d}":
             shutil.rmtree(old, ignore_errors=True)
@@ -240,7 +230,7 @@ def save_checkpoint(folder, step, cc, opt, sched, buffer_state=None):
 def newest_checkpoint(folder):
     """The newest finished checkpoint folder, or None."""
     root = folder / "ckpt"
-    done = sorted(d for d in root.iterdir() if d.name.isdigit() and is_done(d)) if root.is_dir() else []
+    done = sorted(d for d in root.iterdir() if d.name.isdigit() and common.is_done(d)) if root.is_dir() else []
     return done[-1] if done else None
 
 
@@ -275,10 +265,10 @@ def prepare_out(args, rank):
     if held and not (args.resume or args.overwrite):
         raise UsageError(f"{out} already holds a run ({held[0]}); pass --resume to continue it, "
                          "--overwrite to replace it, or another --out")
-    if args.resume and is_done(out):
+    if args.resume and common.is_done(out):
         raise UsageError(f"{out} is a finished run; nothing to resume (--overwrite to train it again)")
     if args.resume and (out / "run_args.json").exists():
-        old = read_json(out / "run_args.json", "run arguments")
+        old = common.read_json(out / "run_args.json", "run arguments")
         for k in RESUME_KEYS:
             if str(old.get(k)) != str(getattr(args, k)):
                 raise UsageError(f"--resume: {out} was started with {k}={old.get(k)}, this command has "
@@ -358,7 +348,7 @@ def train(args, spec):
             torch.cuda.set_device(args.device)
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    with folder_lock(args.out) if rank == 0 else contextlib.nullcontext():
+    with common.folder_lock(args.out) if rank == 0 else contextlib.nullcontext():
         out = _train(args, spec, rank, world)
     if world > 1:
         dist.barrier()   # rank 0 may still be saving: a gloo peer torn down mid-way can abort the other
@@ -392,7 +382,7 @@ def _train(args, spec, rank, world):
     val_BMd = val * s_M.cpu()[None, :, None]
     start = load_checkpoint(args.out, cc, opt, sched, args.device) if args.resume else 0
     if rank == 0:
-        write_json(args.out / "run_args.json", _jsonable(vars(args)))
+        common.write_json(args.out / "run_args.json", _jsonable(vars(args)))
         _truncate_log(args.out / "log.jsonl", start)
     loss_fn = _LossModule(cc)
     if world > 1:
@@ -434,7 +424,7 @@ def _train(args, spec, rank, world):
             if world > 1:
                 sync_buffers(cc, world, x_BMd.shape[0])
             seen += x_BMd.shape[0] * world
-            fault_point("train_step")
+            common.fault_point("train_step")
             log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
             if log_now and world > 1:      # the whole batch's numbers, not rank 0's share
                 for k in ("loss", "mse", "l0"):
@@ -472,8 +462,8 @@ def _train(args, spec, rank, world):
             memory=dict(predicted=need, measured_gpu_peak=peak),
             args=_jsonable(vars(args)),
             versions=_versions(), activations="raw (scales folded in)"))
-        fault_point("train_final")              # killed here: weights saved, run not marked done
-        mark_done(args.out, step=args.steps)
+        common.fault_point("train_final")              # killed here: weights saved, run not marked done
+        common.mark_done(args.out, step=args.steps)
         shutil.rmtree(args.out / "ckpt", ignore_errors=True)
         last = json.loads((args.out / "log.jsonl").read_text().splitlines()[-1])
         print(f"run {args.out}: val FVU {[f'{v:.3f}' for v in last['val_fvu']]}, L0 {last['val_l0']:.1f}, "
@@ -510,4 +500,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    common.run_main(main)
