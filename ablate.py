@@ -95,16 +95,16 @@ def task_codes(run, models, batch, pair_batch):
 
 
 def ablated(run, models, codes, sets, n_pairs):
-    """Logit difference (correct − wrong) per revision, pair and set of ablated latents: [M, P, len(sets)]."""
-    ld_MPA = torch.zeros(len(models), n_pairs, len(sets))
+    """Logit difference (correct − wrong) per revision, pair and set of ablated latents: [M, P, C = len(sets)]."""
+    ld_MPC = torch.zeros(len(models), n_pairs, len(sets))
     for m, (_, model, _) in enumerate(tqdm(models, desc="ablate", unit="rev")):
         row = 0
         for b, x, f, r in codes:
             b, x, f, r = b.to(run.device), x.to(run.device), f.to(run.device), r.to(run.device)
-            ld_MPA[m, row:row + len(b)] = analysis.ablated_logit_diffs(run, model, m, b, x[:, :, m], f, r[:, :, m],
+            ld_MPC[m, row:row + len(b)] = analysis.ablated_logit_diffs(run, model, m, b, x[:, :, m], f, r[:, :, m],
                                                                        sets).cpu()
             row += len(b)
-    return ld_MPA
+    return ld_MPC
 
 
 def parse_args(argv=None):
@@ -151,8 +151,8 @@ def main(argv=None):
         ablations.append(("top", r, -1, sets[r]))
         ablations += [("random", r, d, matched_random(freq, sets[r], rng, set(union))) for d in range(args.draws)]
     ablations += [("single", "-", -1, [i]) for i in union]
-    ld_MPA = ablated(run, models, codes, [a[3] for a in ablations], len(batch))
-    df = ablation_table(run.revisions, ablations, ld_MPA, batch.subtask)
+    ld_MPC = ablated(run, models, codes, [a[3] for a in ablations], len(batch))
+    df = ablation_table(run.revisions, ablations, ld_MPC, batch.subtask)
     sp = spearman_table(run, df, union, sets, ie_wide, nie_wide)
     out = run.folder / "ablation" / Path(task).stem
     unmark_done(out)
@@ -164,7 +164,7 @@ def main(argv=None):
     print(f"wrote {out}/")
 
 
-def ablation_table(revisions, ablations, ld_MPA, subtask_P) -> pd.DataFrame:
+def ablation_table(revisions, ablations, ld_MPC, subtask_P) -> pd.DataFrame:
     rows = []
     groups = {"all": list(range(len(subtask_P)))}
     for s in dict.fromkeys(subtask_P):
@@ -172,7 +172,7 @@ def ablation_table(revisions, ablations, ld_MPA, subtask_P) -> pd.DataFrame:
     for a_i, (kind, sel_rev, draw, lat) in enumerate(ablations):
         for m, rev in enumerate(revisions):
             for g, idx in groups.items():
-                clean, abl = ld_MPA[m, idx, 0], ld_MPA[m, idx, a_i]
+                clean, abl = ld_MPC[m, idx, 0], ld_MPC[m, idx, a_i]
                 rows.append(dict(kind=kind, selected_at=sel_rev, draw=draw, latents=" ".join(map(str, lat)),
                                  revision=rev, subtask=g, delta=float((clean - abl).mean()),
                                  acc_clean=float((clean > 0).float().mean()),

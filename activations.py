@@ -276,13 +276,14 @@ def _fill(out, models, layer, ids, d, cache_dtype, batch_blocks):
 class LiveBuffer:
     """Batches [B, M, d] from all M revisions run on the same training blocks, mixed across fills.
 
-    The text is cut into chunks of `rows` token positions. Each chunk's rows are shuffled (seeded by
-    the chunk) into K parts; window w serves part c − w of each chunk c = w … w+K−1, shuffled together
-    (seeded by the window), in batches. So a batch mixes rows of K consecutive chunks (≈ 1.6× the
-    resident rows for K = 4) and no fill boundary cuts the data; every row is served once (the first
-    K−1 chunks' early parts excepted). Only unserved parts stay resident: K(K+1)/2 parts of rows/K,
-    stored in the models' dtype. batch_at(step) is a pure function of (seed, step), and a resumed run
-    needs only chunks w … w+K−1, recomputed from the text position `state()` recorded."""
+    The training text is cut into chunks of chunk_blocks blocks. Each chunk's rows are shuffled (seeded
+    by the chunk) into n parts (n_parts = 4); window w serves part c − w of each chunk c = w … w+n−1,
+    shuffled together (seeded by the window), in batches. So a batch mixes rows of n consecutive chunks
+    (≈ 1.6× the resident rows for n = 4) and no fill boundary cuts the data; every row is served once
+    (the first n−1 chunks' early parts excepted). Only unserved parts stay resident: n(n+1)/2 parts of
+    rows/n, stored in the models' dtype. batch_at(step) is a pure function of (seed, step), and a
+    resumed run needs only chunks w … w+n−1, recomputed from the text position `state()` recorded.
+    When the whole run fits the buffer, one window holds all of it (n_parts = 1)."""
 
     def __init__(self, models, layer, blocks, seq_len, buffer_tokens, run_rows, seed, device, lm_batch=8,
                  start=None):
@@ -290,30 +291,30 @@ class LiveBuffer:
         self.blocks = blocks                 # (TextPos | None) -> iterator of (block [T], TextPos)
         T1 = seq_len - 1
         if run_rows <= buffer_tokens:        # the whole run fits: one window, every row mixed with every other
-            self.K, self.chunk_blocks = 1, math.ceil(run_rows / T1)
+            self.n_parts, self.chunk_blocks = 1, math.ceil(run_rows / T1)
         else:
-            self.K = 4
-            self.chunk_blocks = max(1, 2 * buffer_tokens // ((self.K + 1) * T1))
-        self.part = self.chunk_blocks * T1 // self.K
+            self.n_parts = 4
+            self.chunk_blocks = max(1, 2 * buffer_tokens // ((self.n_parts + 1) * T1))
+        self.part = self.chunk_blocks * T1 // self.n_parts
         self.start = start or {"chunk": 0, "pos": None}
         self.window, self.parts, self.pos, self.it, self.peeked = None, {}, {}, None, None
         self.next_chunk = self.start["chunk"]
 
     def per_window(self, batch_size):
-        n = self.K * self.part // batch_size
+        n = self.n_parts * self.part // batch_size
         if n == 0:
-            raise UsageError(f"--buffer-tokens gives windows of {self.K * self.part} rows, fewer than one batch "
-                             f"of {batch_size}; raise --buffer-tokens")
+            raise UsageError(f"--buffer-tokens gives windows of {self.n_parts * self.part} rows, fewer than one "
+                             f"batch of {batch_size}; raise --buffer-tokens")
         return n
 
     def blocks_needed(self, steps, batch_size) -> int:
         """Training blocks a run of `steps` batches reads, from its start (chunk 0)."""
         windows = math.ceil(steps / self.per_window(batch_size))
-        return (windows + self.K - 1) * self.chunk_blocks
+        return (windows + self.n_parts - 1) * self.chunk_blocks
 
     def resident_bytes(self, d) -> int:
         item = next(self.models[0][1].parameters()).element_size()
-        return self.K * (self.K + 1) // 2 * self.part * len(self.models) * d * item
+        return self.n_parts * (self.n_parts + 1) // 2 * self.part * len(self.models) * d * item
 
     def state(self, step, batch_size) -> dict:
         """What a checkpoint at `step` records: the first chunk that step's window needs, and where it starts."""
@@ -336,7 +337,7 @@ class LiveBuffer:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + c)
         slot = torch.empty(len(ids) * T1, dtype=torch.long)
         slot[torch.randperm(len(slot), generator=g)] = torch.arange(len(slot))   # row → shuffled position
-        keep = [p for p in range(self.K) if c - p >= first_window]
+        keep = [p for p in range(self.n_parts) if c - p >= first_window]
         d = self.models[0][1].config.hidden_size
         dtype = next(self.models[0][1].parameters()).dtype
         parts = {p: torch.empty(self.part, len(self.models), d, dtype=dtype, device=self.device) for p in keep}
@@ -360,17 +361,17 @@ class LiveBuffer:
                 raise ValueError(f"LiveBuffer starts at window {self.start['chunk']}, asked for {w}")
             self.it = self.blocks(self.start["pos"])
             self.peeked = next(self.it, None)
-            for c in range(w, w + self.K):
+            for c in range(w, w + self.n_parts):
                 self._chunk(c, w)
         elif w == self.window + 1:
-            for k in range(self.K):
+            for k in range(self.n_parts):
                 self.parts.pop((self.window + k, k), None)
-            self._chunk(w + self.K - 1, w)
+            self._chunk(w + self.n_parts - 1, w)
         elif w != self.window:
             raise ValueError(f"LiveBuffer moves forward one window at a time ({self.window} → {w})")
         self.window = w
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + 999_983 * (w + 1))
-        self.order = torch.randperm(self.K * self.part, generator=g)
+        self.order = torch.randperm(self.n_parts * self.part, generator=g)
 
     def batch_at(self, step, batch_size):
         w, j = divmod(step, self.per_window(batch_size))
@@ -378,7 +379,7 @@ class LiveBuffer:
         idx = self.order[j * batch_size:(j + 1) * batch_size]
         k_B, off_B = idx // self.part, idx % self.part
         out = torch.empty(batch_size, len(self.models), self.models[0][1].config.hidden_size, device=self.device)
-        for k in range(self.K):
+        for k in range(self.n_parts):
             sel = (k_B == k).nonzero().squeeze(1)
             out[sel.to(self.device)] = self.parts[(w + k, k)][off_B[sel].to(self.device)].float()
         return out

@@ -145,18 +145,18 @@ def ie_gradient(run, model, m, batch, x_BTd, f_BTF, r_BTd, alphas):
     On the path, block L's spliced output is (1−α)·u + b_dec with u = W_dec f + r, so one gradient
     g_α = ∂m/∂u per step gives both: ∂m/∂f = g_α W_decᵀ and ∂m/∂r = g_α, and the mean over α comes
     before the F-wide matmul. All α run in one forward/backward through the blocks above L only."""
-    S, B = len(alphas), len(batch)
+    A, B = len(alphas), len(batch)
     W, b = run.cc.W_dec_FMd[:, m], run.cc.b_dec_Md[m]
-    scale_S111 = (1 - torch.tensor(alphas, device=f_BTF.device)).view(S, 1, 1, 1)
-    u_SBTd = (scale_S111 * (f_BTF @ W + r_BTd)).requires_grad_(True)
-    big = batch.repeat(S)   # α-major copies of the batch
-    logits = spliced_logits(model, run.layer, big.ids_BT, big.mask_BT, x_BTd.repeat(S, 1, 1),
-                                     (u_SBTd + b).flatten(0, 1), last_only=True)
+    scale_A111 = (1 - torch.tensor(alphas, device=f_BTF.device)).view(A, 1, 1, 1)
+    u_ABTd = (scale_A111 * (f_BTF @ W + r_BTd)).requires_grad_(True)
+    big = batch.repeat(A)   # α-major copies of the batch
+    logits = spliced_logits(model, run.layer, big.ids_BT, big.mask_BT, x_BTd.repeat(A, 1, 1),
+                                     (u_ABTd + b).flatten(0, 1), last_only=True)
     metric = _metric(logits, big)
-    g_BTd = torch.autograd.grad(metric.sum(), u_SBTd)[0].mean(0)
+    g_BTd = torch.autograd.grad(metric.sum(), u_ABTd)[0].mean(0)
     ie_BTF = -f_BTF * (g_BTd @ W.T)
     ie_err_BT = -(r_BTd * g_BTd).sum(-1)
-    return ie_BTF, ie_err_BT, metric.detach().view(S, B)[0]
+    return ie_BTF, ie_err_BT, metric.detach().view(A, B)[0]
 
 
 def ie_exact(run, model, m, batch, x_BTd, f_BTF, r_BTd, latents):

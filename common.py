@@ -128,6 +128,20 @@ def read_json(path, what="file"):
         raise UsageError(f"{what} {path} is not valid JSON ({e})") from None
 
 
+def update_results(section: str, markdown: str, path="RESULTS.md"):
+    """Replace RESULTS.md's section `section` (between its <!-- section:start/end --> markers) with
+    `markdown`, adding the section at the end if it is new: the commands that measure a result write it."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Results\n"
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    write_text(path, text)
+
+
 # ---------------------------------------------------------------------------------------------
 # The completion marker: a folder is finished when it holds DONE (JSON), written last. Every output
 # folder that a kill can leave half-made (the toy model, a cache, a checkpoint, a run, an attribution,

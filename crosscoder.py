@@ -179,7 +179,7 @@ class CrossCoder(nn.Module):
                 self.W_dec_FMd.copy_(W_dec)
                 self.W_enc_MdF.copy_(W_dec.permute(1, 2, 0))  # W_enc[m, :, i] = W_dec[i, m, :]
 
-    # DESIGN.md's names for the parameters
+    # METHOD.md's names for the parameters
     W_enc = property(lambda self: self.W_enc_MdF)
     b_enc = property(lambda self: self.b_enc_F)
     W_dec = property(lambda self: self.W_dec_FMd)

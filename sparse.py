@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 # functions use dense matmuls; both give the same numbers up to float rounding. On GPUs (cuBLAS in
 # bf16/TF32 beats sparse kernels there), in half precision and under autocast, loss() takes its
 # plain dense branch instead. At M=3, d=512, F=8192, batch 1024 on 2 cores: 2.7x (L1) and 3x
-# (BatchTopK) the seed's step (bench.py).
+# (BatchTopK) a dense einsum step (bench.py).
 
 SPARSE_MAX_DENSITY = 0.1        # sparse kernels up to this fraction of active entries (CPU, fp32/fp64)
 ACTIVE_SET_DEVICES = ("cpu",)   # where loss() takes the active-set path (fp32/fp64, no autocast)

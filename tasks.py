@@ -196,7 +196,7 @@ class PairBatch:
 
 
 def encode_pair(p: Pair, tok) -> tuple[list[int], int, int] | None:
-    """(BOS + prefix ids, good id, bad id), or None when the seed's rule drops the pair: answers of
+    """(BOS + prefix ids, good id, bad id), or None when the paper's rule drops the pair: answers of
     different token counts or longer than 2 tokens. 2-token answers sharing their first token move
     it into the prefix; 2-token answers that differ at once are told apart by their first token."""
     prefix = [lm.bos_id(tok)] + tok(p.prefix, add_special_tokens=False)["input_ids"]

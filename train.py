@@ -196,7 +196,7 @@ def live_source(args, spec, rank, world, resume_state):
                              f"split, this run needs {need} (--tokens {args.tokens}, the live buffer's windows); "
                              "give a longer --text or fewer --tokens")
     desc = dict(cache=None, text=text, seq_len=T, heldout_tokens=H, d=val.shape[-1], buffer_tokens=args.buffer_tokens,
-                buffer_windows=buf.K, weights=args.weights)
+                buffer_windows=buf.n_parts, weights=args.weights)
 
     def batch_at(step):
         return buf.batch_at(step, args.batch_size)[rank::world]

@@ -45,7 +45,7 @@ def rand_x(B=16, M=3, d=8, seed=2, dtype=torch.float32):
     return torch.randn(B, M, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 # -----------------------------------------------------------------------------
-# naive reference: one revision at a time, straight from DESIGN.md
+# naive reference: one revision at a time, straight from the formulas (METHOD.md)
 
 def naive(cc, x_BMd, step=None, threshold=None):
     cfg = cc.cfg

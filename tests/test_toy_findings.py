@@ -1,6 +1,6 @@
 """The paper's findings on the embedded toy run (revisions before agreement, in the nearest-noun
 phase, last), from the outputs of the default pipeline (conftest.toy_pipeline), plus the quality
-bars of the training issue. These are regression checks of the default seed; the README's
+bars the toy's preset promises (defaults.TOY). These are regression checks of the default seed; the README's
 "Toy findings" section gives the numbers across seeds."""
 import json
 

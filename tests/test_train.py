@@ -270,7 +270,7 @@ def test_live_buffer_windows_mix_chunks_and_serve_every_row_once(monkeypatch):
                                       device="cpu", lm_batch=3, start=start)
 
     buf = make()
-    assert buf.K == 4
+    assert buf.n_parts == 4
     per = buf.per_window(B)
     steps = 12 * per
     full = [buf.batch_at(s, B) for s in range(steps)]
