@@ -117,14 +117,17 @@ def _rss() -> int:
 
 def predict_memory(cfg, batch, device, resident=0) -> int:
     """Bytes the device will hold at the training loop's peak: what it holds now (on a CPU the process's
-    RSS: the interpreter, the language models, the buffer) + `resident` not yet allocated + the crosscoder's
-    weights, grads and 2 Adam moments (16 bytes a parameter) + the step's activations: about 7 fp32
-    [B, F] and 6 [B, M·d] tensors (pre-activations, codes, their masks and grads; inputs, reconstructions,
-    errors), measured on a CPU (tests/test_train.py) and a GPU."""
+    RSS: the interpreter, the language models) + `resident` not yet allocated (the live buffer) + the
+    crosscoder's weights, grads and 2 Adam moments (16 bytes a parameter) + the step's temporaries:
+    36 bytes per [B, F] entry (pre-activations, codes, masks, grads; at init the codes are half dense,
+    and the CPU's active-set path indexes them with int64) and 90 per [B, M·d] entry (inputs,
+    reconstructions, errors, their grads, the batch read). The two constants are fitted to peak RSS
+    on a CPU at four shapes; tests/test_train.py checks a fifth within 25%. GPUs take the dense
+    path, which holds less: there it is an upper bound."""
     M, d, F = cfg.n_models, cfg.d_model, cfg.dict_size
     n_params = 2 * M * d * F + F + M * d
     now = torch.cuda.memory_allocated(torch.device(device)) if str(device).startswith("cuda") else _rss()
-    return now + resident + 16 * n_params + 4 * (7 * batch * F + 6 * batch * M * d)
+    return now + resident + 16 * n_params + 36 * batch * F + 90 * batch * M * d
 
 
 def check_memory(need, device):
@@ -338,13 +341,18 @@ class _LossModule(torch.nn.Module):
         return self.cc.loss(x_BMd, step=step)
 
 
+def rank_device(device, local_rank) -> str:
+    """Under torchrun each rank takes its own GPU, cuda:LOCAL_RANK, whatever cuda or cuda:N was asked for."""
+    return f"cuda:{local_rank}" if str(device).startswith("cuda") else str(device)
+
+
 def train(args, spec):
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world > 1:
         dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
-        if str(args.device).startswith("cuda"):   # cuda or cuda:N: each rank its own GPU
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        args.device = rank_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        if args.device.startswith("cuda"):
             torch.cuda.set_device(args.device)
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")

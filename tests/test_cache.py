@@ -119,3 +119,25 @@ def test_suggest_k_revisions_in_training_order(tmp_path):
     assert cache_acts.suggest(f, 2) == ["s64", "s512"]
     with pytest.raises(UsageError, match="--suggest 12 needs at least 12"):
         cache_acts.suggest(f, 12)
+
+
+def test_sentence_metric_scores_whole_sentences(local_model):
+    """--metric sentence scores each whole sentence after BOS, as lm-eval-harness scores BLiMP: words after
+    the verb count too (scoring prefix + answer would miss them)."""
+    root, _, _ = local_model
+    model, tok = lm.load(str(root), "step100")
+    good, bad = "w1 w2 w3 w4 w5", "w1 w2 w9 w4 w5"
+    p = tasks.pair_from_sentences(good, bad, "s")
+    assert p.prefix == "w1 w2" and p.sentences() == (good, bad)
+
+    def logp(sentence):
+        ids = [tok.bos_token_id] + tok(sentence, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        return sum(lp[i, t].item() for i, t in enumerate(ids[1:]))
+    got = cache_acts.sentence_diffs(model, tok, [p], "cpu")[0].item()
+    assert got == pytest.approx(logp(good) - logp(bad), abs=1e-4)
+    short = tasks.Pair("w1 w2", " w3", " w9", "s")          # no sentences: prefix + answer
+    assert cache_acts.sentence_diffs(model, tok, [short], "cpu")[0].item() == pytest.approx(
+        logp("w1 w2 w3") - logp("w1 w2 w9"), abs=1e-4)
+    assert abs(got - (logp("w1 w2 w3") - logp("w1 w2 w9"))) > 1e-3   # the words after the verb matter
