@@ -86,11 +86,12 @@ def _to_disk(x, dtype):
     return x.to(DTYPES[dtype]).view(torch.uint16 if dtype == "bf16" else torch.float16).numpy().view(np.uint16)
 
 
-def _from_disk(a, dtype) -> torch.Tensor:
+def _from_disk(a, dtype, fp32=True) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
     if dtype == "fp32":
         return t
-    return t.view(torch.bfloat16 if dtype == "bf16" else torch.float16).float()
+    t = t.view(torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return t.float() if fp32 else t
 
 
 def open_array(folder, revision, meta):
@@ -106,13 +107,23 @@ def norm_scale(x_Rd) -> float:
     return math.sqrt(x_Rd.shape[-1]) / x_Rd.float().norm(dim=-1).mean().item()
 
 
+PRELOAD_BYTES = 256 << 20     # a cache this small is read into memory once: a batch is then one gather
+
+
 @dataclass
 class Cache:
-    """A finished cache, memory-mapped: batches of [B, M, d] float32 on raw (unnormalised) activations.
-    Rows of the training blocks come first, then those of the held-out (validation) blocks."""
+    """A finished cache: batches of [B, M, d] float32 on raw (unnormalised) activations. Rows of the
+    training blocks come first, then those of the held-out (validation) blocks. Memory-mapped, or held
+    in memory (in its on-disk dtype) when it is at most PRELOAD_BYTES."""
     folder: Path
     meta: dict
     arrays: list
+    held: torch.Tensor | None = None      # [rows, M, d] in the on-disk dtype, when preloaded
+
+    def preload(self):
+        if sum(a.nbytes for a in self.arrays) <= PRELOAD_BYTES:
+            self.held = torch.stack([_from_disk(a[:], self.meta["dtype"], fp32=False) for a in self.arrays], 1)
+        return self
 
     @property
     def revisions(self):
@@ -131,6 +142,8 @@ class Cache:
         """Rows `idx` (sorted for locality on disk) of every revision: [B, M, d]. Read a chunk at a
         time and release its pages from the process (they stay in the OS page cache), so the
         process's memory never holds the cache however long it trains."""
+        if self.held is not None:
+            return self.held[torch.as_tensor(idx)].float()
         out = torch.empty(len(idx), len(self.arrays), self.meta["d"])
         for m, a in enumerate(self.arrays):
             for i in range(0, len(idx), chunk):
@@ -157,7 +170,7 @@ def open_cache(folder) -> Cache:
         f = folder / f"{r}.bin"
         if not f.exists() or f.stat().st_size != rows * meta["d"] * width:
             raise UsageError(f"cache file {f} is missing or has the wrong size for {rows}×{meta['d']} rows")
-    return Cache(folder, meta, [open_array(folder, r, meta) for r in meta["revisions"]])
+    return Cache(folder, meta, [open_array(folder, r, meta) for r in meta["revisions"]]).preload()
 
 
 class CacheBatches:

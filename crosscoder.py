@@ -231,9 +231,10 @@ class CrossCoder(nn.Module):
 
     # ---- training
 
-    def loss(self, x_BMd, step=None):
+    def loss(self, x_BMd, step=None, metrics=True):
         """Training loss and its parts. step=None means the end of every schedule. Buffers (theta, the
-        dead-latent counters) are updated only when a step is given and the module is in training mode."""
+        dead-latent counters) are updated only when a step is given and the module is in training mode.
+        metrics=False leaves out the per-revision FVU (a batch variance: train.py wants it on log steps only)."""
         cfg = self.cfg
         update = step is not None and self.training
         B, F = x_BMd.shape[0], cfg.dict_size
@@ -241,10 +242,17 @@ class CrossCoder(nn.Module):
         W_enc_DF, W_dec_FD = self.W_enc_MdF.view(-1, F), self.W_dec_FMd.view(F, -1)
         norms_F = sparse.NormSum.apply(self.W_dec_FMd, self.scales_M.to(self.W_dec_FMd.dtype))  # Σ_m ‖W_dec[i,m]‖
         k = k_at(cfg, step)
-        if sparse.use_active_set(x_BD, F):
-            t = sparse.active_terms(x_BD, W_enc_DF, self.b_enc_F, W_dec_FD, norms_F, cfg.arch, k, self.group)
+        if sparse.active_set_device(x_BD):
+            with torch.no_grad():
+                pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc_DF)   # the one matmul both paths need
+            if sparse.sparse_enough(pre_BF, cfg.arch, k):
+                t = sparse.active_terms(x_BD, W_enc_DF, self.b_enc_F, W_dec_FD, norms_F, cfg.arch, k, pre_BF,
+                                        self.group)
+            else:
+                pre_BF = sparse.PreDense.apply(x_BD, W_enc_DF, self.b_enc_F, pre_BF)
+                t = self._dense_terms(pre_BF, W_dec_FD, norms_F, k)
         else:
-            t = self._dense_terms(x_BD, W_enc_DF, W_dec_FD, norms_F, k)
+            t = self._dense_terms(torch.addmm(self.b_enc_F, x_BD, W_enc_DF), W_dec_FD, norms_F, k)
         x_hat_BMd = t.x_hat_BD.view_as(x_BMd) + self.b_dec_Md
 
         out = {}
@@ -269,17 +277,17 @@ class CrossCoder(nn.Module):
             if cfg.arch == "batchtopk" and step >= cfg.threshold_start_step:
                 self._update_threshold(t.smallest)
         with torch.no_grad():
-            total_var_M = _wide(x_BMd).var(0, correction=0).sum(-1) * B
-            out["fvu_M"] = sq_BMd.sum((0, 2)) / total_var_M
+            if metrics:
+                total_var_M = _wide(x_BMd).var(0, correction=0).sum(-1) * B
+                out["fvu_M"] = sq_BMd.sum((0, 2)) / total_var_M
             out["l0"] = torch.as_tensor(t.n_active, dtype=torch.float32) / B
             out["dead_frac"] = (self.tokens_since_active_F >= cfg.dead_tokens).float().mean()
         out.update(loss=mse + sparsity, mse=mse.detach(), sparsity=sparsity.detach())
         return out
 
-    def _dense_terms(self, x_BD, W_enc_DF, W_dec_FD, norms_F, k) -> "sparse.Terms":
+    def _dense_terms(self, pre_BF, W_dec_FD, norms_F, k) -> "sparse.Terms":
         """The code and what the loss needs of it, dense, straight from the formulas (GPUs, half
-        precision, autocast, small crosscoders)."""
-        pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc_DF)
+        precision, autocast, and the first, dense steps of L1 training)."""
         post_BF = f_BF = torch.relu(pre_BF)
         smallest = None
         if self.cfg.arch == "batchtopk":
@@ -352,12 +360,12 @@ class CrossCoder(nn.Module):
         cfg = self.cfg
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step))
 
-    def train_step(self, opt, sched, x_BMd, step, loss_fn=None, autocast=False):
+    def train_step(self, opt, sched, x_BMd, step, loss_fn=None, autocast=False, metrics=True):
         """One optimisation step, the paper's: loss, backward, grad-norm clip 1.0, Adam, the lr schedule.
         loss_fn(x, step) defaults to self.loss (train.py passes its DDP wrapper); autocast runs the loss's
         matmuls in bf16 on a GPU (the sums stay fp32). Used by train.py, bench.py and the tests."""
         with torch.autocast(x_BMd.device.type, torch.bfloat16, enabled=autocast):
-            out = (loss_fn or self.loss)(x_BMd, step)
+            out = (loss_fn or self.loss)(x_BMd, step, metrics)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)

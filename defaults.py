@@ -50,7 +50,7 @@ PAPER = Preset(
 # small); no IE threshold (the toy's logits are small, so 0.1 would zero most of its effects).
 TOY = Preset(
     name="toy", seq_len=32, heldout_tokens=1 << 15, cache_tokens=262_144, scan_tokens=2048, scan_seq_len=32,
-    data="cache", dict_size=512, batch_size=1024, tokens=4_096_000, lr=2e-3, l1_coeff=2.0, k=32,
+    data="cache", dict_size=512, batch_size=1024, tokens=2_048_000, lr=2e-3, l1_coeff=2.0, k=32,
     buffer_tokens=131_072, eval_blocks=512, ie_threshold=0.0, context_blocks=64)
 
 PRESETS = {p.name: p for p in (PAPER, TOY)}

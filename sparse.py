@@ -3,7 +3,7 @@
 crosscoder.py holds the math (CrossCoder.loss, dense, straight from the formulas); this module only
 makes the same numbers cheaper on a CPU, and tests/test_crosscoder.py checks it against the dense
 math and a naive per-revision loop. CrossCoder.loss calls `active_terms` where it pays (fp32/fp64 on
-a CPU, no autocast, M·d·F ≥ ACTIVE_SET_MIN_SIZE).
+a CPU, no autocast, codes at most ACTIVE_MAX_DENSITY dense).
 """
 import warnings
 from collections.abc import Callable
@@ -30,11 +30,12 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 # (BatchTopK) a dense einsum step (bench.py).
 
 SPARSE_MAX_DENSITY = 0.1        # sparse kernels up to this fraction of active entries (CPU, fp32/fp64)
-ACTIVE_SET_DEVICES = ("cpu",)   # where loss() takes the active-set path (fp32/fp64, no autocast)
-# ... and only from this size (n_models·d_model·dict_size) up: below it the plain branch is as fast.
-# Both are bit-for-bit deterministic with several threads (no scatter-add whose order depends on the
-# threads), so a run resumed from a checkpoint replays the uninterrupted one exactly.
-ACTIVE_SET_MIN_SIZE = 1 << 20
+ACTIVE_SET_DEVICES = ("cpu",)   # where loss() may take the active-set path (fp32/fp64, no autocast) ...
+ACTIVE_MAX_DENSITY = 0.1        # ... for a batch whose code has at most this fraction of active entries:
+# every trained crosscoder (1-6% at the toy's shape and the paper's), not the first steps of L1 (codes ~50%
+# dense at init, where dense matmuls win). The choice is made per step from this batch's pre-activations,
+# so a resumed run takes the same path as the uninterrupted one. Both paths are bit-for-bit
+# deterministic with several threads (no scatter-add whose order depends on the threads).
 
 
 class ActiveSet:
@@ -217,19 +218,44 @@ class Terms:
     values_at: Callable           # ActiveSet -> ReLU(pre) there, differentiable (AuxK's codes)
 
 
-def use_active_set(x_BD, F) -> bool:
-    """Where the active-set path pays: on a CPU in fp32/fp64 without autocast, from M·d·F = 2^20 up."""
+def active_set_device(x_BD) -> bool:
+    """Where the active-set path may run: on a CPU in fp32/fp64 without autocast."""
     dev = x_BD.device.type
     return (dev in ACTIVE_SET_DEVICES and x_BD.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled(dev) and x_BD.shape[1] * F >= ACTIVE_SET_MIN_SIZE)
+            and not torch.is_autocast_enabled(dev))
 
 
-def active_terms(x_BD, W_enc_DF, b_enc_F, W_dec_FD, norms_F, arch, k, group=None) -> Terms:
-    """The code as its active entries, values f_N at act.flat: one dense matmul, the rest sparse."""
+def sparse_enough(pre_BF, arch, k) -> bool:
+    """Does this batch's code have at most ACTIVE_MAX_DENSITY of its entries active?"""
+    n = int(torch.count_nonzero(pre_BF > 0))
+    if arch == "batchtopk":
+        n = min(n, k * pre_BF.shape[0])
+    return n <= ACTIVE_MAX_DENSITY * pre_BF.numel()
+
+
+class PreDense(torch.autograd.Function):
+    """pre = x W + b, given as pre_BF (computed once without autograd), differentiable in x, W and b: the
+    dense branch's pre-activations when the active-set path was considered and not taken."""
+
+    @staticmethod
+    def forward(ctx, x_BD, W_DF, b_F, pre_BF):
+        ctx.save_for_backward(x_BD, W_DF)
+        return pre_BF.clone()
+
+    @staticmethod
+    def backward(ctx, g_BF):
+        x_BD, W_DF = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return (g_BF @ W_DF.t() if need[0] else None, x_BD.t() @ g_BF if need[1] else None,
+                g_BF.sum(0) if need[2] else None, None)
+
+
+def active_terms(x_BD, W_enc_DF, b_enc_F, W_dec_FD, norms_F, arch, k, pre_BF, group=None) -> Terms:
+    """The code as its active entries, values f_N at act.flat: one dense matmul (pre_BF, computed by the
+    caller without autograd), the rest sparse."""
     F = W_enc_DF.shape[1]
     smallest = None
     with torch.no_grad():
-        pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_DF)  # the one dense matmul
         if arch == "l1":
             act = ActiveSet.where(pre_BF > 0, pre_BF.dtype)
         else:

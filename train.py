@@ -337,8 +337,8 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.cc = cc
 
-    def forward(self, x_BMd, step):
-        return self.cc.loss(x_BMd, step=step)
+    def forward(self, x_BMd, step, metrics=True):
+        return self.cc.loss(x_BMd, step=step, metrics=metrics)
 
 
 def rank_device(device, local_rank) -> str:
@@ -428,12 +428,12 @@ def _train(args, spec, rank, world):
             x_BMd = nxt.result().to(args.device, non_blocking=True) * s_M[None, :, None]
             if step + 1 < args.steps:
                 nxt = pool.submit(fetch, step + 1)
-            out = cc.train_step(opt, sched, x_BMd, step, loss_fn=loss_fn, autocast=autocast)
+            log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+            out = cc.train_step(opt, sched, x_BMd, step, loss_fn=loss_fn, autocast=autocast, metrics=log_now)
             if world > 1:
                 sync_buffers(cc, world, x_BMd.shape[0])
             seen += x_BMd.shape[0] * world
             common.fault_point("train_step")
-            log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
             if log_now and world > 1:      # the whole batch's numbers, not rank 0's share
                 for k in ("loss", "mse", "l0"):
                     out[k] = out[k].detach().clone()

@@ -18,12 +18,13 @@ from crosscoder import CrossCoder, CrossCoderConfig, k_at, l1_coeff_at, lr_facto
 from sparse import ActiveSet  # noqa: E402
 
 
-@pytest.fixture(params=["sparse", "dense", "reference"])
+@pytest.fixture(params=["sparse", "dense", "predense", "reference"])
 def kernels(request, monkeypatch):
     """The active-set path with its sparse kernels forced (any density) or its dense ones (any active set
-    but an empty one), or loss()'s plain dense branch (the one GPUs, half precision and autocast take)."""
+    but an empty one); the dense branch on pre-activations computed for the choice (a CPU batch too dense
+    for the active set); or loss()'s plain dense branch (the one GPUs, half precision and autocast take)."""
     monkeypatch.setattr(sparse, "SPARSE_MAX_DENSITY", 1.0 if request.param == "sparse" else 0.0)
-    monkeypatch.setattr(sparse, "ACTIVE_SET_MIN_SIZE", 0)   # the tests' crosscoders are small
+    monkeypatch.setattr(sparse, "ACTIVE_MAX_DENSITY", 0.0 if request.param == "predense" else 1.0)
     if request.param == "reference":
         monkeypatch.setattr(sparse, "ACTIVE_SET_DEVICES", ())
     return request.param
@@ -174,7 +175,7 @@ def test_trained_state_training_matches_dense(monkeypatch):
     """Ten optimiser steps (buffers updating: theta, dead counters) on the sparse kernels, on the dense
     ones and on loss()'s dense branch end at the same weights and buffers."""
     runs = []
-    monkeypatch.setattr(sparse, "ACTIVE_SET_MIN_SIZE", 0)
+    monkeypatch.setattr(sparse, "ACTIVE_MAX_DENSITY", 1.0)
     for density, devices in ((1.0, ("cpu",)), (0.0, ("cpu",)), (0.0, ())):
         monkeypatch.setattr(sparse, "SPARSE_MAX_DENSITY", density)
         monkeypatch.setattr(sparse, "ACTIVE_SET_DEVICES", devices)
@@ -198,7 +199,7 @@ def test_sparse_path_is_bit_deterministic_with_two_threads(arch, monkeypatch):
     """Repeated loss + backward on the active-set path with 2 threads give bit-identical gradients, so a
     resumed run at scale replays the uninterrupted one exactly. (The L1 term once summed through an
     indexing backward, whose threaded scatter-add order varies: this size made it differ every time.)"""
-    monkeypatch.setattr(sparse, "ACTIVE_SET_MIN_SIZE", 0)
+    monkeypatch.setattr(sparse, "ACTIVE_MAX_DENSITY", 1.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
