@@ -122,7 +122,7 @@ class Cache:
 
     def preload(self):
         if sum(a.nbytes for a in self.arrays) <= PRELOAD_BYTES:
-            self.held = torch.stack([_from_disk(a[:], self.meta["dtype"], fp32=False) for a in self.arrays], 1)
+            self.held = torch.stack([_from_disk(np.array(a), self.meta["dtype"], fp32=False) for a in self.arrays], 1)
         return self
 
     @property
