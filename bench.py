@@ -1,32 +1,36 @@
-"""bench.py — the toolkit's hot loops against their slow references, side by side, as ratios.
+"""bench.py — the toolkit's hot loops against honest references, side by side, as ratios.
 
-    python bench.py --quick                  # every section, fewer repeats: ≤ 2 minutes on 2 CPU cores
+    python bench.py --quick                  # every section, fewer repeats: ≤ 3 minutes on 2 CPU cores
     python bench.py                          # every section, more repeats and a larger memory run
-    python bench.py --only step --quick      # one or more sections: step, cache, data, ig, memory
+    python bench.py --only step --quick      # one or more sections: step, scale, cache, data, ig, memory
     python bench.py --device cuda            # the same on a GPU
+    python bench.py --quick --results        # … and write the table into RESULTS.md
 
 Every number is a median over repeats that alternate the two sides (same inputs, same threads), so
 a load that comes and goes hits both alike; each line prints its target and PASS/FAIL.
 
-  step    crosscoder training step (forward, loss, backward, grad clip, Adam) of crosscoder.py
-          against the seed's way (dense einsum encode/decode with a revision axis, decoder norms
-          recomputed, plain Adam), L1 and BatchTopK, M=3, d=512, F=8192, batch 1024, fp32, in a
-          trained state (below); and the fraction of the matmul roofline the L1 step reaches.
+  step    crosscoder.py's training step (CrossCoder.train_step: loss, backward, grad clip, fused Adam)
+          against what users run today, science-of-finetuning/dictionary_learning's CrossCoder and
+          BatchTopKCrossCoder with their trainers, written plainly from their structure (Peer, below),
+          at the toy's shape (d=64, F=512), d=128 (F=2048) and d=512 (F=8192); M=3, batch 1024, fp32;
+          L1 at init and in a trained state, BatchTopK trained with the same fixed k on both sides;
+          and our step against the matmul roofline.
+  scale   our step per token·revision at M = 8 and 16 against M = 3 (the work is linear in M).
   cache   stop-at-layer (lm.run_to_layer) against a full forward, GPT-NeoX 12 layers, L mid-depth.
-  data    train.py's loop from a memmap cache (CacheBatches.batch_at, the device copy, the NaN
-          check, the step) against the bare step on a preloaded batch.
-  ig      relie.ie_gradient (its 10 integrated-gradient steps batched, only the blocks above L run)
-          against the seed's way: per step, a full forward with a hooked splice and a backward.
+  data    train.py's loop from a cache (CacheBatches.batch_at, the device copy, the NaN check, the
+          step) against the bare step on a preloaded batch.
+  ig      analysis.ie_gradient (its 10 integrated-gradient steps batched, only the blocks above L run)
+          against the plain loop: per step, a full forward with a hooked splice and a backward.
   memory  train.py (subprocess) on a cache larger than half the process's own peak RSS.
 
 The trained state: a freshly initialised crosscoder has ~half its latents firing per token; after
-the first few percent of a real run, 1-3% do. The bench builds that state directly: W_enc and
+the first few percent of a real run, 1-6% do. The bench builds that state directly: W_enc and
 W_dec are the init (random directions, decoder rows of norm 0.08), the inputs are standard normal
 per revision (so ||x_m|| ≈ √d, as after the pipeline's normalisation), and b_enc[i] is set to minus
 the (1 - p) quantile of latent i's pre-activation on a separate calibration batch, so each latent
 fires on a fraction p of tokens: L1 p = 2%; BatchTopK p = 4% with k = 2% of F (the selection keeps
-half of the positive codes). Steps are timed at step 10000 (λ warmed up, k annealed, θ updating);
-no latent is dead (AuxK off, as in a healthy run). L0 is printed after timing.
+half of the positive codes). Steps are timed at step 10000 (λ warmed up, k fixed, θ updating);
+no latent is dead (AuxK off on both sides, as in a healthy run). L0 is printed after timing.
 """
 import json
 import math
@@ -41,29 +45,47 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import einsum
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import cli  # noqa: E402
 import defaults  # noqa: E402
-from common import ArgumentParser, mark_done, run_main  # noqa: E402
+from common import ArgumentParser, keep_freed_memory, mark_done, run_main, update_results  # noqa: E402
 from crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
 
-SECTIONS = ("step", "cache", "data", "ig", "memory")
+SECTIONS = ("step", "scale", "cache", "data", "ig", "memory")
 RESULTS = []
+
+
+LINES = []     # every reported line, for --results
 
 
 def report(name, value, target=None, fmt="{:.2f}x", higher=True, note=""):
     """One result line: value, target and PASS/FAIL (no target: informational)."""
     line = f"  {name:<58} {fmt.format(value):>10}"
+    want = verdict = ""
     if target is not None:
         ok = value >= target if higher else value <= target
-        line += f"   target {'≥' if higher else '≤'} {fmt.format(target):<8} {'PASS' if ok else 'FAIL'}"
+        want, verdict = f"{'≥' if higher else '≤'} {fmt.format(target)}", "PASS" if ok else "FAIL"
+        line += f"   target {want:<10} {verdict}"
         RESULTS.append((name, value, target, ok))
     if note:
         line += f"   ({note})"
+    LINES.append((name, fmt.format(value), want, verdict, note))
     print(line, flush=True)
+
+
+def results_markdown(args, seconds, load0, load1) -> str:
+    cmd = "python bench.py" + (" --quick" if args.quick else "") + (f" --device {args.device}" if args.device != "cpu"
+                                                                    else "")
+    rows = "\n".join(f"| {n} | {v} | {w} | {k} | {note} |" for n, v, w, k, note in LINES)
+    n_fail = sum(not ok for *_, ok in RESULTS)
+    return (f"## Performance (`{cmd}`)\n\nMeasured on {args.device} with {torch.get_num_threads()} threads, torch "
+            f"{torch.__version__}, in {seconds:.0f} s (load average {load0:.1f} at the start, {load1:.1f} at the end): "
+            f"{len(RESULTS) - n_fail} PASS, {n_fail} FAIL. Ratios are medians of alternating repeats.\n\n"
+            f"| measurement | value | target | | note |\n|---|---|---|---|---|\n{rows}")
 
 
 def sync(device):
@@ -92,60 +114,103 @@ def compare(fns, repeats, device, warmup=1):
 
 
 # ---------------------------------------------------------------------------------------------
-# step: crosscoder.py's training step against the seed's way
+# step: crosscoder.py's training step against the peer users run today
 
-class SeedWay(torch.nn.Module):
-    """The seed's crosscoder step (ckkissane's crosscoder, which the seed extended to BatchTopK):
-    einsum with a revision axis, decoder norms recomputed, dense BatchTopK mask, dense decode."""
+class Peer(torch.nn.Module):
+    """dictionary_learning's crosscoder step (CrossCoder + CrossCoderTrainer with use_mse_loss, and
+    BatchTopKCrossCoder + BatchTopKCrossCoderTrainer), written plainly from its structure: the encoder
+    einsum "bmd,mdf->bmf" (a [B, M, F] intermediate) summed over revisions, + bias, ReLU; the dense
+    decoder einsum "bf,mfd->bmd" + bias; the decoder norms Σ_m ‖W_dec[m,i]‖ recomputed each step;
+    L1: the decoder-norm-weighted L1 on the MSE, per-step dead-latent tracking; BatchTopK: one top-k
+    over the B·F scores and a scatter, the threshold EMA, tokens-since-fired, the L2 reconstruction
+    (its trainer's), AuxK (zero without dead latents); torch.optim.Adam with its defaults, no clipping.
+    The same weights as ours, so the codes are the same."""
 
     def __init__(self, cc):
         super().__init__()
-        self.W_enc = torch.nn.Parameter(cc.W_enc_MdF.detach().clone())
+        self.W_enc = torch.nn.Parameter(cc.W_enc.detach().contiguous())                      # [M, d, F]
         self.b_enc = torch.nn.Parameter(cc.b_enc_F.detach().clone())
-        self.W_dec = torch.nn.Parameter(cc.W_dec_FMd.detach().clone())
+        self.W_dec = torch.nn.Parameter(cc.W_dec_FMd.detach().permute(1, 0, 2).contiguous())  # [M, F, d]
         self.b_dec = torch.nn.Parameter(cc.b_dec_Md.detach().clone())
         self.arch, self.l1_coeff, self.k = cc.cfg.arch, cc.cfg.l1_coeff, cc.cfg.k
+        F = cc.cfg.dict_size
+        self.register_buffer("steps_since_active", torch.zeros(F, dtype=torch.long))
+        self.register_buffer("tokens_since_fired", torch.zeros(F, dtype=torch.long))
+        self.threshold, self.threshold_start = -1.0, 1000
 
-    def loss(self, x_BMd):
-        acts = torch.relu(torch.einsum("bmd,mdf->bf", x_BMd, self.W_enc) + self.b_enc)
-        total_decoder_norm = self.W_dec.norm(dim=-1).sum(-1)
-        if self.arch == "batchtopk":
-            score = (acts * total_decoder_norm).detach().flatten()
-            keep = torch.zeros_like(score, dtype=torch.bool)
-            keep[score.topk(self.k * x_BMd.shape[0]).indices] = True
-            acts = acts * keep.view_as(acts)
-        x_hat = torch.einsum("bf,fmd->bmd", acts, self.W_dec) + self.b_dec
-        mse = (x_hat - x_BMd).pow(2).sum(-1).sum(-1).mean()
+    def loss(self, x_BMd, step):
+        B = x_BMd.shape[0]
+        f_BF = torch.relu(einsum(x_BMd, self.W_enc, "b m d, m d f -> b m f").sum(1) + self.b_enc)
+        norm_1F = self.W_dec.norm(dim=2).sum(0, keepdim=True)
         if self.arch == "l1":
-            return mse + self.l1_coeff * (acts * total_decoder_norm[None, :]).sum(-1).mean()
-        return mse
+            x_hat = einsum(f_BF, self.W_dec, "b f, m f d -> b m d") + self.b_dec
+            torch.linalg.norm(x_BMd - x_hat, dim=-1).mean()        # its l2_loss, computed for the log
+            mse = (x_BMd - x_hat).pow(2).sum(-1).mean()
+            f_scaled = f_BF * norm_1F
+            l1 = f_scaled.norm(p=1, dim=-1).mean()
+            with torch.no_grad():
+                deads = (f_scaled <= 1e-4).all(dim=0)
+                self.steps_since_active[deads] += 1
+                self.steps_since_active[~deads] = 0
+            return mse + self.l1_coeff * l1
+        scaled_BF = f_BF * norm_1F
+        top = scaled_BF.flatten().topk(self.k * B, sorted=False)
+        f_BF = torch.zeros_like(scaled_BF.flatten()).scatter_(-1, top.indices, f_BF.flatten()[top.indices])
+        f_BF = f_BF.reshape(scaled_BF.shape)
+        if step > self.threshold_start:
+            active = (f_BF * norm_1F)[f_BF * norm_1F > 0]
+            smallest = active.min().detach().float() if len(active) else 0.0
+            self.threshold = smallest if self.threshold < 0 else 0.999 * self.threshold + 0.001 * smallest
+        x_hat = einsum(f_BF, self.W_dec, "b f, m f d -> b m d") + self.b_dec
+        e = x_BMd - x_hat
+        with torch.no_grad():
+            fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
+            fired[f_BF.sum(0) > 0] = True
+            self.tokens_since_fired += B
+            self.tokens_since_fired[fired] = 0
+        e.pow(2).sum(dim=-1).mean()                                     # its mse_loss, for the log
+        l2 = torch.linalg.norm(e, dim=-1).mean()
+        dead = self.tokens_since_fired >= 10_000_000
+        auxk = torch.zeros((), device=x_BMd.device) if dead.sum() == 0 else None   # no dead latents here
+        return l2 + auxk / 32
+
+    @classmethod
+    def from_state(cls, state, arch, l1_coeff, k):
+        self = cls.__new__(cls)
+        torch.nn.Module.__init__(self)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            setattr(self, name, torch.nn.Parameter(state[name].clone()))
+        for name in ("steps_since_active", "tokens_since_fired"):
+            self.register_buffer(name, state[name].clone())
+        self.arch, self.l1_coeff, self.k = arch, l1_coeff, k
+        self.threshold, self.threshold_start = -1.0, 1000
+        return self
+
+    def make_optimizer(self, lr):
+        return torch.optim.Adam(self.parameters(), lr=lr)
+
+    def train_step(self, opt, sched, x_BMd, step):
+        opt.zero_grad()
+        self.loss(x_BMd, step).backward()
+        opt.step()
+        sched.step()
 
 
 def trained_state(arch, M, d, F, device, fire=0.02, k_frac=0.02, calib=4096, seed=0, x_calib=None):
     """A crosscoder whose latents each fire on a fraction `fire` of the tokens of x_calib [N, M, d]
     (default: a standard normal batch, not the one timed; module docstring)."""
-    cfg = CrossCoderConfig(n_models=M, d_model=d, dict_size=F, arch=arch, k=max(1, round(k_frac * F)),
-                           k_start=max(1, round(k_frac * F)))
+    k = max(1, round(k_frac * F))
+    cfg = CrossCoderConfig(n_models=M, d_model=d, dict_size=F, arch=arch, k=k, k_start=k)    # k fixed
     cc = CrossCoder(cfg).to(device)
     if x_calib is None:
         g = torch.Generator(device=device).manual_seed(seed + 1)
         x_calib = torch.randn(calib, M, d, generator=g, device=device)
     n = len(x_calib)
     with torch.no_grad():
-        pre = (x_calib.reshape(n, -1) @ cc.W_enc_MdF.view(M * d, F)).sort(0).values
+        pre = (x_calib.reshape(n, -1) @ cc.W_enc_FMd.view(F, M * d).t()).sort(0).values
         j = n - max(1, round(fire * n))
         cc.b_enc_F.copy_(-(pre[j - 1] + pre[j]) / 2)  # midway between two tokens: no code sits at ~0
     return cc
-
-
-def step_fn(loss_fn, params, opt):
-    def step():
-        loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-    return step
 
 
 def roofline_s(B, D, F, device, repeats):
@@ -158,56 +223,155 @@ def roofline_s(B, D, F, device, repeats):
     return sum(compare(calls, repeats, device))
 
 
-def bench_step(args):
-    M, d, F, B = (3, 64, 512, 256) if args.tiny else (3, 512, 8192, 1024)
-    print("step: crosscoder training step, crosscoder.py vs the seed's way "
-          f"(M={M}, d={d}, F={F}, batch {B}, fp32, {torch.get_num_threads()} threads)", flush=True)
-    dev = args.device
-    repeats = 3 if args.tiny else (5 if args.quick else 9)
-    x = torch.randn(B, M, d, generator=torch.Generator(device=dev).manual_seed(0), device=dev)
-    roof = None
-    for arch, fire, target in (("l1", 0.02, 1.5), ("batchtopk", 0.04, 2.5)):
-        cc = trained_state(arch, M, d, F, dev, fire=fire)
-        seed = SeedWay(cc)
-        opt_cc = cc.make_optimizer(5e-5)
-        opt_seed = torch.optim.Adam(seed.parameters(), lr=5e-5, betas=(0.9, 0.999))  # plain: the default
+STEP_SHAPES = [("toy", 64, 512), ("d=128", 128, 2048), ("d=512", 512, 8192)]
+# Timed steps do all the work of a step (Adam included) at an lr too small to move the weights, so the
+# hundreds of steps timed all see the state the bench built (a trained code stays ~2% dense).
+TIMING_LR = 1e-12
+SHAPES = os.environ.get("BENCH_SHAPES")     # e.g. "d=512": time only those (for a quick look)
+
+
+def _peer_worker(conn, threads, state, arch, l1_coeff, k, x, lr):
+    """The peer in a process of its own, as its users run it (the C library's default allocator: train.py
+    and this bench keep freed memory mapped, see common.keep_freed_memory). It answers each request with
+    the seconds one of its training steps took."""
+    torch.set_num_threads(threads)
+    peer = Peer.from_state(state, arch, l1_coeff, k)
+    opt = peer.make_optimizer(lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    step = 10_000
+    while (n := conn.recv()) != "stop":
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step += 1
+            peer.train_step(opt, sched, x, step)
+        conn.send((time.perf_counter() - t0) / n)
+
+
+class PeerProcess:
+    """A callable that times one peer step in the worker process; close() ends the worker."""
+
+    def __init__(self, cc, x, threads, lr=None):
+        lr = TIMING_LR if lr is None else lr
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        state = {k: v.detach().cpu() for k, v in Peer(cc).state_dict().items()}
+        self.proc = ctx.Process(target=_peer_worker, args=(child, threads, state, cc.cfg.arch, cc.cfg.l1_coeff,
+                                                           cc.cfg.k, x.cpu(), lr), daemon=True)
+        self.proc.start()
+
+    def __call__(self, n=1):
+        """Seconds per step of n back-to-back peer steps."""
+        self.conn.send(n)
+        return self.conn.recv()
+
+    def close(self):
+        self.conn.send("stop")
+        self.proc.join(30)
+
+
+def _check_same_objective(cc, x):
+    """For L1 the two objectives agree at the same weights (ours sums the squared error over revisions
+    where the peer averages: ours = peer + (M − 1)·its MSE), so both sides time the same computation."""
+    peer = Peer(cc)
+    with torch.no_grad():
+        ours = cc.loss(x, step=10_000)["loss"].item()
+        f = torch.relu(einsum(x, peer.W_enc, "b m d, m d f -> b m f").sum(1) + peer.b_enc)
+        mse = (x - einsum(f, peer.W_dec, "b f, m f d -> b m d") - peer.b_dec).pow(2).sum(-1).mean().item()
+        theirs = peer.loss(x, 10_000).item()
+    assert abs(ours - (theirs + (cc.cfg.n_models - 1) * mse)) <= 1e-3 * abs(ours), (ours, theirs, mse)
+
+
+def _ours(cc, x, lr=None):
+    lr = TIMING_LR if lr is None else lr
+    opt = cc.make_optimizer(lr)
+    sched = cc.make_scheduler(opt)
+    steps = iter(range(10_000, 10_000_000))
+    return lambda: cc.train_step(opt, sched, x, next(steps), metrics=False)
+
+
+def compare_with_peer(cc, x, repeats, dev, threads):
+    """Median seconds of our step (here) and the peer's (in its own process, on the same state and
+    batch), alternating; on a GPU both run here."""
+    if cc.cfg.arch == "l1":
+        _check_same_objective(cc, x)
+    ours = _ours(cc, x)
+    if str(dev).startswith("cuda"):
+        peer = Peer(cc).to(dev)
+        opt = peer.make_optimizer(TIMING_LR)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         steps = iter(range(10_000, 10_000_000))
-        fast = step_fn(lambda cc=cc, steps=steps: cc.loss(x, step=next(steps))["loss"], list(cc.parameters()), opt_cc)
-        slow = step_fn(lambda seed=seed: seed.loss(x), list(seed.parameters()), opt_seed)
-        t_fast, t_slow = compare([fast, slow], repeats, dev)
-        with torch.no_grad():
-            l0 = cc.loss(x, step=10_000)["l0"].item()
-        report(f"{arch} step: seed's way {1e3 * t_slow:.0f} ms / crosscoder.py {1e3 * t_fast:.0f} ms",
-               t_slow / t_fast, target, note=f"L0 {l0:.0f} = {100 * l0 / F:.1f}% of F")
-        if arch == "l1":
-            roof = roofline_s(B, M * d, F, dev, repeats)
-            report(f"l1 step, fraction of the matmul roofline ({1e3 * roof:.0f} ms of torch.mm)", roof / t_fast, 0.6,
-                   fmt="{:.0%}", note="dense-equivalent FLOPs 10·B·M·d·F; > 100% = FLOPs skipped")
-            report("l1 step, the seed's way, fraction of the same roofline", roof / t_slow, fmt="{:.0%}")
-            # what the fast path executes: the dense encoder matmul, and 4 products over the active entries
-            done = roof / 5 * (1 + 4 * l0 / F)
-            report("l1 step, executed FLOPs at the torch.mm rate / step time (informational)", done / t_fast,
-                   fmt="{:.0%}", note="the sparse products are memory-bound, not FLOP-bound")
-        if str(dev).startswith("cuda"):
-            _gpu_variants(cc, x, t_fast, dev, repeats)
-    return roof
+        return compare([ours, lambda: peer.train_step(opt, sched, x, next(steps))], repeats, dev)
+    worker = PeerProcess(cc, x, threads)
+    try:
+        worker(), ours()                        # warm-up
+        t0 = time.perf_counter()
+        ours()
+        n = max(1, int(0.2 / (time.perf_counter() - t0)))   # each measurement ≥ 0.2 s of back-to-back steps
+        t_ours, t_peer = [], []
+        for _ in range(repeats):
+            t_ours.append(timed(lambda: [ours() for _ in range(n)], dev) / n)
+            t_peer.append(worker(n))
+    finally:
+        worker.close()
+    return statistics.median(t_ours), statistics.median(t_peer)
+
+
+def bench_step(args):
+    M, B = 3, (256 if args.tiny else 1024)
+    shapes = [("toy", 64, 512)] if args.tiny else [s for s in STEP_SHAPES if not SHAPES or s[0] in SHAPES.split(",")]
+    dev = args.device
+    print(f"step: crosscoder.py's training step vs the peer's (dictionary_learning's structure), M={M}, "
+          f"batch {B}, fp32, {torch.get_num_threads()} threads", flush=True)
+    for name, d, F in shapes:
+        repeats = 3 if args.tiny else (3 if d >= 512 else (7 if args.quick else 15))
+        x = torch.randn(B, M, d, generator=torch.Generator(device=dev).manual_seed(0), device=dev)
+        big = d >= 512
+        for state, arch, fire in (("init", "l1", None), ("trained", "l1", 0.02), ("trained", "batchtopk", 0.04)):
+            if fire is None:
+                cc = CrossCoder(CrossCoderConfig(n_models=M, d_model=d, dict_size=F)).to(dev)
+            else:
+                cc = trained_state(arch, M, d, F, dev, fire=fire)
+            t_ours, t_peer = compare_with_peer(cc, x, repeats, dev, args.threads)
+            with torch.no_grad():
+                l0 = cc.loss(x, step=10_000)["l0"].item()
+            target = 1.0 if state == "init" else ((4.0 if arch == "l1" else 3.0) if big else 1.5)
+            report(f"{name} {arch} {state}: peer {1e3 * t_peer:.1f} ms / ours {1e3 * t_ours:.1f} ms",
+                   t_peer / t_ours, target, note=f"L0 {100 * l0 / F:.1f}% of F")
+            if state == "trained" and arch == "l1":
+                roof = roofline_s(B, M * d, F, dev, repeats)
+                report(f"{name} l1 trained: our step / the matmul roofline ({1e3 * roof:.1f} ms of torch.mm)",
+                       t_ours / roof, None if big else 1.3, higher=False,
+                       note="dense-equivalent FLOPs 10·B·M·d·F; < 1 = FLOPs skipped")
+            if str(dev).startswith("cuda") and state == "trained":
+                _gpu_variants(cc, x, t_ours, dev, repeats)
+
+
+def bench_scale(args):
+    """Step time per token·revision at M = 8 and 16 against M = 3 (trained L1, d=128, F=2048)."""
+    d, F, B = (32, 256, 256) if args.tiny else (128, 2048, 1024)
+    dev = args.device
+    print(f"scale: our step per token·revision at M = 8, 16 vs M = 3 (L1 trained, d={d}, F={F}, batch {B})",
+          flush=True)
+    per = {}
+    for M in (3, 8, 16):
+        cc = trained_state("l1", M, d, F, dev, fire=0.02)
+        x = torch.randn(B, M, d, generator=torch.Generator(device=dev).manual_seed(0), device=dev)
+        per[M] = compare([_ours(cc, x)], 3 if args.tiny else 7, dev)[0] / M
+        if M > 3:
+            report(f"M={M}: {1e3 * per[M] * M:.1f} ms, per revision / M=3's ({1e3 * per[3] * 3:.1f} ms / 3)",
+                   per[M] / per[3], 1.2, higher=False)
 
 
 def _gpu_variants(cc, x, t_fp32, dev, repeats):
-    """On a GPU: the same step under bf16 autocast (train.py --dtype bf16), and in fp32 with TF32 matmuls."""
-    opt = cc.make_optimizer(5e-5)
+    """On a GPU: the same step under bf16 autocast (train.py --precision bf16), and in fp32 with TF32 matmuls."""
+    opt, sched = cc.make_optimizer(5e-5), None
     steps = iter(range(20_000, 10_000_000))
-
-    def loss_bf16():
-        with torch.autocast("cuda", torch.bfloat16):
-            return cc.loss(x, step=next(steps))["loss"]
-
-    t_bf16, = compare([step_fn(loss_bf16, list(cc.parameters()), opt)], repeats, dev)
+    t_bf16, = compare([lambda: cc.train_step(opt, sched, x, next(steps), autocast=True, metrics=False)], repeats, dev)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        t_tf32, = compare([step_fn(lambda: cc.loss(x, step=next(steps))["loss"], list(cc.parameters()), opt)],
-                          repeats, dev)
+        t_tf32, = compare([lambda: cc.train_step(opt, sched, x, next(steps), metrics=False)], repeats, dev)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     report(f"{cc.cfg.arch} step, fp32 {1e3 * t_fp32:.1f} ms / bf16 autocast {1e3 * t_bf16:.1f} ms", t_fp32 / t_bf16)
@@ -287,9 +451,10 @@ def bench_data(args):
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         folder = write_cache(Path(tmp) / "cache", "bench", ["a", "b", "c"], 0, d, n_batches * B)
         cache = activations.open_cache(folder)
+        cache.held = None    # read from the memory map, as a cache larger than PRELOAD_BYTES is
         size = sum(a.nbytes for a in cache.arrays)
-        print(f"data: train.py's loop from a cache ({size / 2**20:.0f} MiB, page-cached) vs the bare step "
-              f"(L1, M={M}, d={d}, F={F}, batch {B})", flush=True)
+        print(f"data: train.py's loop from a memory-mapped cache ({size / 2**20:.0f} MiB, page-cached) vs the bare "
+              f"step (L1, M={M}, d={d}, F={F}, batch {B})", flush=True)
         batches = activations.CacheBatches(cache, B, seed=0)
         s_M = torch.tensor(cache.scales, device=dev)
         cc = trained_state("l1", M, d, F, dev)
@@ -299,12 +464,7 @@ def bench_data(args):
         it = {"loop": 10_000, "bare": 10_000}
 
         def step_on(x, step):
-            out = cc.loss(x, step=step)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(cc.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            cc.train_step(opt, sched, x, step, metrics=False)
 
         def loop():  # train.py's loop body, minus logging and checkpoints
             step = it["loop"] = it["loop"] + 1
@@ -369,7 +529,7 @@ def _ig_one(args, name, n_layers, d, heads, vocab, F, target, B=16, T=12):
     def batched():
         return analysis.ie_gradient(run, model, 0, batch, x, f_BTF, r_BTd, alphas)[0]
 
-    def looped():  # the seed's way: per step, a full forward with a hook splicing the decoded point, a backward
+    def looped():  # the plain loop: per step, a full forward with a hook splicing the decoded point, a backward
         gf_sum = torch.zeros_like(f_BTF)
         for a in alphas:
             fa = ((1 - a) * f_BTF).requires_grad_(True)
@@ -403,29 +563,29 @@ def _watch_rss(pid, box, stop):
         except OSError:
             break
         vals = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in status.splitlines())
-                if k in ("RssAnon", "RssFile", "VmRSS")}
+                if k in ("RssAnon", "RssFile", "VmRSS", "VmHWM")}
         for k, v in vals.items():
             box[k] = max(box.get(k, 0), v)
         stop.wait(0.05)
 
 
 def _train_child(cmd, tmp):
-    """Run train.py (1 thread: this section measures memory) and sample its RSS; (ru_maxrss, sampled peaks)."""
-    import resource
+    """Run train.py (1 thread: this section measures memory) and sample its RSS; (its peak RSS, the
+    kernel's VmHWM of the process after exec, and the sampled peaks). Not ru_maxrss: Linux carries the
+    forked copy of this (large) process's RSS into the child's ru_maxrss."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
-    box, stop = {}, threading.Event()
-    watcher = threading.Thread(target=_watch_rss, args=(child.pid, box, stop), daemon=True)
-    watcher.start()
-    _, err = child.communicate()
-    stop.set()
-    watcher.join()
-    if child.returncode != 0:
-        raise RuntimeError(f"train.py failed:\n{err[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # RUSAGE_CHILDREN keeps the largest child's peak: a smaller later child does not show; use the sample then
-    return (peak * 1024 if peak > before else box.get("VmRSS", 0)), box
+    with tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env, cwd=tmp)
+        box, stop = {}, threading.Event()
+        watcher = threading.Thread(target=_watch_rss, args=(child.pid, box, stop), daemon=True)
+        watcher.start()
+        child.wait()
+        stop.set()
+        watcher.join()
+        if child.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"train.py failed:\n{err.read()[-3000:]}")
+    return box.get("VmHWM", 0), box
 
 
 def bench_memory(args):
@@ -460,17 +620,19 @@ def bench_memory(args):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer repeats, a smaller memory run (≤ 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats, a smaller memory run (≤ 3 minutes)")
     p.add_argument("--tiny", action="store_true", help="toy sizes, for the smoke test (numbers mean nothing)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     cli.add(p, "--device", device=defaults.default_device())
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
+    p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section 'bench')")
     args = p.parse_args(argv)
     only = args.only.split(",")
     bad = [s for s in only if s not in SECTIONS]
     if bad:
         p.error(f"--only: unknown section(s) {bad}; valid: {','.join(SECTIONS)}")
     torch.set_num_threads(args.threads)
+    keep_freed_memory()     # as train.py does
     load = os.getloadavg()[0]
     print(f"bench.py: torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
           f"load average {load:.1f} at start", flush=True)
@@ -485,6 +647,10 @@ def main(argv=None):
     n_fail = sum(not ok for *_, ok in RESULTS)
     print(f"done in {time.time() - t0:.0f} s: {len(RESULTS) - n_fail} PASS, {n_fail} FAIL; "
           f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)
+    if args.results:
+        update_results("bench" if args.device == "cpu" else f"bench-{args.device}",
+                       results_markdown(args, time.time() - t0, load, os.getloadavg()[0]), HERE / "RESULTS.md")
+        print("wrote RESULTS.md", flush=True)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,20 @@ def read_json(path, what="file"):
         raise UsageError(f"{what} {path} is not valid JSON ({e})") from None
 
 
+def keep_freed_memory():
+    """Keep large freed blocks in the process (glibc's mmap and trim thresholds raised to 1.5 GiB) instead
+    of unmapping them: a training step frees and reallocates its ~50 MB gradients and temporaries, and
+    mapping them anew costs page faults on every first touch — a quarter of the step at d=512 on a CPU.
+    A no-op where the C library is not glibc."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 3 << 29)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 3 << 29)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def update_results(section: str, markdown: str, path="RESULTS.md"):
     """Replace RESULTS.md's section `section` (between its <!-- section:start/end --> markers) with
     `markdown`, adding the section at the end if it is new: the commands that measure a result write it."""

@@ -145,6 +145,19 @@ def batch_topk_mask(score_BF, k, group=None):
     keep[idx] = True
     return keep.view_as(score_BF)
 
+def clip_grad_norm(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_'s clipping, the same numbers, but no pass over the gradients when the
+    norm is within max_norm (torch multiplies them by a coefficient clamped to 1.0 every step)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    coef = max_norm / (total + 1e-6)
+    if total.device.type != "cpu":
+        torch._foreach_mul_(grads, coef.clamp(max=1.0))     # no host sync on a GPU
+    elif coef < 1:
+        torch._foreach_mul_(grads, coef)
+    return total
+
+
 def _wide(t):
     """Losses are summed in at least float32, even when the model runs in bf16/fp16."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -158,7 +171,7 @@ class CrossCoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         M, d, F = cfg.n_models, cfg.d_model, cfg.dict_size
-        self.W_enc_MdF = nn.Parameter(torch.empty(M, d, F))
+        self.W_enc_FMd = nn.Parameter(torch.empty(F, M, d))   # stored latent-major: W_enc[m][:, i] = W_enc_FMd[i, m]
         self.b_enc_F = nn.Parameter(torch.zeros(F))
         self.W_dec_FMd = nn.Parameter(torch.empty(F, M, d))
         self.b_dec_Md = nn.Parameter(torch.zeros(M, d))
@@ -177,10 +190,10 @@ class CrossCoder(nn.Module):
             W_dec *= cfg.dec_init_norm / W_dec.norm(dim=-1, keepdim=True)
             with torch.no_grad():
                 self.W_dec_FMd.copy_(W_dec)
-                self.W_enc_MdF.copy_(W_dec.permute(1, 2, 0))  # W_enc[m, :, i] = W_dec[i, m, :]
+                self.W_enc_FMd.copy_(W_dec)  # W_enc[m, :, i] = W_dec[i, m, :]
 
     # METHOD.md's names for the parameters
-    W_enc = property(lambda self: self.W_enc_MdF)
+    W_enc = property(lambda self: self.W_enc_FMd.permute(1, 2, 0))   # [M, d, F], a view
     b_enc = property(lambda self: self.b_enc_F)
     W_dec = property(lambda self: self.W_dec_FMd)
     b_dec = property(lambda self: self.b_dec_Md)
@@ -195,7 +208,7 @@ class CrossCoder(nn.Module):
     def pre_acts(self, x_BMd):
         """sum_m x_m W_enc[m] + b_enc as one [B, M*d] @ [M*d, F] matmul."""
         B = x_BMd.shape[0]
-        return torch.addmm(self.b_enc_F, x_BMd.reshape(B, -1), self.W_enc_MdF.view(-1, self.cfg.dict_size))
+        return torch.addmm(self.b_enc_F, x_BMd.reshape(B, -1), self.W_enc_FMd.view(self.cfg.dict_size, -1).t())
 
     def encode(self, x_BMd):
         """Inference code. BatchTopK keeps score > theta once theta is set, else the top k*B of the batch."""
@@ -239,20 +252,21 @@ class CrossCoder(nn.Module):
         update = step is not None and self.training
         B, F = x_BMd.shape[0], cfg.dict_size
         x_BD = rearrange(x_BMd, "b m d -> b (m d)")
-        W_enc_DF, W_dec_FD = self.W_enc_MdF.view(-1, F), self.W_dec_FMd.view(F, -1)
+        W_enc_FD, W_dec_FD = self.W_enc_FMd.view(F, -1), self.W_dec_FMd.view(F, -1)
         norms_F = sparse.NormSum.apply(self.W_dec_FMd, self.scales_M.to(self.W_dec_FMd.dtype))  # Σ_m ‖W_dec[i,m]‖
         k = k_at(cfg, step)
         if sparse.active_set_device(x_BD):
             with torch.no_grad():
-                pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc_DF)   # the one matmul both paths need
-            if sparse.sparse_enough(pre_BF, cfg.arch, k):
-                t = sparse.active_terms(x_BD, W_enc_DF, self.b_enc_F, W_dec_FD, norms_F, cfg.arch, k, pre_BF,
-                                        self.group)
+                pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc_FD.t())   # the one matmul both paths need
+            enough, positive_BF = sparse.sparse_enough(pre_BF, cfg.arch, k)
+            if enough:
+                t = sparse.active_terms(x_BD, W_enc_FD, self.b_enc_F, W_dec_FD, norms_F, cfg.arch, k, pre_BF,
+                                        positive_BF, self.group)
             else:
-                pre_BF = sparse.PreDense.apply(x_BD, W_enc_DF, self.b_enc_F, pre_BF)
+                pre_BF = sparse.PreDense.apply(x_BD, W_enc_FD, self.b_enc_F, pre_BF)
                 t = self._dense_terms(pre_BF, W_dec_FD, norms_F, k)
         else:
-            t = self._dense_terms(torch.addmm(self.b_enc_F, x_BD, W_enc_DF), W_dec_FD, norms_F, k)
+            t = self._dense_terms(torch.addmm(self.b_enc_F, x_BD, W_enc_FD.t()), W_dec_FD, norms_F, k)
         x_hat_BMd = t.x_hat_BD.view_as(x_BMd) + self.b_dec_Md
 
         out = {}
@@ -368,7 +382,7 @@ class CrossCoder(nn.Module):
             out = (loss_fn or self.loss)(x_BMd, step, metrics)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+        clip_grad_norm(self.parameters(), 1.0)
         opt.step()
         if sched is not None:
             sched.step()
@@ -380,7 +394,7 @@ class CrossCoder(nn.Module):
     def fold_scales(self, scales_M):
         """A new crosscoder for RAW activations, when this one takes s_m * x_m: W_enc[m] *= s_m,
         W_dec[:, m] /= s_m, b_dec[m] /= s_m. Codes, selection and theta are unchanged; outputs are raw."""
-        s_M = torch.as_tensor(scales_M, dtype=self.W_enc_MdF.dtype, device=self.W_enc_MdF.device)
+        s_M = torch.as_tensor(scales_M, dtype=self.W_enc_FMd.dtype, device=self.W_enc_FMd.device)
         if s_M.shape != (self.cfg.n_models,) or not bool((s_M > 0).all()):
             raise ValueError(f"scales_M must be {self.cfg.n_models} positive numbers, got {scales_M!r}")
         group, self.group = self.group, None    # a process group cannot be copied; the copy needs none
@@ -388,7 +402,7 @@ class CrossCoder(nn.Module):
             new = copy.deepcopy(self)
         finally:
             self.group = group
-        new.W_enc_MdF.mul_(s_M[:, None, None])
+        new.W_enc_FMd.mul_(s_M[None, :, None])
         new.W_dec_FMd.div_(s_M[None, :, None])
         new.b_dec_Md.div_(s_M[:, None])
         new.scales_M.mul_(s_M.to(new.scales_M.dtype))
@@ -428,6 +442,8 @@ class CrossCoder(nn.Module):
             cc = cls(cfg, init=False)
         path = os.path.join(run_dir, WEIGHTS_FILE)
         tensors = load_file(path, device=str(device))
+        if "W_enc_MdF" in tensors:      # written before the encoder was stored latent-major
+            tensors["W_enc_FMd"] = tensors.pop("W_enc_MdF").permute(2, 0, 1).contiguous()
         expected = {name: tuple(t.shape) for name, t in cc.state_dict().items()}
         sizes = f"n_models={cfg.n_models}, d_model={cfg.d_model}, dict_size={cfg.dict_size}"
         for name, shape in expected.items():

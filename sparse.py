@@ -15,12 +15,12 @@ import torch
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # # Once training is past its first few percent, a code f_BF has ~1-3% of its entries set. Only the
-# encoder's forward, x[B, M*d] @ W_enc[M*d, F], has to be dense: everything after the selection
+# encoder's forward, x[B, M*d] @ W_enc[F, M*d]ᵀ, has to be dense: everything after the selection
 # (ReLU, BatchTopK) touches the active entries (b, i) alone. With g = dL/dx_hat:
 #   decode       x_hat[b] = sum_i f[b,i] W_dec[i]          [B,F]-sparse @ W_dec     (CSR matmul)
 #   dL/dW_dec    sum_b f[b,i] g[b]                          [F,B]-sparse @ g         (CSR matmul)
 #   dL/df[b,i]   g[b] . W_dec[i], at active entries only    sampled dot products     (sampled_addmm)
-#   dL/dW_enc    sum_b x[b] dL/dpre[b,i]                    ([F,B]-sparse @ x)^T     (CSR matmul)
+#   dL/dW_enc    sum_b x[b] dL/dpre[b,i]                    [F,B]-sparse @ x         (CSR matmul)
 # An inactive entry gets no gradient, which is exact for every parameter: ReLU (pre <= 0) or the
 # selection (not kept) cuts it anyway. Nothing of size [nnz, M*d] is ever gathered. Where codes are
 # dense (early L1 training: the sparse kernels lose beyond ~12% active on 2 cores), the same
@@ -86,15 +86,11 @@ class ActiveSet:
             return self.dense(v_N) @ Y_FD
         return _csr_mm(self.csr(v_N), Y_FD)
 
-    def t_matmul(self, v_N, Y_BD, transpose=False):
-        """(code with values v_N)^T @ Y: [F, D], or with transpose=True its transpose [D, F], contiguous."""
+    def t_matmul(self, v_N, Y_BD):
+        """(code with values v_N)^T @ Y: [F, D]."""
         if not self.sparse:
-            return Y_BD.t() @ self.dense(v_N) if transpose else self.dense(v_N).t() @ Y_BD
-        out_FD = _csr_mm(self.csr_t(v_N), Y_BD)
-        if not transpose:
-            return out_FD
-        # one copy into a fresh contiguous [D, F]: ~3x quicker than .t().contiguous() or a blocked loop
-        return Y_BD.new_empty(Y_BD.shape[1], self.F).copy_(out_FD.t())
+            return self.dense(v_N).t() @ Y_BD
+        return _csr_mm(self.csr_t(v_N), Y_BD)
 
     def sampled(self, G_BD, W_FD):
         """(G @ W^T) at the active entries only: [nnz]."""
@@ -120,22 +116,22 @@ def _offsets(sorted_idx, n):
 
 
 class PreAt(torch.autograd.Function):
-    """pre[b, i] = x[b] . W_enc[:, i] + b_enc[i] at the active entries, differentiable in x, W_enc and
+    """pre[b, i] = x[b] . W_enc[i] + b_enc[i] at the active entries, differentiable in x, W_enc and
     b_enc; pre_BF (the dense matmul, computed once without autograd) supplies the values."""
 
     @staticmethod
-    def forward(ctx, x_BD, W_DF, b_F, pre_BF, act):
-        ctx.save_for_backward(x_BD, W_DF)
+    def forward(ctx, x_BD, W_FD, b_F, pre_BF, act):
+        ctx.save_for_backward(x_BD, W_FD)
         ctx.act = act
         return pre_BF.reshape(-1)[act.flat]
 
     @staticmethod
     def backward(ctx, g_N):
-        x_BD, W_DF = ctx.saved_tensors
+        x_BD, W_FD = ctx.saved_tensors
         act, need = ctx.act, ctx.needs_input_grad
-        g_N, x_BD = g_N.to(W_DF.dtype), x_BD.to(W_DF.dtype)  # in the weights' dtype (autocast: no longer on)
-        g_x = act.matmul(g_N, W_DF.t()) if need[0] else None
-        g_W = act.t_matmul(g_N, x_BD, transpose=True) if need[1] else None
+        g_N, x_BD = g_N.to(W_FD.dtype), x_BD.to(W_FD.dtype)  # in the weights' dtype (autocast: no longer on)
+        g_x = act.matmul(g_N, W_FD) if need[0] else None
+        g_W = act.t_matmul(g_N, x_BD) if need[1] else None
         g_b = g_N.new_zeros(act.F).index_add_(0, act.cols, g_N) if need[2] else None
         return g_x, g_W, g_b, None, None
 
@@ -188,12 +184,13 @@ def topk_cut(v_N, n, group):
     return torch.cat(every).topk(n, sorted=False).values.min()
 
 
-def batch_topk_active(pre_BF, norms_F, k, group=None):
+def batch_topk_active(pre_BF, norms_F, k, group=None, positive_BF=None):
     """BatchTopK's active set: the k*B largest scores relu(pre) * norm among the positive pre-activations
     (a zero code is the same kept or not), and the smallest kept score (0 if none). With a process group,
-    B is the global batch (topk_cut)."""
+    B is the global batch (topk_cut). positive_BF: pre_BF > 0, when the caller has it."""
     B, F = pre_BF.shape
-    flat = (pre_BF > 0).reshape(-1).nonzero().squeeze(1)
+    positive_BF = pre_BF > 0 if positive_BF is None else positive_BF
+    flat = positive_BF.reshape(-1).nonzero().squeeze(1)
     score = pre_BF.reshape(-1)[flat] * norms_F[flat % F]
     if group is not None:
         keep = score >= topk_cut(score, k * B * torch.distributed.get_world_size(group), group)
@@ -225,12 +222,13 @@ def active_set_device(x_BD) -> bool:
             and not torch.is_autocast_enabled(dev))
 
 
-def sparse_enough(pre_BF, arch, k) -> bool:
-    """Does this batch's code have at most ACTIVE_MAX_DENSITY of its entries active?"""
-    n = int(torch.count_nonzero(pre_BF > 0))
+def sparse_enough(pre_BF, arch, k):
+    """(Does this batch's code have at most ACTIVE_MAX_DENSITY of its entries active?, pre_BF > 0)."""
+    positive_BF = pre_BF > 0
+    n = int(torch.count_nonzero(positive_BF))
     if arch == "batchtopk":
         n = min(n, k * pre_BF.shape[0])
-    return n <= ACTIVE_MAX_DENSITY * pre_BF.numel()
+    return n <= ACTIVE_MAX_DENSITY * pre_BF.numel(), positive_BF
 
 
 class PreDense(torch.autograd.Function):
@@ -238,29 +236,29 @@ class PreDense(torch.autograd.Function):
     dense branch's pre-activations when the active-set path was considered and not taken."""
 
     @staticmethod
-    def forward(ctx, x_BD, W_DF, b_F, pre_BF):
-        ctx.save_for_backward(x_BD, W_DF)
+    def forward(ctx, x_BD, W_FD, b_F, pre_BF):
+        ctx.save_for_backward(x_BD, W_FD)
         return pre_BF.clone()
 
     @staticmethod
     def backward(ctx, g_BF):
-        x_BD, W_DF = ctx.saved_tensors
+        x_BD, W_FD = ctx.saved_tensors
         need = ctx.needs_input_grad
-        return (g_BF @ W_DF.t() if need[0] else None, x_BD.t() @ g_BF if need[1] else None,
+        return (g_BF @ W_FD if need[0] else None, g_BF.t() @ x_BD if need[1] else None,
                 g_BF.sum(0) if need[2] else None, None)
 
 
-def active_terms(x_BD, W_enc_DF, b_enc_F, W_dec_FD, norms_F, arch, k, pre_BF, group=None) -> Terms:
+def active_terms(x_BD, W_enc_FD, b_enc_F, W_dec_FD, norms_F, arch, k, pre_BF, positive_BF, group=None) -> Terms:
     """The code as its active entries, values f_N at act.flat: one dense matmul (pre_BF, computed by the
-    caller without autograd), the rest sparse."""
-    F = W_enc_DF.shape[1]
+    caller without autograd, with its mask positive_BF = pre_BF > 0), the rest sparse."""
+    F = W_enc_FD.shape[0]
     smallest = None
     with torch.no_grad():
         if arch == "l1":
-            act = ActiveSet.where(pre_BF > 0, pre_BF.dtype)
+            act = ActiveSet.where(positive_BF, pre_BF.dtype)
         else:
-            act, smallest = batch_topk_active(pre_BF, norms_F, k, group)
-    f_N = PreAt.apply(x_BD, W_enc_DF, b_enc_F, pre_BF, act)  # = ReLU(pre) there: all positive
+            act, smallest = batch_topk_active(pre_BF, norms_F, k, group, positive_BF)
+    f_N = PreAt.apply(x_BD, W_enc_FD, b_enc_F, pre_BF, act)  # = ReLU(pre) there: all positive
     x_hat_BD = Decode.apply(f_N, W_dec_FD, act)
     # Σ_i norm_i · (Σ of latent i's codes): index_add_ sums in a fixed order, where the backward of
     # norms_F[act.cols] would scatter-add in a thread-dependent one
@@ -268,4 +266,4 @@ def active_terms(x_BD, W_enc_DF, b_enc_F, W_dec_FD, norms_F, arch, k, pre_BF, gr
     fired_F = torch.zeros(F, dtype=torch.bool, device=x_BD.device).index_fill_(0, act.cols, True)
     return Terms(x_hat_BD=x_hat_BD, l1_sum=l1_sum.float() if l1_sum.dtype != torch.float64 else l1_sum,
                  fired_F=fired_F, n_active=len(act), smallest=smallest, pre_BF=pre_BF,
-                 values_at=lambda a: PreAt.apply(x_BD, W_enc_DF, b_enc_F, pre_BF, a))
+                 values_at=lambda a: PreAt.apply(x_BD, W_enc_FD, b_enc_F, pre_BF, a))

@@ -504,6 +504,7 @@ def _wandb(args):
 
 def main(argv=None):
     args, spec = parse_args(argv)
+    common.keep_freed_memory()
     return train(args, spec)
 
 

@@ -17,17 +17,17 @@ def run_bench(*args, timeout=120):
 
 @pytest.mark.slow
 def test_bench_tiny_prints_ratio_lines():
-    r = run_bench("--tiny", "--only", "step,cache,data,ig", "--threads", "1")
+    r = run_bench("--tiny", "--only", "step,scale,cache,data,ig", "--threads", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    for section in ("step:", "cache:", "data:", "ig:"):
+    for section in ("step:", "scale:", "cache:", "data:", "ig:"):
         assert re.search(rf"^{section}", out, re.M), out
     lines = [l for l in out.splitlines() if "target" in l]
     assert len(lines) >= 6, out
     for l in lines:
         assert re.search(r"\d", l) and re.search(r"\b(PASS|FAIL)\b", l), l
-    assert re.search(r"l1 step: seed's way \d+ ms / crosscoder.py \d+ ms +\d+\.\d\dx", out), out
-    assert re.search(r"batchtopk step: .* +\d+\.\d\dx", out), out
+    assert re.search(r"toy l1 trained: peer \d+\.\d ms / ours \d+\.\d ms +\d+\.\d\dx", out), out
+    assert re.search(r"toy batchtopk trained: .* +\d+\.\d\dx", out), out
     assert re.search(r"^done in \d+ s: \d+ PASS, \d+ FAIL", out, re.M), out
 
 

@@ -53,7 +53,7 @@ def naive(cc, x_BMd, step=None, threshold=None):
     M, B = cfg.n_models, x_BMd.shape[0]
     pre_BF = cc.b_enc_F.clone()
     for m in range(M):
-        pre_BF = pre_BF + x_BMd[:, m] @ cc.W_enc_MdF[m]
+        pre_BF = pre_BF + x_BMd[:, m] @ cc.W_enc[m]
     f_BF = torch.relu(pre_BF)
     norms_F = sum(cc.W_dec_FMd[:, m].norm(dim=-1) for m in range(M))
     keep_BF = None
@@ -142,7 +142,7 @@ def trained_cc(arch, B=96, M=3, d=16, F=300, fire=0.03, dtype=torch.float32, **k
     cc = small_cc(arch, M=M, d=d, F=F, dtype=dtype, **kw)
     x = rand_x(B=B, M=M, d=d, seed=3, dtype=dtype)
     with torch.no_grad():
-        pre = (x.reshape(B, -1) @ cc.W_enc_MdF.reshape(-1, F)).sort(0).values
+        pre = (x.reshape(B, -1) @ cc.W_enc.reshape(-1, F)).sort(0).values
         j = B - max(1, round(fire * B))
         cc.b_enc_F.copy_(-(pre[j - 1] + pre[j]) / 2)
     return cc, x
@@ -157,7 +157,7 @@ def test_trained_state_sparse_path_matches_naive(arch):
     x.requires_grad_()
     if arch == "batchtopk":
         cc.tokens_since_active_F[1::4] = cc.cfg.dead_tokens
-    pre = (x.detach().reshape(len(x), -1) @ cc.W_enc_MdF.reshape(-1, cc.cfg.dict_size) + cc.b_enc_F).detach()
+    pre = (x.detach().reshape(len(x), -1) @ cc.W_enc.reshape(-1, cc.cfg.dict_size) + cc.b_enc_F).detach()
     assert ActiveSet.where(pre > 0, pre.dtype).sparse  # ~3% active: the fast path, not the fallback
     out = cc.loss(x, step=7)
     _, f_ref, _, loss_ref = naive(cc, x, step=7)
@@ -208,7 +208,7 @@ def test_sparse_path_is_bit_deterministic_with_two_threads(arch, monkeypatch):
         cc = CrossCoder(cfg)
         x = rand_x(B=B, M=2, d=d, seed=2)
         with torch.no_grad():   # each latent fires on 3% of the tokens, as in a trained state
-            pre = x.reshape(B, -1) @ cc.W_enc_MdF.view(-1, Fdim)
+            pre = x.reshape(B, -1) @ cc.W_enc.reshape(-1, Fdim)
             cc.b_enc_F.copy_(-pre.quantile(0.97, dim=0))
             cc.tokens_since_active_F[1::4] = cfg.dead_tokens   # AuxK in the loss too
         cc.eval()   # the buffers stay as set: every repeat sees the same dead set
@@ -278,9 +278,9 @@ def test_gradcheck_float64(arch, aux_only, kernels):
 def test_init():
     cc = CrossCoder(CrossCoderConfig(n_models=3, d_model=16, dict_size=64))
     assert torch.allclose(cc.W_dec_FMd.norm(dim=-1), torch.full((64, 3), 0.08))
-    assert torch.equal(cc.W_enc_MdF, cc.W_dec_FMd.permute(1, 2, 0))
+    assert torch.equal(cc.W_enc, cc.W_dec_FMd.permute(1, 2, 0))   # W_enc[m][:, i] = W_dec[i, m] at init
     assert not cc.b_enc_F.any() and not cc.b_dec_Md.any()
-    assert cc.W_enc is cc.W_enc_MdF and cc.W_dec is cc.W_dec_FMd
+    assert cc.W_enc.shape == (3, 16, 64) and cc.W_enc.data_ptr() == cc.W_enc_FMd.data_ptr() and cc.W_dec is cc.W_dec_FMd
     again = CrossCoder(CrossCoderConfig(n_models=3, d_model=16, dict_size=64))
     other = CrossCoder(CrossCoderConfig(n_models=3, d_model=16, dict_size=64, seed=1))
     assert torch.equal(cc.W_dec_FMd, again.W_dec_FMd) and not torch.equal(cc.W_dec_FMd, other.W_dec_FMd)
@@ -336,7 +336,7 @@ def test_save_load_roundtrip(tmp_path):
     meta = json.loads((run / "config.json").read_text())
     meta["dict_size"] = 64  # lie
     (run / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"W_enc_MdF has shape \(3, 8, 32\), config.json says \(3, 8, 64\)"):
+    with pytest.raises(ValueError, match=r"W_enc_FMd has shape \(32, 3, 8\), config.json says \(64, 3, 8\)"):
         CrossCoder.load(run)
 
 # -----------------------------------------------------------------------------
@@ -512,3 +512,16 @@ def test_planted_features_recovered(arch, kw):
         if arch == "batchtopk":
             assert cc.threshold > 0
             assert 2 <= (f > 0).float().sum(1).mean() <= 8
+
+
+def test_loads_files_with_the_earlier_encoder_layout(tmp_path):
+    """Runs saved before the encoder was stored latent-major (W_enc_MdF [M, d, F]) load to the same model."""
+    from safetensors.torch import load_file, save_file
+    cc = small_cc()
+    cc.save(tmp_path, extra={"revisions": ["a", "b", "c"], "layer": 0})
+    t = load_file(tmp_path / "crosscoder.safetensors")
+    t["W_enc_MdF"] = t.pop("W_enc_FMd").permute(1, 2, 0).contiguous()
+    save_file(t, tmp_path / "crosscoder.safetensors")
+    back = CrossCoder.load(tmp_path)
+    x = rand_x()
+    assert torch.equal(back.W_enc, cc.W_enc) and torch.equal(back(x)[0], cc(x)[0])
