@@ -84,7 +84,9 @@ def results_markdown(args, seconds, load0, load1) -> str:
     n_fail = sum(not ok for *_, ok in RESULTS)
     return (f"## Performance (`{cmd}`)\n\nMeasured on {args.device} with {torch.get_num_threads()} threads, torch "
             f"{torch.__version__}, in {seconds:.0f} s (load average {load0:.1f} at the start, {load1:.1f} at the end): "
-            f"{len(RESULTS) - n_fail} PASS, {n_fail} FAIL. Ratios are medians of alternating repeats.\n\n"
+            f"{len(RESULTS) - n_fail} PASS, {n_fail} FAIL. Ratios are medians of alternating repeats. The peer is "
+            f"dictionary_learning's crosscoder step written plainly from its structure (`bench.Peer`), run in a "
+            f"process of its own with the C library's default allocator, as its users run it.\n\n"
             f"| measurement | value | target | | note |\n|---|---|---|---|---|\n{rows}")
 
 
