@@ -73,13 +73,6 @@ def matched_random(freq_F, chosen, rng, exclude):
     return out
 
 
-def spearman(a, b) -> float:
-    a, b = pd.Series(a).rank(), pd.Series(b).rank()
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def task_codes(run, models, batch, pair_batch):
     """Every pair batch's block-L outputs, codes and errors (kept on the CPU, moved to the device one batch
     at a time), and each latent's activation frequency on the task's spliced tokens."""
@@ -112,12 +105,14 @@ def parse_args(argv=None):
     p = cli.parser(__doc__.split("\n\n")[0], spec.preset)
     cli.add(p, "--run", "--task", "--top-k", "--max-pairs", "--pair-batch", "--device",
             run=str(run_dir), task=spec.task, top_k=defaults.TOP_K, pair_batch=64, device=defaults.default_device())
-    summary = run_dir / "relie" / Path(cli.given(argv, "--task") or spec.task).stem / "summary.json"
-    cli.add(p, "--select", select=json.loads(summary.read_text())["select"] if summary.exists() else "abs")
+    summary = (run_dir / "relie" / (cli.given(argv, "--name") or Path(cli.given(argv, "--task") or spec.task).stem)
+               / "summary.json")
+    cli.add(p, "--select", select=json.loads(summary.read_text())["select"] if summary.exists() else defaults.SELECT)
     p.add_argument("--subtasks", default=None, help="comma-separated sub-tasks to select on and score (default: all)")
     p.add_argument("--draws", type=positive("--draws"), default=defaults.DRAWS,
                    help="random-k sets per revision (default: %(default)s)")
     p.add_argument("--draw-seed", type=int, default=0, help="seed of the random-k draws (default: %(default)s)")
+    cli.add(p, "--name", name=None)
     return p.parse_args(argv)
 
 
@@ -125,7 +120,8 @@ def main(argv=None):
     args = parse_args(argv)
     run = analysis.open_run(args.run, args.device)
     task = args.task if cli.given(argv, "--task") else lm.default_task(run.spec, run.data.get("weights", "hub"))
-    relie_dir = run.folder / "relie" / Path(task).stem
+    name = args.name or Path(task).stem
+    relie_dir = run.folder / "relie" / name
     require_done(relie_dir, f"attribution of task {task}",
                  f"run `python relie.py --run {run.folder} --task {task}` first")
     how = args.select
@@ -153,8 +149,8 @@ def main(argv=None):
     ablations += [("single", "-", -1, [i]) for i in union]
     ld_MPC = ablated(run, models, codes, [a[3] for a in ablations], len(batch))
     df = ablation_table(run.revisions, ablations, ld_MPC, batch.subtask)
-    sp = spearman_table(run, df, union, sets, ie_wide, nie_wide)
-    out = run.folder / "ablation" / Path(task).stem
+    sp = spearman_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide)
+    out = run.folder / "ablation" / name
     unmark_done(out)
     for name, frame in (("ablation.csv", df), ("spearman.csv", sp)):
         with atomic_path(out / name) as tmp:
@@ -165,41 +161,63 @@ def main(argv=None):
 
 
 def ablation_table(revisions, ablations, ld_MPC, subtask_P) -> pd.DataFrame:
+    """One row per ablation × revision × sub-task (and "all"): Δ and the accuracy drop, each with its 95%
+    bootstrap interval over the pairs."""
     rows = []
     groups = {"all": list(range(len(subtask_P)))}
     for s in dict.fromkeys(subtask_P):
         groups[s] = [i for i, t in enumerate(subtask_P) if t == s]
-    for a_i, (kind, sel_rev, draw, lat) in enumerate(ablations):
-        for m, rev in enumerate(revisions):
-            for g, idx in groups.items():
-                clean, abl = ld_MPC[m, idx, 0], ld_MPC[m, idx, a_i]
+    ld = ld_MPC.numpy()
+    for g, idx in groups.items():
+        clean_MPC = ld[:, idx, :1]
+        delta_PMC = (clean_MPC - ld[:, idx]).transpose(1, 0, 2)
+        drop_PMC = ((clean_MPC > 0).astype(float) - (ld[:, idx] > 0)).transpose(1, 0, 2)
+        delta, d_lo, d_hi = measures.mean_interval(delta_PMC)
+        drop, a_lo, a_hi = measures.mean_interval(drop_PMC)
+        acc_clean = (ld[:, idx, 0] > 0).mean(1)
+        for a_i, (kind, sel_rev, draw, lat) in enumerate(ablations):
+            for m, rev in enumerate(revisions):
                 rows.append(dict(kind=kind, selected_at=sel_rev, draw=draw, latents=" ".join(map(str, lat)),
-                                 revision=rev, subtask=g, delta=float((clean - abl).mean()),
-                                 acc_clean=float((clean > 0).float().mean()),
-                                 acc_ablated=float((abl > 0).float().mean()),
-                                 acc_drop=float((clean > 0).float().mean() - (abl > 0).float().mean())))
-    return pd.DataFrame(rows)
+                                 revision=rev, subtask=g, delta=delta[m, a_i], delta_lo=d_lo[m, a_i],
+                                 delta_hi=d_hi[m, a_i], acc_clean=acc_clean[m],
+                                 acc_ablated=acc_clean[m] - drop[m, a_i], acc_drop=drop[m, a_i],
+                                 acc_drop_lo=a_lo[m, a_i], acc_drop_hi=a_hi[m, a_i]))
+    order = {k: i for i, k in enumerate(groups)}
+    df = pd.DataFrame(rows)
+    return df.sort_values(by="subtask", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
 
-def spearman_table(run, df, union, sets, ie_wide, nie_wide) -> pd.DataFrame:
-    """Spearman ρ of |Δ_B| / |Δ_A| (single-latent ablations) with 2-way RelIE / normalised RelIE / RelDec."""
+def spearman_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide) -> pd.DataFrame:
+    """Spearman ρ of |Δ_B| / |Δ_A| (single-latent ablations) with 2-way RelIE / normalised RelIE / RelDec,
+    per pair of revisions over the union of their top-k sets; each ρ with its 95% bootstrap interval over
+    the pairs (the Δ resampled; the RelIE and RelDec values held), and ρ(RelIE) − ρ(RelDec) with the
+    interval of that difference from the same resamples."""
     revs = run.revisions
-    single = df[(df.kind == "single") & (df.subtask == "all")]
-    delta = single.pivot_table(index="latents", columns="revision", values="delta").reindex(columns=revs)
-    delta.index = delta.index.astype(int)
-    delta = delta.reindex(union)
+    col = {lat[0]: c for c, (kind, _, _, lat) in enumerate(ablations) if kind == "single"}
+    cols = [col[i] for i in union]
+    single_PMU = (ld_MPC[:, :, :1] - ld_MPC[:, :, cols]).numpy().transpose(1, 0, 2)   # per pair Δ, [P, M, U]
+    delta_MU = single_PMU.mean(0)
+    boot_nMU = measures.bootstrap_means(single_PMU)
     rd = analysis.reldec(run.cc)[union]
     ie_u, nie_u = ie_wide.reindex(union, fill_value=0.0).to_numpy(), nie_wide.reindex(union, fill_value=0.0).to_numpy()
     rows = []
     for a, b in measures.pairs_of(revs):
-        # over the union of the two revisions' top-k sets
         keep = [j for j, i in enumerate(union) if i in sets[revs[a]] or i in sets[revs[b]]]
-        d = delta.iloc[keep].to_numpy()
-        ratio = np.abs(d[:, b]) / np.maximum(np.abs(d[:, a]), 1e-12)
-        rows.append(dict(A=revs[a], B=revs[b], n=len(keep),
-                         rho_relie=spearman(ratio, measures.rel2(ie_u[keep, a], ie_u[keep, b])),
-                         rho_relie_norm=spearman(ratio, measures.rel2(nie_u[keep, a], nie_u[keep, b])),
-                         rho_reldec=spearman(ratio, measures.rel2(rd[keep, a], rd[keep, b]))))
+
+        def ratio(d_MU, a=a, b=b, keep=keep):   # [M, U] or [n, M, U] → [..., K]
+            return np.abs(d_MU[..., b, keep]) / np.maximum(np.abs(d_MU[..., a, keep]), 1e-12)
+        refs = dict(relie=measures.rel2(ie_u[keep, a], ie_u[keep, b]),
+                    relie_norm=measures.rel2(nie_u[keep, a], nie_u[keep, b]),
+                    reldec=measures.rel2(rd[keep, a], rd[keep, b]))
+        row = dict(A=revs[a], B=revs[b], n=len(keep))
+        boot = {}
+        for name, ref in refs.items():
+            row[f"rho_{name}"] = measures.spearman(ratio(delta_MU), ref)
+            boot[name] = measures.spearman_rows(ratio(boot_nMU), ref)
+            row[f"rho_{name}_lo"], row[f"rho_{name}_hi"] = measures.interval(boot[name])
+        row["rho_diff"] = row["rho_relie"] - row["rho_reldec"]
+        row["rho_diff_lo"], row["rho_diff_hi"] = measures.interval(boot["relie"] - boot["reldec"])
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -212,7 +230,10 @@ def print_summary(revisions, df, sp, subtasks, draws):
     print("top-k:\n" + (100 * top.reindex(index=revisions, columns=revisions)).round(1).to_string())
     print(f"random-k (mean of {draws}, matched frequency):\n"
           + (100 * rnd.reindex(index=revisions, columns=revisions)).round(1).to_string())
-    print("Spearman ρ of |Δ_B|/|Δ_A| (single-latent ablations):\n" + sp.round(3).to_string(index=False))
+    show = sp[["A", "B", "n", "rho_relie", "rho_relie_lo", "rho_relie_hi", "rho_reldec", "rho_reldec_lo",
+               "rho_reldec_hi", "rho_diff", "rho_diff_lo", "rho_diff_hi"]]
+    print("Spearman ρ of |Δ_B|/|Δ_A| (single-latent ablations), with 95% bootstrap intervals over the pairs:\n"
+          + show.round(2).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import defaults
 import lm
+import measures
 import tasks
 from common import UsageError, read_json, require_done
 from crosscoder import CrossCoder
@@ -37,6 +39,11 @@ class Run:
     @property
     def data(self) -> dict:
         return self.config.get("data", {})
+
+    @property
+    def revision_tokens(self) -> list:
+        """Tokens seen at each revision (None where its name and the model give none)."""
+        return [lm.parse_revision(r, self.spec.tokens_per_step).tokens for r in self.revisions]
 
     def load_models(self, dtype=None):
         """[(revision, model, tokenizer)] for every revision of the run (random weights if it was trained so)."""
@@ -139,23 +146,42 @@ def pair_codes(run, models, batch):
     return x_BTMd, f_NF.view(B, T, -1), (x_BTMd - x_hat_NMd.view(B, T, M, d))
 
 
-def ie_gradient(run, model, m, batch, x_BTd, f_BTF, r_BTd, alphas):
+# The attribution methods (relie.py --method): integrated gradients along a straight path from a baseline
+# to the clean point, or its first step (AtP), or exact zero-ablation of each latent.
+#   ig             the paper's: from the zero baseline, latents and error term both scaled by 1−α
+#   ig-error-held  from the zero baseline, latents scaled, the error term held at its clean value
+#   ig-mean        from the mean code (over the task's spliced tokens), the error term held
+#   atp            attribution patching: one gradient at the clean point, IE = −f · ∂μ/∂f
+#   exact          zero-ablate each latent (error kept): IE = μ(without i) − μ(clean)
+METHODS = ("ig", "ig-error-held", "ig-mean", "atp", "exact")
+
+
+def ie_gradient(run, model, m, batch, x_BTd, f_BTF, r_BTd, alphas, f_base_F=None, scale_error=True):
     """IG/AtP for revision m: per-token IE of every latent [B, T, F] and of the error term [B, T].
 
-    On the path, block L's spliced output is (1−α)·u + b_dec with u = W_dec f + r, so one gradient
-    g_α = ∂m/∂u per step gives both: ∂m/∂f = g_α W_decᵀ and ∂m/∂r = g_α, and the mean over α comes
-    before the F-wide matmul. All α run in one forward/backward through the blocks above L only."""
+    On the path the latents run from f_base (zero unless given) to f and the error term from 0 to r
+    (scale_error) or stays r. Block L's spliced output is base_u + (1−α)·delta_u + b_dec, so one
+    gradient g_α = ∂μ/∂u per step gives both ∂μ/∂f = g_α W_decᵀ and ∂μ/∂r = g_α, and the mean over α
+    comes before the F-wide matmul. All α run in one forward/backward through the blocks above L only.
+    IE_i = −(f_i − f_base,i) · mean_α ∂μ/∂f_i (positive = supports the right answer)."""
     A, B = len(alphas), len(batch)
     W, b = run.cc.W_dec_FMd[:, m], run.cc.b_dec_Md[m]
+    delta_BTF = f_BTF if f_base_F is None else f_BTF - f_base_F
+    base_BTd = torch.zeros_like(r_BTd) if f_base_F is None else (f_base_F @ W).expand_as(r_BTd)
+    delta_BTd = delta_BTF @ W
+    if scale_error:
+        delta_BTd = delta_BTd + r_BTd
+    else:
+        base_BTd = base_BTd + r_BTd
     scale_A111 = (1 - torch.tensor(alphas, device=f_BTF.device)).view(A, 1, 1, 1)
-    u_ABTd = (scale_A111 * (f_BTF @ W + r_BTd)).requires_grad_(True)
+    u_ABTd = (base_BTd + scale_A111 * delta_BTd).requires_grad_(True)
     big = batch.repeat(A)   # α-major copies of the batch
     logits = spliced_logits(model, run.layer, big.ids_BT, big.mask_BT, x_BTd.repeat(A, 1, 1),
-                                     (u_ABTd + b).flatten(0, 1), last_only=True)
+                            (u_ABTd + b).flatten(0, 1), last_only=True)
     metric = _metric(logits, big)
     g_BTd = torch.autograd.grad(metric.sum(), u_ABTd)[0].mean(0)
-    ie_BTF = -f_BTF * (g_BTd @ W.T)
-    ie_err_BT = -(r_BTd * g_BTd).sum(-1)
+    ie_BTF = -delta_BTF * (g_BTd @ W.T)
+    ie_err_BT = -(r_BTd * g_BTd).sum(-1) if scale_error else torch.zeros_like(g_BTd[..., 0])
     return ie_BTF, ie_err_BT, metric.detach().view(A, B)[0]
 
 
@@ -165,6 +191,91 @@ def ie_exact(run, model, m, batch, x_BTd, f_BTF, r_BTd, latents):
     sets = [[]] + [[i] for i in latents]
     ld = ablated_logit_diffs(run, model, m, batch, x_BTd, f_BTF, r_BTd, sets)
     return ld[:, :1] - ld[:, 1:], -ld[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attribution over a task, and its check against exact ablation
+
+def mean_code(run, models, batch, batch_size=16):
+    """The mean code over the task's spliced tokens [F]: ig-mean's baseline."""
+    total, n = torch.zeros(run.cc.cfg.dict_size, device=run.device), 0
+    for i in range(0, len(batch), batch_size):
+        b = batch.slice(i, i + batch_size).to(run.device)
+        _, f_BTF, _ = pair_codes(run, models, b)
+        where = splice_mask(b.mask_BT)
+        total += f_BTF[where].sum(0)
+        n += int(where.sum())
+    return total / max(n, 1)
+
+
+def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, latents=None, steps=defaults.IG_STEPS):
+    """IE of every latent on every pair (METHODS), per revision. Returns sums per sub-task —
+    'ie' [S, M, F], 'err' [S, M], 'clean' [S, M], 'n' [S], 'subtasks' — and per pair: 'pair_ie', per
+    revision a sparse [P, F], and 'pair_err' [P, M]."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    subtasks = list(dict.fromkeys(batch.subtask))
+    S, M, Fdim = len(subtasks), len(models), run.cc.cfg.dict_size
+    ie, err, n = torch.zeros(S, M, Fdim), torch.zeros(S, M), torch.zeros(S)
+    clean = torch.zeros(S, M)
+    alphas = [i / steps for i in range(steps)] if method.startswith("ig") else [0.0]
+    f_base = mean_code(run, models, batch, batch_size) if method == "ig-mean" else None
+    scale_error = method in ("ig", "atp")
+    lat = list(range(Fdim)) if latents is None else list(latents)   # for method="exact"
+    pair_ie, pair_err = [[] for _ in models], []
+    for i in tqdm(range(0, len(batch), batch_size), desc=f"IE ({method})", unit="batch"):
+        b = batch.slice(i, i + batch_size).to(run.device)
+        s_idx = torch.tensor([subtasks.index(s) for s in b.subtask])
+        x, f_BTF, r_BTMd = pair_codes(run, models, b)
+        n.index_add_(0, s_idx, torch.ones(len(b)))
+        errs = []
+        for m, (_, model, _) in enumerate(models):
+            if method == "exact":
+                vals, clean_B = ie_exact(run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], lat)
+                ie_BF = torch.zeros(len(b), Fdim)
+                ie_BF[:, lat] = vals.cpu()
+                err_B, clean_B = torch.zeros(len(b)), clean_B.cpu()
+            else:
+                ie_BTF, err_BT, clean_B = ie_gradient(run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], alphas,
+                                                      f_base, scale_error)
+                ie_BTF = torch.where(ie_BTF.abs() > threshold, ie_BTF, torch.zeros_like(ie_BTF))
+                ie_BF, err_B, clean_B = ie_BTF.sum(1).detach().cpu(), err_BT.sum(1).detach().cpu(), clean_B.cpu()
+            ie[:, m].index_add_(0, s_idx, ie_BF)
+            err[:, m].index_add_(0, s_idx, err_B)
+            clean[:, m].index_add_(0, s_idx, clean_B)
+            pair_ie[m].append(ie_BF.to_sparse())
+            errs.append(err_B)
+        pair_err.append(torch.stack(errs, 1))
+    return dict(ie=ie, err=err, n=n, clean=clean, subtasks=subtasks, method=method,
+                pair_ie=[torch.cat(p, 0).coalesce() for p in pair_ie], pair_err=torch.cat(pair_err))
+
+
+def pair_values(att, chosen) -> np.ndarray:
+    """Per-pair IE of the chosen latents: [P, M, K]."""
+    idx = torch.tensor(chosen, dtype=torch.long)
+    return torch.stack([p.index_select(1, idx).to_dense() for p in att["pair_ie"]], 1).numpy()
+
+
+def faithfulness(run, models, batch, chosen, ie_MK, method, threshold, pair_batch):
+    """The attribution checked against exact single-latent ablation (error kept) of the chosen latents,
+    and beside AtP: per revision and pooled Spearman ρ, and each (latent, revision) where they disagree
+    in sign or by more than 2× (measures.disagree)."""
+    def means(m_name):
+        att = attribute(run, models, batch, m_name, threshold if m_name != "exact" else 0.0, pair_batch,
+                        latents=chosen if m_name == "exact" else None)
+        return (att["ie"].sum(0) / att["n"].sum()).numpy()[:, chosen]
+    exact_MK = ie_MK if method == "exact" else means("exact")
+    atp_MK = ie_MK if method == "atp" else means("atp")
+    flags_MK = measures.disagree(ie_MK, exact_MK)
+    revs = run.revisions
+    out = dict(reference="exact zero-ablation of each chosen latent, error term kept", method=method,
+               rho=measures.spearman(ie_MK.ravel(), exact_MK.ravel()),
+               rho_by_revision={r: measures.spearman(ie_MK[m], exact_MK[m]) for m, r in enumerate(revs)},
+               rho_atp=measures.spearman(atp_MK.ravel(), exact_MK.ravel()),
+               n_flagged=int(flags_MK.sum()), n=int(flags_MK.size),
+               flagged=[dict(latent=int(chosen[k]), revision=revs[m], ie=float(ie_MK[m, k]),
+                             exact=float(exact_MK[m, k])) for m, k in zip(*np.nonzero(flags_MK))])
+    return out, exact_MK, atp_MK, flags_MK
 
 
 def reldec(cc) -> np.ndarray:

@@ -80,7 +80,7 @@ def decoder_table(folder: str, mtime: float) -> pd.DataFrame:
     for m, r in enumerate(cfg["revisions"]):
         df[f"dec_norm_{r}"] = norms[:, m]
     measures.add_shares(df, "reldec", rel, cfg["revisions"])
-    return df
+    return pd.concat([df, measures.timeline(norms, cfg["revisions"], cfg.get("revision_tokens"))], axis=1)
 
 
 def csv_of(path: Path):
@@ -184,7 +184,8 @@ def latent_frame(run: Path, cfg: dict, task: str | None, source: str) -> pd.Data
     sheet = csv_of(run / "relie" / task / "latents.csv") if task else None
     df = lat.copy()
     if sheet is not None:
-        keep = [c for c in sheet.columns if c.startswith(("ie_", "relie")) or c == "latent"]
+        keep = [c for c in sheet.columns if c.startswith(("ie_", "relie", "exact_", "atp_", "unfaithful_"))
+                or c == "latent"]
         df = df.merge(sheet[keep], on="latent", how="left")
     ann = measures.read_annotations(run)
     df["annotated"] = df.latent.isin(ann.latent.astype(int)) if len(ann) else False
@@ -242,8 +243,17 @@ def page_latents(run: Path, cfg: dict):
               f"(vertices: {', '.join(revs)})", height=420)
     corners = pd.DataFrame(polygon(np.eye(len(revs))), columns=["x", "y"]).assign(revision=revs)
     chart = chart + alt.Chart(corners).mark_text(fontWeight="bold", dy=-12).encode(x="x:Q", y="y:Q", text="revision:N")
-    left.altair_chart(chart, width="stretch")
+    if len(revs) <= 3:
+        left.altair_chart(chart, width="stretch")
+    else:   # a polygon of M > 3 vertices loses the training order
+        left.info(f"{len(revs)} revisions: the Timeline page shows each latent's curve over them in training order.")
     if task:
+        summary = json_of(run / "relie" / task / "summary.json") or {}
+        faith = summary.get("faithfulness")
+        if faith:
+            st.caption(f"Attribution: {summary.get('method')} · faithfulness against exact ablation of the "
+                       f"{len(summary.get('chosen', []))} chosen latents: Spearman ρ {faith['rho']:.2f} (AtP "
+                       f"{faith['rho_atp']:.2f}); {faith['n_flagged']} of {faith['n']} (latent, revision) disagree")
         err = csv_of(run / "relie" / task / "error.csv")
         share = err.groupby("revision").apply(
             lambda g: (g.ie_error.abs() * g.n_pairs).sum() /
@@ -256,8 +266,8 @@ def page_latents(run: Path, cfg: dict):
     st.dataframe(view.drop(columns=["x", "y"]), width="stretch", height=260)
     if not len(view):
         return
-    ids = [int(i) for i in view.sort_values(view.columns[view.columns.str.startswith("ie_")].tolist() or ["latent"],
-                                            ascending=False).latent]
+    by = [f"ie_{r}" for r in revs if f"ie_{r}" in view.columns] or ["latent"]
+    ids = [int(i) for i in view.sort_values(by, ascending=False).latent]
     latent = st.selectbox("latent", ids, key="latent")
     latent_detail(run, cfg, task, df[df.latent == latent].iloc[0], latent)
 
@@ -267,18 +277,36 @@ def latent_detail(run: Path, cfg: dict, task: str | None, row, latent: int):
     flagged = " — flagged: likely L1 artifact (latent scaling)" if row.get("artifact") is True else ""
     st.subheader(f"Latent {latent}{flagged}")
     per = pd.DataFrame(dict(revision=revs, decoder_norm=[row[f"dec_norm_{r}"] for r in revs],
-                            IE=[row.get(f"ie_{r}", np.nan) for r in revs]))
+                            IE=[row.get(f"ie_{r}", np.nan) for r in revs],
+                            lo=[row.get(f"ie_{r}_lo", np.nan) for r in revs],
+                            hi=[row.get(f"ie_{r}_hi", np.nan) for r in revs]))
     c1, c2 = st.columns(2)
     c1.altair_chart(alt.Chart(per).mark_bar().encode(x=alt.X("revision:N", sort=revs), y="decoder_norm:Q").properties(
         title="decoder norm per revision"), width="stretch")
     if per.IE.notna().any():
-        c2.altair_chart(alt.Chart(per.fillna(0)).mark_bar().encode(x=alt.X("revision:N", sort=revs), y="IE:Q")
-                        .properties(
-            title=f"IE per revision ({task})"), width="stretch")
+        bars = alt.Chart(per.fillna(0)).mark_bar().encode(x=alt.X("revision:N", sort=revs), y="IE:Q")
+        if per.lo.notna().any():
+            bars = bars + alt.Chart(per.fillna(0)).mark_rule(color="black").encode(
+                x=alt.X("revision:N", sort=revs), y="lo:Q", y2="hi:Q")
+        c2.altair_chart(bars.properties(title=f"IE per revision ({task}), 95% interval over pairs"), width="stretch")
+    if f"exact_{revs[0]}" in row.index and pd.notna(row.get(f"exact_{revs[0]}")):
+        check = pd.DataFrame({"revision": revs, "IE": [row[f"ie_{r}"] for r in revs],
+                              "exact ablation": [row[f"exact_{r}"] for r in revs],
+                              "AtP": [row[f"atp_{r}"] for r in revs],
+                              "disagrees": [bool(row[f"unfaithful_{r}"]) for r in revs]})
+        st.markdown("**Faithfulness**: this latent's IE beside exact zero-ablation of it (error term kept) and "
+                    "AtP; *disagrees* = opposite sign or more than 2× apart")
+        st.dataframe(check, width="stretch", hide_index=True)
     cos = {c[4:]: row[c] for c in row.index if c.startswith("cos_")}
-    if cos:
+    if cos and len(revs) <= 3:
         st.write("decoder cosine between revisions: "
                  + ", ".join(f"{k.replace('_', ' vs ', 1)}: {v:.2f}" for k, v in cos.items()))
+    elif cos:
+        st.altair_chart(alt.Chart(cosine_matrix(row, revs)).mark_rect().encode(
+            x=alt.X("a:N", sort=revs), y=alt.Y("b:N", sort=revs),
+            color=alt.Color("cos:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")),
+            tooltip=["a", "b", alt.Tooltip("cos:Q", format=".2f")]).properties(
+            title="decoder cosine between revisions", height=260), width="content")
     if task:
         eff = (json_of(run / "relie" / task / "logit_effects.json") or {}).get(str(latent))
         ctx = (json_of(run / "relie" / task / "contexts.json") or {}).get(str(latent))
@@ -302,6 +330,145 @@ def latent_detail(run: Path, cfg: dict, task: str | None, row, latent: int):
         if st.form_submit_button("save annotation"):
             measures.save_annotation(run, latent, desc, tags)
             st.success(f"saved to {run.name}/annotations.csv")
+
+
+def log_positions(tokens) -> np.ndarray:
+    """x positions on a log token axis: step 0 (0 tokens) sits at half the first positive count; a revision
+    without a token count (main) one log-step past the last."""
+    t = pd.Series(tokens, dtype=float)
+    pos = t[t > 0]
+    first, last = (pos.min(), pos.max()) if len(pos) else (1.0, 1.0)
+    t = t.where(~(t <= 0), first / 2)
+    return t.fillna(last * 2).to_numpy()
+
+
+def cell_edges(x) -> tuple[np.ndarray, np.ndarray]:
+    """Left and right edges of a heatmap cell around each x on a log axis: midway (geometrically) to the
+    neighbours."""
+    lx = np.log(np.asarray(x, dtype=float))
+    mids = (lx[1:] + lx[:-1]) / 2
+    step = np.diff(lx).min() if len(lx) > 1 else 1.0
+    left = np.concatenate([[lx[0] - step / 2], mids])
+    right = np.concatenate([mids, [lx[-1] + step / 2]])
+    return np.exp(left), np.exp(right)
+
+
+def scan_for(scans: Path, cfg: dict) -> pd.DataFrame | None:
+    """The scan of this run's model and layer (any task), if there is one."""
+    if not scans.is_dir():
+        return None
+    stem = f"{Path(cfg['model']).name if '/' in cfg['model'] else cfg['model']}-L{cfg['layer']}-"
+    files = sorted(p for p in scans.glob(f"{stem}*.csv") if not p.name.endswith("-cos.csv"))
+    return csv_of(files[0]) if files else None
+
+
+def page_timeline(run: Path, cfg: dict, scans: Path):
+    st.header("Timeline: when does each feature form, peak and fade?")
+    revs = cfg["revisions"]
+    tokens = cfg.get("revision_tokens") or [None] * len(revs)
+    x = log_positions(tokens)
+    left, right = cell_edges(x)
+    axis = alt.X("x:Q", scale=alt.Scale(type="log", domain=[float(left[0]), float(right[-1])]),
+                 title="training tokens (log; step 0 at the left edge)")
+    scan = scan_for(scans, cfg)
+    if scan is not None:
+        acc = [c for c in scan.columns if c.startswith("acc_") and c != "acc_mean"]
+        scan = scan.assign(x=log_positions(scan["tokens"]))
+        keep = scan[(scan.x >= left[0]) & (scan.x <= right[-1])]
+        long = keep.melt(id_vars=["revision", "x"], value_vars=acc, var_name="sub-task", value_name="accuracy")
+        st.altair_chart(alt.Chart(long).mark_line(point=True).encode(
+            x=axis, y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color="sub-task:N",
+            tooltip=["revision", "sub-task", "accuracy"]).properties(title="task accuracy per sub-task", height=180),
+            width="stretch")
+    else:
+        st.info("No scan of this model and layer yet (it gives the accuracy curve): "
+                "`python cache_acts.py --scan --model …`")
+    lat = csv_of(run / "latents.csv")
+    if lat is None:
+        lat = decoder_table(str(run), _mtime(run / "crosscoder.safetensors"))
+    tasks_done = sorted(p.name for p in (run / "relie").iterdir() if (p / DONE).exists()) \
+        if (run / "relie").is_dir() else []
+    c1, c2, c3, c4 = st.columns(4)
+    task = c1.selectbox("task", tasks_done, key="tl-task") if tasks_done else None
+    sheet = csv_of(run / "relie" / task / "latents.csv") if task else None
+    sources = ["decoder-norm share"] + (["|IE| share"] if sheet is not None else [])
+    source = c2.radio("colour by", sources, horizontal=True, key="tl-source")
+    if source == "|IE| share":
+        df = sheet.copy()
+        share_cols, cls_col, formed_col = [f"relie_{r}" for r in revs], "ie_timeline_class", "ie_formed_at"
+    else:
+        df = lat.copy()
+        share_cols, cls_col, formed_col = [f"reldec_{r}" for r in revs], "timeline_class", "formed_at"
+        if sheet is not None:
+            df = df.merge(sheet[["latent"] + [c for c in sheet.columns if c.startswith("ie_")]], on="latent",
+                          how="left")
+    ann = measures.read_annotations(run)
+    df["annotated"] = df.latent.isin(ann.latent.astype(int)) if len(ann) else False
+    classes = [c for c in measures.TIMELINE_CLASSES if c in set(df[cls_col].fillna(""))]
+    pick = c3.multiselect("class", classes, default=classes, key="tl-class")
+    which = c4.selectbox("annotated", ["all", "annotated", "not annotated"], key="tl-ann")
+    mask = df[cls_col].isin(pick).to_numpy()
+    if which != "all":
+        mask &= (df.annotated == (which == "annotated")).to_numpy()
+    order = {r: i for i, r in enumerate(revs)}
+    view = df[mask].assign(_formed=df[mask][formed_col].map(order), _peak=df[mask][formed_col.replace(
+        "formed", "peak")].map(order))
+    view = view.sort_values(["_formed", "_peak", "latent"], kind="stable")
+    n_max = st.slider("latents shown (in formed_at order)", 10, max(10, len(view)), min(200, max(10, len(view))),
+                      key="tl-n")
+    view = view.head(n_max)
+    shares = view[share_cols].to_numpy()
+    cells = pd.DataFrame([dict(rank=k, latent=int(l), revision=r, x=float(x[m]), x0=float(left[m]),
+                               x1=float(right[m]), share=float(shares[k, m]), cls=c)
+                          for k, (l, c) in enumerate(zip(view.latent, view[cls_col])) for m, r in enumerate(revs)])
+    if not len(cells):
+        return st.info("No latent of the chosen classes.")
+    heat = alt.Chart(cells).mark_rect().encode(
+        x=alt.X("x0:Q", scale=axis.scale, title=axis.title), x2="x1:Q",
+        y=alt.Y("rank:O", axis=None, title="latents by formed_at"),
+        color=alt.Color("share:Q", scale=alt.Scale(scheme="viridis"), title=source),
+        tooltip=["latent", "revision", alt.Tooltip("share:Q", format=".2f"), "cls"]).properties(
+        title=f"timeline: {len(view)} latents × {len(revs)} revisions, sorted by formed_at ({source})",
+        height=min(900, 4 * len(view) + 60))
+    st.altair_chart(heat, width="stretch")
+    st.caption("classes from the curve: kept (formed at the first revision, never fades), emerging (forms "
+               "later), discontinued (fades), transient (forms later and fades); formed = half the maximum")
+    latent = st.selectbox("latent", [int(i) for i in view.latent], key="tl-latent")
+    row = df[df.latent == latent].iloc[0]
+    curves = pd.DataFrame([dict(x=float(x[m]), revision=r, what="decoder norm (share of its max)",
+                                value=float(row[f"reldec_{r}"] / max(row[[f"reldec_{q}" for q in revs]].max(), 1e-12)))
+                           for m, r in enumerate(revs) if f"reldec_{r}" in row.index])
+    if f"ie_{revs[0]}" in row.index and pd.notna(row[f"ie_{revs[0]}"]):
+        top = max(abs(row[[f"ie_{q}" for q in revs]]).max(), 1e-12)
+        curves = pd.concat([curves, pd.DataFrame([dict(x=float(x[m]), revision=r, what="|IE| (share of its max)",
+                                                       value=abs(float(row[f"ie_{r}"])) / top)
+                                                  for m, r in enumerate(revs)])])
+    if scan is not None:
+        curves = pd.concat([curves, keep.assign(what="accuracy (mean of sub-tasks)", value=keep["acc_mean"])[
+            ["x", "revision", "what", "value"]]])
+    st.altair_chart(alt.Chart(curves).mark_line(point=True).encode(
+        x=axis, y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1])), color="what:N",
+        tooltip=["revision", "what", alt.Tooltip("value:Q", format=".2f")]).properties(
+        title=f"latent {latent}: its curves against the accuracy curve", height=220), width="stretch")
+    cos = cosine_matrix(row, revs)
+    if cos is not None:
+        st.altair_chart(alt.Chart(cos).mark_rect().encode(
+            x=alt.X("a:N", sort=revs), y=alt.Y("b:N", sort=revs),
+            color=alt.Color("cos:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")),
+            tooltip=["a", "b", alt.Tooltip("cos:Q", format=".2f")]).properties(
+            title=f"latent {latent}: decoder cosine between revisions", height=260), width="content")
+
+
+def cosine_matrix(row, revs) -> pd.DataFrame | None:
+    """A latent's decoder cosines (latents.csv's cos_<a>_<b>) as a revision × revision table."""
+    vals = []
+    for i, a in enumerate(revs):
+        for j, b in enumerate(revs):
+            key = f"cos_{a}_{b}" if i < j else f"cos_{b}_{a}"
+            v = 1.0 if i == j else row.get(key, np.nan)
+            vals.append(dict(a=a, b=b, cos=v))
+    out = pd.DataFrame(vals)
+    return None if out.cos.isna().all() else out
 
 
 def page_ablation(run: Path):
@@ -333,7 +500,7 @@ def main():
     st.set_page_config(page_title="crosscoding through time", layout="wide")
     runs, scans = roots()
     names = sorted(p.name for p in runs.iterdir() if (p / "config.json").exists()) if runs.is_dir() else []
-    page = st.sidebar.radio("page", ["Checkpoints", "Training", "Latents", "Ablation"])
+    page = st.sidebar.radio("page", ["Checkpoints", "Training", "Latents", "Timeline", "Ablation"])
     name = st.sidebar.selectbox("run", names) if names else None
     st.sidebar.caption(f"runs: {runs}\n\nscans: {scans}")
     run = cfg = None
@@ -352,6 +519,8 @@ def main():
         page_training(run)
     elif page == "Latents":
         page_latents(run, cfg)
+    elif page == "Timeline":
+        page_timeline(run, cfg, scans)
     else:
         page_ablation(run)
 

@@ -71,6 +71,8 @@ FLAGS = {
     "--arch": dict(choices=("l1", "batchtopk"), help="crosscoder sparsity: l1 (the paper's) or batchtopk "
                                                      "(default: %(default)s)"),
     "--out": dict(help="output folder (default: %(default)s)"),
+    "--name": dict(help="the attribution's folder in the run: relie/<name>/ (relie.py writes it, ablate.py reads it "
+                        "and writes ablation/<name>/) (default: the task's name)"),
     "--overwrite": dict(action="store_true", help="replace what the output folder holds"),
 }
 

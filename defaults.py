@@ -59,7 +59,9 @@ PRESET_FIELDS = [f.name for f in fields(Preset) if f.name != "name"]
 # The method's constants (the paper's)
 VAL_ROWS = 8192         # held-out token positions for validation during training
 IG_STEPS = 10           # integrated-gradient steps (α = 0, 0.1, …, 0.9)
+METHOD = "ig"           # relie.py's attribution (analysis.METHODS)
 TOP_K = 10              # latents per revision studied (by IE)
+SELECT = "abs"          # ... ranked by |IE| (the paper's) or by positive IE
 DRAWS = 5               # random-k sets per ablation
 ARCH = "l1"             # the paper's crosscoder (train.py --arch)
 

@@ -88,11 +88,12 @@ def evaluate(run, n_blocks, batch_blocks=8):
                           ce_recovered=1 - (s - c) / (z - c) if z != c else float("nan"))
     summary = dict(revisions=per_rev, l0=l0_sum / n, dead_frac=(freq_F == 0).float().mean().item(),
                    n_tokens=n, n_blocks=len(ids), dict_size=Fdim)
-    latents = latent_table(cc, revs, *(t.cpu() for t in (freq_F / n, dec_FMd, G_MFd, E_MFd, sq_F)))
+    latents = latent_table(cc, revs, *(t.cpu() for t in (freq_F / n, dec_FMd, G_MFd, E_MFd, sq_F)),
+                           tokens=run.revision_tokens)
     return summary, latents
 
 
-def latent_table(cc, revs, freq_F, dec_FMd, G_MFd, E_MFd, sq_F) -> pd.DataFrame:
+def latent_table(cc, revs, freq_F, dec_FMd, G_MFd, E_MFd, sq_F, tokens=None) -> pd.DataFrame:
     M = len(revs)
     norms_FM = dec_FMd.norm(dim=-1)
     rd = analysis.reldec(cc)
@@ -100,6 +101,7 @@ def latent_table(cc, revs, freq_F, dec_FMd, G_MFd, E_MFd, sq_F) -> pd.DataFrame:
     for m, r in enumerate(revs):
         df[f"dec_norm_{r}"] = norms_FM[:, m].numpy()
     measures.add_shares(df, "reldec", rd, revs)
+    df = pd.concat([df, measures.timeline(norms_FM.numpy(), revs, tokens)], axis=1)   # over decoder norms
     unit = F.normalize(dec_FMd, dim=-1)
     for a, b in measures.pairs_of(revs):
         df[f"cos_{revs[a]}_{revs[b]}"] = (unit[:, a] * unit[:, b]).sum(-1).numpy()

@@ -62,6 +62,112 @@ def normalise(ie_MF):
     return ie_MF / np.where(tot > 0, tot, 1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Timelines: when a latent forms, peaks and fades over M revisions in training order
+
+TIMELINE_CLASSES = ("kept", "emerging", "discontinued", "transient")
+
+
+def timeline(values_NM, revisions, tokens=None, prefix="") -> pd.DataFrame:
+    """Per row (latent) of non-negative values over revisions in training order (decoder norms, |IE|):
+    formed_at = the first revision reaching half the row's maximum, peak_at = the maximum, faded_at = the
+    first revision after the peak below half the maximum ('' if it never fades), each also in tokens seen
+    (NaN where a revision's name gives none), and the class: kept (formed at the first revision, never
+    fades), emerging (forms later, never fades), discontinued (formed at the first, fades), transient
+    (forms later and fades inside the window). An all-zero row gets no points and no class."""
+    v = np.abs(np.asarray(values_NM, dtype=float))
+    N, M = v.shape
+    tokens = [np.nan if t is None else t for t in (tokens or [None] * M)]
+    peak = v.argmax(1)
+    half = v.max(1, keepdims=True) / 2
+    reached = (v >= half) & (half > 0)
+    formed = np.where(reached.any(1), reached.argmax(1), -1)
+    below = (v < half) & (np.arange(M)[None, :] > peak[:, None])
+    faded = np.where(below.any(1), below.argmax(1), -1)
+    alive = half[:, 0] > 0
+    cls = np.where(formed == 0, np.where(faded >= 0, "discontinued", "kept"),
+                   np.where(faded >= 0, "transient", "emerging"))
+    names = np.array(list(revisions) + [""], dtype=object)
+    toks = np.array(list(tokens) + [np.nan], dtype=float)
+    pick = lambda i: np.where(alive & (i >= 0), i, M)      # noqa: E731   M → '' / NaN
+    out = pd.DataFrame({f"{prefix}formed_at": names[pick(formed)], f"{prefix}peak_at": names[pick(peak)],
+                        f"{prefix}faded_at": names[pick(faded)]})
+    for k in ("formed_at", "peak_at", "faded_at"):
+        idx = {"formed_at": formed, "peak_at": peak, "faded_at": faded}[k]
+        out[f"{prefix}{k}_tokens"] = toks[pick(idx)]
+    out[f"{prefix}timeline_class"] = np.where(alive, cls, "")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Uncertainty: bootstrap over pairs (95%, 1000 resamples, seeded)
+
+BOOTSTRAP_N, BOOTSTRAP_LEVEL, BOOTSTRAP_SEED = 1000, 0.95, 0
+
+
+def resample_counts(n_items, n=BOOTSTRAP_N, seed=BOOTSTRAP_SEED) -> np.ndarray:
+    """[n, n_items]: how often each item is drawn in each of n resamples with replacement."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_items, np.full(n_items, 1.0 / n_items), size=n).astype(np.float64)
+
+
+def interval(samples, level=BOOTSTRAP_LEVEL, axis=0):
+    """The percentile interval (lo, hi) of bootstrap samples along `axis`."""
+    q = 100 * (1 - level) / 2
+    lo, hi = np.nanpercentile(np.asarray(samples, dtype=float), [q, 100 - q], axis=axis)
+    return lo, hi
+
+
+def bootstrap_means(values_P, n=BOOTSTRAP_N, seed=BOOTSTRAP_SEED):
+    """Means of per-pair values [P, ...] over n resamples of the pairs: [n, ...]."""
+    v = np.asarray(values_P, dtype=np.float64)
+    counts = resample_counts(len(v), n, seed)
+    return (counts @ v.reshape(len(v), -1)).reshape((n,) + v.shape[1:]) / len(v)
+
+
+def mean_interval(values_P, n=BOOTSTRAP_N, seed=BOOTSTRAP_SEED, level=BOOTSTRAP_LEVEL):
+    """(mean, lo, hi) of the mean of per-pair values [P, ...] (a 95% bootstrap interval by default)."""
+    lo, hi = interval(bootstrap_means(values_P, n, seed), level)
+    return np.asarray(values_P, dtype=np.float64).mean(0), lo, hi
+
+
+def bootstrap_stat(stat, n_items, n=BOOTSTRAP_N, seed=BOOTSTRAP_SEED):
+    """stat(idx) for n resamples idx of range(n_items), with replacement: [n, ...]."""
+    rng = np.random.default_rng(seed)
+    return np.array([stat(rng.integers(0, n_items, n_items)) for _ in range(n)], dtype=float)
+
+
+def spearman(a, b) -> float:
+    """Spearman's ρ (average ranks for ties); NaN when either side is constant."""
+    a, b = pd.Series(np.asarray(a, dtype=float)).rank(), pd.Series(np.asarray(b, dtype=float)).rank()
+    if a.std() == 0 or b.std() == 0 or len(a) < 2:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def disagree(ie, exact, floor=1e-3):
+    """Where an attribution and exact ablation disagree: opposite signs, or one more than twice the other
+    in size. Values both under floor × the largest |value| count as agreeing (noise, not a finding)."""
+    ie, exact = np.asarray(ie, dtype=float), np.asarray(exact, dtype=float)
+    tiny = floor * max(np.abs(ie).max(initial=0), np.abs(exact).max(initial=0))
+    small = (np.abs(ie) <= tiny) & (np.abs(exact) <= tiny)
+    sign = np.sign(ie) * np.sign(exact) < 0
+    big, little = np.maximum(np.abs(ie), np.abs(exact)), np.minimum(np.abs(ie), np.abs(exact))
+    return ~small & (sign | (big > 2 * little))
+
+
+def spearman_rows(X_nK, y_K) -> np.ndarray:
+    """Spearman ρ of each row of X with y: [n] (bootstrap replicates; y's ties get average ranks, a row's
+    ties are broken by position — resampled means of continuous values rarely tie)."""
+    X = np.asarray(X_nK, dtype=float)
+    ry = pd.Series(np.asarray(y_K, dtype=float)).rank().to_numpy()
+    rx = np.argsort(np.argsort(X, axis=1, kind="stable"), axis=1).astype(float) + 1
+    rx -= rx.mean(1, keepdims=True)
+    ry = ry - ry.mean()
+    den = np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum())
+    return np.where(den > 0, (rx * ry).sum(1) / np.where(den > 0, den, 1), np.nan)
+
+
 def pairs_of(revisions):
     """Every (A, B) with A before B."""
     return list(itertools.combinations(range(len(revisions)), 2))

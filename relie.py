@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 import analysis
 import cli
@@ -32,40 +31,11 @@ import defaults
 import lm
 import measures
 import tasks
-from analysis import ie_exact, ie_gradient, pair_codes
+from analysis import attribute, faithfulness, pair_values
 from common import UsageError, atomic_path, mark_done, positive, run_main, unmark_done, write_json, write_text
 
 # ---------------------------------------------------------------------------------------------
 # Indirect effects
-
-def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, latents=None, steps=defaults.IG_STEPS):
-    """IE summed over each sub-task's pairs: dict with 'ie' [S, M, F], 'err' [S, M], 'n' [S], 'subtasks'."""
-    subtasks = list(dict.fromkeys(batch.subtask))
-    S, M, Fdim = len(subtasks), len(models), run.cc.cfg.dict_size
-    ie, err, n = torch.zeros(S, M, Fdim), torch.zeros(S, M), torch.zeros(S)
-    clean = torch.zeros(S, M)
-    alphas = [i / steps for i in range(steps)] if method == "ig" else [0.0]
-    lat = list(range(Fdim)) if latents is None else list(latents)   # for method="exact"
-    for i in tqdm(range(0, len(batch), batch_size), desc=f"IE ({method})", unit="batch"):
-        b = batch.slice(i, i + batch_size).to(run.device)
-        s_idx = torch.tensor([subtasks.index(s) for s in b.subtask])
-        x, f_BTF, r_BTMd = pair_codes(run, models, b)
-        n.index_add_(0, s_idx, torch.ones(len(b)))
-        for m, (_, model, _) in enumerate(models):
-            if method == "exact":
-                vals, clean_B = ie_exact(run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], lat)
-                ie_BF = torch.zeros(len(b), Fdim)
-                ie_BF[:, lat] = vals.cpu()
-                err_B, clean_B = torch.zeros(len(b)), clean_B.cpu()
-            else:
-                ie_BTF, err_BT, clean_B = ie_gradient(run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], alphas)
-                ie_BTF = torch.where(ie_BTF.abs() > threshold, ie_BTF, torch.zeros_like(ie_BTF))
-                ie_BF, err_B, clean_B = ie_BTF.sum(1).detach().cpu(), err_BT.sum(1).detach().cpu(), clean_B.cpu()
-            ie[:, m].index_add_(0, s_idx, ie_BF)
-            err[:, m].index_add_(0, s_idx, err_B)
-            clean[:, m].index_add_(0, s_idx, clean_B)
-    return dict(ie=ie, err=err, n=n, clean=clean, subtasks=subtasks)
-
 
 # ---------------------------------------------------------------------------------------------
 # From IE to RelIE, classes and the annotation sheet
@@ -108,10 +78,25 @@ def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
             r2 = measures.rel2(vals[:, a], vals[:, b])
             df[f"{name}_{tag}"] = r2
             df[f"{name}_class_{tag}"] = measures.classify2(r2)
+    tokens = run.revision_tokens
+    df = pd.concat([df, measures.timeline(run.cc.decoder_norms().detach().cpu().numpy()[chosen], revs, tokens),
+                    measures.timeline(ie_NM, revs, tokens, prefix="ie_")], axis=1)   # decoder norms, |IE|
     df["artifact"] = [bool(flags.get(i, False)) for i in chosen]
     df["description"] = [annotations.get(i, {}).get("description", "") for i in chosen]
     df["tags"] = [annotations.get(i, {}).get("tags", "") for i in chosen]
     return df
+
+
+def add_intervals(df, pv_PMK, revisions):
+    """Columns ie_<rev>_lo/_hi (the mean IE's 95% bootstrap interval over pairs) and relie_<rev>_lo/_hi
+    (the one-vs-all RelIE's, from the same resamples)."""
+    means_nMK = measures.bootstrap_means(pv_PMK)
+    ie_lo, ie_hi = measures.interval(means_nMK)
+    rel_nMK = np.abs(means_nMK) / np.maximum(np.abs(means_nMK).sum(1, keepdims=True), 1e-300)
+    rel_lo, rel_hi = measures.interval(rel_nMK)
+    for m, r in enumerate(revisions):
+        df[f"ie_{r}_lo"], df[f"ie_{r}_hi"] = ie_lo[m], ie_hi[m]
+        df[f"relie_{r}_lo"], df[f"relie_{r}_hi"] = rel_lo[m], rel_hi[m]
 
 
 def read_annotations(folder) -> dict:
@@ -218,17 +203,23 @@ def parse_args(argv=None):
     pre = spec.preset
     p = cli.parser(__doc__.split("\n\n")[0], pre)
     cli.add(p, "--run", "--top-k", "--select", "--max-pairs", "--pair-batch", "--device",
-            run=str(run_dir), top_k=defaults.TOP_K, select="abs", pair_batch=16, device=defaults.default_device())
+            run=str(run_dir), top_k=defaults.TOP_K, select=defaults.SELECT, pair_batch=16,
+            device=defaults.default_device())
     p.add_argument("--task", nargs="+", default=[spec.task], help=cli.FLAGS["--task"]["help"])
-    p.add_argument("--method", choices=["ig", "atp", "exact"], default="ig",
-                   help="integrated gradients to the zero baseline (the paper's), attribution patching (one "
-                        "step), or exact zero-ablation of each latent (default: %(default)s)")
+    p.add_argument("--method", choices=analysis.METHODS, default=defaults.METHOD,
+                   help="ig: integrated gradients from the zero baseline, latents and error scaled (the paper's); "
+                        "ig-error-held: the error term held; ig-mean: from the task's mean code, error held; atp: "
+                        "attribution patching (one gradient at the clean point); exact: zero-ablate each latent "
+                        "(default: %(default)s, the one that agrees best with exact ablation: RESULTS.md)")
     p.add_argument("--threshold", type=cli.finite_nonnegative("--threshold"), default=pre.ie_threshold,
                    help="per-token |IE| at or below this is zeroed (default: %(default)s)")
     p.add_argument("--latents", default=None, help="--method exact: comma-separated latents to ablate (default: all)")
     p.add_argument("--context-blocks", type=positive("--context-blocks"), default=pre.context_blocks,
                    help="held-out text blocks searched for top-activating contexts (default: %(default)s)")
+    cli.add(p, "--name", name=None)
     args = p.parse_args(argv)
+    if args.name and len(args.task) > 1:
+        raise UsageError(f"--name names one output folder; {len(args.task)} tasks were given")
     if args.latents and args.method != "exact":
         raise UsageError("--latents only applies to --method exact")
     return args
@@ -248,7 +239,7 @@ def main(argv=None):
 def relie_task(run, models, task, args, threshold, latents):
     pairs = tasks.limit_pairs(tasks.load_task(task), args.max_pairs)
     batch = tasks.tokenize_pairs(pairs, models[0][2], task)
-    out = run.folder / "relie" / Path(task).stem
+    out = run.folder / "relie" / (args.name or Path(task).stem)
     unmark_done(out)
     att = attribute(run, models, batch, args.method, threshold, args.pair_batch, latents)
     ie_MF, err_M = mean_ie(att)
@@ -260,6 +251,11 @@ def relie_task(run, models, task, args, threshold, latents):
     chosen = select(ie_MF, k, args.select)
     sheet = latent_sheet(run, att, chosen, analysis.reldec(run.cc), read_annotations(run.folder),
                          read_flags(run.folder))
+    add_intervals(sheet, pair_values(att, chosen), run.revisions)
+    faith, exact_MK, atp_MK, flags_MK = faithfulness(run, models, batch, chosen, ie_MF[:, chosen], args.method,
+                                                     threshold, args.pair_batch)
+    for m, r in enumerate(run.revisions):
+        sheet[f"exact_{r}"], sheet[f"atp_{r}"], sheet[f"unfaithful_{r}"] = exact_MK[m], atp_MK[m], flags_MK[m]
     effects = logit_effects(run, models, chosen)
     contexts = top_contexts(run, models, chosen, args.context_blocks)
     # long tables: IE per sub-task / revision / latent, and the error term
@@ -283,7 +279,9 @@ def relie_task(run, models, task, args, threshold, latents):
                    select=args.select, top_k=k, n_pairs=len(batch), subtasks=att["subtasks"],
                    revisions=run.revisions, chosen=chosen, error_ie=dict(zip(run.revisions, map(float, err_M))),
                    classes=sheet["relie_class"].value_counts().to_dict(),
-                   classes_norm=sheet["relie_norm_class"].value_counts().to_dict())
+                   classes_norm=sheet["relie_norm_class"].value_counts().to_dict(), faithfulness=faith,
+                   intervals=dict(level=measures.BOOTSTRAP_LEVEL, resamples=measures.BOOTSTRAP_N, over="pairs",
+                                  seed=measures.BOOTSTRAP_SEED))
     for name, df in (("ie.csv", ie_df), ("error.csv", err_df), ("latents.csv", sheet)):
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
@@ -295,6 +293,9 @@ def relie_task(run, models, task, args, threshold, latents):
     print(sheet[["latent"] + [f"ie_{r}" for r in run.revisions] + ["relie_class", "relie_norm_class",
                                                                      "reldec_class"]].to_string(index=False))
     print("error-term IE per revision:", {r: round(float(v), 4) for r, v in zip(run.revisions, err_M)})
+    print(f"faithfulness ({args.method} vs exact ablation of these latents): Spearman ρ {faith['rho']:.2f} "
+          f"(AtP: {faith['rho_atp']:.2f}); {faith['n_flagged']} of {faith['n']} (latent, revision) disagree in "
+          "sign or by more than 2×")
     print(f"wrote {out}/")
 
 

@@ -466,6 +466,7 @@ def _train(args, spec, rank, world):
         peak = torch.cuda.max_memory_allocated(torch.device(args.device)) if gpu else None
         final.save(args.out, extra=dict(
             model=spec.key, repo=spec.repo, revisions=args.revisions, layer=args.layer, scales=scales,
+            revision_tokens=[lm.parse_revision(r, spec.tokens_per_step).tokens for r in args.revisions],
             data=desc, steps=args.steps, tokens=args.tokens,
             memory=dict(predicted=need, measured_gpu_peak=peak),
             args=_jsonable(vars(args)),

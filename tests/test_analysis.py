@@ -82,7 +82,7 @@ def test_ig_completeness(run, models, batch):
     x, f, r = analysis.pair_codes(run, models, batch)
     gaps = {}
     for steps in (100, 400):
-        att = relie.attribute(run, models, batch, "ig", threshold=0.0, batch_size=32, steps=steps)
+        att = analysis.attribute(run, models, batch, "ig", threshold=0.0, batch_size=32, steps=steps)
         for m, (_, model, _) in enumerate(models):
             base = _metric_with(run, model, batch, run.cc.b_dec_Md[m].expand_as(r[:, :, m]).clone())
             clean = -tasks.logit_diff(lm.forward(model, batch.ids_BT, batch.mask_BT).logits, batch)
@@ -95,7 +95,7 @@ def test_ig_completeness(run, models, batch):
 
 def test_atp_equals_first_ig_step(run, models, batch):
     """AtP = −f · ∂m/∂f at the clean point, computed here by plain autograd on one forward."""
-    att = relie.attribute(run, models, batch, "atp", threshold=0.0, batch_size=32)
+    att = analysis.attribute(run, models, batch, "atp", threshold=0.0, batch_size=32)
     x, f, r = analysis.pair_codes(run, models, batch)
     m, model = 0, models[0][1]
     fl = f.clone().requires_grad_(True)
@@ -145,8 +145,8 @@ def test_exact_ablation_matches_hand_made_splice(run, models, batch):
 
 
 def test_threshold_zeroes_small_token_effects(run, models, batch):
-    a = relie.attribute(run, models, batch, "ig", threshold=0.0, batch_size=32)
-    b = relie.attribute(run, models, batch, "ig", threshold=1e9, batch_size=32)
+    a = analysis.attribute(run, models, batch, "ig", threshold=0.0, batch_size=32)
+    b = analysis.attribute(run, models, batch, "ig", threshold=1e9, batch_size=32)
     assert a["ie"].abs().sum() > 0 and b["ie"].abs().sum() == 0
     torch.testing.assert_close(a["err"], b["err"])   # the error term is reported in full
 
@@ -245,7 +245,7 @@ def test_one_word_prefix_is_attributed_on_every_revision(run, models):
     assert tok("w5")["input_ids"] == [tok.convert_tokens_to_ids("w5")]
     batch = tasks.tokenize_pairs(pairs, tok)
     assert batch.ids_BT[:, 0].tolist() == [tok.bos_token_id] * 2 and batch.ids_BT.shape[1] == 2
-    att = relie.attribute(run, models, batch, "ig", threshold=0.0, batch_size=2)
+    att = analysis.attribute(run, models, batch, "ig", threshold=0.0, batch_size=2)
     x, f, r = analysis.pair_codes(run, models, batch)
     for m, (_, model, _) in enumerate(models):
         assert att["ie"][0, m].abs().sum() > 0 and att["err"][0, m].abs() > 0, m
@@ -266,3 +266,77 @@ def test_random_k_draws_break_ties_at_random_and_avoid_every_top_set():
     assert not {i for d in draws for i in d} & exclude
     near = ablate.matched_random(freq, [3], rng, {3})[0]
     assert near in range(10) and near != 3           # the nearest frequencies, not a dead latent
+
+
+def test_bootstrap_intervals_have_the_known_answers():
+    """Identical values: a zero-width interval; a large normal sample: the interval of its mean covers the
+    population mean with about ±1.96 σ/√n; ρ per resample equals the plain ρ."""
+    lo, hi = measures.interval(measures.bootstrap_means(np.full((50, 3), 2.5)))
+    np.testing.assert_array_equal(lo, 2.5)
+    np.testing.assert_array_equal(hi, 2.5)
+    rng = np.random.default_rng(1)
+    x = rng.normal(1.0, 1.0, 4000)
+    mean, lo, hi = measures.mean_interval(x)
+    assert lo < 1.0 < hi and abs((hi - lo) - 2 * 1.96 / np.sqrt(4000)) < 0.01, (lo, hi)
+    a = measures.mean_interval(x, seed=3)
+    assert a[1] != lo                            # another seed, another (equally valid) interval
+    assert measures.mean_interval(x)[1] == lo    # the same seed, the same interval
+    X, y = rng.normal(size=(20, 15)), rng.normal(size=15)
+    np.testing.assert_allclose(measures.spearman_rows(X, y), [measures.spearman(row, y) for row in X], atol=1e-12)
+
+
+def test_disagreement_flags():
+    ie = np.array([1.0, -1.0, 1.0, 1.0, 1e-6, 0.5])
+    exact = np.array([0.9, 1.0, 3.0, 0.4, -1e-6, 0.5])
+    # same / opposite sign / 3× / 2.5× / both negligible / same
+    assert measures.disagree(ie, exact).tolist() == [False, True, True, True, False, False]
+
+
+def test_faithfulness_flags_what_ablation_contradicts(run, models, batch, monkeypatch):
+    """faithfulness() checks an attribution against exact ablation of the chosen latents: against itself
+    (exact) it agrees everywhere; against an 'exact ablation' built to contradict it (sign flipped on two
+    latents), those two are flagged in every revision and ρ falls."""
+    chosen = [0, 1, 2, 3, 4, 5]
+    att = analysis.attribute(run, models, batch, "exact", 0.0, 32, latents=chosen)
+    ie_MK = (att["ie"].sum(0) / att["n"].sum()).numpy()[:, chosen]
+    faith, exact, _, flags = analysis.faithfulness(run, models, batch, chosen, ie_MK, "exact", 0.0, 32)
+    assert faith["n_flagged"] == 0 and np.allclose(exact, ie_MK)
+    real = analysis.attribute
+
+    def contradicting(run_, models_, batch_, method, *a, **kw):
+        out = real(run_, models_, batch_, method, *a, **kw)
+        if method == "exact":
+            out["ie"][..., [0, 3]] *= -1
+        return out
+    monkeypatch.setattr(analysis, "attribute", contradicting)
+    faith, exact, atp, flags = analysis.faithfulness(run, models, batch, chosen, ie_MK, "ig", 0.0, 32)
+    big = np.abs(ie_MK) > 1e-3 * np.abs(ie_MK).max()
+    assert flags[:, [0, 3]][big[:, [0, 3]]].all() and faith["n_flagged"] >= big[:, [0, 3]].sum()
+    assert {f["latent"] for f in faith["flagged"]} >= {0, 3} - {c for c in (0, 3) if not big[:, c].any()}
+
+
+def test_timeline_of_hand_set_decoder_norms(tmp_path):
+    """A crosscoder over 5 revisions whose decoder norms are set by hand: formed_at / peak_at / faded_at
+    (and their token counts) and the classes, from the crosscoder itself and from its saved file (the app's
+    torch-free path)."""
+    revs = ["step0", "step16", "step64", "step128", "step512"]
+    norms = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0],      # kept
+                          [0.0, 0.1, 0.6, 1.0, 0.9],      # emerging at step64 (0.6 ≥ 0.5), peak step128
+                          [1.0, 0.8, 0.3, 0.1, 0.0],      # discontinued: fades at step64
+                          [0.0, 1.0, 0.2, 0.0, 0.0],      # transient: forms step16, fades step64
+                          [0.4, 0.3, 1.0, 0.6, 0.45]])    # emerging at step64, fades step512 → transient
+    cc = CrossCoder(CrossCoderConfig(n_models=5, d_model=4, dict_size=5))
+    with torch.no_grad():
+        unit = torch.nn.functional.normalize(cc.W_dec_FMd, dim=-1)
+        cc.W_dec_FMd.copy_(unit * norms[..., None])
+    tl = measures.timeline(cc.decoder_norms().detach().numpy(), revs, [0, 16 * 2048, 64 * 2048, 128 * 2048, 512 * 2048])
+    assert tl.formed_at.tolist() == ["step0", "step64", "step0", "step16", "step64"]
+    assert tl.peak_at.tolist() == ["step0", "step128", "step0", "step16", "step64"]
+    assert tl.faded_at.tolist() == ["", "", "step64", "step64", "step512"]
+    assert tl.timeline_class.tolist() == ["kept", "emerging", "discontinued", "transient", "transient"]
+    assert tl.formed_at_tokens.tolist()[:2] == [0, 64 * 2048] and np.isnan(tl.faded_at_tokens[0])
+    cc.save(tmp_path, extra=dict(revisions=revs, revision_tokens=[0, 16 * 2048, 64 * 2048, 128 * 2048, 512 * 2048]))
+    import app
+    table = app.decoder_table(str(tmp_path), 0.0)
+    assert table.formed_at.tolist() == tl.formed_at.tolist()
+    assert table.timeline_class.tolist() == tl.timeline_class.tolist()

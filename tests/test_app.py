@@ -80,6 +80,7 @@ def test_relie_export_picks_up_annotations(tmp_path):
     import torch
 
     import relie
+    from crosscoder import CrossCoder, CrossCoderConfig
     from measures import save_annotation
     save_annotation(tmp_path, 3, "plural <b>verbs</b>", "number")
     save_annotation(tmp_path, 5, "other", "")
@@ -88,7 +89,8 @@ def test_relie_export_picks_up_annotations(tmp_path):
     assert ann == {3: dict(description="plural verbs", tags="number"), 5: dict(description="other", tags="")}
 
     class FakeRun:
-        revisions = ["a", "b"]
+        revisions, revision_tokens = ["a", "b"], [10, 100]
+        cc = CrossCoder(CrossCoderConfig(n_models=2, d_model=4, dict_size=6))
     att = dict(ie=torch.tensor([[[0.0, 0, 0, 1.0, 0, 2.0], [0, 0, 0, 0.5, 0, 0]]]), err=torch.zeros(1, 2),
                n=torch.ones(1), subtasks=["s"])
     sheet = relie.latent_sheet(FakeRun(), att, [3, 5], np.full((6, 2), 0.5), ann, {5: True})
@@ -174,6 +176,103 @@ def test_browser_latents_page(toy_run, tmp_path):
             assert page.locator(".cct-context").count() >= 1
             page.screenshot(path=str(tmp_path / "latents.png"), full_page=True)
             browser.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _timeline_runs(root):
+    """Run folders over M = 2, 3 and 8 toy revisions whose latents have hand-set decoder-norm curves (the
+    crosscoder alone: the app reads its safetensors when evaluate.py has not run)."""
+    import numpy as np
+    import torch
+
+    from crosscoder import CrossCoder, CrossCoderConfig
+    revs = ["step0", "step16", "step32", "step64", "step96", "step128", "step192", "step512"]
+    made = {}
+    for M in (2, 3, 8):
+        r = revs[:: max(1, len(revs) // M)][:M] if M < 8 else revs
+        cc = CrossCoder(CrossCoderConfig(n_models=M, d_model=8, dict_size=40, seed=M))
+        g = np.random.default_rng(M)
+        curves = g.random((40, M)) ** 3
+        curves[np.arange(40), g.integers(0, M, 40)] = 1.0
+        with torch.no_grad():
+            cc.W_dec_FMd.copy_(torch.nn.functional.normalize(cc.W_dec_FMd, dim=-1) * torch.tensor(curves)[..., None])
+        folder = root / f"timeline-M{M}"
+        cc.save(folder, extra=dict(model="toy", revisions=r, layer=0,
+                                   revision_tokens=[int(x[4:]) * 2048 for x in r]))
+        (folder / "DONE").write_text("{}")
+        made[M] = (folder, r)
+    return made
+
+
+@pytest.mark.parametrize("M", [2, 3, 8])
+def test_timeline_page_renders_in_formed_at_order(M, tmp_path, monkeypatch, toy_run):
+    import pyarrow as pa
+    from streamlit.testing.v1 import AppTest
+    cwd, _ = toy_run
+    runs = tmp_path / "runs"
+    made = _timeline_runs(runs)
+    monkeypatch.setenv("CCT_RUNS", str(runs))
+    monkeypatch.setenv("CCT_SCANS", str(cwd / "scans"))
+    folder, revs = made[M]
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.sidebar.radio[0].set_value("Timeline").run()
+    at.sidebar.selectbox[0].set_value(folder.name).run()
+    assert not at.exception, [e.value for e in at.exception]
+    heat = [c for c in at.get("vega_lite_chart") if "sorted by formed_at" in c.proto.spec][0].proto
+    cells = [pa.ipc.open_stream(ds.data.data).read_all().to_pandas() for ds in heat.datasets]
+    cells = [c for c in cells if "rank" in c.columns][0]
+    import numpy as np
+
+    import measures
+    table = measures.timeline(np.ones((1, M)), revs)   # the column names only
+    assert set(table.columns) >= {"formed_at", "peak_at", "faded_at", "timeline_class"}
+    import app
+    lat = app.decoder_table(str(folder), 0.0)
+    formed = lat.set_index("latent").formed_at.map({r: i for i, r in enumerate(revs)})
+    ranks = cells.drop_duplicates("rank").sort_values("rank")
+    assert len(ranks) == 40 and (np.diff(formed[ranks.latent].to_numpy()) >= 0).all()
+    assert set(cells.revision) == set(revs)
+
+
+@pytest.mark.skipif(not shutil.which("chromium") and not os.path.exists("/usr/bin/chromium"),
+                    reason="no Chromium on this machine (apt-get install -y chromium)")
+def test_browser_timeline_page(tmp_path, toy_run):
+    """The Timeline page of an 8-revision run in a real browser; its screenshot is saved (timeline.png)."""
+    from playwright.sync_api import sync_playwright
+    cwd, _ = toy_run
+    runs = tmp_path / "runs"
+    _timeline_runs(runs)
+    for other in ("timeline-M2", "timeline-M3"):
+        shutil.rmtree(runs / other)
+    port = _free_port()
+    env = dict(os.environ, CCT_RUNS=str(runs), CCT_SCANS=str(cwd / "scans"))
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+                               "--server.port", str(port), "--server.headless", "true",
+                               "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
+            page.get_by_text("Timeline", exact=True).first.click()
+            page.wait_for_selector("text=sorted by formed_at", timeout=60_000)
+            page.wait_for_selector('[data-testid="stVegaLiteChart"]', timeout=60_000)
+            shot = tmp_path / "timeline.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+        assert shot.stat().st_size > 10_000
     finally:
         server.terminate()
         server.wait(10)

@@ -112,3 +112,24 @@ def test_normalised_relie_has_one_definition(toy_run):
     _, nie = ablate.selection_ie(relie_dir, revs, None)
     ours = measures.rel(nie.reindex(sheet.latent, fill_value=0.0).to_numpy())
     np.testing.assert_allclose(sheet[[f"relie_norm_{r}" for r in revs]].to_numpy(), ours, rtol=1e-5, atol=1e-6)
+
+
+def test_relie_reports_its_faithfulness_and_intervals(toy_run):
+    """relie.py's summary.json holds `faithfulness` (Spearman ρ of the IE with exact ablation of the chosen
+    latents, and the flagged ones); its sheet holds the per-revision checks and the bootstrap intervals."""
+    _, run = toy_run
+    summary = json.loads((run / "relie" / "toy_sva" / "summary.json").read_text())
+    faith = summary["faithfulness"]
+    assert -1 <= faith["rho"] <= 1 and set(faith["rho_by_revision"]) == set(summary["revisions"])
+    assert faith["n"] == len(summary["chosen"]) * len(summary["revisions"]) and 0 <= faith["n_flagged"] <= faith["n"]
+    sheet = pd.read_csv(run / "relie" / "toy_sva" / "latents.csv")
+    for r in summary["revisions"]:
+        assert {f"exact_{r}", f"atp_{r}", f"unfaithful_{r}", f"ie_{r}_lo", f"ie_{r}_hi"} <= set(sheet.columns)
+        assert (sheet[f"ie_{r}_lo"] <= sheet[f"ie_{r}"] + 1e-9).all()
+        assert (sheet[f"ie_{r}"] <= sheet[f"ie_{r}_hi"] + 1e-9).all()
+    assert sheet.loc[sheet[[f"unfaithful_{r}" for r in summary["revisions"]]].any(axis=1), "latent"].isin(
+        [f["latent"] for f in faith["flagged"]]).all()
+    sp = pd.read_csv(run / "ablation" / "toy_sva" / "spearman.csv")
+    assert {"rho_relie_lo", "rho_relie_hi", "rho_diff", "rho_diff_lo", "rho_diff_hi"} <= set(sp.columns)
+    ab = pd.read_csv(run / "ablation" / "toy_sva" / "ablation.csv")
+    assert (ab.acc_drop_lo <= ab.acc_drop + 1e-9).all() and (ab.acc_drop <= ab.acc_drop_hi + 1e-9).all()

@@ -1,0 +1,66 @@
+"""stability.py: latents matched across seeds (one-to-one, decoder cosine ≥ 0.9), and the whole command on a
+tiny run (two seeds, every stage as a subprocess) writing the JSON the findings are read from."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import activations
+import stability
+from conftest import ROOT
+from crosscoder import CrossCoder, CrossCoderConfig
+
+
+def test_greedy_match_is_one_to_one():
+    cos = np.array([[0.95, 0.97, 0.1], [0.2, 0.96, 0.3]])
+    # the largest cosine, 0.97, pairs row 0 with column 1; column 1 is then taken, so row 1 gets column 2
+    np.testing.assert_allclose(stability.greedy_match(cos), [0.97, 0.3])
+    np.testing.assert_allclose(stability.greedy_match(np.eye(3)), [1, 1, 1])
+
+
+def test_matched_fraction_finds_the_same_dictionary(tmp_path):
+    """A crosscoder against itself and a permuted copy: every latent matched; against a fresh random one: none."""
+    cfg = CrossCoderConfig(n_models=2, d_model=16, dict_size=64)
+    a = CrossCoder(cfg)
+    b = CrossCoder(cfg)
+    with torch.no_grad():
+        b.W_dec_FMd.copy_(a.W_dec_FMd[torch.randperm(64, generator=torch.Generator().manual_seed(0))])
+    c = CrossCoder(CrossCoderConfig(n_models=2, d_model=16, dict_size=64, seed=7))
+    for name, cc in (("a", a), ("b", b), ("c", c)):
+        cc.save(tmp_path / name)
+    frac = stability.matched_fraction([tmp_path / "a", tmp_path / "b"], [[0, 5, 9], [1, 2, 3]])
+    assert frac == [1.0, 1.0]
+    assert stability.matched_fraction([tmp_path / "a", tmp_path / "c"], [[0, 5, 9], [1, 2, 3]]) == [0.0, 0.0]
+
+
+@pytest.mark.slow
+def test_stability_on_a_tiny_run(local_model, tmp_path):
+    root, text, pairs = local_model
+    cache = activations.make_cache(str(root), 1, ["step0", "step100"], tmp_path / "cache", n_tokens=6000, seq_len=16,
+                                   heldout_tokens=2000, text=str(text), val_rows=1000)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(root), "--layer", "1", "--revisions",
+                        "step0,step100", "--cache", str(cache), "--dict-size", "64", "--batch-size", "64", "--tokens",
+                        str(64 * 40), "--lr", "3e-3", "--out", str(run)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, str(ROOT / "stability.py"), "--run", str(run), "--seeds", "2", "--task",
+                        str(pairs), "--compare", "atp"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((run / "stability" / "stability.json").read_text())
+    assert out["seeds"] == [0, 1] and set(out["methods"]) == {"ig", "atp"}
+    f = out["findings"]
+    for name in ("fvu_step0", "fvu_step100", "l0", "dead_frac", "ablation_gap_last", "faithfulness_rho",
+                 "rho_relie_step0_step100", "rho_reldec_step0_step100"):
+        assert set(f[name]) == {"per_seed", "mean", "min", "max"} and len(f[name]["per_seed"]) == 2, name
+    fvu = f["fvu_step0"]
+    assert fvu["min"] <= fvu["mean"] <= fvu["max"] and fvu["per_seed"][0] != fvu["per_seed"][1]   # two crosscoders
+    # seed 0 is the run itself; seed 1 was trained beside it with the same arguments but its seed
+    assert out["runs"][0] == str(run) and json.loads((tmp_path / out["runs"][1] / "run_args.json").read_text()
+                                                     )["seed"] == 1
+    assert 0 <= out["matched_top_k_fraction"]["mean"] <= 1
+    assert "finding" in r.stdout and "ablation_gap_last" in r.stdout
