@@ -1,7 +1,8 @@
 """ablate.py — does removing the latents relie.py found break the task, and where?
 
     python relie.py  --run runs/toy-L0-step64_step128_step512-l1
-    python ablate.py --run runs/toy-L0-step64_step128_step512-l1 --select positive --subtasks across_pp,across_rc
+    python ablate.py --run runs/toy-L0-step64_step128_step512-l1
+    python ablate.py --run runs/toy-L0-step64_step128_step512-l1 --subtasks across_pp,across_rc   # attractors only
 
 Latents are zeroed in crosscoder space with the error term kept, spliced into each revision:
 - per revision m, its top-k latents by IE (relie's ie.csv, over --subtasks) all together, against

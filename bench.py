@@ -12,7 +12,7 @@ a load that comes and goes hits both alike; each line prints its target and PASS
   step    crosscoder.py's training step (CrossCoder.train_step: loss, backward, grad clip, fused Adam)
           against what users run today, science-of-finetuning/dictionary_learning's CrossCoder and
           BatchTopKCrossCoder with their trainers, written plainly from their structure (Peer, below),
-          at the toy's shape (d=64, F=512), d=128 (F=2048) and d=512 (F=8192); M=3, batch 1024, fp32;
+          at d=64 (F=512), d=128 (F=2048) and d=512 (F=8192); M=3, batch 1024, fp32;
           L1 at init and in a trained state, BatchTopK trained with the same fixed k on both sides;
           and our step against the matmul roofline.
   scale   our step per token·revision at M = 8 and 16 against M = 3 (the work is linear in M).
@@ -225,7 +225,7 @@ def roofline_s(B, D, F, device, repeats):
     return sum(compare(calls, repeats, device))
 
 
-STEP_SHAPES = [("toy", 64, 512), ("d=128", 128, 2048), ("d=512", 512, 8192)]
+STEP_SHAPES = [("d=64", 64, 512), ("d=128", 128, 2048), ("d=512", 512, 8192)]
 # Timed steps do all the work of a step (Adam included) at an lr too small to move the weights, so the
 # hundreds of steps timed all see the state the bench built (a trained code stays ~2% dense).
 TIMING_LR = 1e-12
@@ -321,7 +321,7 @@ def compare_with_peer(cc, x, repeats, dev, threads):
 
 def bench_step(args):
     M, B = 3, (256 if args.tiny else 1024)
-    shapes = [("toy", 64, 512)] if args.tiny else [s for s in STEP_SHAPES if not SHAPES or s[0] in SHAPES.split(",")]
+    shapes = [("d=64", 64, 512)] if args.tiny else [s for s in STEP_SHAPES if not SHAPES or s[0] in SHAPES.split(",")]
     dev = args.device
     print(f"step: crosscoder.py's training step vs the peer's (dictionary_learning's structure), M={M}, "
           f"batch {B}, fp32, {torch.get_num_threads()} threads", flush=True)
@@ -494,7 +494,7 @@ def bench_ig(args):
     And a 'tiny-but-not-trivial' 8-layer model, informational: at 16 pairs a CPU is already
     compute-bound there, so the ratio is capped near the block count ratio (see _ig_one)."""
     print(f"ig: relie.ie_gradient, its {10} IG steps batched in one call vs one call per step", flush=True)
-    # name, layers, d, heads, vocab, F, target; the first is toy.py's LM and its default crosscoder
+    # name, layers, d, heads, vocab, F, target; the first is toy.py's LM (F = 512, twice its default crosscoder's)
     configs = [("toy scale", 2, 64, 4, 113, 512, 3.0)]
     if not args.tiny:
         configs.append(("GPT-NeoX 8 layers", 8, 256, 4, 2048, 4096, None))

@@ -60,8 +60,8 @@ FLAGS = {
     "--task": dict(help="task: subjectverb (BLiMP), clams_en, clams_fr, multiblimp_<lang>, toy_sva, or a "
                         "jsonl file of minimal pairs (default: the model's, %(default)s)"),
     "--top-k": dict(type=positive("--top-k"), help="latents studied per revision, by IE (default: %(default)s)"),
-    "--select": dict(choices=("abs", "positive"), help="rank latents by |IE| (the paper) or by positive IE, the "
-                     "latents that support the right answer (default: %(default)s; ablate.py: what relie.py used)"),
+    "--select": dict(choices=("abs", "positive"), help="rank latents by positive IE, the latents that support the right "
+                     "answer, or by |IE| (the paper's) (default: %(default)s; ablate.py: what relie.py used)"),
     "--max-pairs": dict(type=positive("--max-pairs"), help="at most this many pairs per sub-task (default: all)"),
     "--pair-batch": dict(type=positive("--pair-batch"), help="minimal pairs per forward pass (default: %(default)s)"),
     "--batch-size": dict(type=positive("--batch-size"), help="token positions per training step, over all "

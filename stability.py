@@ -8,9 +8,10 @@ per seed with its mean, min and max, and how many top latents recur across the s
 
 Each seed's run is RUN/stability/<arch>-seed<s>/ (the run itself for its own seed and arch), made by
 the stages as subprocesses with the run's own arguments; a finished stage is kept, so a killed
-command resumes. Writes RUN/stability/stability.json — `seeds`, `findings.<name>.per_seed / mean /
-min / max` (ablation_gap_last: top-k minus random-k accuracy drop at the last revision, in points),
-`matched_top_k_fraction` — and, with --compare, `methods.<method>.findings`; prints the table.
+command resumes. Writes RUN/stability/stability.json (stability-<arch>.json for an --arch other than
+the run's) — `seeds`, `findings.<name>.per_seed / mean / min / max` (ablation_gap_last: top-k minus
+random-k accuracy drop at the last revision, in points), `matched_top_k_fraction` — and, with
+--compare, `methods.<method>.findings`; prints the table.
 """
 import subprocess
 import sys
@@ -62,13 +63,22 @@ def train_args(run_args, arch, seed, out):
     return cmd
 
 
+def stale(seed_args, run_args) -> bool:
+    """A seed's run no longer matches the run it varies (the run was trained again with other arguments)."""
+    return any(str(seed_args.get(k)) != str(run_args.get(k)) for k in ("revisions",) + TRAIN_KEYS)
+
+
 def seed_run(base, run_args, arch, seed, methods, task, select, cwd):
     """One seed through every stage (each skipped when already finished); returns its run folder."""
     own = seed == run_args["seed"] and arch == run_args["arch"]
     folder = base if own else base / "stability" / f"{arch}-seed{seed}"
-    if not is_done(folder):
-        stage(train_args(run_args, arch, seed, folder) + (["--resume"] if (folder / "ckpt").is_dir() else
-                                                          ["--overwrite"]), cwd)
+    again = (not own and (folder / "run_args.json").exists()
+             and stale(read_json(folder / "run_args.json", "run arguments"), run_args))
+    if again:
+        print(f"   {folder} was trained with other arguments than {base}; training it again", file=sys.stderr)
+    if again or not is_done(folder):
+        resume = (folder / "ckpt").is_dir() and not again
+        stage(train_args(run_args, arch, seed, folder) + (["--resume"] if resume else ["--overwrite"]), cwd)
     ev = folder / "eval.json"
     if not ev.exists() or ev.stat().st_mtime < (folder / "DONE").stat().st_mtime:
         stage(["evaluate.py", "--run", folder], cwd)
@@ -229,7 +239,8 @@ def main(argv=None):
     result["findings"] = result["methods"][args.method]["findings"]
     result["matched_top_k_fraction"] = result["methods"][args.method]["matched_top_k_fraction"]
     out = base / "stability"
-    write_json(out / "stability.json", result)
+    path = out / ("stability.json" if arch == run_args["arch"] else f"stability-{arch}.json")
+    write_json(path, result)
     mark_done(out, seeds=seeds, methods=args.methods)
     print(f"{len(seeds)} seeds of {base.name} ({arch}), attribution {args.method}:")
     print(table(result["findings"]))
@@ -240,7 +251,7 @@ def main(argv=None):
         print("\n" + methods_table(result))
     if args.results:
         update_results(f"stability-{arch}", results_markdown(result), HERE / "RESULTS.md")
-    print(f"wrote {out / 'stability.json'}")
+    print(f"wrote {path}")
 
 
 def _fmt(v):
@@ -265,8 +276,9 @@ def results_markdown(result) -> str:
                                                                               "faithfulness_flagged_frac"])
     rows = "\n".join(f"| {k} | {_fmt(f[k])} | {' '.join('—' if x is None else f'{x:.2f}' for x in f[k]['per_seed'])} |"
                      for k in keys if k in f)
-    text = (f"## Over {len(result['seeds'])} seeds: {Path(result['run']).name} ({result['arch']}), attribution "
-            f"{result['method']} (`python stability.py`)\n\nEach number: mean [min, max] over crosscoders that differ "
+    text = (f"## Over {len(result['seeds'])} seeds: {result['arch']} crosscoders on the revisions of "
+            f"{Path(result['run']).name}, attribution {result['method']}, latents ranked by {result['select']} "
+            f"(`python stability.py`)\n\nEach number: mean [min, max] over crosscoders that differ "
             f"only in their seed; then the value of each seed.\n\n| finding | mean [min, max] | per seed |\n"
             f"|---|---|---|\n{rows}\n| top-k latents matched in every other seed | "
             f"{_fmt(result['matched_top_k_fraction'])} | |")

@@ -125,12 +125,12 @@ def toy_run(tmp_path_factory):
 def toy_pipeline(tmp_path_factory):
     """The toy pipeline with each stage's defaults, as pipeline.sh runs it, in a fresh folder
     (the toy LM itself is models/toy, built on first use): scans/, cache/, runs/<name>/ with
-    eval.json, latents.csv, relie/toy_sva/ and ablation/toy_sva.csv (positive IE on attractors)."""
+    eval.json, latents.csv, relie/toy_sva/ and ablation/toy_sva/ (top-k by positive IE)."""
     cwd = tmp_path_factory.mktemp("pipeline")
     run_script(["cache_acts.py", "--scan", "--model", "toy"], cwd)
     run_script(["train.py"], cwd)
     run = next((cwd / "runs").iterdir())
     run_script(["evaluate.py", "--run", str(run)], cwd)
     run_script(["relie.py", "--run", str(run)], cwd)
-    run_script(["ablate.py", "--run", str(run), "--select", "positive", "--subtasks", "across_pp,across_rc"], cwd)
+    run_script(["ablate.py", "--run", str(run)], cwd)
     return cwd, run

@@ -109,7 +109,7 @@ CASES = [
     ("train.py --out {run}", "already holds a run", 2),
     ("train.py --tokens 10 --out {out}", "--tokens 10 is less than one batch of 1024", 2),
     ("train.py --lr nan --out {out}", "--lr must be a finite number > 0, got nan", 2),
-    ("train.py --arch batchtopk --k 1000 --out {out}", "--k 1000 exceeds --dict-size 512", 2),
+    ("train.py --arch batchtopk --k 1000 --out {out}", "--k 1000 exceeds --dict-size 256", 2),
     ("train.py --dict-size 4000000000 --out {out}", "GiB", 2),
     ("train.py --cache {nan_cache} --out {out}", "NaN/Inf in the activations of revision step512", 2),
     ("evaluate.py --run {missing}", "holds no trained crosscoder", 2),

@@ -26,8 +26,8 @@ def test_bench_tiny_prints_ratio_lines():
     assert len(lines) >= 6, out
     for l in lines:
         assert re.search(r"\d", l) and re.search(r"\b(PASS|FAIL)\b", l), l
-    assert re.search(r"toy l1 trained: peer \d+\.\d ms / ours \d+\.\d ms +\d+\.\d\dx", out), out
-    assert re.search(r"toy batchtopk trained: .* +\d+\.\d\dx", out), out
+    assert re.search(r"d=64 l1 trained: peer \d+\.\d ms / ours \d+\.\d ms +\d+\.\d\dx", out), out
+    assert re.search(r"d=64 batchtopk trained: .* +\d+\.\d\dx", out), out
     assert re.search(r"^done in \d+ s: \d+ PASS, \d+ FAIL", out, re.M), out
 
 

@@ -22,6 +22,14 @@ def test_greedy_match_is_one_to_one():
     np.testing.assert_allclose(stability.greedy_match(np.eye(3)), [1, 1, 1])
 
 
+def test_a_seed_trained_for_other_arguments_is_stale():
+    """When the run is trained again with another dictionary size, its old seed runs must not be reused."""
+    run = dict(revisions=["a", "b"], dict_size=256, lr=2e-3, seed=0, out="runs/x")
+    assert not stability.stale(dict(run, seed=3, out="runs/x/stability/l1-seed3"), run)
+    assert stability.stale(dict(run, dict_size=512), run)
+    assert stability.stale(dict(run, revisions=["a", "c"]), run)
+
+
 def test_matched_fraction_finds_the_same_dictionary(tmp_path):
     """A crosscoder against itself and a permuted copy: every latent matched; against a fresh random one: none."""
     cfg = CrossCoderConfig(n_models=2, d_model=16, dict_size=64)
@@ -49,7 +57,7 @@ def test_stability_on_a_tiny_run(local_model, tmp_path):
                         str(64 * 40), "--lr", "3e-3", "--out", str(run)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, str(ROOT / "stability.py"), "--run", str(run), "--seeds", "2", "--task",
-                        str(pairs), "--compare", "atp"], env=env, capture_output=True, text=True, cwd=tmp_path)
+                        str(pairs), "--compare", "ig"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((run / "stability" / "stability.json").read_text())
     assert out["seeds"] == [0, 1] and set(out["methods"]) == {"ig", "atp"}
