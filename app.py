@@ -324,9 +324,12 @@ def latent_detail(run: Path, cfg: dict, task: str | None, row, latent: int):
             st.caption("contexts and logit effects are computed by relie.py for its selected latents")
     ann = measures.read_annotations(run)
     old = ann[ann.latent.astype(int) == latent]
-    with st.form(f"annotate-{latent}"):
-        desc = st.text_area("description", value=old.description.iloc[0] if len(old) else "", key=f"desc-{latent}")
-        tags = st.text_input("tags (comma-separated)", value=old.tags.iloc[0] if len(old) else "", key=f"tags-{latent}")
+    # keyed by run and latent: a widget's kept state would show (and save) another run's annotation
+    with st.form(f"annotate-{run.name}-{latent}"):
+        desc = st.text_area("description", value=old.description.iloc[0] if len(old) else "",
+                            key=f"desc-{run.name}-{latent}")
+        tags = st.text_input("tags (comma-separated)", value=old.tags.iloc[0] if len(old) else "",
+                             key=f"tags-{run.name}-{latent}")
         if st.form_submit_button("save annotation"):
             measures.save_annotation(run, latent, desc, tags)
             st.success(f"saved to {run.name}/annotations.csv")
@@ -368,8 +371,10 @@ def page_timeline(run: Path, cfg: dict, scans: Path):
     tokens = cfg.get("revision_tokens") or [None] * len(revs)
     x = log_positions(tokens)
     left, right = cell_edges(x)
-    axis = alt.X("x:Q", scale=alt.Scale(type="log", domain=[float(left[0]), float(right[-1])]),
-                 title="training tokens (log; step 0 at the left edge)")
+    # altair's alt.X(...).scale is a setter, not the value: keep scale and title as plain objects
+    x_scale = alt.Scale(type="log", domain=[float(left[0]), float(right[-1])])
+    x_title = "training tokens (log; step 0 at the left edge)"
+    axis = alt.X("x:Q", scale=x_scale, title=x_title)
     scan = scan_for(scans, cfg)
     if scan is not None:
         acc = [c for c in scan.columns if c.startswith("acc_") and c != "acc_mean"]
@@ -405,7 +410,8 @@ def page_timeline(run: Path, cfg: dict, scans: Path):
     ann = measures.read_annotations(run)
     df["annotated"] = df.latent.isin(ann.latent.astype(int)) if len(ann) else False
     classes = [c for c in measures.TIMELINE_CLASSES if c in set(df[cls_col].fillna(""))]
-    pick = c3.multiselect("class", classes, default=classes, key="tl-class")
+    # widgets whose options depend on the run are keyed by it: a kept selection would hide new classes
+    pick = c3.multiselect("class", classes, default=classes, key=f"tl-class-{run.name}-{source}")
     which = c4.selectbox("annotated", ["all", "annotated", "not annotated"], key="tl-ann")
     mask = df[cls_col].isin(pick).to_numpy()
     if which != "all":
@@ -415,7 +421,7 @@ def page_timeline(run: Path, cfg: dict, scans: Path):
         "formed", "peak")].map(order))
     view = view.sort_values(["_formed", "_peak", "latent"], kind="stable")
     n_max = st.slider("latents shown (in formed_at order)", 10, max(10, len(view)), min(200, max(10, len(view))),
-                      key="tl-n")
+                      key=f"tl-n-{run.name}-{source}")
     view = view.head(n_max)
     shares = view[share_cols].to_numpy()
     cells = pd.DataFrame([dict(rank=k, latent=int(l), revision=r, x=float(x[m]), x0=float(left[m]),
@@ -424,7 +430,7 @@ def page_timeline(run: Path, cfg: dict, scans: Path):
     if not len(cells):
         return st.info("No latent of the chosen classes.")
     heat = alt.Chart(cells).mark_rect().encode(
-        x=alt.X("x0:Q", scale=axis.scale, title=axis.title), x2="x1:Q",
+        x=alt.X("x0:Q", scale=x_scale, title=x_title), x2="x1:Q",
         y=alt.Y("rank:O", axis=None, title="latents by formed_at"),
         color=alt.Color("share:Q", scale=alt.Scale(scheme="viridis"), title=source),
         tooltip=["latent", "revision", alt.Tooltip("share:Q", format=".2f"), "cls"]).properties(
@@ -433,7 +439,7 @@ def page_timeline(run: Path, cfg: dict, scans: Path):
     st.altair_chart(heat, width="stretch")
     st.caption("classes from the curve: kept (formed at the first revision, never fades), emerging (forms "
                "later), discontinued (fades), transient (forms later and fades); formed = half the maximum")
-    latent = st.selectbox("latent", [int(i) for i in view.latent], key="tl-latent")
+    latent = st.selectbox("latent", [int(i) for i in view.latent], key=f"tl-latent-{run.name}")
     row = df[df.latent == latent].iloc[0]
     curves = pd.DataFrame([dict(x=float(x[m]), revision=r, what="decoder norm (share of its max)",
                                 value=float(row[f"reldec_{r}"] / max(row[[f"reldec_{q}" for q in revs]].max(), 1e-12)))

@@ -31,6 +31,10 @@ def _finite(name, low, strict):
     return parse
 
 
+finite_positive = lambda name: _finite(name, 0.0, strict=True)        # noqa: E731
+finite_nonnegative = lambda name: _finite(name, 0.0, strict=False)    # noqa: E731
+
+
 # name → argparse keywords (without the default, which each script sets from its preset)
 FLAGS = {
     "--model": dict(help="a model key (toy, pythia-70m … pythia-12b, olmo-1b, bloom-1b1), a Hugging Face "
@@ -60,8 +64,10 @@ FLAGS = {
     "--task": dict(help="task: subjectverb (BLiMP), clams_en, clams_fr, multiblimp_<lang>, toy_sva, or a "
                         "jsonl file of minimal pairs (default: the model's, %(default)s)"),
     "--top-k": dict(type=positive("--top-k"), help="latents studied per revision, by IE (default: %(default)s)"),
-    "--select": dict(choices=("abs", "positive"), help="rank latents by positive IE, the latents that support the right "
-                     "answer, or by |IE| (the paper's) (default: %(default)s; ablate.py: what relie.py used)"),
+    "--select": dict(choices=("abs", "positive"), help="rank latents by positive IE, the latents that support the "
+                     "right answer, or by |IE| (the paper's) (default: %(default)s; ablate.py: what relie.py used)"),
+    "--threshold": dict(type=finite_nonnegative("--threshold"), help="per-token |IE| at or below this is zeroed "
+                        "(default: %(default)s, the preset's)"),
     "--max-pairs": dict(type=positive("--max-pairs"), help="at most this many pairs per sub-task (default: all)"),
     "--pair-batch": dict(type=positive("--pair-batch"), help="minimal pairs per forward pass (default: %(default)s)"),
     "--batch-size": dict(type=positive("--batch-size"), help="token positions per training step, over all "
@@ -140,5 +146,3 @@ def dtype(name, device):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-finite_positive = lambda name: _finite(name, 0.0, strict=True)        # noqa: E731
-finite_nonnegative = lambda name: _finite(name, 0.0, strict=False)    # noqa: E731

@@ -379,9 +379,16 @@ def forward(lm, ids_BT, mask_BT=None, last_only=False, **kw):
     params = inspect.signature(lm.forward).parameters
     if mask_BT is not None and "position_ids" in params:
         kw["position_ids"] = (mask_BT.long().cumsum(-1) - 1).clamp(min=0)
-    if last_only and "logits_to_keep" in params:
-        kw["logits_to_keep"] = 1
-    return lm(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False, **kw)
+    head = lm.get_output_embeddings() if last_only and "logits_to_keep" in params else None
+    if head is None:
+        return lm(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False, **kw)
+    # logits_to_keep hands the unembedding a strided [B, 1, d] slice, which a CPU matmul runs ~13× slower
+    # than a contiguous one (pythia-70m's 50k vocabulary: 1.37 s vs 0.11 s for 256 rows)
+    h = head.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(),) + tuple(args[1:]))
+    try:
+        return lm(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False, logits_to_keep=1, **kw)
+    finally:
+        h.remove()
 
 
 def _block_output(lm, layer: int, ids_BT, mask_BT=None):

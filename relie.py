@@ -211,8 +211,7 @@ def parse_args(argv=None):
                         "ig-error-held: the error term held; ig-mean: from the task's mean code, error held; atp: "
                         "attribution patching (one gradient at the clean point); exact: zero-ablate each latent "
                         "(default: %(default)s, the one that agrees best with exact ablation: RESULTS.md)")
-    p.add_argument("--threshold", type=cli.finite_nonnegative("--threshold"), default=pre.ie_threshold,
-                   help="per-token |IE| at or below this is zeroed (default: %(default)s)")
+    cli.add(p, "--threshold", threshold=pre.ie_threshold)
     p.add_argument("--latents", default=None, help="--method exact: comma-separated latents to ablate (default: all)")
     p.add_argument("--context-blocks", type=positive("--context-blocks"), default=pre.context_blocks,
                    help="held-out text blocks searched for top-activating contexts (default: %(default)s)")
@@ -249,6 +248,10 @@ def relie_task(run, models, task, args, threshold, latents):
         print(f"note: --top-k {k} capped at {nonzero}, the number of latents with a non-zero IE")
         k = max(1, nonzero)
     chosen = select(ie_MF, k, args.select)
+    if not chosen:
+        raise UsageError(f"no latent has {'a positive' if args.select == 'positive' else 'a non-zero'} IE on {task} "
+                         f"with --threshold {threshold}; lower --threshold (0 keeps every IE)"
+                         + (" or rank by --select abs" if args.select == "positive" else ""))
     sheet = latent_sheet(run, att, chosen, analysis.reldec(run.cc), read_annotations(run.folder),
                          read_flags(run.folder))
     add_intervals(sheet, pair_values(att, chosen), run.revisions)

@@ -68,7 +68,7 @@ def stale(seed_args, run_args) -> bool:
     return any(str(seed_args.get(k)) != str(run_args.get(k)) for k in ("revisions",) + TRAIN_KEYS)
 
 
-def seed_run(base, run_args, arch, seed, methods, task, select, cwd):
+def seed_run(base, run_args, arch, seed, methods, task, select, threshold, cwd):
     """One seed through every stage (each skipped when already finished); returns its run folder."""
     own = seed == run_args["seed"] and arch == run_args["arch"]
     folder = base if own else base / "stability" / f"{arch}-seed{seed}"
@@ -85,7 +85,8 @@ def seed_run(base, run_args, arch, seed, methods, task, select, cwd):
     for m in methods:
         name = f"{Path(task).stem}-{m}-{select}"
         if not is_done(folder / "relie" / name):
-            stage(["relie.py", "--run", folder, "--task", task, "--method", m, "--name", name, "--select", select], cwd)
+            stage(["relie.py", "--run", folder, "--task", task, "--method", m, "--name", name, "--select", select,
+                   "--threshold", str(threshold)], cwd)
         if not is_done(folder / "ablation" / name):
             stage(["ablate.py", "--run", folder, "--task", task, "--name", name], cwd)
     return folder
@@ -204,7 +205,7 @@ def parse_args(argv=None):
     p.add_argument("--compare", default=None, metavar="METHODS",
                    help=f"comma-separated attribution methods to run side by side on every seed ({', '.join(METHODS)})")
     p.add_argument("--arch", choices=("l1", "batchtopk"), default=None, help="default: the run's")
-    cli.add(p, "--select", select=defaults.SELECT)
+    cli.add(p, "--select", "--threshold", select=defaults.SELECT, threshold=spec.preset.ie_threshold)
     p.add_argument("--results", action="store_true", help="write the table into RESULTS.md")
     args = p.parse_args(argv)
     args.methods = [args.method] + [m for m in (args.compare or "").split(",") if m and m != args.method]
@@ -225,7 +226,8 @@ def main(argv=None):
     folders = []
     for s in seeds:
         print(f"seed {s}: train, evaluate, relie, ablate ({', '.join(args.methods)})", file=sys.stderr, flush=True)
-        folders.append(seed_run(base, run_args, arch, s, args.methods, args.task, args.select, Path.cwd()))
+        folders.append(seed_run(base, run_args, arch, s, args.methods, args.task, args.select, args.threshold,
+                                Path.cwd()))
     stem = Path(args.task).stem
     result = dict(run=str(base), arch=arch, task=args.task, seeds=seeds, revisions=revisions, method=args.method,
                   select=args.select,

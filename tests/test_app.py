@@ -63,14 +63,14 @@ def test_annotation_saved_and_survives_reload(app, toy_run):
     at = app("Latents")
     latent = at.selectbox(key="latent").value
     text = "promotes plural verbs <script>alert(1)</script>"
-    at.text_area(key=f"desc-{latent}").input(text)
-    at.text_input(key=f"tags-{latent}").input("number, verb")
+    at.text_area(key=f"desc-{run.name}-{latent}").input(text)
+    at.text_input(key=f"tags-{run.name}-{latent}").input("number, verb")
     at.button[0].click().run()
     assert not at.exception
     ann = pd.read_csv(run / "annotations.csv")
     assert ann.loc[ann.latent == latent, "description"].item() == text
     again = app("Latents")
-    assert again.text_area(key=f"desc-{latent}").value == text
+    assert again.text_area(key=f"desc-{run.name}-{latent}").value == text
     # the script tag is never rendered as HTML anywhere on the page
     assert all("<script>" not in m.value for m in again.markdown)
 

@@ -117,7 +117,9 @@ def test_train_help_shows_the_defaults_in_force():
     toy = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
     assert toy.returncode == 0
     flat = " ".join(toy.stdout.split())
-    for want in ("(default: 512)", "(default: 1024)", "(default: 2048000)", "(default: 0.002)", "(default: toy)",
+    from defaults import TOY
+    for want in (f"(default: {TOY.dict_size})", "(default: 1024)", "(default: 2048000)", "(default: 0.002)",
+                 "(default: toy)",
                  "(default: the model's, step64,step128,step512)", "arXiv 2509.05291"):
         assert want in flat, want
     paper = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "pythia-1b", "--help"],

@@ -57,7 +57,8 @@ def test_stability_on_a_tiny_run(local_model, tmp_path):
                         str(64 * 40), "--lr", "3e-3", "--out", str(run)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, str(ROOT / "stability.py"), "--run", str(run), "--seeds", "2", "--task",
-                        str(pairs), "--compare", "ig"], env=env, capture_output=True, text=True, cwd=tmp_path)
+                        str(pairs), "--compare", "ig", "--threshold", "0"], env=env, capture_output=True, text=True,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((run / "stability" / "stability.json").read_text())
     assert out["seeds"] == [0, 1] and set(out["methods"]) == {"ig", "atp"}
