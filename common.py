@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -187,8 +188,9 @@ def require_done(folder, what: str, how: str):
 
 
 @contextmanager
-def folder_lock(folder):
-    """Hold `folder/.lock` (our pid) for the duration; refuse if a live process holds it.
+def folder_lock(folder, wait=False):
+    """Hold `folder/.lock` (our pid) for the duration; refuse if a live process holds it (wait: wait for
+    it to let go instead).
 
     A lock left by a dead pid (a killed run) is taken over."""
     folder = Path(folder)
@@ -205,6 +207,9 @@ def folder_lock(folder):
                 pid = int(lock.read_text().strip() or 0)
             except (OSError, ValueError):
                 pid = 0
+            if pid and _alive(pid) and wait:
+                time.sleep(0.5)
+                continue
             if pid and _alive(pid):
                 raise UsageError(f"{folder} is in use by process {pid}; wait for it or use another --out") from None
             lock.unlink(missing_ok=True)  # stale: its owner is gone

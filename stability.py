@@ -2,7 +2,7 @@
 only in their seed on the same data, run evaluate, relie and ablate on each, and report every finding
 per seed with its mean, min and max, and how many top latents recur across the seeds.
 
-    python stability.py                                  # the toy's default run, 5 seeds (~6 minutes)
+    python stability.py                                  # the toy's default run, 5 seeds (~3½ minutes)
     python stability.py --run runs/<name> --seeds 3 --method atp
     python stability.py --compare ig,ig-error-held,ig-mean,atp --results   # the attribution methods
 
@@ -252,12 +252,17 @@ def main(argv=None):
     if len(args.methods) > 1:
         print("\n" + methods_table(result))
     if args.results:
-        update_results(f"stability-{arch}", results_markdown(result), HERE / "RESULTS.md")
+        command = " ".join(["python stability.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
+        update_results(f"stability-{arch}", results_markdown(result, command), HERE / "RESULTS.md")
     print(f"wrote {path}")
 
 
+def _num(x):
+    return "—" if x is None else f"{x:.3f}" if abs(x) < 0.1 else f"{x:.2f}"   # FVUs are 0.001–0.05
+
+
 def _fmt(v):
-    return "—" if v["mean"] is None else f"{v['mean']:.2f} [{v['min']:.2f}, {v['max']:.2f}]"
+    return "—" if v["mean"] is None else f"{_num(v['mean'])} [{_num(v['min'])}, {_num(v['max'])}]"
 
 
 def methods_table(result) -> str:
@@ -270,17 +275,17 @@ def methods_table(result) -> str:
     return "\n".join(lines)
 
 
-def results_markdown(result) -> str:
+def results_markdown(result, command="python stability.py") -> str:
     revs = result["revisions"]
     f = result["findings"]
     keys = ([f"fvu_{r}" for r in revs] + ["l0", "dead_frac"] + [f"ablation_gap_{r}" for r in revs]
             + [k for k in f if k.startswith(("rho_relie_", "rho_reldec_"))] + ["faithfulness_rho",
                                                                               "faithfulness_flagged_frac"])
-    rows = "\n".join(f"| {k} | {_fmt(f[k])} | {' '.join('—' if x is None else f'{x:.2f}' for x in f[k]['per_seed'])} |"
+    rows = "\n".join(f"| {k} | {_fmt(f[k])} | {' '.join(_num(x) for x in f[k]['per_seed'])} |"
                      for k in keys if k in f)
     text = (f"## Over {len(result['seeds'])} seeds: {result['arch']} crosscoders on the revisions of "
             f"{Path(result['run']).name}, attribution {result['method']}, latents ranked by {result['select']} "
-            f"(`python stability.py`)\n\nEach number: mean [min, max] over crosscoders that differ "
+            f"(`{command}`)\n\nEach number: mean [min, max] over crosscoders that differ "
             f"only in their seed; then the value of each seed.\n\n| finding | mean [min, max] | per seed |\n"
             f"|---|---|---|\n{rows}\n| top-k latents matched in every other seed | "
             f"{_fmt(result['matched_top_k_fraction'])} | |")

@@ -245,12 +245,18 @@ def ensure_toy(out=DEFAULT_OUT, steps: int = 512, seed: int = 0) -> Path:
     """The toy model folder, training it first (defaults: ~20 s on CPU) unless a finished run with
     the same steps and seed is already there. This is what `--model toy` resolves to."""
     out = Path(out)
-    if is_done(out):
-        cfg = read_json(out / "DONE", "toy completion marker").get("config", {})
-        if cfg.get("steps") == steps and cfg.get("seed") == seed:
+
+    def ready():
+        cfg = read_json(out / "DONE", "toy completion marker").get("config", {}) if is_done(out) else {}
+        return cfg.get("steps") == steps and cfg.get("seed") == seed
+
+    if ready():
+        return out
+    with folder_lock(out.parent, wait=True):   # two commands started together build it once
+        if ready():
             return out
-    print(f"training the toy model into {out} (no network needed)", file=sys.stderr)
-    return train_toy(out, ToyConfig(steps=steps, seed=seed))
+        print(f"training the toy model into {out} (no network needed)", file=sys.stderr)
+        return train_toy(out, ToyConfig(steps=steps, seed=seed))
 
 
 # -----------------------------------------------------------------------------

@@ -123,11 +123,10 @@ def toy_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_pipeline(tmp_path_factory):
-    """The toy pipeline with each stage's defaults, as pipeline.sh runs it, in a fresh folder
-    (the toy LM itself is models/toy, built on first use): scans/, cache/, runs/<name>/ with
-    eval.json, latents.csv, relie/toy_sva/ and ablation/toy_sva/ (top-k by positive IE)."""
+    """The toy pipeline with each stage's defaults, as pipeline.sh runs it but for the scan (no test reads
+    it; toy_run has one), in a fresh folder (the toy LM itself is models/toy, built on first use):
+    cache/, runs/<name>/ with eval.json, latents.csv, relie/toy_sva/ and ablation/toy_sva/."""
     cwd = tmp_path_factory.mktemp("pipeline")
-    run_script(["cache_acts.py", "--scan", "--model", "toy"], cwd)
     run_script(["train.py"], cwd)
     run = next((cwd / "runs").iterdir())
     run_script(["evaluate.py", "--run", str(run)], cwd)

@@ -57,11 +57,10 @@ def test_stability_on_a_tiny_run(local_model, tmp_path):
                         str(64 * 40), "--lr", "3e-3", "--out", str(run)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, str(ROOT / "stability.py"), "--run", str(run), "--seeds", "2", "--task",
-                        str(pairs), "--compare", "ig", "--threshold", "0"], env=env, capture_output=True, text=True,
-                       cwd=tmp_path)
+                        str(pairs), "--threshold", "0"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((run / "stability" / "stability.json").read_text())
-    assert out["seeds"] == [0, 1] and set(out["methods"]) == {"ig", "atp"}
+    assert out["seeds"] == [0, 1] and set(out["methods"]) == {"atp"}
     f = out["findings"]
     for name in ("fvu_step0", "fvu_step100", "l0", "dead_frac", "ablation_gap_last", "faithfulness_rho",
                  "rho_relie_step0_step100", "rho_reldec_step0_step100"):
@@ -73,3 +72,26 @@ def test_stability_on_a_tiny_run(local_model, tmp_path):
                                                      )["seed"] == 1
     assert 0 <= out["matched_top_k_fraction"]["mean"] <= 1
     assert "finding" in r.stdout and "ablation_gap_last" in r.stdout
+
+
+def test_methods_side_by_side_in_the_tables():
+    """--compare's table (stdout) and RESULTS.md section: one row per method with mean [min, max]; small
+    values (FVUs) keep three decimals."""
+    def finding(values):
+        return dict(per_seed=values, mean=float(np.mean(values)), min=min(values), max=max(values))
+    per_method = {m: dict(findings=dict(faithfulness_rho=finding([rho, rho + 0.1]),
+                                        faithfulness_flagged_frac=finding([0.1, 0.2]),
+                                        ablation_gap_last=finding([gap, gap + 2])),
+                          matched_top_k_fraction=finding([0.5, 1.0]))
+                  for m, rho, gap in (("atp", 0.8, 20.0), ("ig", 0.3, 10.0))}
+    result = dict(run="runs/x", arch="l1", seeds=[0, 1], revisions=["a", "b"], method="atp", select="positive",
+                  findings=dict(per_method["atp"]["findings"], fvu_a=finding([0.021, 0.025])),
+                  matched_top_k_fraction=per_method["atp"]["matched_top_k_fraction"], methods=per_method)
+    table = stability.methods_table(result).splitlines()
+    assert table[1].split() == ["atp", "0.85", "[0.80,", "0.90]", "0.15", "[0.10,", "0.20]", "21.00", "[20.00,",
+                                "22.00]", "0.75", "[0.50,", "1.00]"]
+    assert table[2].split()[:4] == ["ig", "0.35", "[0.30,", "0.40]"]
+    md = stability.results_markdown(result, "python stability.py --compare ig")
+    assert "(`python stability.py --compare ig`)" in md
+    assert "| fvu_a | 0.023 [0.021, 0.025] | 0.021 0.025 |" in md
+    assert "| ig | 0.35 [0.30, 0.40] | 0.15 [0.10, 0.20] | 11.00 [10.00, 12.00] | 0.75 [0.50, 1.00] |" in md
