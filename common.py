@@ -196,23 +196,28 @@ def folder_lock(folder, wait=False):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / ".lock"
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            break
-        except FileExistsError:
+    # the lock appears with our pid already in it (written beside it, then hard-linked into place): a
+    # second process must never read an empty lock and take it for a dead one's
+    mine = folder / f".lock.{os.getpid()}"
+    mine.write_text(str(os.getpid()))
+    try:
+        while True:
             try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid) and wait:
-                time.sleep(0.5)
-                continue
-            if pid and _alive(pid):
-                raise UsageError(f"{folder} is in use by process {pid}; wait for it or use another --out") from None
-            lock.unlink(missing_ok=True)  # stale: its owner is gone
+                os.link(mine, lock)
+                break
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid) and wait:
+                    time.sleep(0.5)
+                    continue
+                if pid and _alive(pid):
+                    raise UsageError(f"{folder} is in use by process {pid}; wait for it or use another --out") from None
+                lock.unlink(missing_ok=True)  # stale: its owner is gone
+    finally:
+        mine.unlink(missing_ok=True)
     try:
         yield
     finally:
