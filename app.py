@@ -302,11 +302,7 @@ def latent_detail(run: Path, cfg: dict, task: str | None, row, latent: int):
         st.write("decoder cosine between revisions: "
                  + ", ".join(f"{k.replace('_', ' vs ', 1)}: {v:.2f}" for k, v in cos.items()))
     elif cos:
-        st.altair_chart(alt.Chart(cosine_matrix(row, revs)).mark_rect().encode(
-            x=alt.X("a:N", sort=revs), y=alt.Y("b:N", sort=revs),
-            color=alt.Color("cos:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")),
-            tooltip=["a", "b", alt.Tooltip("cos:Q", format=".2f")]).properties(
-            title="decoder cosine between revisions", height=260), width="content")
+        cosine_heatmap(row, revs, "decoder cosine between revisions")
     if task:
         eff = (json_of(run / "relie" / task / "logit_effects.json") or {}).get(str(latent))
         ctx = (json_of(run / "relie" / task / "contexts.json") or {}).get(str(latent))
@@ -456,13 +452,7 @@ def page_timeline(run: Path, cfg: dict, scans: Path):
         x=axis, y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1])), color="what:N",
         tooltip=["revision", "what", alt.Tooltip("value:Q", format=".2f")]).properties(
         title=f"latent {latent}: its curves against the accuracy curve", height=220), width="stretch")
-    cos = cosine_matrix(row, revs)
-    if cos is not None:
-        st.altair_chart(alt.Chart(cos).mark_rect().encode(
-            x=alt.X("a:N", sort=revs), y=alt.Y("b:N", sort=revs),
-            color=alt.Color("cos:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")),
-            tooltip=["a", "b", alt.Tooltip("cos:Q", format=".2f")]).properties(
-            title=f"latent {latent}: decoder cosine between revisions", height=260), width="content")
+    cosine_heatmap(row, revs, f"latent {latent}: decoder cosine between revisions")
 
 
 def cosine_matrix(row, revs) -> pd.DataFrame | None:
@@ -475,6 +465,17 @@ def cosine_matrix(row, revs) -> pd.DataFrame | None:
             vals.append(dict(a=a, b=b, cos=v))
     out = pd.DataFrame(vals)
     return None if out.cos.isna().all() else out
+
+
+def cosine_heatmap(row, revs, title):
+    """A latent's decoder cosines as a revision × revision heatmap (nothing when latents.csv has none)."""
+    cos = cosine_matrix(row, revs)
+    if cos is not None:
+        st.altair_chart(alt.Chart(cos).mark_rect().encode(
+            x=alt.X("a:N", sort=revs), y=alt.Y("b:N", sort=revs),
+            color=alt.Color("cos:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")),
+            tooltip=["a", "b", alt.Tooltip("cos:Q", format=".2f")]).properties(title=title, height=260),
+            width="content")
 
 
 def page_ablation(run: Path):

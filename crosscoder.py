@@ -198,6 +198,10 @@ class CrossCoder(nn.Module):
     W_dec = property(lambda self: self.W_dec_FMd)
     b_dec = property(lambda self: self.b_dec_Md)
 
+    def decoder(self, raw=False):
+        """W_dec as [F, M, d] in the normalised space (raw: as stored, acting on raw activations)."""
+        return self.W_dec_FMd if raw else self.W_dec_FMd * self.scales_M[None, :, None]
+
     def decoder_norms(self, raw=False):
         """||W_dec[i, m]|| as [F, M], in the normalised space (the same as raw unless scales are folded)."""
         norms_FM = self.W_dec_FMd.norm(dim=-1)

@@ -37,7 +37,7 @@ def evaluate(run, n_blocks, batch_blocks=8):
     ids = run.heldout_blocks(n_blocks, models[-1][2])
     Fdim, d = cc.cfg.dict_size, cc.cfg.d_model
     s_M = cc.scales_M.float()                         # normalised space: s_m · x_m
-    dec_FMd = cc.W_dec_FMd * s_M[None, :, None]      # decoder in the normalised space
+    dec_FMd = cc.decoder()                            # decoder in the normalised space
     n, zeros = 0, lambda *shape: torch.zeros(*shape, device=run.device)   # sums stay on the device
     sum_x, sum_x2, sum_err = zeros(M, d), zeros(M), zeros(M)
     l0_sum, freq_F, sq_F = 0.0, zeros(Fdim), zeros(Fdim)

@@ -92,8 +92,7 @@ def timeline(values_NM, revisions, tokens=None, prefix="") -> pd.DataFrame:
     pick = lambda i: np.where(alive & (i >= 0), i, M)      # noqa: E731   M → '' / NaN
     out = pd.DataFrame({f"{prefix}formed_at": names[pick(formed)], f"{prefix}peak_at": names[pick(peak)],
                         f"{prefix}faded_at": names[pick(faded)]})
-    for k in ("formed_at", "peak_at", "faded_at"):
-        idx = {"formed_at": formed, "peak_at": peak, "faded_at": faded}[k]
+    for k, idx in (("formed_at", formed), ("peak_at", peak), ("faded_at", faded)):
         out[f"{prefix}{k}_tokens"] = toks[pick(idx)]
     out[f"{prefix}timeline_class"] = np.where(alive, cls, "")
     return out

@@ -146,8 +146,7 @@ def summarise(per_seed: list[dict]) -> dict:
 
 def unit_decoders(folder) -> torch.Tensor:
     """Every latent's decoder, concatenated over revisions in the normalised space, unit norm: [F, M·d]."""
-    cc = CrossCoder.load(folder)
-    dec = cc.W_dec_FMd.detach() * cc.scales_M[None, :, None]
+    dec = CrossCoder.load(folder).decoder().detach()
     return torch.nn.functional.normalize(dec.flatten(1), dim=1)
 
 

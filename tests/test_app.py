@@ -1,6 +1,7 @@
 """app.py over a small toy run's outputs: every page renders, the emergence map holds every latent,
 annotations are saved and survive a reload, hostile names and strings are refused or escaped, the
 viewer loads no torch; and one real-browser test (headless Chromium) of the Latents page."""
+import contextlib
 import json
 import os
 import shutil
@@ -146,13 +147,11 @@ def _free_port():
     return port
 
 
-@pytest.mark.skipif(not shutil.which("chromium") and not os.path.exists("/usr/bin/chromium"),
-                    reason="no Chromium on this machine (apt-get install -y chromium)")
-def test_browser_latents_page(toy_run, tmp_path):
-    from playwright.sync_api import sync_playwright
-    cwd, run = toy_run
+@contextlib.contextmanager
+def served_app(runs, scans):
+    """`streamlit run app.py` on a free localhost port over these folders; yields its URL once it listens."""
     port = _free_port()
-    env = dict(os.environ, CCT_RUNS=str(cwd / "runs"), CCT_SCANS=str(cwd / "scans"))
+    env = dict(os.environ, CCT_RUNS=str(runs), CCT_SCANS=str(scans))
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
                                "--server.port", str(port), "--server.headless", "true",
                                "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
@@ -165,20 +164,32 @@ def test_browser_latents_page(toy_run, tmp_path):
                 break
             except OSError:
                 time.sleep(0.5)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
-            page.get_by_text("Latents", exact=True).first.click()
-            page.wait_for_selector('[data-testid="stVegaLiteChart"]', timeout=60_000)
-            page.wait_for_selector(".cct-context", timeout=60_000)
-            assert page.locator(".cct-context").count() >= 1
-            page.screenshot(path=str(tmp_path / "latents.png"), full_page=True)
-            browser.close()
+        yield f"http://127.0.0.1:{port}/"
     finally:
         server.terminate()
         server.wait(10)
+
+
+def _chromium(p):
+    return p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+
+
+@pytest.mark.skipif(not shutil.which("chromium") and not os.path.exists("/usr/bin/chromium"),
+                    reason="no Chromium on this machine (apt-get install -y chromium)")
+def test_browser_latents_page(toy_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+    cwd, run = toy_run
+    with served_app(cwd / "runs", cwd / "scans") as url, sync_playwright() as p:
+        browser = _chromium(p)
+        page = browser.new_page()
+        page.goto(url, timeout=60_000)
+        page.get_by_text("Latents", exact=True).first.click()
+        page.wait_for_selector('[data-testid="stVegaLiteChart"]', timeout=60_000)
+        page.wait_for_selector(".cct-context", timeout=60_000)
+        assert page.locator(".cct-context").count() >= 1
+        page.screenshot(path=str(tmp_path / "latents.png"), full_page=True)
+        browser.close()
 
 
 def _timeline_runs(root):
@@ -247,32 +258,14 @@ def test_browser_timeline_page(tmp_path, toy_run):
     _timeline_runs(runs)
     for other in ("timeline-M2", "timeline-M3"):
         shutil.rmtree(runs / other)
-    port = _free_port()
-    env = dict(os.environ, CCT_RUNS=str(runs), CCT_SCANS=str(cwd / "scans"))
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
-                               "--server.port", str(port), "--server.headless", "true",
-                               "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
-            page.get_by_text("Timeline", exact=True).first.click()
-            page.wait_for_selector("text=sorted by formed_at", timeout=60_000)
-            page.wait_for_selector('[data-testid="stVegaLiteChart"]', timeout=60_000)
-            shot = tmp_path / "timeline.png"
-            page.screenshot(path=str(shot), full_page=True)
-            browser.close()
-        assert shot.stat().st_size > 10_000
-    finally:
-        server.terminate()
-        server.wait(10)
+    with served_app(runs, cwd / "scans") as url, sync_playwright() as p:
+        browser = _chromium(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url, timeout=60_000)
+        page.get_by_text("Timeline", exact=True).first.click()
+        page.wait_for_selector("text=sorted by formed_at", timeout=60_000)
+        page.wait_for_selector('[data-testid="stVegaLiteChart"]', timeout=60_000)
+        shot = tmp_path / "timeline.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert shot.stat().st_size > 10_000
