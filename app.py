@@ -137,10 +137,25 @@ def page_checkpoints(scans: Path, run: Path | None, cfg: dict | None):
 def page_training(run: Path):
     st.header("Training")
     log = run / "log.jsonl"
-    if not log.exists():
-        return missing("training log", "python train.py")
-    df = read_log(str(log), _mtime(log))
     cfg = json_of(run / "config.json") or {}
+    imported = cfg.get("imported")
+    if imported:   # convert.py --from: trained elsewhere, so no training log; its evaluation still shows below
+        st.info(f"Imported, not trained here: {imported.get('format')} crosscoder from {imported.get('source')} "
+                f"(sha256 {imported.get('sha256')}), by convert.py")
+    if not log.exists() and not imported:
+        return missing("training log", "python train.py")
+    if log.exists():
+        training_charts(log, cfg)
+    ev = json_of(run / "eval.json")
+    if ev is None:
+        return missing("evaluation", f"python evaluate.py --run {run}")
+    st.subheader("Evaluation (held-out tokens)")
+    st.dataframe(pd.DataFrame(ev["revisions"]).T, width="stretch")
+    st.caption(f"L0 {ev['l0']:.1f} · dead {100 * ev['dead_frac']:.1f}% · {ev['n_tokens']} tokens")
+
+
+def training_charts(log: Path, cfg: dict):
+    df = read_log(str(log), _mtime(log))
     revs = cfg.get("revisions") or [f"rev{i}" for i in range(len(df.val_fvu.iloc[0]))]
     fvu = pd.DataFrame([dict(step=s, revision=revs[m], fvu=v) for s, vals in zip(df.step, df.val_fvu)
                         for m, v in enumerate(vals)])
@@ -157,12 +172,6 @@ def page_training(run: Path):
     c4.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("val_dead_frac:Q", title="dead fraction"))
                     .properties(
         title="dead latents (validation)"), width="stretch")
-    ev = json_of(run / "eval.json")
-    if ev is None:
-        return missing("evaluation", f"python evaluate.py --run {run}")
-    st.subheader("Evaluation (held-out tokens)")
-    st.dataframe(pd.DataFrame(ev["revisions"]).T, width="stretch")
-    st.caption(f"L0 {ev['l0']:.1f} · dead {100 * ev['dead_frac']:.1f}% · {ev['n_tokens']} tokens")
 
 
 def polygon(rel: np.ndarray) -> np.ndarray:

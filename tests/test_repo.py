@@ -32,7 +32,7 @@ def test_torch_load_always_weights_only_and_no_remote_code():
 
 LIBRARY = {"activations", "analysis", "cli", "common", "crosscoder", "defaults", "grammar", "lm", "measures",
            "sparse", "tasks", "toy"}
-STAGES = {"cache_acts", "train", "evaluate", "relie", "ablate", "bench", "app", "stability"}
+STAGES = {"cache_acts", "train", "evaluate", "relie", "ablate", "bench", "app", "stability", "convert"}
 
 
 def _imports(path):
