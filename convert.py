@@ -42,7 +42,7 @@ from crosscoder import WEIGHTS_FILE, CrossCoder, CrossCoderConfig
 CODE_NORMS = {1: "CROSSCODER", 2: "SAE", 3: "MIXED", 4: "NONE", 5: "DECOUPLED"}
 CROSSCODER_NORM = 1   # Σ_m ‖W_dec[i, m]‖: the paper's, and the one our L1 penalty and BatchTopK score use
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)   # widened to float32 exactly
-SAE_NOTE = ("This SAE is ONE REVISION'S SLICE of a crosscoder, not the crosscoder: its encoder sees only this "
+SAE_NOTE = ("This SAE is ONE REVISION'S SLICE of a crosscoder and is NOT the crosscoder: its encoder sees only this "
             "revision's activation, while the crosscoder's code is ReLU(sum over all M revisions of x_m W_enc[m] "
             "+ b_enc). Its codes, L0 and FVU differ from the crosscoder's (convert.py --to saelens --acts CACHE "
             "prints both).")
@@ -328,8 +328,8 @@ def read_ctt(path: Path) -> Imported:
     name = cfg.get("model_name")
     if name:
         imp.model = next((key for key, spec in lm.MODELS.items() if spec.repo == name), name)
-        if cfg.get("revision_list"):
-            imp.revisions = str(cfg["revision_list"]).split(_revision_sep(name))
+    if cfg.get("revision_list"):
+        imp.revisions = str(cfg["revision_list"]).split(_revision_sep(name or ""))
     m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", str(cfg.get("hook_point", "")))
     if m:   # the paper reads the output of block N−1 for blocks.N.hook_resid_pre (its buffer.py): our --layer N−1
         imp.layer = int(m.group(1)) - 1
@@ -498,16 +498,19 @@ def fetch_hf(source: str) -> Path:
     parent = str(Path(sub).parent) if sub else ""
     near = [f"{parent}/{n}" if parent not in ("", ".") else n for n in ("cfg.json", "config.json", "*_cfg.json")]
     patterns = [sub, f"{sub}/*", *near] if sub else None
+    offline = (f"cannot download {source}: no network and it is not in the local Hugging Face cache "
+               "(HF_HUB_CACHE); a local path works offline")
     try:
         root = Path(snapshot_download(repo, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:   # before EntryNotFoundError: its subclass
+        raise EnvError(f"{offline} ({type(e).__name__})") from None
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise UsageError(f"{source}: no such model repo on the Hugging Face hub, or it is private/gated "
                          f"({type(e).__name__})") from None
     except (RevisionNotFoundError, EntryNotFoundError, HFValidationError) as e:
         raise UsageError(f"{source}: {type(e).__name__}: {_first_line(e)}") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as e:
-        raise EnvError(f"cannot download {source}: no network and it is not in the local Hugging Face cache "
-                       f"({type(e).__name__})") from None
+    except OSError as e:   # connection errors, HTTP errors of the hub
+        raise EnvError(f"{offline} ({type(e).__name__})") from None
     local = root / sub if sub else root
     if not local.exists():
         raise UsageError(f"{source}: {repo} holds no {sub!r}")
@@ -628,9 +631,9 @@ def export_run(fmt: str, args):
     writer = FORMATS[fmt].write
     if writer is None:
         raise UsageError(f"--to {fmt}: this format can only be read (--from {fmt})")
-    run = analysis.open_run(args.run)
     if args.out is None:
         raise UsageError(f"--to {fmt} needs --out (a .pt file or a folder)")
+    run = analysis.open_run(args.run)
     out = Path(args.out)
     if fmt == "saelens" and out.suffix:
         raise UsageError(f"--to saelens writes a folder per revision: --out must be a folder, got {out}")
