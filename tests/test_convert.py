@@ -282,7 +282,8 @@ def test_dictionary_learning_hub_mixin_folder(tmp_path, capsys):
     cfg = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert cfg == dict(activation_dim=d, dict_size=F, num_layers=M, code_normalization="CROSSCODER", k=4)
     sd = load_file(tmp_path / "hub" / "model.safetensors")
-    pt = torch.load(_export_pt(tmp_path, capsys), weights_only=True)
+    exported = _export_pt(tmp_path, capsys)
+    pt = torch.load(exported, weights_only=True)
     assert set(sd) == set(pt) and all(torch.equal(sd[k], pt[k]) for k in sd)
     ok("--from", tmp_path / "hub", *TOY, "--out", tmp_path / "again", capsys=capsys)   # read back, format guessed
     x = x_raw()
