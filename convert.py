@@ -327,7 +327,7 @@ def read_ctt(path: Path) -> Imported:
         imp.notes["scales"] = "the cfg holds no estimated_act_norm_list: weights taken to act on raw activations"
     name = cfg.get("model_name")
     if name:
-        imp.model = next((key for key, spec in lm.MODELS.items() if spec.repo == name), name)
+        imp.model = next((key for key, spec in lm.MODELS.items() if name in (key, spec.repo)), name)
     if cfg.get("revision_list"):
         imp.revisions = str(cfg["revision_list"]).split(_revision_sep(name or ""))
     m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", str(cfg.get("hook_point", "")))
@@ -343,7 +343,7 @@ def write_ctt(cc: CrossCoder, run_cfg: dict, out: Path) -> list:
     if btk:
         sd.update(k=torch.tensor(cc.cfg.k, dtype=torch.int32), threshold=n.threshold.float())
     sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
-    model = run_cfg.get("repo") or run_cfg.get("model", "")
+    model = _model_name(run_cfg)
     revs = run_cfg.get("revisions", [])
     # what the paper's CrossCoder(cfg) reads to build itself, plus what its analysis reads of the run
     cfg = dict(d_in=cc.cfg.d_model, dict_size=cc.cfg.dict_size, n_models=cc.cfg.n_models, enc_dtype="fp32",
@@ -358,6 +358,13 @@ def write_ctt(cc: CrossCoder, run_cfg: dict, out: Path) -> list:
         torch.save(sd, tmp)
     write_json(cfg_file, cfg)
     return [file, cfg_file]
+
+
+def _model_name(run_cfg: dict) -> str:
+    """The name a peer's config gets: the Hugging Face repo, or our key for a model built here (the toy),
+    whose folder path means nothing on another machine; convert.py --from maps either back to the key."""
+    key = run_cfg.get("model", "")
+    return key if key in lm.MODELS and lm.MODELS[key].local else run_cfg.get("repo") or key
 
 
 def _looks_ctt(path: Path) -> bool:
@@ -416,7 +423,7 @@ def write_saelens(cc: CrossCoder, run_cfg: dict, out: Path, measured=None) -> li
     files = []
     for m, (rev, t) in enumerate(zip(revs, sae_slices(cc))):
         meta = dict(sae_lens_version="6.0.0",   # the cfg layout of SAELens 6 (no pre-6.0 key renaming on load)
-                    model_name=run_cfg.get("repo") or run_cfg.get("model"), hook_name=f"blocks.{layer}.hook_resid_post",
+                    model_name=_model_name(run_cfg), hook_name=f"blocks.{layer}.hook_resid_post",
                     hook_head_index=None, prepend_bos=True, context_size=run_cfg.get("data", {}).get("seq_len"),
                     model_from_pretrained_kwargs={"revision": rev},
                     not_the_crosscoder=SAE_NOTE,
