@@ -639,7 +639,7 @@ def export_run(fmt: str, args):
     if writer is None:
         raise UsageError(f"--to {fmt}: this format can only be read (--from {fmt})")
     if args.out is None:
-        raise UsageError(f"--to {fmt} needs --out (a .pt file or a folder)")
+        raise UsageError(f"--to {fmt} needs --out ({'a folder' if fmt == 'saelens' else 'a .pt file or a folder'})")
     run = analysis.open_run(args.run)
     out = Path(args.out)
     if fmt == "saelens" and out.suffix:
@@ -656,6 +656,9 @@ def export_run(fmt: str, args):
     else:
         if args.acts:
             raise UsageError("--acts only applies to --to saelens")
+        if run.cc.cfg.arch == "batchtopk" and run.cc.threshold < 0:
+            print(f"note: θ is unset (−1): this crosscoder keeps the top k·B of each batch, {fmt}'s eval mode "
+                  "would keep every positive latent", file=sys.stderr)
         files = writer(run.cc, run.config, out)
     print(f"wrote {', '.join(str(f) for f in files)}")
 
