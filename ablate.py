@@ -4,18 +4,21 @@
     python ablate.py --run runs/toy-L0-step64_step128_step512-l1
     python ablate.py --run runs/toy-L0-step64_step128_step512-l1 --subtasks across_pp,across_rc   # attractors only
 
-Latents are zeroed in crosscoder space with the error term kept, spliced into each revision:
+Latents are zeroed in crosscoder space with the error term kept, spliced into each revision, on the
+pairs relie.py held out (its split.csv: none of them was used to attribute or select the latents):
 - per revision m, its top-k latents by IE (relie's ie.csv, over --subtasks) all together, against
   --draws sets of k random latents of matched activation frequency (on the task's tokens), drawn
-  outside every revision's top-k set;
+  outside every revision's top-k set; and the joint ablation's Δ against the summed IE of its set
+  (the prediction the attribution makes) — the test the attribution is not computed from;
 - every latent of the union of those top-k sets alone.
 Per revision: Δ = mean logit difference (correct − wrong; = log p_correct − log p_wrong) clean minus
 ablated, and the accuracy drop. Per pair of revisions (A, B), over the union of A's and B's top-k
-latents: Spearman ρ of |Δ_B|/|Δ_A| with the 2-way RelIE, the normalised RelIE and RelDec (the
-paper's Table 7).
+latents, the consistency check (the paper's Table 7): Spearman ρ of |Δ_B|/|Δ_A| of single-latent
+ablations with the 2-way RelIE, the normalised RelIE and RelDec — AtP approximates exactly this
+ablation, so run it with relie.py --method ig too to see it as the paper did.
 
-Writes runs/<name>/ablation/<task>/: ablation.csv (every ablation × revision × sub-task),
-spearman.csv, then DONE; and prints both summaries.
+Writes runs/<name>/ablation/<task>/: ablation.csv (every ablation × revision × sub-task), joint.csv,
+consistency.csv, then DONE; and prints the summaries.
 """
 import json
 from pathlib import Path
@@ -31,7 +34,7 @@ import defaults
 import lm
 import measures
 import tasks
-from common import UsageError, atomic_path, mark_done, positive, require_done, run_main, unmark_done
+from common import UsageError, atomic_path, mark_done, positive, read_json, require_done, run_main, unmark_done
 
 
 def selection_ie(relie_dir, revisions, subtasks):
@@ -137,10 +140,7 @@ def main(argv=None):
             print(f"note: revision {r} has only {len(sets[r])} latents with a {how} IE; --top-k capped there")
 
     models = run.load_models()
-    pairs = tasks.load_task(task)
-    if subtasks:
-        pairs = [q for q in pairs if q.subtask in subtasks]
-    batch = tasks.tokenize_pairs(tasks.limit_pairs(pairs, args.max_pairs), models[0][2], task)
+    batch = test_pairs(relie_dir, task, models[0][2], args.max_pairs, subtasks)
     codes, freq = task_codes(run, models, batch, args.pair_batch)
     rng = np.random.default_rng(args.draw_seed)
     ablations = [("clean", "-", -1, [])]
@@ -150,15 +150,36 @@ def main(argv=None):
     ablations += [("single", "-", -1, [i]) for i in union]
     ld_MPC = ablated(run, models, codes, [a[3] for a in ablations], len(batch))
     df = ablation_table(run.revisions, ablations, ld_MPC, batch.subtask)
-    sp = spearman_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide)
+    sp = consistency_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide)
+    joint = joint_table(run.revisions, ablations, ld_MPC, ie_wide)
     out = run.folder / "ablation" / name
     unmark_done(out)
-    for name, frame in (("ablation.csv", df), ("spearman.csv", sp)):
+    for name, frame in (("ablation.csv", df), ("consistency.csv", sp), ("joint.csv", joint)):
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False)
-    mark_done(out, task=task, select=how, subtasks=subtasks, top_k=args.top_k, draws=args.draws)
-    print_summary(run.revisions, df, sp, subtasks, args.draws)
+    split = read_json(relie_dir / "summary.json", "attribution summary").get("split", {})
+    mark_done(out, task=task, select=how, subtasks=subtasks, top_k=args.top_k, draws=args.draws,
+              n_test_pairs=len(batch), in_sample=bool(split.get("in_sample")))
+    print_summary(run.revisions, df, sp, joint, subtasks, args.draws, len(batch), bool(split.get("in_sample")))
     print(f"wrote {out}/")
+
+
+def test_pairs(relie_dir, task, tok, max_pairs, subtasks):
+    """The pairs relie.py held out (its split.csv, side test — or both, for a run without a split),
+    checked against the task as it tokenizes now; optionally only some sub-tasks."""
+    split = pd.read_csv(relie_dir / "split.csv")
+    made_with = read_json(relie_dir / "summary.json", "attribution summary")["split"]["max_pairs"]
+    if max_pairs is not None and max_pairs != made_with:
+        raise UsageError(f"--max-pairs {max_pairs}: relie.py split this task with --max-pairs {made_with}; "
+                         "give the same (or leave it out)")
+    batch = tasks.tokenize_pairs(tasks.limit_pairs(tasks.load_task(task), made_with), tok, task)
+    if len(batch) != len(split) or [p.prefix for p in batch.pairs] != split.prefix.fillna("").tolist():
+        raise UsageError(f"{task} is not the pair set relie.py split ({relie_dir}/split.csv); run relie.py again")
+    rows = [int(r) for r, side, s in zip(split.row, split.side, split.subtask)
+            if side in ("test", "both") and (not subtasks or s in subtasks)]
+    if not rows:
+        raise UsageError(f"no held-out pair of {subtasks or task} in {relie_dir}/split.csv")
+    return batch.take(rows)
 
 
 def ablation_table(revisions, ablations, ld_MPC, subtask_P) -> pd.DataFrame:
@@ -188,9 +209,13 @@ def ablation_table(revisions, ablations, ld_MPC, subtask_P) -> pd.DataFrame:
     return df.sort_values(by="subtask", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
 
-def spearman_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide) -> pd.DataFrame:
-    """Spearman ρ of |Δ_B| / |Δ_A| (single-latent ablations) with 2-way RelIE / normalised RelIE / RelDec,
-    per pair of revisions over the union of their top-k sets; each ρ with its 95% bootstrap interval over
+def consistency_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide) -> pd.DataFrame:
+    """The consistency check of the attribution against single-latent ablation (the paper's Table 7 test):
+    Spearman ρ of |Δ_B| / |Δ_A| (single-latent ablations, on the test pairs) with 2-way RelIE / normalised
+    RelIE / RelDec (from the selection pairs), per pair of revisions over the union of their top-k sets.
+    AtP is the first-order approximation of exactly this ablation, and with --method exact on the same
+    pairs the RelIE ρ is 1 by construction: it checks the attribution, not the model (joint_table does).
+    Each ρ with its 95% bootstrap interval over
     the pairs (the Δ resampled; the RelIE and RelDec values held), and ρ(RelIE) − ρ(RelDec) with the
     interval of that difference from the same resamples."""
     revs = run.revisions
@@ -222,19 +247,49 @@ def spearman_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide) -> pd
     return pd.DataFrame(rows)
 
 
-def print_summary(revisions, df, sp, subtasks, draws):
+def joint_table(revisions, ablations, ld_MPC, ie_wide) -> pd.DataFrame:
+    """The test the attribution is not computed from: each revision's top-k set ablated together, its Δ
+    per revision predicted by the summed IE of the set (selection pairs) against the measured Δ (test
+    pairs, with its 95% bootstrap interval over them) and against the sum of the set's single-latent Δ
+    (how far the model is from additive on this set)."""
+    ld = ld_MPC.numpy()
+    clean_MP1 = ld[:, :, :1]
+    single = {lat[0]: c for c, (kind, _, _, lat) in enumerate(ablations) if kind == "single"}
+    rows = []
+    for c, (kind, sel_rev, _, lat) in enumerate(ablations):
+        if kind != "top" or not lat:
+            continue
+        delta_PM = (clean_MP1[:, :, 0] - ld[:, :, c]).T
+        mean, lo, hi = measures.mean_interval(delta_PM)
+        singles_M = sum((clean_MP1[:, :, 0] - ld[:, :, single[i]]).mean(1) for i in lat)
+        for m, r in enumerate(revisions):
+            rows.append(dict(selected_at=sel_rev, revision=r, k=len(lat),
+                             predicted=float(ie_wide.reindex(lat, fill_value=0.0)[r].sum()),
+                             measured=mean[m], measured_lo=lo[m], measured_hi=hi[m], single_sum=float(singles_M[m])))
+    return pd.DataFrame(rows)
+
+
+def print_summary(revisions, df, sp, joint, subtasks, draws, n_pairs, in_sample):
     focus = df[df.subtask == "all"]
     top = focus[focus.kind == "top"].pivot_table(index="selected_at", columns="revision", values="acc_drop")
     rnd = focus[focus.kind == "random"].pivot_table(index="selected_at", columns="revision", values="acc_drop")
-    print(f"accuracy drop (points) on {', '.join(subtasks) if subtasks else 'all sub-tasks'}; rows: the revision "
-          "whose top-k set is ablated, columns: the revision it is spliced into")
+    where = ("ALL pairs, the ones the latents were selected on (relie.py --test-frac 0): in-sample" if in_sample
+             else f"{n_pairs} held-out test pairs, none of which the latents were selected on")
+    print(f"accuracy drop (points) on {', '.join(subtasks) if subtasks else 'all sub-tasks'}, {where}; rows: the "
+          "revision whose top-k set is ablated, columns: the revision it is spliced into")
     print("top-k:\n" + (100 * top.reindex(index=revisions, columns=revisions)).round(1).to_string())
     print(f"random-k (mean of {draws}, matched frequency):\n"
           + (100 * rnd.reindex(index=revisions, columns=revisions)).round(1).to_string())
+    print("joint ablation of each top-k set: Δ (logit difference, clean − ablated) predicted by the summed IE vs "
+          "measured, and the sum of its single-latent Δ:\n"
+          + joint.round(3).to_string(index=False))
     show = sp[["A", "B", "n", "rho_relie", "rho_relie_lo", "rho_relie_hi", "rho_reldec", "rho_reldec_lo",
                "rho_reldec_hi", "rho_diff", "rho_diff_lo", "rho_diff_hi"]]
-    print("Spearman ρ of |Δ_B|/|Δ_A| (single-latent ablations), with 95% bootstrap intervals over the pairs:\n"
+    print("consistency check — Spearman ρ of |Δ_B|/|Δ_A| (single-latent ablations) with RelIE and RelDec; AtP "
+          "linearises exactly this ablation, so with AtP it checks the attribution more than the model:\n"
           + show.round(2).to_string(index=False))
+    print(f"intervals: {100 * measures.BOOTSTRAP_LEVEL:.0f}% bootstrap over the test pairs ({measures.BOOTSTRAP_N} "
+          "resamples); the spread over crosscoder and LM seeds is stability.py's, and is often wider")
 
 
 if __name__ == "__main__":

@@ -146,14 +146,33 @@ def pair_codes(run, models, batch):
     return x_BTMd, f_NF.view(B, T, -1), (x_BTMd - x_hat_NMd.view(B, T, M, d))
 
 
-# The attribution methods (relie.py --method): integrated gradients along a straight path from a baseline
-# to the clean point, or its first step (AtP), or exact zero-ablation of each latent.
-#   ig             the paper's: from the zero baseline, latents and error term both scaled by 1−α
-#   ig-error-held  from the zero baseline, latents scaled, the error term held at its clean value
-#   ig-mean        from the mean code (over the task's spliced tokens), the error term held
-#   atp            attribution patching: one gradient at the clean point, IE = −f · ∂μ/∂f
-#   exact          zero-ablate each latent (error kept): IE = μ(without i) − μ(clean)
-METHODS = ("ig", "ig-error-held", "ig-mean", "atp", "exact")
+@dataclass(frozen=True)
+class Method:
+    """One attribution method (relie.py --method): how IE_{m,i} is computed. A gradient method integrates
+    ∂μ/∂f along a straight path from its baseline to the clean codes at `steps` points (α = 0, 1/steps, …);
+    an ablation method zero-ablates each latent. The error term's IE is the path's own where the error is
+    scaled along it, else the exact effect of zeroing the error term (latents kept)."""
+    steps: int              # gradient points on the path; 0 for an ablation
+    baseline: str           # where the path starts: "zero" or "mean" (the task's mean code); "-" for an ablation
+    scale_error: bool       # the error term runs from 0 to r along the path (else it is held at r)
+    about: str
+
+    @property
+    def error_by(self) -> str:
+        return "the path's own gradient" if self.scale_error else "exact zero-ablation of the error term"
+
+
+# The table of attribution methods: a new one is one row here (and its branch in `attribute`).
+METHODS = {
+    "ig": Method(defaults.IG_STEPS, "zero", True, "integrated gradients from the zero baseline, latents and "
+                 "error term scaled together (the paper's)"),
+    "ig-error-held": Method(defaults.IG_STEPS, "zero", False, "integrated gradients from the zero baseline, the "
+                            "error term held"),
+    "ig-mean": Method(defaults.IG_STEPS, "mean", False, "integrated gradients from the task's mean code, the error "
+                      "term held"),
+    "atp": Method(1, "zero", True, "attribution patching: one gradient at the clean codes"),
+    "exact": Method(0, "-", False, "zero-ablate each latent, error kept (per pair |IE| ≤ --threshold zeroed)"),
+}
 
 
 def ie_gradient(run, model, m, batch, x_BTd, f_BTF, r_BTd, alphas, f_base_F=None, scale_error=True):
@@ -193,6 +212,13 @@ def ie_exact(run, model, m, batch, x_BTd, f_BTF, r_BTd, latents):
     return ld[:, :1] - ld[:, 1:], -ld[:, 0]
 
 
+def ie_error_exact(run, model, m, batch, x_BTd, f_BTF, r_BTd):
+    """The error term's exact IE [B]: μ with the error term zeroed (latents kept) minus μ clean."""
+    keep = ablated_logit_diffs(run, model, m, batch, x_BTd, f_BTF, r_BTd, [[]])
+    drop = ablated_logit_diffs(run, model, m, batch, x_BTd, f_BTF, torch.zeros_like(r_BTd), [[]])
+    return (keep - drop)[:, 0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Attribution over a task, and its check against exact ablation
 
@@ -208,19 +234,20 @@ def mean_code(run, models, batch, batch_size=16):
     return total / max(n, 1)
 
 
-def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, latents=None, steps=defaults.IG_STEPS):
+def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, latents=None, steps=None):
     """IE of every latent on every pair (METHODS), per revision. Returns sums per sub-task —
     'ie' [S, M, F], 'err' [S, M], 'clean' [S, M], 'n' [S], 'subtasks' — and per pair: 'pair_ie', per
-    revision a sparse [P, F], and 'pair_err' [P, M]."""
+    revision a sparse [P, F], and 'pair_err' [P, M]; 'steps', the gradient points actually used."""
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    how = METHODS[method]
+    steps = how.steps if steps is None or how.steps <= 1 else steps
     subtasks = list(dict.fromkeys(batch.subtask))
     S, M, Fdim = len(subtasks), len(models), run.cc.cfg.dict_size
     ie, err, n = torch.zeros(S, M, Fdim), torch.zeros(S, M), torch.zeros(S)
     clean = torch.zeros(S, M)
-    alphas = [i / steps for i in range(steps)] if method.startswith("ig") else [0.0]
-    f_base = mean_code(run, models, batch, batch_size) if method == "ig-mean" else None
-    scale_error = method in ("ig", "atp")
+    alphas = [i / steps for i in range(steps)]
+    f_base = mean_code(run, models, batch, batch_size) if how.baseline == "mean" else None
     lat = list(range(Fdim)) if latents is None else list(latents)   # for method="exact"
     pair_ie, pair_err = [[] for _ in models], []
     for i in tqdm(range(0, len(batch), batch_size), desc=f"IE ({method})", unit="batch"):
@@ -230,23 +257,27 @@ def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, lat
         n.index_add_(0, s_idx, torch.ones(len(b)))
         errs = []
         for m, (_, model, _) in enumerate(models):
-            if method == "exact":
-                vals, clean_B = ie_exact(run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], lat)
+            x_m, r_m = x[:, :, m], r_BTMd[:, :, m]
+            if how.steps == 0:
+                vals, clean_B = ie_exact(run, model, m, b, x_m, f_BTF, r_m, lat)
+                vals = torch.where(vals.abs() > threshold, vals, torch.zeros_like(vals))
                 ie_BF = torch.zeros(len(b), Fdim)
                 ie_BF[:, lat] = vals.cpu()
-                err_B, clean_B = torch.zeros(len(b)), clean_B.cpu()
+                clean_B = clean_B.cpu()
             else:
-                ie_BTF, err_BT, clean_B = ie_gradient(run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], alphas,
-                                                      f_base, scale_error)
+                ie_BTF, err_BT, clean_B = ie_gradient(run, model, m, b, x_m, f_BTF, r_m, alphas, f_base,
+                                                      how.scale_error)
                 ie_BTF = torch.where(ie_BTF.abs() > threshold, ie_BTF, torch.zeros_like(ie_BTF))
                 ie_BF, err_B, clean_B = ie_BTF.sum(1).detach().cpu(), err_BT.sum(1).detach().cpu(), clean_B.cpu()
+            if not how.scale_error:
+                err_B = ie_error_exact(run, model, m, b, x_m, f_BTF, r_m).cpu()
             ie[:, m].index_add_(0, s_idx, ie_BF)
             err[:, m].index_add_(0, s_idx, err_B)
             clean[:, m].index_add_(0, s_idx, clean_B)
             pair_ie[m].append(ie_BF.to_sparse())
             errs.append(err_B)
         pair_err.append(torch.stack(errs, 1))
-    return dict(ie=ie, err=err, n=n, clean=clean, subtasks=subtasks, method=method,
+    return dict(ie=ie, err=err, n=n, clean=clean, subtasks=subtasks, method=method, steps=steps,
                 pair_ie=[torch.cat(p, 0).coalesce() for p in pair_ie], pair_err=torch.cat(pair_err))
 
 

@@ -506,7 +506,7 @@ def page_ablation(run: Path):
     single = d[d.kind == "single"].pivot_table(index="latents", columns="revision", values="delta")
     st.subheader("Single-latent ablations: Δ logit difference per revision")
     st.dataframe(single, width="stretch")
-    sp = csv_of(inside(folder, name) / "spearman.csv")
+    sp = csv_of(inside(folder, name) / "consistency.csv")
     if sp is not None:
         st.subheader("Spearman ρ of |Δ_B|/|Δ_A| with 2-way RelIE, normalised RelIE and RelDec")
         st.dataframe(sp, width="stretch")

@@ -35,6 +35,17 @@ finite_positive = lambda name: _finite(name, 0.0, strict=True)        # noqa: E7
 finite_nonnegative = lambda name: _finite(name, 0.0, strict=False)    # noqa: E731
 
 
+def fraction(name):
+    """argparse type for a number in [0, 1), with a one-line error naming the flag."""
+    def parse(s):
+        from common import UsageError
+        v = finite_nonnegative(name)(s)
+        if v >= 1:
+            raise UsageError(f"{name} must be a number in [0, 1), got {s}")
+        return v
+    return parse
+
+
 # name → argparse keywords (without the default, which each script sets from its preset)
 FLAGS = {
     "--model": dict(help="a model key (toy, pythia-70m … pythia-12b, olmo-1b, bloom-1b1), a Hugging Face "
@@ -68,6 +79,10 @@ FLAGS = {
                      "right answer, or by |IE| (the paper's) (default: %(default)s; ablate.py: what relie.py used)"),
     "--threshold": dict(type=finite_nonnegative("--threshold"), help="per-token |IE| at or below this is zeroed "
                         "(default: %(default)s, the preset's)"),
+    "--test-frac": dict(type=fraction("--test-frac"), help="share of the minimal pairs held out from attribution "
+                        "and selection for ablate.py to test on, whole groups of near-copies at a time (0: no "
+                        "split, every finding in-sample; default: %(default)s)"),
+    "--split-seed": dict(type=int, help="seed of the selection / test split of the pairs (default: %(default)s)"),
     "--max-pairs": dict(type=positive("--max-pairs"), help="at most this many pairs per sub-task (default: all)"),
     "--pair-batch": dict(type=positive("--pair-batch"), help="minimal pairs per forward pass (default: %(default)s)"),
     "--batch-size": dict(type=positive("--batch-size"), help="token positions per training step, over all "

@@ -65,6 +65,7 @@ METHOD = "atp"          # relie.py's attribution (analysis.METHODS): the one agr
 TOP_K = 10              # latents per revision studied (by IE)
 SELECT = "positive"     # ... ranked by positive IE (supporting the right answer); "abs" is the paper's |IE|,
 #                         which mixes in latents that push the wrong way, so ablating its top-k cancels out
+TEST_FRAC = 0.5         # share of the minimal pairs held out from selection for every ablation (relie.py)
 DRAWS = 5               # random-k sets per ablation
 ARCH = "l1"             # the paper's crosscoder (train.py --arch)
 

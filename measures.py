@@ -68,11 +68,22 @@ def normalise(ie_MF):
 TIMELINE_CLASSES = ("kept", "emerging", "discontinued", "transient")
 
 
+def _first_lasting(cond_NM, start_N):
+    """Per row, the first revision m ≥ start where cond holds at m and at m+1 (or m is the last
+    revision): a state that lasts ≥ 2 revisions or to the end; −1 where there is none."""
+    N, M = cond_NM.shape
+    nxt = np.concatenate([cond_NM[:, 1:], np.ones((N, 1), dtype=bool)], 1)
+    ok = cond_NM & nxt & (np.arange(M)[None, :] >= np.asarray(start_N)[:, None])
+    return np.where(ok.any(1), ok.argmax(1), -1)
+
+
 def timeline(values_NM, revisions, tokens=None, prefix="") -> pd.DataFrame:
     """Per row (latent) of non-negative values over revisions in training order (decoder norms, |IE|):
-    formed_at = the first revision reaching half the row's maximum, peak_at = the maximum, faded_at = the
-    first revision after the peak below half the maximum ('' if it never fades), each also in tokens seen
-    (NaN where a revision's name gives none), and the class: kept (formed at the first revision, never
+    formed_at = the first revision from which the row stays at ≥ half its maximum for ≥ 2 revisions (or
+    to the end; a one-revision spike forms at its peak), peak_at = the maximum, faded_at = the first
+    revision after the peak from which it stays below half for ≥ 2 revisions or to the end ('' if it
+    never fades) — one noisy revision neither forms nor fades a latent —, each also in tokens seen (NaN
+    where a revision's name gives none), and the class: kept (formed at the first revision, never
     fades), emerging (forms later, never fades), discontinued (formed at the first, fades), transient
     (forms later and fades inside the window). An all-zero row gets no points and no class."""
     v = np.abs(np.asarray(values_NM, dtype=float))
@@ -80,10 +91,9 @@ def timeline(values_NM, revisions, tokens=None, prefix="") -> pd.DataFrame:
     tokens = [np.nan if t is None else t for t in (tokens or [None] * M)]
     peak = v.argmax(1)
     half = v.max(1, keepdims=True) / 2
-    reached = (v >= half) & (half > 0)
-    formed = np.where(reached.any(1), reached.argmax(1), -1)
-    below = (v < half) & (np.arange(M)[None, :] > peak[:, None])
-    faded = np.where(below.any(1), below.argmax(1), -1)
+    formed = _first_lasting((v >= half) & (half > 0), np.zeros(N, dtype=int))
+    formed = np.where((formed < 0) | (formed > peak), peak, formed)
+    faded = _first_lasting(v < half, peak + 1)
     alive = half[:, 0] > 0
     cls = np.where(formed == 0, np.where(faded >= 0, "discontinued", "kept"),
                    np.where(faded >= 0, "transient", "emerging"))
@@ -96,6 +106,43 @@ def timeline(values_NM, revisions, tokens=None, prefix="") -> pd.DataFrame:
         out[f"{prefix}{k}_tokens"] = toks[pick(idx)]
     out[f"{prefix}timeline_class"] = np.where(alive, cls, "")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Signed classes: a latent that hurts the task where it matters most is not the same finding as one
+# that helps there
+
+PLUS, MINUS = "+", "−"
+
+
+def signed(classes, sign_N) -> list[str]:
+    """'+class' / '−class' by the sign of the IE at the revision that decided the class ('' stays '')."""
+    return [c and (PLUS if s >= 0 else MINUS) + c for c, s in zip(classes, np.asarray(sign_N, dtype=float))]
+
+
+def sign_at(ie_NM, where_N) -> np.ndarray:
+    """The sign of each row's IE at its revision where_N."""
+    ie = np.asarray(ie_NM, dtype=float)
+    return np.sign(ie[np.arange(len(ie)), np.asarray(where_N, dtype=int)])
+
+
+def unsigned(cls: str) -> str:
+    """The class without its sign."""
+    return cls[1:] if cls[:1] in (PLUS, MINUS) else cls
+
+
+def agreement(point, samples_nN) -> np.ndarray:
+    """Per latent, the fraction of bootstrap resamples whose class equals the point estimate's."""
+    s = np.asarray(samples_nN, dtype=object)
+    return (s == np.asarray(point, dtype=object)[None, :]).mean(0)
+
+
+def peak_fraction(values_NM) -> np.ndarray:
+    """Each row divided by its own maximum (|value|): the many-checkpoint heatmap's colour, in which
+    formation reads as a staircase when rows are sorted by formed_at."""
+    v = np.abs(np.asarray(values_NM, dtype=float))
+    top = v.max(1, keepdims=True)
+    return v / np.where(top > 0, top, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,6 +61,9 @@ def select(ie_MF, k, how="abs"):
 
 
 def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
+    """One row per chosen latent: IE per revision, RelIE (paper's and normalised) and RelDec with their
+    classes — the IE ones signed by the IE where the class is decided —, 2-way values, and timelines
+    of the decoder norms, of |IE| and of |IE| as a share of each revision's total."""
     revs = run.revisions
     ie_MF, _ = mean_ie(att)
     nie_MF = measures.normalise(ie_MF)
@@ -69,18 +72,29 @@ def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
     for m, r in enumerate(revs):
         df[f"ie_{r}"] = ie_NM[:, m]
     rd = reldec_FM[chosen]
+    dominant = np.abs(ie_NM).argmax(1)
     measures.add_shares(df, "relie", measures.rel(ie_NM), revs)
     measures.add_shares(df, "relie_norm", measures.rel(nie_NM), revs)
     measures.add_shares(df, "reldec", rd, revs)
+    for name in ("relie_class", "relie_norm_class"):
+        df[name] = measures.signed(df[name], measures.sign_at(ie_NM, dominant))
     for a, b in measures.pairs_of(revs):
         tag = f"{revs[a]}_{revs[b]}"
+        sign2 = measures.sign_at(ie_NM, np.where(np.abs(ie_NM[:, b]) >= np.abs(ie_NM[:, a]), b, a))
         for name, vals in (("relie2", ie_NM), ("relie2_norm", nie_NM), ("reldec2", rd)):
             r2 = measures.rel2(vals[:, a], vals[:, b])
             df[f"{name}_{tag}"] = r2
-            df[f"{name}_class_{tag}"] = measures.classify2(r2)
+            cls = measures.classify2(r2)
+            df[f"{name}_class_{tag}"] = cls if name == "reldec2" else measures.signed(cls, sign2)
     tokens = run.revision_tokens
+    ie_tl = measures.timeline(ie_NM, revs, tokens, prefix="ie_")
+    ie_tl["ie_timeline_class"] = measures.signed(ie_tl["ie_timeline_class"],
+                                                 measures.sign_at(ie_NM, np.abs(ie_NM).argmax(1)))
+    norm_tl = measures.timeline(nie_NM, revs, tokens, prefix="ie_norm_")
+    norm_tl["ie_norm_timeline_class"] = measures.signed(norm_tl["ie_norm_timeline_class"],
+                                                        measures.sign_at(ie_NM, np.abs(nie_NM).argmax(1)))
     df = pd.concat([df, measures.timeline(run.cc.decoder_norms().detach().cpu().numpy()[chosen], revs, tokens),
-                    measures.timeline(ie_NM, revs, tokens, prefix="ie_")], axis=1)   # decoder norms, |IE|
+                    ie_tl, norm_tl], axis=1)
     df["artifact"] = [bool(flags.get(i, False)) for i in chosen]
     df["description"] = [annotations.get(i, {}).get("description", "") for i in chosen]
     df["tags"] = [annotations.get(i, {}).get("tags", "") for i in chosen]
@@ -88,8 +102,10 @@ def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
 
 
 def add_intervals(df, pv_PMK, revisions):
-    """Columns ie_<rev>_lo/_hi (the mean IE's 95% bootstrap interval over pairs) and relie_<rev>_lo/_hi
-    (the one-vs-all RelIE's, from the same resamples)."""
+    """Columns ie_<rev>_lo/_hi (the mean IE's 95% bootstrap interval over the selection pairs),
+    relie_<rev>_lo/_hi (the one-vs-all RelIE's, from the same resamples), and the bootstrap agreement of
+    the signed RelIE class and |IE| timeline class (relie_class_agree, ie_timeline_class_agree: the
+    fraction of resamples giving the same class; the app greys classes under 0.8)."""
     means_nMK = measures.bootstrap_means(pv_PMK)
     ie_lo, ie_hi = measures.interval(means_nMK)
     rel_nMK = np.abs(means_nMK) / np.maximum(np.abs(means_nMK).sum(1, keepdims=True), 1e-300)
@@ -97,6 +113,14 @@ def add_intervals(df, pv_PMK, revisions):
     for m, r in enumerate(revisions):
         df[f"ie_{r}_lo"], df[f"ie_{r}_hi"] = ie_lo[m], ie_hi[m]
         df[f"relie_{r}_lo"], df[f"relie_{r}_hi"] = rel_lo[m], rel_hi[m]
+    n, M, K = means_nMK.shape
+    ie_nKM = means_nMK.transpose(0, 2, 1).reshape(n * K, M)
+    dominant = np.abs(ie_nKM).argmax(1)
+    rel_cls = measures.signed(measures.classify(measures.rel(ie_nKM), revisions),
+                              measures.sign_at(ie_nKM, dominant))
+    tl_cls = measures.signed(measures.timeline(ie_nKM, revisions)["timeline_class"], measures.sign_at(ie_nKM, dominant))
+    df["relie_class_agree"] = measures.agreement(df["relie_class"], np.reshape(rel_cls, (n, K)))
+    df["ie_timeline_class_agree"] = measures.agreement(df["ie_timeline_class"], np.reshape(tl_cls, (n, K)))
 
 
 def read_annotations(folder) -> dict:
@@ -206,12 +230,11 @@ def parse_args(argv=None):
             run=str(run_dir), top_k=defaults.TOP_K, select=defaults.SELECT, pair_batch=16,
             device=defaults.default_device())
     p.add_argument("--task", nargs="+", default=[spec.task], help=cli.FLAGS["--task"]["help"])
-    p.add_argument("--method", choices=analysis.METHODS, default=defaults.METHOD,
-                   help="ig: integrated gradients from the zero baseline, latents and error scaled (the paper's); "
-                        "ig-error-held: the error term held; ig-mean: from the task's mean code, error held; atp: "
-                        "attribution patching (one gradient at the clean point); exact: zero-ablate each latent "
-                        "(default: %(default)s, the one that agrees best with exact ablation: RESULTS.md)")
-    cli.add(p, "--threshold", threshold=pre.ie_threshold)
+    p.add_argument("--method", choices=list(analysis.METHODS), default=defaults.METHOD,
+                   help="; ".join(f"{k}: {v.about}" for k, v in analysis.METHODS.items())
+                   + " (default: %(default)s; README: the methods compared)")
+    cli.add(p, "--threshold", "--test-frac", "--split-seed", threshold=pre.ie_threshold, test_frac=defaults.TEST_FRAC,
+            split_seed=0)
     p.add_argument("--latents", default=None, help="--method exact: comma-separated latents to ablate (default: all)")
     p.add_argument("--context-blocks", type=positive("--context-blocks"), default=pre.context_blocks,
                    help="held-out text blocks searched for top-activating contexts (default: %(default)s)")
@@ -235,11 +258,43 @@ def main(argv=None):
         relie_task(run, models, task, args, args.threshold, latents)
 
 
+def coverage(ie_MF, err_M, revisions) -> dict:
+    """Per revision, how much of the task's IE the latents carry: |Σ_i IE_i| / (|Σ_i IE_i| + |IE_error|)."""
+    out = {}
+    for m, r in enumerate(revisions):
+        lat, err = float(ie_MF[m].sum()), float(err_M[m])
+        out[r] = dict(latents_ie=lat, error_ie=err,
+                      latents_share=abs(lat) / (abs(lat) + abs(err)) if abs(lat) + abs(err) > 0 else None)
+    return out
+
+
+def warn_coverage(cov, task):
+    for r, c in cov.items():
+        if c["latents_share"] is not None and c["latents_share"] < 0.5:
+            print(f"warning: at {r} the error term carries {100 * (1 - c['latents_share']):.0f}% of {task}'s IE "
+                  "(the latents the rest): the crosscoder misses much of what the LM uses there, and findings "
+                  "about its latents at that revision cover only part of the task; try another --layer, a larger "
+                  "--dict-size or a lower --l1-coeff")
+
+
+def split_table(batch, sel_rows, test_rows, groups) -> pd.DataFrame:
+    """split.csv: every tokenized pair with its group of near-copies and its side."""
+    sel, test = set(sel_rows), set(test_rows)
+    side = ["both" if i in sel and i in test else "selection" if i in sel else "test" for i in range(len(batch))]
+    return pd.DataFrame(dict(row=range(len(batch)), subtask=batch.subtask, prefix=[p.prefix for p in batch.pairs],
+                             good=[p.good for p in batch.pairs], bad=[p.bad for p in batch.pairs], group=groups,
+                             side=side))
+
+
 def relie_task(run, models, task, args, threshold, latents):
     pairs = tasks.limit_pairs(tasks.load_task(task), args.max_pairs)
     batch = tasks.tokenize_pairs(pairs, models[0][2], task)
     out = run.folder / "relie" / (args.name or Path(task).stem)
     unmark_done(out)
+    # attribution, RelIE and the top-k choice see the selection half only; ablate.py tests on the rest
+    sel_rows, test_rows, groups = tasks.split_pairs(batch.pairs, args.test_frac, args.split_seed)
+    split = split_table(batch, sel_rows, test_rows, groups)
+    batch = batch.take(sel_rows)
     att = attribute(run, models, batch, args.method, threshold, args.pair_batch, latents)
     ie_MF, err_M = mean_ie(att)
     nonzero = int((np.abs(ie_MF) > 0).any(0).sum())
@@ -277,15 +332,21 @@ def relie_task(run, models, task, args, threshold, latents):
     ie_df = pd.DataFrame(rows, columns=["subtask", "revision", "latent", "ie", "ie_norm"])
     err_df = pd.DataFrame(erows, columns=["subtask", "revision", "ie_error", "ie_latents_sum", "ie_latents_abs",
                                           "error_share", "clean_logit_diff", "n_pairs"])
-    summary = dict(task=task, method=args.method, threshold=threshold,
-                   steps=defaults.IG_STEPS if args.method == "ig" else 1,
-                   select=args.select, top_k=k, n_pairs=len(batch), subtasks=att["subtasks"],
-                   revisions=run.revisions, chosen=chosen, error_ie=dict(zip(run.revisions, map(float, err_M))),
+    cov = coverage(ie_MF, err_M, run.revisions)
+    how = analysis.METHODS[args.method]
+    summary = dict(task=task, method=args.method, threshold=threshold, steps=att["steps"], baseline=how.baseline,
+                   error_ie_by=how.error_by, select=args.select, top_k=k, n_pairs=len(batch),
+                   subtasks=att["subtasks"], revisions=run.revisions, chosen=chosen,
+                   error_ie=dict(zip(run.revisions, map(float, err_M))), coverage=cov,
                    classes=sheet["relie_class"].value_counts().to_dict(),
                    classes_norm=sheet["relie_norm_class"].value_counts().to_dict(), faithfulness=faith,
-                   intervals=dict(level=measures.BOOTSTRAP_LEVEL, resamples=measures.BOOTSTRAP_N, over="pairs",
+                   split=dict(test_frac=args.test_frac, seed=args.split_seed, group_key=tasks.SPLIT_KEY,
+                              max_pairs=args.max_pairs, n_selection=len(sel_rows), n_test=len(test_rows),
+                              n_groups=len(set(groups)), in_sample=args.test_frac == 0),
+                   intervals=dict(level=measures.BOOTSTRAP_LEVEL, resamples=measures.BOOTSTRAP_N,
+                                  over="the selection pairs (not the crosscoder's or the LM's seed: stability.py)",
                                   seed=measures.BOOTSTRAP_SEED))
-    for name, df in (("ie.csv", ie_df), ("error.csv", err_df), ("latents.csv", sheet)):
+    for name, df in (("ie.csv", ie_df), ("error.csv", err_df), ("latents.csv", sheet), ("split.csv", split)):
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
     write_text(out / "contexts.json", json.dumps(contexts))
@@ -295,7 +356,17 @@ def relie_task(run, models, task, args, threshold, latents):
     mark_done(out, task=task)                   # last: the folder is complete
     print(sheet[["latent"] + [f"ie_{r}" for r in run.revisions] + ["relie_class", "relie_norm_class",
                                                                      "reldec_class"]].to_string(index=False))
-    print("error-term IE per revision:", {r: round(float(v), 4) for r, v in zip(run.revisions, err_M)})
+    print("error-term IE per revision:", {r: round(float(v), 4) for r, v in zip(run.revisions, err_M)},
+          f"({how.error_by})")
+    print("latents' share of the task's IE per revision:",
+          {r: None if c["latents_share"] is None else round(c["latents_share"], 2) for r, c in cov.items()})
+    warn_coverage(cov, task)
+    print(f"pairs: {len(sel_rows)} for selection, {len(test_rows)} held out for ablate.py "
+          f"({len(set(groups))} groups of near-copies, each on one side)" if args.test_frac > 0 else
+          "pairs: no split (--test-frac 0): every finding ablate.py reports is then measured on the pairs it was "
+          "selected on")
+    print(f"intervals: {100 * measures.BOOTSTRAP_LEVEL:.0f}% bootstrap over the selection pairs; the spread over "
+          "crosscoder and LM seeds is stability.py's")
     print(f"faithfulness ({args.method} vs exact ablation of these latents): Spearman ρ {faith['rho']:.2f} "
           f"(AtP: {faith['rho_atp']:.2f}); {faith['n_flagged']} of {faith['n']} (latent, revision) disagree in "
           "sign or by more than 2×")

@@ -112,7 +112,7 @@ def findings_of(folder, name, revisions) -> dict:
         a = abl[abl.revision == r]
         out[f"ablation_gap_{r}"] = 100 * (a[a.kind == "top"].acc_drop.mean() - a[a.kind == "random"].acc_drop.mean())
     out["ablation_gap_last"] = out[f"ablation_gap_{revisions[-1]}"]
-    sp = pd.read_csv(folder / "ablation" / name / "spearman.csv")
+    sp = pd.read_csv(folder / "ablation" / name / "consistency.csv")
     for row in sp.itertuples():
         out[f"rho_relie_{row.A}_{row.B}"] = row.rho_relie
         out[f"rho_reldec_{row.A}_{row.B}"] = row.rho_reldec

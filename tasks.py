@@ -12,6 +12,7 @@ A minimal pair is a prefix and two one-word continuations, the grammatical one a
 """
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,73 @@ def load_task(name: str) -> list[Pair]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The selection / test split: attribution and the top-k choice on one half, every ablation on the other
+
+DETERMINERS = {"the", "a", "an", "this", "that", "these", "those", "some", "every", "no", "my", "his", "her"}
+SPLIT_KEY = "same prefix, or same (first word after the determiner, last word of the prefix)"
+
+
+def pair_keys(p: Pair) -> tuple[str, tuple[str, str]]:
+    """The two things near-copies share: the prefix itself, and (head, last word) — in "the key to the
+    cabinets" the head noun and the attractor, in "the boy" the head twice."""
+    words = p.prefix.lower().split()
+    head = next((w for w in words if w not in DETERMINERS), words[0] if words else "")
+    return p.prefix.strip().lower(), (head, words[-1] if words else "")
+
+
+def split_groups(pairs: list[Pair]) -> list[int]:
+    """A group id per pair: pairs linked by a shared key (pair_keys), directly or through others, share
+    a group (union-find), so no near-copy of a pair can fall on the other side of a split."""
+    parent = list(range(len(pairs)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    first = {}
+    for i, p in enumerate(pairs):
+        for key in pair_keys(p):
+            j = first.setdefault(key, i)
+            parent[root(i)] = root(j)
+    roots = [root(i) for i in range(len(pairs))]
+    ids = {r: n for n, r in enumerate(dict.fromkeys(roots))}
+    return [ids[r] for r in roots]
+
+
+def split_pairs(pairs: list[Pair], test_frac: float, seed: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """(selection rows, test rows, group per row): whole groups (split_groups) go to the test half, in a
+    seeded random order within each sub-task, until that sub-task has test_frac of its pairs there.
+    test_frac 0 puts every pair on both sides (no split: every finding is then in-sample)."""
+    groups = split_groups(pairs)
+    if test_frac <= 0:
+        everything = list(range(len(pairs)))
+        return everything, everything, groups
+    rng = random.Random(seed)
+    members = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    by_subtask = {}
+    for g, rows in members.items():        # a group belongs to the sub-task of its first pair
+        by_subtask.setdefault(pairs[rows[0]].subtask, []).append(g)
+    test = set()
+    for gs in by_subtask.values():
+        want = test_frac * sum(len(members[g]) for g in gs)
+        rng.shuffle(gs)
+        n = 0
+        for g in gs:
+            if n >= want:
+                break
+            test.update(members[g])
+            n += len(members[g])
+    selection = [i for i in range(len(pairs)) if i not in test]
+    if not selection or not test:
+        raise UsageError(f"{len(pairs)} pairs in {len(members)} groups of near-copies cannot be split into a "
+                         f"selection and a test half at --test-frac {test_frac}; give more pairs or --test-frac 0")
+    return selection, sorted(test), groups
+
+
+# ---------------------------------------------------------------------------------------------
 # Tokenisation: left-padded prefixes, one answer token each
 
 @dataclass
@@ -193,6 +261,12 @@ class PairBatch:
     def slice(self, i, j):
         return PairBatch(self.ids_BT[i:j], self.mask_BT[i:j], self.good_B[i:j], self.bad_B[i:j],
                          self.subtask[i:j], self.pairs[i:j])
+
+    def take(self, idx):
+        """The rows idx (a list of row numbers), in that order."""
+        t = torch.as_tensor(list(idx), dtype=torch.long)
+        return PairBatch(self.ids_BT[t], self.mask_BT[t], self.good_B[t], self.bad_B[t],
+                         [self.subtask[i] for i in idx], [self.pairs[i] for i in idx])
 
 
 def encode_pair(p: Pair, tok) -> tuple[list[int], int, int] | None:

@@ -17,7 +17,7 @@ def toy(toy_pipeline):
     summary = json.loads((run / "relie" / "toy_sva" / "summary.json").read_text())
     return dict(run=run, revs=cfg["revisions"], summary=summary,
                 abl=pd.read_csv(run / "ablation" / "toy_sva" / "ablation.csv"),
-                sp=pd.read_csv(run / "ablation" / "toy_sva" / "spearman.csv"))
+                sp=pd.read_csv(run / "ablation" / "toy_sva" / "consistency.csv"))
 
 
 def test_training_quality(toy):
