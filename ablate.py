@@ -65,18 +65,6 @@ def top_sets(ie_wide, k, how):
     return out
 
 
-def matched_random(freq_F, chosen, rng, exclude):
-    """For each chosen latent, a random latent outside `exclude` among the 5 nearest in activation
-    frequency; ties in frequency (dead latents, say) are broken at random, anew each draw."""
-    pool = rng.permutation([i for i in range(len(freq_F)) if i not in exclude])
-    out = []
-    for i in chosen:
-        near = pool[np.argsort(np.abs(freq_F[pool] - freq_F[i]), kind="stable")[:5]]
-        near = [j for j in near if j not in out] or list(near)
-        out.append(int(rng.choice(near)))
-    return out
-
-
 def task_codes(run, models, batch, pair_batch):
     """Every pair batch's block-L outputs, codes and errors (kept on the CPU, moved to the device one batch
     at a time), and each latent's activation frequency on the task's spliced tokens."""
@@ -140,13 +128,14 @@ def main(argv=None):
             print(f"note: revision {r} has only {len(sets[r])} latents with a {how} IE; --top-k capped there")
 
     models = run.load_models()
-    batch = test_pairs(relie_dir, task, models[0][2], args.max_pairs, subtasks)
+    batch, rows = test_pairs(relie_dir, task, models[0][2], args.max_pairs, subtasks)
     codes, freq = task_codes(run, models, batch, args.pair_batch)
     rng = np.random.default_rng(args.draw_seed)
     ablations = [("clean", "-", -1, [])]
     for r in run.revisions:
         ablations.append(("top", r, -1, sets[r]))
-        ablations += [("random", r, d, matched_random(freq, sets[r], rng, set(union))) for d in range(args.draws)]
+        ablations += [("random", r, d, measures.matched_random(freq, sets[r], rng, set(union)))
+                      for d in range(args.draws)]
     ablations += [("single", "-", -1, [i]) for i in union]
     ld_MPC = ablated(run, models, codes, [a[3] for a in ablations], len(batch))
     df = ablation_table(run.revisions, ablations, ld_MPC, batch.subtask)
@@ -159,14 +148,14 @@ def main(argv=None):
             frame.to_csv(tmp, index=False)
     split = read_json(relie_dir / "summary.json", "attribution summary").get("split", {})
     mark_done(out, task=task, select=how, subtasks=subtasks, top_k=args.top_k, draws=args.draws,
-              n_test_pairs=len(batch), in_sample=bool(split.get("in_sample")))
+              test_rows=[int(i) for i in rows], in_sample=bool(split.get("in_sample")))
     print_summary(run.revisions, df, sp, joint, subtasks, args.draws, len(batch), bool(split.get("in_sample")))
     print(f"wrote {out}/")
 
 
 def test_pairs(relie_dir, task, tok, max_pairs, subtasks):
     """The pairs relie.py held out (its split.csv, side test — or both, for a run without a split),
-    checked against the task as it tokenizes now; optionally only some sub-tasks."""
+    checked against the task as it tokenizes now; optionally only some sub-tasks. Returns them and their rows."""
     split = pd.read_csv(relie_dir / "split.csv")
     made_with = read_json(relie_dir / "summary.json", "attribution summary")["split"]["max_pairs"]
     if max_pairs is not None and max_pairs != made_with:
@@ -179,7 +168,7 @@ def test_pairs(relie_dir, task, tok, max_pairs, subtasks):
             if side in ("test", "both") and (not subtasks or s in subtasks)]
     if not rows:
         raise UsageError(f"no held-out pair of {subtasks or task} in {relie_dir}/split.csv")
-    return batch.take(rows)
+    return batch.take(rows), rows
 
 
 def ablation_table(revisions, ablations, ld_MPC, subtask_P) -> pd.DataFrame:

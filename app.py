@@ -209,7 +209,33 @@ def latent_frame(run: Path, cfg: dict, task: str | None, source: str) -> pd.Data
         placed["y"] = placed["freq"] if "freq" in placed else placed[f"dec_norm_{revs[-1]}"]
     cls = {"RelDec": "reldec_class", "RelIE": "relie_class", "RelIE (normalised)": "relie_norm_class"}[source]
     placed["class"] = placed[cls].fillna("not attributed")
+    # a class that under 80% of the bootstrap resamples reproduce is shown greyed
+    agree = f"{cls}_agree"
+    placed["agree"] = placed[agree].fillna(1.0) if agree in placed else 1.0
     return placed
+
+
+def show_trust(run: Path, task: str, summary: dict):
+    """What the attribution covers and what its intervals resample, beside the seed spread where
+    stability.py measured one."""
+    cov = summary.get("coverage") or {}
+    shares = {r: c["latents_share"] for r, c in cov.items() if c.get("latents_share") is not None}
+    if shares:
+        st.caption("Latents' share of the task's IE (the rest is the error term): "
+                   + ", ".join(f"{r} {100 * v:.0f}%" for r, v in shares.items()))
+        for r, v in shares.items():
+            if v < 0.5:
+                st.warning(f"At {r} the error term carries {100 * (1 - v):.0f}% of the task's IE: the crosscoder "
+                           "misses much of what the LM uses there (try another layer, a larger F or a lower λ).")
+    split = summary.get("split") or {}
+    where = ("no split: ablations are in-sample" if split.get("in_sample") else
+             f"{split.get('n_selection')} pairs for selection, {split.get('n_test')} held out for ablation")
+    stab = json_of(run / "stability" / "stability.json") or {}
+    gap = (stab.get("findings") or {}).get("ablation_gap_last") or {}
+    seeds = (f"; over {len(stab.get('seeds', []))} crosscoder seeds the top-k − random-k gap at the last revision "
+             f"ranged {gap['min']:.1f}–{gap['max']:.1f} points (stability.py)" if gap.get("min") is not None else "")
+    st.caption(f"Pairs: {where}. Intervals are 95% bootstrap over pairs; they do not cover the crosscoder's or the "
+               f"LM's seed{seeds}. Classes greyed: under 80% of bootstrap resamples give the same class.")
 
 
 def context_html(ctx: dict) -> str:
@@ -245,7 +271,8 @@ def page_latents(run: Path, cfg: dict):
     left, right = st.columns([3, 2])
     tip = ["latent", "class"] + [c for c in view.columns if c.startswith(("reldec_", "relie_")) and c[-1] != "s"][:6]
     chart = alt.Chart(view).mark_circle(opacity=0.7).encode(
-        x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), color="class:N",
+        x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None),
+        color=alt.condition("datum.agree < 0.8", alt.value("lightgray"), alt.Color("class:N")),
         size=alt.Size("freq:Q", legend=None) if "freq" in view else alt.value(40),
         tooltip=[c for c in tip if c in view.columns]).properties(
         title=f"emergence map: {len(view)} latents placed by {source} "
@@ -263,6 +290,7 @@ def page_latents(run: Path, cfg: dict):
             st.caption(f"Attribution: {summary.get('method')} · faithfulness against exact ablation of the "
                        f"{len(summary.get('chosen', []))} chosen latents: Spearman ρ {faith['rho']:.2f} (AtP "
                        f"{faith['rho_atp']:.2f}); {faith['n_flagged']} of {faith['n']} (latent, revision) disagree")
+        show_trust(run, task, summary)
         err = csv_of(run / "relie" / task / "error.csv")
         share = err.groupby("revision").apply(
             lambda g: (g.ie_error.abs() * g.n_pairs).sum() /
@@ -401,11 +429,17 @@ def page_timeline(run: Path, cfg: dict, scans: Path):
     c1, c2, c3, c4 = st.columns(4)
     task = c1.selectbox("task", tasks_done, key="tl-task") if tasks_done else None
     sheet = csv_of(run / "relie" / task / "latents.csv") if task else None
-    sources = ["decoder-norm share"] + (["|IE| share"] if sheet is not None else [])
-    source = c2.radio("colour by", sources, horizontal=True, key="tl-source")
-    if source == "|IE| share":
+    sources = ["decoder norm"] + (["|IE|", "|IE| share of its revision"] if sheet is not None else [])
+    source = c2.radio("curve", sources, horizontal=True, key="tl-source")
+    scale = st.radio("colour", ["fraction of the latent's own peak", "share over revisions"], horizontal=True,
+                     key="tl-scale")
+    if source == "|IE|":
         df = sheet.copy()
         share_cols, cls_col, formed_col = [f"relie_{r}" for r in revs], "ie_timeline_class", "ie_formed_at"
+    elif source != "decoder norm":
+        df = sheet.copy()
+        share_cols, cls_col = [f"relie_norm_{r}" for r in revs], "ie_norm_timeline_class"
+        formed_col = "ie_norm_formed_at"
     else:
         df = lat.copy()
         share_cols, cls_col, formed_col = [f"reldec_{r}" for r in revs], "timeline_class", "formed_at"
@@ -414,7 +448,8 @@ def page_timeline(run: Path, cfg: dict, scans: Path):
                           how="left")
     ann = measures.read_annotations(run)
     df["annotated"] = df.latent.isin(ann.latent.astype(int)) if len(ann) else False
-    classes = [c for c in measures.TIMELINE_CLASSES if c in set(df[cls_col].fillna(""))]
+    present = set(df[cls_col].fillna(""))   # the IE classes carry a sign (+/−)
+    classes = [c for t in measures.TIMELINE_CLASSES for c in (t, measures.PLUS + t, measures.MINUS + t) if c in present]
     # widgets whose options depend on the run are keyed by it: a kept selection would hide new classes
     pick = c3.multiselect("class", classes, default=classes, key=f"tl-class-{run.name}-{source}")
     which = c4.selectbox("annotated", ["all", "annotated", "not annotated"], key="tl-ann")
@@ -429,6 +464,8 @@ def page_timeline(run: Path, cfg: dict, scans: Path):
                       key=f"tl-n-{run.name}-{source}")
     view = view.head(n_max)
     shares = view[share_cols].to_numpy()
+    if scale.startswith("fraction"):   # each row by its own peak: formation reads as a staircase at any M
+        shares = measures.peak_fraction(shares)
     cells = pd.DataFrame([dict(rank=k, latent=int(l), revision=r, x=float(x[m]), x0=float(left[m]),
                                x1=float(right[m]), share=float(shares[k, m]), cls=c)
                           for k, (l, c) in enumerate(zip(view.latent, view[cls_col])) for m, r in enumerate(revs)])
@@ -437,7 +474,7 @@ def page_timeline(run: Path, cfg: dict, scans: Path):
     heat = alt.Chart(cells).mark_rect().encode(
         x=alt.X("x0:Q", scale=x_scale, title=x_title), x2="x1:Q",
         y=alt.Y("rank:O", axis=None, title="latents by formed_at"),
-        color=alt.Color("share:Q", scale=alt.Scale(scheme="viridis"), title=source),
+        color=alt.Color("share:Q", scale=alt.Scale(scheme="viridis"), title=f"{source}: {scale}"),
         tooltip=["latent", "revision", alt.Tooltip("share:Q", format=".2f"), "cls"]).properties(
         title=f"timeline: {len(view)} latents × {len(revs)} revisions, sorted by formed_at ({source})",
         height=min(900, 4 * len(view) + 60))

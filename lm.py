@@ -12,6 +12,7 @@
     python lm.py pythia-1b          # list the revisions of a model
 """
 import contextlib
+import dataclasses
 import difflib
 import inspect
 import os
@@ -92,12 +93,23 @@ def resolve(model: str) -> ModelSpec:
     """A model key, a local folder, or a Hugging Face repo id → its spec."""
     if model in MODELS:
         return MODELS[model]
+    if m := re.fullmatch(r"toy-seed(\d+)", model):
+        return toy_with_seed(int(m.group(1)))
     if os.path.isdir(model):
         return ModelSpec(model, str(Path(model).resolve()), task="subjectverb")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.exists(model):
         return ModelSpec(model, model)
     raise UsageError(f"unknown model {model!r}; valid keys: {', '.join(MODELS)}, "
                      "or a Hugging Face repo id (org/name), or a local folder")
+
+
+def toy_with_seed(seed: int) -> ModelSpec:
+    """`--model toy-seedN`: the toy LM pretrained with seed N (models/toy-seedN, built by toy.py), with the
+    toy's preset, text and task — the same world, another LM, for findings over LM seeds."""
+    toy = MODELS["toy"]
+    folder = TOY_DIR.parent / f"toy-seed{seed}"
+    return dataclasses.replace(toy, key=f"toy-seed{seed}", repo=str(folder),
+                               build=f"python toy.py --out {folder.relative_to(HERE)} --seed {seed}")
 
 
 def check_built(spec: ModelSpec):

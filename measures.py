@@ -214,6 +214,18 @@ def spearman_rows(X_nK, y_K) -> np.ndarray:
     return np.where(den > 0, (rx * ry).sum(1) / np.where(den > 0, den, 1), np.nan)
 
 
+def matched_random(freq_F, chosen, rng, exclude):
+    """For each chosen latent, a random latent outside `exclude` among the 5 nearest in activation
+    frequency; ties in frequency (dead latents, say) are broken at random, anew each draw."""
+    pool = rng.permutation([i for i in range(len(freq_F)) if i not in exclude])
+    out = []
+    for i in chosen:
+        near = pool[np.argsort(np.abs(freq_F[pool] - freq_F[i]), kind="stable")[:5]]
+        near = [j for j in near if j not in out] or list(near)
+        out.append(int(rng.choice(near)))
+    return out
+
+
 def pairs_of(revisions):
     """Every (A, B) with A before B."""
     return list(itertools.combinations(range(len(revisions)), 2))

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy.optimize import linear_sum_assignment
 
 import cli
 import defaults
+import lm
 import measures
 from analysis import METHODS
 from common import (
@@ -68,14 +70,13 @@ def stale(seed_args, run_args) -> bool:
     return any(str(seed_args.get(k)) != str(run_args.get(k)) for k in ("revisions",) + TRAIN_KEYS)
 
 
-def seed_run(base, run_args, arch, seed, methods, task, select, threshold, cwd):
-    """One seed through every stage (each skipped when already finished); returns its run folder."""
-    own = seed == run_args["seed"] and arch == run_args["arch"]
-    folder = base if own else base / "stability" / f"{arch}-seed{seed}"
+def seed_run(folder, run_args, arch, seed, methods, task, select, threshold, cwd, own=False):
+    """One seed through every stage (each skipped when already finished) into folder (the run itself
+    when own); returns folder."""
     again = (not own and (folder / "run_args.json").exists()
              and stale(read_json(folder / "run_args.json", "run arguments"), run_args))
     if again:
-        print(f"   {folder} was trained with other arguments than {base}; training it again", file=sys.stderr)
+        print(f"   {folder} was trained with other arguments; training it again", file=sys.stderr)
     if again or not is_done(folder):
         resume = (folder / "ckpt").is_dir() and not again
         stage(train_args(run_args, arch, seed, folder) + (["--resume"] if resume else ["--overwrite"]), cwd)
@@ -90,6 +91,22 @@ def seed_run(base, run_args, arch, seed, methods, task, select, threshold, cwd):
         if not is_done(folder / "ablation" / name):
             stage(["ablate.py", "--run", folder, "--task", task, "--name", name], cwd)
     return folder
+
+
+def lm_seed_args(run_args, seed, cwd) -> dict:
+    """The run's arguments for the toy LM pretrained with another seed: that LM (built first), the
+    revisions its own scan suggests (as the paper picks them, by accuracy shifts), its own cache."""
+    model = f"toy-seed{seed}"
+    spec = lm.resolve(model)
+    if not is_done(spec.repo):
+        stage(["toy.py", "--out", spec.repo, "--seed", seed], cwd)
+    out = stage(["cache_acts.py", "--scan", "--model", model, "--layer", run_args["layer"], "--suggest",
+                 len(run_args["revisions"])], cwd).stdout
+    line = [x for x in out.splitlines() if x.startswith("suggested revisions")]
+    if not line:
+        raise UsageError(f"cache_acts.py --scan --model {model} suggested no revisions")
+    revisions = line[-1].split(":", 1)[1].strip().split(",")
+    return dict(run_args, model=model, revisions=revisions, cache=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,10 +129,19 @@ def findings_of(folder, name, revisions) -> dict:
         a = abl[abl.revision == r]
         out[f"ablation_gap_{r}"] = 100 * (a[a.kind == "top"].acc_drop.mean() - a[a.kind == "random"].acc_drop.mean())
     out["ablation_gap_last"] = out[f"ablation_gap_{revisions[-1]}"]
+    out["top_drop_last"] = 100 * abl[(abl.revision == revisions[-1]) & (abl.kind == "top")].acc_drop.mean()
+    joint = pd.read_csv(folder / "ablation" / name / "joint.csv")
+    last = joint[(joint.selected_at == revisions[-1]) & (joint.revision == revisions[-1])]
+    out["joint_predicted_last"], out["joint_measured_last"] = float(last.predicted.sum()), float(last.measured.sum())
+    for r, c in summary["coverage"].items():
+        out[f"latents_share_{r}"] = c["latents_share"] if c["latents_share"] is not None else float("nan")
+    out["latents_share_last"] = out[f"latents_share_{revisions[-1]}"]
+    out["latents_share_min"] = min(out[f"latents_share_{r}"] for r in revisions)
     sp = pd.read_csv(folder / "ablation" / name / "consistency.csv")
     for row in sp.itertuples():
         out[f"rho_relie_{row.A}_{row.B}"] = row.rho_relie
         out[f"rho_reldec_{row.A}_{row.B}"] = row.rho_reldec
+    out["rho_relie_mean"], out["rho_reldec_mean"] = float(sp.rho_relie.mean()), float(sp.rho_reldec.mean())
     sheet = pd.read_csv(folder / "relie" / name / "latents.csv")
     for a, b in measures.pairs_of(revisions):
         tag = f"{revisions[a]}_{revisions[b]}"
@@ -150,35 +176,44 @@ def unit_decoders(folder) -> torch.Tensor:
     return torch.nn.functional.normalize(dec.flatten(1), dim=1)
 
 
-def greedy_match(cos_KF) -> np.ndarray:
-    """One-to-one matching of K latents to F (greedy by descending cosine): each row's matched cosine."""
-    cos = np.asarray(cos_KF, dtype=float)
-    order = np.dstack(np.unravel_index(np.argsort(-cos, axis=None), cos.shape))[0]
-    best = np.full(cos.shape[0], -1.0)
-    used_rows, used_cols = set(), set()
-    for i, j in order:
-        if i in used_rows or j in used_cols:
-            continue
-        best[i] = cos[i, j]
-        used_rows.add(i)
-        used_cols.add(j)
-        if len(used_rows) == cos.shape[0]:
-            break
-    return best
+def active_latents(folder) -> tuple[np.ndarray, np.ndarray]:
+    """(the latents active on the evaluation tokens, every latent's activation frequency) from evaluate.py."""
+    freq = pd.read_csv(folder / "latents.csv").sort_values("latent").freq.to_numpy()
+    return np.nonzero(freq > 0)[0], freq
 
 
-def matched_fraction(folders, chosen) -> list[float]:
-    """Per seed, the fraction of its chosen latents whose decoder has a one-to-one match (cosine ≥ 0.9) in
-    every other seed's dictionary."""
+def partners(dec_a, act_a, dec_b, act_b) -> dict:
+    """One-to-one matching (Hungarian, maximum total cosine) of a's active latents to b's: latent → cosine
+    of its partner (−1 where a has more active latents than b and it is left over)."""
+    cos = (dec_a[act_a] @ dec_b[act_b].T).numpy()
+    rows, cols = linear_sum_assignment(-cos)
+    out = {int(i): -1.0 for i in act_a}
+    out.update({int(act_a[r]): float(cos[r, c]) for r, c in zip(rows, cols)})
+    return out
+
+
+def matched_fractions(folders, chosen, draws=20, seed=0) -> tuple[list[float], list[float]]:
+    """Per seed, the fraction of its chosen latents whose partner (partners) in every other seed has
+    decoder cosine ≥ 0.9, and the same fraction for random active latents of matched frequency (the null:
+    how stable the dictionary is anyway), averaged over draws."""
     decs = [unit_decoders(f) for f in folders]
-    out = []
+    act = [active_latents(f) for f in folders]
+    rng = np.random.default_rng(seed)
+    top, null = [], []
     for a, lat in enumerate(chosen):
-        ok = np.ones(len(lat), dtype=bool)
+        match = {}
         for b in range(len(folders)):
             if b != a:
-                ok &= greedy_match((decs[a][lat] @ decs[b].T).numpy()) >= MATCH_COS
-        out.append(float(ok.mean()) if len(lat) else float("nan"))
-    return out
+                p = partners(decs[a], act[a][0], decs[b], act[b][0])
+                for i, c in p.items():
+                    match[i] = match.get(i, True) and c >= MATCH_COS
+
+        def frac(latents, match=match):
+            return float(np.mean([match.get(int(i), False) for i in latents])) if len(latents) else float("nan")
+        top.append(frac(lat))
+        freq = np.where(act[a][1] > 0, act[a][1], -1.0)       # dead latents are never drawn
+        null.append(float(np.mean([frac(measures.matched_random(freq, lat, rng, set(lat))) for _ in range(draws)])))
+    return top, null
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,15 +234,20 @@ def parse_args(argv=None):
     cli.add(p, "--run", "--task", run=str(run_dir), task=spec.task)
     p.add_argument("--seeds", type=positive("--seeds"), default=5,
                    help="crosscoders, seeds 0 … N−1 (default: %(default)s)")
-    p.add_argument("--method", choices=METHODS, default=defaults.METHOD,
-                   help="relie.py's attribution for the findings (default: %(default)s)")
+    p.add_argument("--lm-seeds", type=positive("--lm-seeds"), default=1,
+                   help="also toy LMs pretrained with seeds 1 … N−1 (toy.py --seed), each crosscoded on the revisions "
+                        "its own scan suggests, the findings reported over LM seeds (default: %(default)s: the run's "
+                        "LM only)")
+    p.add_argument("--method", choices=list(METHODS), default=defaults.METHOD,
+                   help="relie.py's attribution for the findings (default: %(default)s; the paper's ig always runs "
+                        "beside it, for its ratio test)")
     p.add_argument("--compare", default=None, metavar="METHODS",
                    help=f"comma-separated attribution methods to run side by side on every seed ({', '.join(METHODS)})")
-    p.add_argument("--arch", choices=("l1", "batchtopk"), default=None, help="default: the run's")
+    p.add_argument("--arch", choices=cli.FLAGS["--arch"]["choices"], default=None, help="default: the run's")
     cli.add(p, "--select", "--threshold", select=defaults.SELECT, threshold=spec.preset.ie_threshold)
     p.add_argument("--results", action="store_true", help="write the table into RESULTS.md")
     args = p.parse_args(argv)
-    args.methods = [args.method] + [m for m in (args.compare or "").split(",") if m and m != args.method]
+    args.methods = list(dict.fromkeys([args.method, "ig"] + [m for m in (args.compare or "").split(",") if m]))
     for m in args.methods:
         if m not in METHODS:
             raise UsageError(f"--compare: unknown method {m!r}; valid: {', '.join(METHODS)}")
@@ -225,20 +265,27 @@ def main(argv=None):
     folders = []
     for s in seeds:
         print(f"seed {s}: train, evaluate, relie, ablate ({', '.join(args.methods)})", file=sys.stderr, flush=True)
-        folders.append(seed_run(base, run_args, arch, s, args.methods, args.task, args.select, args.threshold,
-                                Path.cwd()))
+        own = s == run_args["seed"] and arch == run_args["arch"]
+        folder = base if own else base / "stability" / f"{arch}-seed{s}"
+        folders.append(seed_run(folder, run_args, arch, s, args.methods, args.task, args.select, args.threshold,
+                                Path.cwd(), own))
     stem = Path(args.task).stem
     result = dict(run=str(base), arch=arch, task=args.task, seeds=seeds, revisions=revisions, method=args.method,
-                  select=args.select,
-                  runs=[str(f) for f in folders], methods={})
+                  select=args.select, runs=[str(f) for f in folders], methods={},
+                  pairs="findings from ablations are on the held-out test pairs (relie.py's split.csv)")
     for m in args.methods:
         per_seed = [findings_of(f, f"{stem}-{m}-{args.select}", revisions) for f in folders]
         chosen = [read_json(f / "relie" / f"{stem}-{m}-{args.select}" / "summary.json")["chosen"] for f in folders]
+        top, null = matched_fractions(folders, chosen) if len(folders) > 1 else ([float("nan")], [float("nan")])
         result["methods"][m] = dict(findings=summarise(per_seed),
-                                    matched_top_k_fraction=summarise([{"x": v} for v in
-                                                                      matched_fraction(folders, chosen)])["x"])
+                                    matched_top_k_fraction=summarise([{"x": v} for v in top])["x"],
+                                    matched_random_fraction=summarise([{"x": v} for v in null])["x"])
     result["findings"] = result["methods"][args.method]["findings"]
     result["matched_top_k_fraction"] = result["methods"][args.method]["matched_top_k_fraction"]
+    result["matched_random_fraction"] = result["methods"][args.method]["matched_random_fraction"]
+    if args.lm_seeds > 1:
+        result["lm_seeds"] = lm_seed_findings(base, run_args, arch, args, folders[seeds.index(run_args["seed"])]
+                                              if run_args["seed"] in seeds else base)
     out = base / "stability"
     path = out / ("stability.json" if arch == run_args["arch"] else f"stability-{arch}.json")
     write_json(path, result)
@@ -246,14 +293,42 @@ def main(argv=None):
     print(f"{len(seeds)} seeds of {base.name} ({arch}), attribution {args.method}:")
     print(table(result["findings"]))
     m = result["matched_top_k_fraction"]
-    print(f"top-k latents matched in every other seed (decoder cosine ≥ {MATCH_COS}): mean {m['mean']:.2f}, "
-          f"min {m['min']:.2f}, max {m['max']:.2f}")
+    n = result["matched_random_fraction"]
+    if m["mean"] is not None:
+        print(f"top-k latents matched one-to-one in every other seed (decoder cosine ≥ {MATCH_COS}): mean "
+              f"{m['mean']:.2f} [{m['min']:.2f}, {m['max']:.2f}]; random active latents of matched frequency (the "
+              f"null): {n['mean']:.2f} [{n['min']:.2f}, {n['max']:.2f}]")
+    if "lm_seeds" in result:
+        print(f"\nover LM seeds {result['lm_seeds']['seeds']} (revisions {result['lm_seeds']['revisions']}), "
+              f"crosscoder seed {run_args['seed']}, attribution {args.method}:")
+        print(table(result["lm_seeds"]["findings"]))
     if len(args.methods) > 1:
         print("\n" + methods_table(result))
     if args.results:
         command = " ".join(["python stability.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
         update_results(f"stability-{arch}", results_markdown(result, command), HERE / "RESULTS.md")
     print(f"wrote {path}")
+
+
+LM_KEYS = ("l0", "dead_frac", "ablation_gap_last", "top_drop_last", "joint_predicted_last", "joint_measured_last",
+           "latents_share_last", "latents_share_min", "rho_relie_mean", "rho_reldec_mean", "faithfulness_rho")
+
+
+def lm_seed_findings(base, run_args, arch, args, own_folder) -> dict:
+    """The run's findings over toy LMs pretrained with other seeds (LM seed 0 is the run's own LM): each LM
+    crosscoded on the revisions its own scan suggests, so only findings named by position (the last
+    revision, the smallest share) compare across them."""
+    name = f"{Path(args.task).stem}-{args.method}-{args.select}"
+    rows, revs = [findings_of(own_folder, name, run_args["revisions"])], [run_args["revisions"]]
+    for s in range(1, args.lm_seeds):
+        print(f"LM seed {s}: pretrain, scan, cache, train, evaluate, relie, ablate", file=sys.stderr, flush=True)
+        a = lm_seed_args(run_args, s, Path.cwd())
+        folder = seed_run(base / "stability" / f"lm-seed{s}-{arch}", a, arch, run_args["seed"], [args.method],
+                          args.task, args.select, args.threshold, Path.cwd())
+        rows.append(findings_of(folder, name, a["revisions"]))
+        revs.append(a["revisions"])
+    return dict(seeds=list(range(args.lm_seeds)), revisions=revs,
+                findings=summarise([{k: f[k] for k in LM_KEYS} for f in rows]))
 
 
 def _num(x):

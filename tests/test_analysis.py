@@ -256,15 +256,14 @@ def test_one_word_prefix_is_attributed_on_every_revision(run, models):
 def test_random_k_draws_break_ties_at_random_and_avoid_every_top_set():
     """Matched-frequency random latents: among equal frequencies (dead latents, say) the draw changes from
     one draw to the next, and never picks a latent of any revision's top-k set."""
-    import ablate
     freq = np.zeros(200)
     freq[:10] = np.linspace(0.1, 0.2, 10)
     rng = np.random.default_rng(0)
     exclude = set(range(10)) | {50, 51, 52}
-    draws = [tuple(ablate.matched_random(freq, [150, 160, 170], rng, exclude)) for _ in range(6)]
+    draws = [tuple(measures.matched_random(freq, [150, 160, 170], rng, exclude)) for _ in range(6)]
     assert len(set(draws)) > 1
     assert not {i for d in draws for i in d} & exclude
-    near = ablate.matched_random(freq, [3], rng, {3})[0]
+    near = measures.matched_random(freq, [3], rng, {3})[0]
     assert near in range(10) and near != 3           # the nearest frequencies, not a dead latent
 
 

@@ -15,11 +15,15 @@ from conftest import ROOT
 from crosscoder import CrossCoder, CrossCoderConfig
 
 
-def test_greedy_match_is_one_to_one():
-    cos = np.array([[0.95, 0.97, 0.1], [0.2, 0.96, 0.3]])
-    # the largest cosine, 0.97, pairs row 0 with column 1; column 1 is then taken, so row 1 gets column 2
-    np.testing.assert_allclose(stability.greedy_match(cos), [0.97, 0.3])
-    np.testing.assert_allclose(stability.greedy_match(np.eye(3)), [1, 1, 1])
+def test_partners_maximise_the_total_cosine_one_to_one():
+    """Hungarian, not greedy: greedy takes 0.97 first (row 1 → col 0) and leaves row 0 with 0.2 (total 1.17);
+    the one-to-one optimum pairs row 0 → col 0 and row 1 → col 1 (total 1.91)."""
+    dec_a = torch.eye(3)
+    dec_b = torch.tensor([[0.95, 0.2, 0.0], [0.97, 0.96, 0.0], [0.1, 0.3, 1.0]]).T   # cos[i, j] = row i, column j
+    p = stability.partners(dec_a, np.array([0, 1]), dec_b, np.array([0, 1, 2]))
+    assert p == pytest.approx({0: 0.95, 1: 0.96})
+    # more active latents in a than in b: the one left over gets −1
+    assert sorted(stability.partners(dec_a, np.array([0, 1, 2]), dec_b, np.array([2])).values()) == [-1, -1, 1.0]
 
 
 def test_a_seed_trained_for_other_arguments_is_stale():
@@ -30,19 +34,25 @@ def test_a_seed_trained_for_other_arguments_is_stale():
     assert stability.stale(dict(run, revisions=["a", "c"]), run)
 
 
-def test_matched_fraction_finds_the_same_dictionary(tmp_path):
-    """A crosscoder against itself and a permuted copy: every latent matched; against a fresh random one: none."""
+def test_matched_fractions_and_their_null(tmp_path):
+    """A crosscoder against a permuted copy of itself: every latent matched, its chosen ones and random ones alike
+    (the null is then as high as the finding: the number says the dictionary is stable, not the latents); against
+    a fresh random one: none, for both."""
+    import pandas as pd
     cfg = CrossCoderConfig(n_models=2, d_model=16, dict_size=64)
     a = CrossCoder(cfg)
     b = CrossCoder(cfg)
     with torch.no_grad():
         b.W_dec_FMd.copy_(a.W_dec_FMd[torch.randperm(64, generator=torch.Generator().manual_seed(0))])
     c = CrossCoder(CrossCoderConfig(n_models=2, d_model=16, dict_size=64, seed=7))
+    freq = np.linspace(0.01, 0.5, 64)
     for name, cc in (("a", a), ("b", b), ("c", c)):
         cc.save(tmp_path / name)
-    frac = stability.matched_fraction([tmp_path / "a", tmp_path / "b"], [[0, 5, 9], [1, 2, 3]])
-    assert frac == [1.0, 1.0]
-    assert stability.matched_fraction([tmp_path / "a", tmp_path / "c"], [[0, 5, 9], [1, 2, 3]]) == [0.0, 0.0]
+        pd.DataFrame(dict(latent=np.arange(64), freq=freq)).to_csv(tmp_path / name / "latents.csv", index=False)
+    top, null = stability.matched_fractions([tmp_path / "a", tmp_path / "b"], [[0, 5, 9], [1, 2, 3]])
+    assert top == [1.0, 1.0] and null == [1.0, 1.0]
+    top, null = stability.matched_fractions([tmp_path / "a", tmp_path / "c"], [[0, 5, 9], [1, 2, 3]])
+    assert top == [0.0, 0.0] and null == [0.0, 0.0]
 
 
 @pytest.mark.slow
@@ -60,7 +70,7 @@ def test_stability_on_a_tiny_run(local_model, tmp_path):
                         str(pairs), "--threshold", "0"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((run / "stability" / "stability.json").read_text())
-    assert out["seeds"] == [0, 1] and set(out["methods"]) == {"atp"}
+    assert out["seeds"] == [0, 1] and set(out["methods"]) == {"atp", "ig"}   # the paper's IG always beside
     f = out["findings"]
     for name in ("fvu_step0", "fvu_step100", "l0", "dead_frac", "ablation_gap_last", "faithfulness_rho",
                  "rho_relie_step0_step100", "rho_reldec_step0_step100"):
@@ -70,7 +80,8 @@ def test_stability_on_a_tiny_run(local_model, tmp_path):
     # seed 0 is the run itself; seed 1 was trained beside it with the same arguments but its seed
     assert out["runs"][0] == str(run) and json.loads((tmp_path / out["runs"][1] / "run_args.json").read_text()
                                                      )["seed"] == 1
-    assert 0 <= out["matched_top_k_fraction"]["mean"] <= 1
+    assert 0 <= out["matched_top_k_fraction"]["mean"] <= 1 and 0 <= out["matched_random_fraction"]["mean"] <= 1
+    assert set(f["joint_measured_last"]) == {"per_seed", "mean", "min", "max"}
     assert "finding" in r.stdout and "ablation_gap_last" in r.stdout
 
 

@@ -1,0 +1,102 @@
+"""Checks that can fail: the selection / test split of the minimal pairs (near-copies on one side, ablations
+on pairs the latents were not selected on), the single-latent consistency check known for what it is (1 by
+construction with exact ablation on the same pairs), timelines that one noisy revision does not flip, and
+classes that carry the sign of the IE."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import measures
+import relie
+import tasks
+from conftest import run_script
+from crosscoder import CrossCoder, CrossCoderConfig
+
+
+def test_split_keeps_near_copies_on_one_side():
+    """Pairs with a repeated prefix, or the same (head noun, attractor) under other words, never straddle."""
+    pairs = []
+    for i in range(40):
+        head, attr = ["key", "boy", "dog", "cat", "girl"][i % 5], ["cabinets", "tables", "men"][i % 3]
+        pairs.append(tasks.Pair(f"the {head} near the {attr}", " is", " are", "across_pp"))          # repeats
+        pairs.append(tasks.Pair(f"the {head} with the old {attr}", " is", " are", "across_pp"))      # same key
+        pairs.append(tasks.Pair(f"the {head}{i}", " runs", " run", "simple"))                        # unique
+    sel, test, groups = tasks.split_pairs(pairs, 0.5, seed=3)
+    assert set(sel) | set(test) == set(range(len(pairs))) and not set(sel) & set(test)
+    assert not {groups[i] for i in sel} & {groups[i] for i in test}
+    by_key = {}
+    for i, p in enumerate(pairs):
+        for key in tasks.pair_keys(p):
+            by_key.setdefault(key, set()).add(i in test)
+    assert all(len(sides) == 1 for sides in by_key.values())
+    # stratified: each sub-task about half held out; the simple pairs are singletons, so exactly half there
+    n_simple = sum(p.subtask == "simple" for p in pairs)
+    assert sum(pairs[i].subtask == "simple" for i in test) == n_simple // 2
+    assert 0.3 < sum(pairs[i].subtask == "across_pp" for i in test) / (2 * 40) < 0.7
+    # seeded: the same split again, another seed another split; --test-frac 0: every pair on both sides
+    assert tasks.split_pairs(pairs, 0.5, seed=3)[1] == test and tasks.split_pairs(pairs, 0.5, seed=4)[1] != test
+    everything = tasks.split_pairs(pairs, 0.0)
+    assert everything[0] == everything[1] == list(range(len(pairs)))
+
+
+def test_timeline_ignores_one_noisy_revision():
+    tl = measures.timeline(np.array([[1, .45, 1, 1, 1], [0.3, 1, .45, 1, 1], [1, 1, 1, .3, .2]]), list("abcde"))
+    assert tl.timeline_class.tolist() == ["kept", "emerging", "discontinued"]
+    assert tl.faded_at.tolist() == ["", "", "d"]
+
+
+def test_flat_latent_with_noise_is_mostly_kept():
+    """A flat latent with 20% noise over 10 revisions: fading needs two revisions in a row below half (or the last
+    one), so 87% stay kept here; the old first-revision-below-half rule kept 77%."""
+    rng = np.random.default_rng(0)
+    v = np.clip(1 + 0.2 * rng.standard_normal((2000, 10)), 0, None)
+    kept = (measures.timeline(v, [f"r{i}" for i in range(10)]).timeline_class == "kept").mean()
+    assert kept > 0.85
+
+
+def test_classes_carry_the_sign_of_the_ie():
+    """Through relie's own latent sheet: a latent whose IE is negative where it matters most gets a − class,
+    in the one-vs-all, 2-way and timeline classes; RelDec's classes stay unsigned (decoder norms have no sign)."""
+    revs = ["a", "b", "c"]
+    cc = CrossCoder(CrossCoderConfig(n_models=3, d_model=4, dict_size=3))
+    run = SimpleNamespace(revisions=revs, revision_tokens=[None] * 3, cc=cc)
+    ie_MF = torch.tensor([[0.01, 0.0, 0.2], [0.02, 0.01, 0.2], [0.9, -0.8, 0.21]])   # latent 1 hurts at c
+    att = dict(ie=ie_MF[None], err=torch.zeros(1, 3), n=torch.ones(1), subtasks=["s"])
+    sheet = relie.latent_sheet(run, att, [0, 1, 2], np.full((3, 3), 1 / 3), {}, {})
+    assert sheet.relie_class.tolist() == ["+specific:c", "−specific:c", "+shared"]
+    assert sheet["relie2_class_a_c"].tolist()[:2] == ["+emerging", "−emerging"]
+    assert sheet.ie_timeline_class.tolist()[:2] == ["+emerging", "−emerging"]
+    assert not any(c[0] in "+−" for c in sheet.reldec_class)
+    assert measures.unsigned("−specific:c") == "specific:c"
+
+
+@pytest.mark.slow
+def test_ablation_never_sees_a_selection_pair(toy_run):
+    """relie.py attributes and selects on the selection half only; ablate.py measures on the test half only."""
+    _, run = toy_run
+    split = pd.read_csv(run / "relie" / "toy_sva" / "split.csv")
+    summary = json.loads((run / "relie" / "toy_sva" / "summary.json").read_text())
+    used = json.loads((run / "ablation" / "toy_sva" / "DONE").read_text())["test_rows"]
+    selection = set(split.row[split.side == "selection"])
+    assert summary["n_pairs"] == len(selection) == summary["split"]["n_selection"] > 0
+    assert used and not selection & set(used)
+    assert set(used) == set(split.row[split.side == "test"])
+    groups = split.groupby("group").side.nunique()
+    assert (groups == 1).all()
+
+
+@pytest.mark.slow
+def test_consistency_with_exact_ablation_is_one_by_construction(toy_run, tmp_path):
+    """With --method exact and no split, RelIE is computed from the very single-latent ablations it is then
+    correlated with: ρ = 1 on every pair of revisions, so that table checks the attribution, not the model."""
+    cwd, run = toy_run
+    run_script(["relie.py", "--run", str(run), "--method", "exact", "--test-frac", "0", "--max-pairs", "6",
+                "--context-blocks", "2", "--name", "exact"], cwd)
+    run_script(["ablate.py", "--run", str(run), "--name", "exact", "--draws", "1"], cwd)
+    sp = pd.read_csv(run / "ablation" / "exact" / "consistency.csv")
+    assert len(sp) == 3
+    np.testing.assert_allclose(sp.rho_relie, 1.0, atol=1e-9)
