@@ -67,7 +67,8 @@ def train_args(run_args, arch, seed, out):
 
 def stale(seed_args, run_args) -> bool:
     """A seed's run no longer matches the run it varies (the run was trained again with other arguments)."""
-    return any(str(seed_args.get(k)) != str(run_args.get(k)) for k in ("revisions",) + TRAIN_KEYS)
+    return any(str(seed_args.get(k)) != str(run_args.get(k)) for k in ("revisions",) + TRAIN_KEYS
+               if run_args.get(k) is not None)   # None: left to train.py (an LM seed's own cache)
 
 
 def seed_run(folder, run_args, arch, seed, methods, task, select, threshold, cwd, own=False):
@@ -349,30 +350,50 @@ def methods_table(result) -> str:
     return "\n".join(lines)
 
 
+def _rows(f, keys) -> str:
+    return "\n".join(f"| {k} | {_fmt(f[k])} | {' '.join(_num(x) for x in f[k]['per_seed'])} |" for k in keys if k in f)
+
+
 def results_markdown(result, command="python stability.py") -> str:
     revs = result["revisions"]
     f = result["findings"]
     keys = ([f"fvu_{r}" for r in revs] + ["l0", "dead_frac"] + [f"ablation_gap_{r}" for r in revs]
+            + ["joint_predicted_last", "joint_measured_last"] + [f"latents_share_{r}" for r in revs]
             + [k for k in f if k.startswith(("rho_relie_", "rho_reldec_"))] + ["faithfulness_rho",
                                                                               "faithfulness_flagged_frac"])
-    rows = "\n".join(f"| {k} | {_fmt(f[k])} | {' '.join(_num(x) for x in f[k]['per_seed'])} |"
-                     for k in keys if k in f)
     text = (f"## Over {len(result['seeds'])} seeds: {result['arch']} crosscoders on the revisions of "
             f"{Path(result['run']).name}, attribution {result['method']}, latents ranked by {result['select']} "
-            f"(`{command}`)\n\nEach number: mean [min, max] over crosscoders that differ "
-            f"only in their seed; then the value of each seed.\n\n| finding | mean [min, max] | per seed |\n"
-            f"|---|---|---|\n{rows}\n| top-k latents matched in every other seed | "
-            f"{_fmt(result['matched_top_k_fraction'])} | |")
+            f"(`{command}`)\n\nEach number: mean [min, max] over crosscoders that differ only in their seed; then the "
+            "value of each seed. Latents are attributed and selected on the selection half of the pairs; every "
+            "ablation (gap, joint, ρ) is measured on the held-out test half. ablation_gap: top-k minus random-k "
+            "accuracy drop (points); joint_*: Δ logit difference of the last revision's top-k set ablated together, "
+            "predicted by its summed IE vs measured; latents_share: the latents' share of the task's IE (the rest "
+            "is the error term); rho_*: the single-latent consistency check (ablation ratio vs RelIE / RelDec)."
+            f"\n\n| finding | mean [min, max] | per seed |\n|---|---|---|\n{_rows(f, keys)}\n"
+            f"| top-k latents matched one-to-one in every other seed | {_fmt(result['matched_top_k_fraction'])} | |\n"
+            f"| the same for random active latents of matched frequency (null) | "
+            f"{_fmt(result['matched_random_fraction'])} | |")
     if len(result["methods"]) > 1:
         rows = "\n".join(f"| {m} | {_fmt(r['findings']['faithfulness_rho'])} | "
                          f"{_fmt(r['findings']['faithfulness_flagged_frac'])} | "
-                         f"{_fmt(r['findings']['ablation_gap_last'])} | {_fmt(r['matched_top_k_fraction'])} |"
+                         f"{_fmt(r['findings']['ablation_gap_last'])} | "
+                         f"{_fmt(r['findings']['rho_relie_mean'])} | {_fmt(r['findings']['rho_reldec_mean'])} | "
+                         f"{_fmt(r['matched_top_k_fraction'])} | {_fmt(r['matched_random_fraction'])} |"
                          for m, r in result["methods"].items())
-        text += ("\n\nThe attribution methods on the same seeds (Spearman ρ of each method's IE with exact "
-                 "single-latent ablation over its chosen latents; the fraction of (latent, revision) that "
-                 "disagree in sign or by more than 2×; the top-k vs random-k ablation gap at the last "
-                 "revision):\n\n| method | faithfulness ρ | flagged | ablation gap, last (points) | top-k matched |"
-                 f"\n|---|---|---|---|---|\n{rows}")
+        text += ("\n\nThe attribution methods on the same seeds (faithfulness: Spearman ρ of each method's IE "
+                 "with exact single-latent ablation over its chosen latents, on the selection pairs; flagged: the "
+                 "fraction of (latent, revision) that disagree in sign or by more than 2×; the top-k vs random-k "
+                 "gap at the last revision; ρ of the ablation ratio with RelIE and with RelDec, mean over the "
+                 "pairs of revisions — with ig, the paper's Table 7 test as the paper ran it):\n\n"
+                 "| method | faithfulness ρ | flagged | gap, last (points) | ρ RelIE | ρ RelDec | top-k matched | "
+                 f"null matched |\n|---|---|---|---|---|---|---|---|\n{rows}")
+    if "lm_seeds" in result:
+        lm = result["lm_seeds"]
+        text += (f"\n\nOver LM seeds {lm['seeds']} (the toy LM pretrained with each seed, `toy.py --seed`; each "
+                 "crosscoded on the revisions its own scan suggests: "
+                 + "; ".join(f"seed {s}: {', '.join(r)}" for s, r in zip(lm["seeds"], lm["revisions"]))
+                 + f"; crosscoder seed {result['seeds'][0]}):\n\n| finding | mean [min, max] | per LM seed |\n"
+                 f"|---|---|---|\n{_rows(lm['findings'], LM_KEYS)}")
     return text
 
 

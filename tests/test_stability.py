@@ -92,12 +92,14 @@ def test_methods_side_by_side_in_the_tables():
         return dict(per_seed=values, mean=float(np.mean(values)), min=min(values), max=max(values))
     per_method = {m: dict(findings=dict(faithfulness_rho=finding([rho, rho + 0.1]),
                                         faithfulness_flagged_frac=finding([0.1, 0.2]),
-                                        ablation_gap_last=finding([gap, gap + 2])),
-                          matched_top_k_fraction=finding([0.5, 1.0]))
+                                        ablation_gap_last=finding([gap, gap + 2]),
+                                        rho_relie_mean=finding([0.9, 0.95]), rho_reldec_mean=finding([0.7, 0.8])),
+                          matched_top_k_fraction=finding([0.5, 1.0]), matched_random_fraction=finding([0.25, 0.5]))
                   for m, rho, gap in (("atp", 0.8, 20.0), ("ig", 0.3, 10.0))}
     result = dict(run="runs/x", arch="l1", seeds=[0, 1], revisions=["a", "b"], method="atp", select="positive",
                   findings=dict(per_method["atp"]["findings"], fvu_a=finding([0.021, 0.025])),
-                  matched_top_k_fraction=per_method["atp"]["matched_top_k_fraction"], methods=per_method)
+                  matched_top_k_fraction=per_method["atp"]["matched_top_k_fraction"],
+                  matched_random_fraction=per_method["atp"]["matched_random_fraction"], methods=per_method)
     table = stability.methods_table(result).splitlines()
     assert table[1].split() == ["atp", "0.85", "[0.80,", "0.90]", "0.15", "[0.10,", "0.20]", "21.00", "[20.00,",
                                 "22.00]", "0.75", "[0.50,", "1.00]"]
@@ -105,4 +107,6 @@ def test_methods_side_by_side_in_the_tables():
     md = stability.results_markdown(result, "python stability.py --compare ig")
     assert "(`python stability.py --compare ig`)" in md
     assert "| fvu_a | 0.023 [0.021, 0.025] | 0.021 0.025 |" in md
-    assert "| ig | 0.35 [0.30, 0.40] | 0.15 [0.10, 0.20] | 11.00 [10.00, 12.00] | 0.75 [0.50, 1.00] |" in md
+    assert ("| ig | 0.35 [0.30, 0.40] | 0.15 [0.10, 0.20] | 11.00 [10.00, 12.00] | 0.93 [0.90, 0.95] | "
+            "0.75 [0.70, 0.80] | 0.75 [0.50, 1.00] | 0.38 [0.25, 0.50] |") in md
+    assert "| the same for random active latents of matched frequency (null) | 0.38 [0.25, 0.50] | |" in md
