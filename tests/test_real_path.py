@@ -74,7 +74,7 @@ def test_hub_path_offline_end_to_end(tmp_path):
        tmp_path, env)
     err = pd.read_csv(run / "relie" / "pairs" / "error.csv")
     one = err[err.subtask == "one_word"].set_index("revision")
-    assert list(one.n_pairs) == [20, 20, 20]
+    assert list(one.n_pairs) == [10, 10, 10]          # the selection half of the 20 (each prefix its own group)
     # a one-word prefix is [BOS, word]: the word is spliced, so latents and the error term carry IE everywhere
     assert (one.ie_latents_abs > 0).all() and (one.ie_error.abs() > 0).all(), one
     sh(["ablate.py", "--run", str(run), "--task", str(pairs), "--draws", "2"], tmp_path, env)
