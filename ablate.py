@@ -28,13 +28,17 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-import analysis
-import cli
-import defaults
-import lm
-import measures
-import tasks
-from common import UsageError, atomic_path, mark_done, positive, read_json, require_done, run_main, unmark_done
+from crosscoding import analysis, cli, defaults, lm, measures, tasks
+from crosscoding.common import (
+    UsageError,
+    atomic_path,
+    mark_done,
+    positive,
+    read_json,
+    require_done,
+    run_main,
+    unmark_done,
+)
 
 
 def selection_ie(relie_dir, revisions, subtasks):

@@ -24,8 +24,8 @@ import streamlit as st
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import measures  # noqa: E402  (numpy/pandas only: the viewer loads no torch)
-from common import DONE  # noqa: E402
+from crosscoding import measures  # noqa: E402  (numpy/pandas only: the viewer loads no torch)
+from crosscoding.common import DONE  # noqa: E402
 
 
 def roots():

@@ -50,10 +50,9 @@ from einops import einsum
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import cli  # noqa: E402
-import defaults  # noqa: E402
-from common import ArgumentParser, keep_freed_memory, mark_done, run_main, update_results  # noqa: E402
-from crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
+from crosscoding import cli, defaults  # noqa: E402
+from crosscoding.common import ArgumentParser, keep_freed_memory, mark_done, run_main, update_results  # noqa: E402
+from crosscoding.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
 
 SECTIONS = ("step", "scale", "cache", "data", "ig", "memory")
 RESULTS = []
@@ -396,7 +395,7 @@ def neox(n_layers, d, vocab, heads=None, seed=0):
 
 
 def bench_cache(args):
-    import lm
+    from crosscoding import lm
     n_layers, d, vocab, B, T = (4, 64, 512, 2, 32) if args.tiny else (12, 384, 2048, 4, 128)
     L = n_layers // 2 - 1
     print(f"cache: lm.run_to_layer(L={L}) vs a full forward, GPT-NeoX {n_layers} layers, d={d}, vocab {vocab}, "
@@ -446,7 +445,7 @@ def write_cache(folder, model, revisions, layer, d, rows, seq_len=1024, seed=0):
 
 
 def bench_data(args):
-    import activations
+    from crosscoding import activations
     M, d, F, B = (3, 64, 512, 256) if args.tiny else (3, 512, 8192, 1024)
     dev = args.device
     n_batches = 8 if args.tiny else (24 if args.quick else 64)
@@ -505,10 +504,7 @@ def bench_ig(args):
 def _ig_one(args, name, n_layers, d, heads, vocab, F, target, B=16, T=12):
     from types import SimpleNamespace
 
-    import analysis
-    import defaults
-    import lm
-    import tasks
+    from crosscoding import analysis, defaults, lm, tasks
     L, S, dev = n_layers // 2 - 1, defaults.IG_STEPS, args.device
     model = neox(n_layers, d, vocab, heads).to(dev)
     g = torch.Generator().manual_seed(0)

@@ -23,12 +23,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-import cli
-import defaults
-import lm
-import tasks
-from activations import layer_acts, make_cache, open_cache
-from common import UsageError, atomic_path, positive, run_main
+from crosscoding import cli, defaults, lm, tasks
+from crosscoding.activations import layer_acts, make_cache, open_cache
+from crosscoding.common import UsageError, atomic_path, positive, run_main
 
 # ---------------------------------------------------------------------------------------------
 # Scan: accuracy and representation similarity over many revisions

@@ -28,14 +28,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import analysis
-import cli
-import common
-import defaults
-import lm
-from activations import open_cache
-from common import EnvError, UsageError, atomic_path, write_json
-from crosscoder import WEIGHTS_FILE, CrossCoder, CrossCoderConfig
+from crosscoding import analysis, cli, common, defaults, lm
+from crosscoding.activations import open_cache
+from crosscoding.common import EnvError, UsageError, atomic_path, write_json
+from crosscoding.crosscoder import WEIGHTS_FILE, CrossCoder, CrossCoderConfig
 
 # dictionary_learning's CodeNormalization enum (dictionary.py, values from enum.auto()): how a latent's
 # decoder weights scale its activation in the sparsity penalty and, for BatchTopK, in the selection.

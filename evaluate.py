@@ -20,12 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import analysis
-import cli
-import defaults
-import lm
-import measures
-from common import atomic_path, positive, run_main, write_json
+from crosscoding import analysis, cli, defaults, lm, measures
+from crosscoding.common import atomic_path, positive, run_main, write_json
 
 ARTIFACT_NU = 0.5    # ν above this on a revision the decoder says the latent is absent from
 

@@ -25,14 +25,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-import analysis
-import cli
-import defaults
-import lm
-import measures
-import tasks
-from analysis import attribute, faithfulness, pair_values
-from common import UsageError, atomic_path, mark_done, positive, run_main, unmark_done, write_json, write_text
+from crosscoding import analysis, cli, defaults, lm, measures, tasks
+from crosscoding.analysis import attribute, faithfulness, pair_values
+from crosscoding.common import (
+    UsageError,
+    atomic_path,
+    mark_done,
+    positive,
+    run_main,
+    unmark_done,
+    write_json,
+    write_text,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Indirect effects

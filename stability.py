@@ -22,12 +22,9 @@ import pandas as pd
 import torch
 from scipy.optimize import linear_sum_assignment
 
-import cli
-import defaults
-import lm
-import measures
-from analysis import METHODS
-from common import (
+from crosscoding import cli, defaults, lm, measures
+from crosscoding.analysis import METHODS
+from crosscoding.common import (
     UsageError,
     is_done,
     mark_done,
@@ -38,7 +35,7 @@ from common import (
     update_results,
     write_json,
 )
-from crosscoder import CrossCoder
+from crosscoding.crosscoder import CrossCoder
 
 HERE = Path(__file__).resolve().parent
 TRAIN_KEYS = ("model", "layer", "weights", "cache", "dict_size", "batch_size", "tokens", "lr", "l1_coeff", "k",

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-import cli
-from common import (
+from crosscoding import cli
+from crosscoding.common import (
     ArgumentParser,
     UsageError,
     folder_lock,
@@ -43,7 +43,7 @@ from common import (
     unmark_done,
     write_text,
 )
-from grammar import PAIRS_PATH, SUBTASKS, make_pairs, training_sentences, vocabulary, write_pairs
+from crosscoding.grammar import PAIRS_PATH, SUBTASKS, make_pairs, training_sentences, vocabulary, write_pairs
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "models" / "toy"  # where lm.py looks for --model toy
@@ -51,7 +51,7 @@ DEFAULT_OUT = HERE / "models" / "toy"  # where lm.py looks for --model toy
 
 def toy_pairs():
     """The toy_sva pairs as tasks.Pair objects (the same ones as data/toy_sva.jsonl)."""
-    from tasks import Pair
+    from crosscoding.tasks import Pair
     return [Pair(**p) for p in make_pairs()]
 
 
@@ -161,7 +161,7 @@ def save_revision(model, tokenizer, folder: Path):
 
 
 def evaluate(model, tokenizer, pairs) -> dict[str, float]:
-    from tasks import accuracy_by_subtask
+    from crosscoding.tasks import accuracy_by_subtask
     was_training = model.training
     model.eval()
     acc = accuracy_by_subtask(model, tokenizer, pairs, device="cpu", batch_size=256)

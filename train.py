@@ -31,14 +31,18 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import cli
-import common
-import defaults
-import lm
-import tasks
-from activations import CacheBatches, LiveBuffer, layer_acts, load_models, make_cache, norm_scale, open_cache
-from common import UsageError, positive
-from crosscoder import CrossCoder, CrossCoderConfig
+from crosscoding import cli, common, defaults, lm, tasks
+from crosscoding.activations import (
+    CacheBatches,
+    LiveBuffer,
+    layer_acts,
+    load_models,
+    make_cache,
+    norm_scale,
+    open_cache,
+)
+from crosscoding.common import UsageError, positive
+from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 
 
 def parse_args(argv=None):

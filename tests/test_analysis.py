@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import activations
-import analysis
 import evaluate
-import lm
-import measures
 import relie
-import tasks
-from crosscoder import CrossCoder, CrossCoderConfig
+from crosscoding import activations, analysis, lm, measures, tasks
+from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +218,7 @@ def test_evaluate_ce_and_scaling(run, models):
 
 
 def test_open_run_refusals(tmp_path):
-    from common import UsageError
+    from crosscoding.common import UsageError
     with pytest.raises(UsageError, match="holds no trained crosscoder"):
         analysis.open_run(tmp_path)
     cc = CrossCoder(CrossCoderConfig(n_models=2, d_model=4, dict_size=8))

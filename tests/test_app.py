@@ -81,8 +81,8 @@ def test_relie_export_picks_up_annotations(tmp_path):
     import torch
 
     import relie
-    from crosscoder import CrossCoder, CrossCoderConfig
-    from measures import save_annotation
+    from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
+    from crosscoding.measures import save_annotation
     save_annotation(tmp_path, 3, "plural <b>verbs</b>", "number")
     save_annotation(tmp_path, 5, "other", "")
     save_annotation(tmp_path, 3, "plural verbs", "number")        # a later save replaces the earlier one
@@ -104,7 +104,7 @@ CONCURRENT = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-import measures
+from crosscoding import measures
 for i in range(int(sys.argv[3]), int(sys.argv[3]) + 20):
     measures.save_annotation(Path(sys.argv[2]), i, f"d{i}", "")
 """
@@ -198,7 +198,7 @@ def _timeline_runs(root):
     import numpy as np
     import torch
 
-    from crosscoder import CrossCoder, CrossCoderConfig
+    from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
     revs = ["step0", "step16", "step32", "step64", "step96", "step128", "step192", "step512"]
     made = {}
     for M in (2, 3, 8):
@@ -237,7 +237,7 @@ def test_timeline_page_renders_in_formed_at_order(M, tmp_path, monkeypatch, toy_
     cells = [c for c in cells if "rank" in c.columns][0]
     import numpy as np
 
-    import measures
+    from crosscoding import measures
     table = measures.timeline(np.ones((1, M)), revs)   # the column names only
     assert set(table.columns) >= {"formed_at", "peak_at", "faded_at", "timeline_class"}
     import app

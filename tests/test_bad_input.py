@@ -78,8 +78,8 @@ def world(toy_run, tmp_path_factory):
 
 CASES = [
     # (script and args, what stderr must name, exit code)
-    ("lm.py nope", "unknown model 'nope'; valid keys: pythia-70m", 2),
-    ("tasks.py subjverb", "unknown task 'subjverb'; valid: subjectverb", 2),
+    ("-m crosscoding.lm nope", "unknown model 'nope'; valid keys: pythia-70m", 2),
+    ("-m crosscoding.tasks subjverb", "unknown task 'subjverb'; valid: subjectverb", 2),
     ("toy.py --steps 0", "--steps", 2),
     ("toy.py --out {file}", "a_file", 2),
     ("cache_acts.py --model nope", "unknown model 'nope'", 2),
@@ -144,10 +144,15 @@ def run_cli(args, cwd, monkeypatch, capsys):
     """Run a script's __main__ in this process (imports stay warm: ~50 cases in seconds, not minutes);
     the exit code and stderr are what a shell would see. test_train/test_lm run real subprocesses."""
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [str(ROOT / args[0]), *args[1:]])
+    module = args[1] if args[0] == "-m" else None      # python -m crosscoding.lm …: a library module's CLI
+    args = args[2:] if module else args
+    monkeypatch.setattr(sys, "argv", [module or str(ROOT / args[0]), *args[1 - bool(module):]])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        runpy.run_path(str(ROOT / args[0]), run_name="__main__")
+        if module:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(str(ROOT / args[0]), run_name="__main__")
     return e.value.code, capsys.readouterr().err.strip()
 
 
@@ -177,7 +182,7 @@ def test_a_real_subprocess_too(toy_run):
 
 def test_enough_cases():
     assert len(CASES) >= 30 and {c[0].split()[0] for c in CASES} >= {
-        "lm.py", "tasks.py", "toy.py", "cache_acts.py", "train.py", "evaluate.py", "relie.py", "ablate.py"}
+        "-m", "toy.py", "cache_acts.py", "train.py", "evaluate.py", "relie.py", "ablate.py"}
 
 
 def test_top_k_larger_than_nonzero_is_capped(world, toy_run):

@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import activations
 import cache_acts
-import lm
-import tasks
-from common import UsageError, is_done
+from crosscoding import activations, lm, tasks
+from crosscoding.common import UsageError, is_done
 
 
 def _make(local_model, out, **kw):

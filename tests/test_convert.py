@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
 import convert
 from conftest import ROOT, run_script
-from crosscoder import CrossCoder, CrossCoderConfig
+from crosscoding import common
+from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 
 M, d, F = 3, 64, 32           # the toy's M and d (the import checks d against the model), a small F
 REVS = ["step64", "step128", "step512"]
@@ -519,8 +519,8 @@ def test_imported_run_through_every_stage(tmp_path, monkeypatch):
     """A quickly trained toy run (d=64, step64/step128/step512, layer 0, F=256) saved in dictionary_learning's
     layout, imported, then evaluate.py, relie.py and ablate.py on it; FVU in eval.json against the source
     file's documented forward on the same activations; the per-revision SAEs measured beside it; the app."""
-    import analysis
-    from activations import open_cache
+    from crosscoding import analysis
+    from crosscoding.activations import open_cache
     cache, trained, run = tmp_path / "cache", tmp_path / "runs" / "trained", tmp_path / "runs" / "imported"
     run_script(["cache_acts.py", "--model", "toy", "--tokens", "16384", "--out", str(cache)], tmp_path)
     run_script(["train.py", "--cache", str(cache), "--dict-size", "256", "--tokens", str(1024 * 40), "--out",

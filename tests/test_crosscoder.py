@@ -13,9 +13,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import sparse  # noqa: E402
-from crosscoder import CrossCoder, CrossCoderConfig, k_at, l1_coeff_at, lr_factor  # noqa: E402
-from sparse import ActiveSet  # noqa: E402
+from crosscoding import sparse  # noqa: E402
+from crosscoding.crosscoder import CrossCoder, CrossCoderConfig, k_at, l1_coeff_at, lr_factor  # noqa: E402
+from crosscoding.sparse import ActiveSet  # noqa: E402
 
 
 @pytest.fixture(params=["sparse", "dense", "predense", "reference"])

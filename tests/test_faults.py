@@ -16,10 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import activations
-import analysis
-from common import UsageError, is_done
 from conftest import ROOT
+from crosscoding import activations, analysis
+from crosscoding.common import UsageError, is_done
 
 pytestmark = pytest.mark.slow   # real subprocesses of whole stages: `-m 'not slow'` skips them
 

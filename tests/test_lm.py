@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-import lm
-from common import UsageError
 from conftest import ROOT, VOCAB, tiny_model
+from crosscoding import lm
+from crosscoding.common import UsageError
 
 
 def _ids(B=3, T=10, seed=1):
@@ -170,7 +170,7 @@ def test_local_revisions_sorted(tmp_path):
 HUB_SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-import lm, tasks
+from crosscoding import lm, tasks
 out = {}
 for key, rev in [("pythia-1b", "step512"), ("pythia-1b", "step143000"), ("bloom-1b1", "global_step10000")]:
     m, tok = lm.load(key, rev)
@@ -262,6 +262,7 @@ def test_random_weights_seeded_by_revision():
 
 
 def test_cli_unknown_model():
-    r = subprocess.run([sys.executable, str(ROOT / "lm.py"), "pythia-7"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "crosscoding.lm", "pythia-7"], capture_output=True, text=True,
+                       cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "valid keys" in r.stderr and "Traceback" not in r.stderr

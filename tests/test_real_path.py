@@ -104,7 +104,7 @@ def test_normalised_relie_has_one_definition(toy_run):
     """relie.py's normalised RelIE (its latents.csv) and ablate.py's (from ie.csv) are one computation:
     measures.normalise of the mean IE over the same pairs."""
     import ablate
-    import measures
+    from crosscoding import measures
     _, run = toy_run
     revs = json.loads((run / "config.json").read_text())["revisions"]
     relie_dir = run / "relie" / "toy_sva"

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import activations
 import stability
 from conftest import ROOT
-from crosscoder import CrossCoder, CrossCoderConfig
+from crosscoding import activations
+from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 
 
 def test_partners_maximise_the_total_cosine_one_to_one():

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-import tasks
-from common import UsageError
 from conftest import SHARED, tiny_model, word_tokenizer
+from crosscoding import tasks
+from crosscoding.common import UsageError
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/seed-data is absent")
 

@@ -13,9 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import grammar  # noqa: E402
-import lm  # noqa: E402
 import toy  # noqa: E402
+from crosscoding import grammar, lm  # noqa: E402
 
 NOUN_NUMBER = {w: (i, pl) for i, pair in enumerate(grammar.NOUNS) for pl, w in enumerate(pair)}
 VERB_NUMBER = {w: pl for pair in grammar.INTRANSITIVE + grammar.TRANSITIVE + grammar.BE + grammar.HAVE
@@ -135,7 +134,7 @@ def test_tokenizer_roundtrip(tmp_path):
 
 def test_pairs_file_is_a_fresh_regeneration():
     assert grammar.PAIRS_PATH.read_text() == grammar.pairs_jsonl()
-    from tasks import load_pairs_jsonl
+    from crosscoding.tasks import load_pairs_jsonl
     pairs = load_pairs_jsonl(grammar.PAIRS_PATH)
     assert len(pairs) == len(grammar.SUBTASKS) * grammar.PAIRS_PER_SUBTASK
     assert pairs == toy.toy_pairs()

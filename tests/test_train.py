@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import activations
 from conftest import ROOT
+from crosscoding import activations
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_run_folder_outputs(local_model, cache, tmp_path):
     assert {"val_fvu", "val_l0", "val_dead_frac", "tokens_per_s", "fvu"} <= set(log[-1])
     assert len(log[-1]["val_fvu"]) == 2
     # the saved crosscoder acts on RAW activations: its FVU on raw validation rows matches the log
-    from crosscoder import CrossCoder
+    from crosscoding.crosscoder import CrossCoder
     cc = CrossCoder.load(out)
     x = activations.open_cache(cache).val(8192)
     with torch.no_grad():
@@ -161,8 +161,7 @@ def test_nan_activations_named(local_model, cache, tmp_path):
 def test_live_buffer_run(local_model, tmp_path):
     """Without --cache, train.py runs the revisions itself (the paper's pipeline): it finishes, and its
     normalisation scales give held-out block-L outputs (from output_hidden_states) a mean norm of √d."""
-    import lm
-    import tasks
+    from crosscoding import lm, tasks
     root, text, _ = local_model
     out = tmp_path / "live"
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(root), "--layer", "1",

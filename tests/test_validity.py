@@ -10,11 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-import measures
 import relie
-import tasks
 from conftest import run_script
-from crosscoder import CrossCoder, CrossCoderConfig
+from crosscoding import measures, tasks
+from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 
 
 def test_split_keeps_near_copies_on_one_side():

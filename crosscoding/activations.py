@@ -20,10 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import defaults
-import lm
-import tasks
-from common import (
+from crosscoding import defaults, lm, tasks
+from crosscoding.common import (
     UsageError,
     atomic_path,
     fault_point,

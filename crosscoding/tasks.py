@@ -8,7 +8,7 @@ A minimal pair is a prefix and two one-word continuations, the grammatical one a
   toy_sva              the toy grammar's held-out pairs (data/toy_sva.jsonl)
   path/to/file.jsonl   any file of BLiMP, CLAMS or {"prefix","good","bad","subtask"} lines
 
-    python tasks.py subjectverb --model pythia-70m     # how many pairs survive tokenisation
+    python -m crosscoding.tasks subjectverb --model pythia-70m     # how many pairs survive tokenisation
 """
 import json
 import os
@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-import grammar
-import lm
-from common import ArgumentParser, EnvError, UsageError, run_main
+from crosscoding import grammar, lm
+from crosscoding.common import ArgumentParser, EnvError, UsageError, run_main
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent   # the repository root
 SEED_DATA = HERE.parent / "shared" / "seed-data" / "data"
 SUBJECTVERB = ("distractor_agreement_relational_noun", "distractor_agreement_relative_clause",
                "irregular_plural_subject_verb_agreement_1", "regular_plural_subject_verb_agreement_1")
@@ -464,7 +463,7 @@ def count_blocks(source: str, tok, seq_len: int, heldout_tokens: int, need: int,
 def main():
     p = ArgumentParser(description="Load a task and report how many pairs survive tokenisation.")
     p.add_argument("task")
-    import cli
+    from crosscoding import cli
     cli.add(p, "--model", model="toy")
     args = p.parse_args()
     pairs = load_task(args.task)

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-import defaults
-from common import ArgumentParser, positive
+from crosscoding import defaults
+from crosscoding.common import ArgumentParser, positive
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
@@ -20,7 +20,7 @@ def _finite(name, low, strict):
     def parse(s):
         import math
 
-        from common import UsageError
+        from crosscoding.common import UsageError
         try:
             v = float(s)
         except ValueError:
@@ -38,7 +38,7 @@ finite_nonnegative = lambda name: _finite(name, 0.0, strict=False)    # noqa: E7
 def fraction(name):
     """argparse type for a number in [0, 1), with a one-line error naming the flag."""
     def parse(s):
-        from common import UsageError
+        from crosscoding.common import UsageError
         v = finite_nonnegative(name)(s)
         if v >= 1:
             raise UsageError(f"{name} must be a number in [0, 1), got {s}")
@@ -132,20 +132,20 @@ def _peek(argv, flag):
 
 def model_in(argv, default="toy"):
     """The model a command line names (--model), before the full parse: its spec sets the defaults."""
-    import lm
+    from crosscoding import lm
     return lm.resolve(_peek(argv, "--model") or default)
 
 
 def default_run() -> Path:
     """The run `python train.py` makes with no arguments (the toy's): the analysis scripts' default --run."""
-    import lm
+    from crosscoding import lm
     spec = lm.resolve("toy")
     return defaults.run_dir(spec.key, spec.layer, spec.revisions, defaults.ARCH)
 
 
 def run_in(argv):
     """The run folder a command line names (--run, else the toy's default run) and its model's spec."""
-    import lm
+    from crosscoding import lm
     run = Path(_peek(argv, "--run") or default_run())
     try:
         model = json.loads((run / "config.json").read_text())["model"]

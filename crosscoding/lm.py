@@ -9,7 +9,7 @@
   or stop the forward right after it, so caching never pays for the layers above; or start the
   forward from a given block-L output, so IG steps and ablations never pay for the layers below.
 
-    python lm.py pythia-1b          # list the revisions of a model
+    python -m crosscoding.lm pythia-1b          # list the revisions of a model
 """
 import contextlib
 import dataclasses
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import defaults
-from common import ArgumentParser, EnvError, UsageError, is_done, run_main
+from crosscoding import defaults
+from crosscoding.common import ArgumentParser, EnvError, UsageError, is_done, run_main
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent   # the repository root
 TOY_DIR = HERE / "models" / "toy"
 
 
@@ -279,7 +279,7 @@ def standin_tokenizer(spec: ModelSpec):
     from tokenizers.pre_tokenizers import Whitespace
     from transformers import PreTrainedTokenizerFast
 
-    import grammar
+    from crosscoding import grammar
     _need_arch(spec)
     kw = spec.arch[1]
     V = spec.tokenizer_size or kw["vocab_size"]

@@ -30,9 +30,8 @@ import torch.nn as nn
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
-import defaults
-import sparse
-from common import atomic_path
+from crosscoding import defaults, sparse
+from crosscoding.common import atomic_path
 
 ARCHS = ("l1", "batchtopk")
 WEIGHTS_FILE = "crosscoder.safetensors"

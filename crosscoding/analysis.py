@@ -13,13 +13,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import defaults
-import lm
-import measures
-import tasks
-from common import UsageError, read_json, require_done
-from crosscoder import CrossCoder
-from measures import rel
+from crosscoding import defaults, lm, measures, tasks
+from crosscoding.common import UsageError, read_json, require_done
+from crosscoding.crosscoder import CrossCoder
+from crosscoding.measures import rel
 
 
 @dataclass

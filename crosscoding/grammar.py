@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import write_text
+from crosscoding.common import write_text
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent   # the repository root
 PAIRS_PATH = HERE / "data" / "toy_sva.jsonl"
 
 # -----------------------------------------------------------------------------

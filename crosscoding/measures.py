@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import atomic_path
+from crosscoding.common import atomic_path
 
 SPECIFIC, SHARED_MIN = 0.7, 0.3        # one-vs-all classes: > 0.7 specific, all ≥ 0.3 shared
 LOW, HIGH = 0.3, 0.7                   # 2-way classes: < 0.3 discontinued, > 0.7 emerging
