@@ -36,10 +36,10 @@ from crosscoding.common import (
     write_json,
 )
 from crosscoding.crosscoder import CrossCoder
+from crosscoding.training import RunConfig, flag
 
 HERE = Path(__file__).resolve().parent
-TRAIN_KEYS = ("model", "layer", "weights", "cache", "dict_size", "batch_size", "tokens", "lr", "l1_coeff", "k",
-              "text", "seq_len", "heldout_tokens", "buffer_tokens", "precision", "device", "model_dtype")
+VARIED = ("arch", "seed")     # what a seed run changes of the run's RunConfig
 MATCH_COS = 0.9
 
 
@@ -54,18 +54,18 @@ def stage(args, cwd):
 
 
 def train_args(run_args, arch, seed, out):
-    cmd = ["train.py", "--revisions", ",".join(run_args["revisions"]), "--arch", arch, "--seed", seed, "--out", out]
-    for k in TRAIN_KEYS:
-        v = run_args.get(k)
-        if v is not None and v != "None":
-            cmd += [f"--{k.replace('_', '-')}", v]
+    """train.py with the run's RunConfig, another arch and seed, on the run's device."""
+    cmd = ["train.py", "--arch", arch, "--seed", seed, "--out", out, "--device", run_args["device"]]
+    for k, v in RunConfig.known(run_args).items():
+        if k not in VARIED and v is not None:        # None: left to train.py (an LM seed's own cache)
+            cmd += [flag(k), ",".join(v) if isinstance(v, list) else v]
     return cmd
 
 
 def stale(seed_args, run_args) -> bool:
     """A seed's run no longer matches the run it varies (the run was trained again with other arguments)."""
-    return any(str(seed_args.get(k)) != str(run_args.get(k)) for k in ("revisions",) + TRAIN_KEYS
-               if run_args.get(k) is not None)   # None: left to train.py (an LM seed's own cache)
+    return any(str(seed_args.get(k)) != str(v) for k, v in RunConfig.known(run_args).items()
+               if k not in VARIED and v is not None)
 
 
 def seed_run(folder, run_args, arch, seed, methods, task, select, threshold, cwd, own=False):

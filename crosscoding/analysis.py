@@ -6,6 +6,7 @@ Splicing (METHOD.md): at every real position p ≥ 1 of block L's output, x_m is
 x̂_m = W_dec[:, m] f + b_dec[m] (+ the error term r_m = x_m − x̂_m where it is kept). Position 0 (BOS)
 and left padding always keep the model's own activation.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,27 +149,59 @@ class Method:
     """One attribution method (relie.py --method): how IE_{m,i} is computed. A gradient method integrates
     ∂μ/∂f along a straight path from its baseline to the clean codes at `steps` points (α = 0, 1/steps, …);
     an ablation method zero-ablates each latent. The error term's IE is the path's own where the error is
-    scaled along it, else the exact effect of zeroing the error term (latents kept)."""
+    scaled along it, else the exact effect of zeroing the error term (latents kept). `ie` computes one
+    batch of pairs at one revision: (run, model, m, batch, x_BTd, f_BTF, r_BTd, path) → per pair IE of
+    every latent [B, F], of the error term [B], and the clean metric μ [B]."""
     steps: int              # gradient points on the path; 0 for an ablation
     baseline: str           # where the path starts: "zero" or "mean" (the task's mean code); "-" for an ablation
     scale_error: bool       # the error term runs from 0 to r along the path (else it is held at r)
     about: str
+    ie: Callable
 
     @property
     def error_by(self) -> str:
         return "the path's own gradient" if self.scale_error else "exact zero-ablation of the error term"
 
 
-# The table of attribution methods: a new one is one row here (and its branch in `attribute`).
+@dataclass
+class Along:
+    """What a method's `ie` needs beyond the batch: the path's points and baseline, the IE threshold, the
+    latents an ablation method ablates."""
+    alphas: list
+    f_base_F: torch.Tensor | None
+    threshold: float
+    latents: list
+
+
+def _by_gradient(how, run, model, m, b, x_BTd, f_BTF, r_BTd, path):
+    """IG or AtP: per-token IE, |IE| ≤ threshold zeroed, summed over positions."""
+    ie_BTF, err_BT, clean_B = ie_gradient(run, model, m, b, x_BTd, f_BTF, r_BTd, path.alphas, path.f_base_F,
+                                          how.scale_error)
+    ie_BTF = torch.where(ie_BTF.abs() > path.threshold, ie_BTF, torch.zeros_like(ie_BTF))
+    err_B = err_BT.sum(1) if how.scale_error else ie_error_exact(run, model, m, b, x_BTd, f_BTF, r_BTd)
+    return ie_BTF.sum(1).detach().cpu(), err_B.detach().cpu(), clean_B.cpu()
+
+
+def _by_ablation(how, run, model, m, b, x_BTd, f_BTF, r_BTd, path):
+    """Exact zero-ablation of each of path.latents (per pair |IE| ≤ threshold zeroed); the others get 0."""
+    vals, clean_B = ie_exact(run, model, m, b, x_BTd, f_BTF, r_BTd, path.latents)
+    vals = torch.where(vals.abs() > path.threshold, vals, torch.zeros_like(vals))
+    ie_BF = torch.zeros(len(b), run.cc.cfg.dict_size)
+    ie_BF[:, path.latents] = vals.cpu()
+    return ie_BF, ie_error_exact(run, model, m, b, x_BTd, f_BTF, r_BTd).cpu(), clean_B.cpu()
+
+
+# The table of attribution methods: a new one is one row here (with its own `ie`, or one of these two).
 METHODS = {
     "ig": Method(defaults.IG_STEPS, "zero", True, "integrated gradients from the zero baseline, latents and "
-                 "error term scaled together (the paper's)"),
+                 "error term scaled together (the paper's)", _by_gradient),
     "ig-error-held": Method(defaults.IG_STEPS, "zero", False, "integrated gradients from the zero baseline, the "
-                            "error term held"),
+                            "error term held", _by_gradient),
     "ig-mean": Method(defaults.IG_STEPS, "mean", False, "integrated gradients from the task's mean code, the error "
-                      "term held"),
-    "atp": Method(1, "zero", True, "attribution patching: one gradient at the clean codes"),
-    "exact": Method(0, "-", False, "zero-ablate each latent, error kept (per pair |IE| ≤ --threshold zeroed)"),
+                      "term held", _by_gradient),
+    "atp": Method(1, "zero", True, "attribution patching: one gradient at the clean codes", _by_gradient),
+    "exact": Method(0, "-", False, "zero-ablate each latent, error kept (per pair |IE| ≤ --threshold zeroed)",
+                    _by_ablation),
 }
 
 
@@ -243,9 +276,9 @@ def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, lat
     S, M, Fdim = len(subtasks), len(models), run.cc.cfg.dict_size
     ie, err, n = torch.zeros(S, M, Fdim), torch.zeros(S, M), torch.zeros(S)
     clean = torch.zeros(S, M)
-    alphas = [i / steps for i in range(steps)]
-    f_base = mean_code(run, models, batch, batch_size) if how.baseline == "mean" else None
-    lat = list(range(Fdim)) if latents is None else list(latents)   # for method="exact"
+    path = Along(alphas=[i / steps for i in range(steps)], threshold=threshold,
+                 f_base_F=mean_code(run, models, batch, batch_size) if how.baseline == "mean" else None,
+                 latents=list(range(Fdim)) if latents is None else list(latents))   # the ablated ones (exact)
     pair_ie, pair_err = [[] for _ in models], []
     for i in tqdm(range(0, len(batch), batch_size), desc=f"IE ({method})", unit="batch"):
         b = batch.slice(i, i + batch_size).to(run.device)
@@ -254,20 +287,7 @@ def attribute(run, models, batch, method="ig", threshold=0.1, batch_size=16, lat
         n.index_add_(0, s_idx, torch.ones(len(b)))
         errs = []
         for m, (_, model, _) in enumerate(models):
-            x_m, r_m = x[:, :, m], r_BTMd[:, :, m]
-            if how.steps == 0:
-                vals, clean_B = ie_exact(run, model, m, b, x_m, f_BTF, r_m, lat)
-                vals = torch.where(vals.abs() > threshold, vals, torch.zeros_like(vals))
-                ie_BF = torch.zeros(len(b), Fdim)
-                ie_BF[:, lat] = vals.cpu()
-                clean_B = clean_B.cpu()
-            else:
-                ie_BTF, err_BT, clean_B = ie_gradient(run, model, m, b, x_m, f_BTF, r_m, alphas, f_base,
-                                                      how.scale_error)
-                ie_BTF = torch.where(ie_BTF.abs() > threshold, ie_BTF, torch.zeros_like(ie_BTF))
-                ie_BF, err_B, clean_B = ie_BTF.sum(1).detach().cpu(), err_BT.sum(1).detach().cpu(), clean_B.cpu()
-            if not how.scale_error:
-                err_B = ie_error_exact(run, model, m, b, x_m, f_BTF, r_m).cpu()
+            ie_BF, err_B, clean_B = how.ie(how, run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], path)
             ie[:, m].index_add_(0, s_idx, ie_BF)
             err[:, m].index_add_(0, s_idx, err_B)
             clean[:, m].index_add_(0, s_idx, clean_B)

@@ -94,6 +94,7 @@ def test_run_folder_outputs(local_model, cache, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["revisions"] == ["step0", "step100"] and cfg["layer"] == 1 and len(cfg["scales"]) == 2
     assert cfg["data"]["fingerprint"] == json.loads((cache / "meta.json").read_text())["fingerprint"]
+    assert cfg["run"]["dict_size"] == 64 and cfg["run"]["lr"] == 3e-3 and cfg["run"]["cache"] == str(cache)
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert {"val_fvu", "val_l0", "val_dead_frac", "tokens_per_s", "fvu"} <= set(log[-1])
     assert len(log[-1]["val_fvu"]) == 2
@@ -105,6 +106,38 @@ def test_run_folder_outputs(local_model, cache, tmp_path):
         x_hat, _ = cc(x)
     fvu = ((x_hat - x).pow(2).sum((0, 2)) / (x - x.mean(0)).pow(2).sum((0, 2))).tolist()
     assert fvu == pytest.approx(log[-1]["val_fvu"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_run_config(local_model, cache, tmp_path):
+    """--resume continues the run it was started as: a changed λ, k or arch is one line and exit 2, and the
+    killed run's checkpoint is left as it was; the unchanged command then finishes it."""
+    out = tmp_path / "run"
+    env = dict(ENV, CCT_FAULT="train_step:25")        # killed after step 25: a checkpoint at step 20
+    r = subprocess.run(_cmd(local_model, cache, out, "--l1-coeff", "2"), env=env, capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL and list(out.glob("ckpt/*/DONE")), r.stderr[-2000:]
+    before = sorted(p.name for p in out.rglob("*") if p.name != ".lock")     # the killed run's stale lock goes
+    for changed, msg in ((["--l1-coeff", "3"], "was started with --l1-coeff 2.0, this command has --l1-coeff 3.0"),
+                         (["--k", "7"], "was started with --k "),
+                         (["--arch", "batchtopk", "--k", "8"], "with --arch l1, this command has --arch batchtopk")):
+        r = subprocess.run(_cmd(local_model, cache, out, "--l1-coeff", "2", "--resume", *changed), env=ENV,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr[-2000:]
+        assert sorted(p.name for p in out.rglob("*") if p.name != ".lock") == before
+    r = subprocess.run(_cmd(local_model, cache, out, "--l1-coeff", "2", "--resume"), env=ENV, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and (out / "DONE").exists(), r.stderr[-2000:]
+
+
+def test_run_config_is_train_py_flags():
+    """RunConfig is the one list of what defines a run: each field is a train.py flag of that name, and the
+    finished run's config.json records it (test_resume_refuses_a_changed_run_config: --resume checks it)."""
+    import dataclasses
+
+    from crosscoding.training import RunConfig, flag
+    helptext = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True).stdout
+    for f in dataclasses.fields(RunConfig):
+        assert flag(f.name) + " " in helptext or flag(f.name) + "\n" in helptext, f.name
 
 
 @pytest.mark.parametrize("extra,msg", [
@@ -325,6 +358,6 @@ def test_memory_check_predicts_the_peak(tmp_path):
 
 
 def test_each_rank_takes_its_own_gpu():
-    import train
-    assert train.rank_device("cuda:0", 1) == "cuda:1" and train.rank_device("cuda", 3) == "cuda:3"
-    assert train.rank_device("cpu", 1) == "cpu"
+    from crosscoding.training import rank_device
+    assert rank_device("cuda:0", 1) == "cuda:1" and rank_device("cuda", 3) == "cuda:3"
+    assert rank_device("cpu", 1) == "cpu"

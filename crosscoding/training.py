@@ -1,0 +1,498 @@
+"""training.py — what train.py's loop stands on: the run's defining config, memory, data, checkpoints, DDP.
+
+train.py reads top to bottom as the loop (data, step, log, checkpoint); the pieces it calls live here:
+  RunConfig            what defines a run: the CLI's training flags, the resume check, stability.py's seed
+                       runs and config.json all use this one list
+  predict_memory       the peak before step 1, and refusing what cannot fit
+  data_source          batches as a pure function of the step (a cache, or the live buffer)
+  checkpoints          ckpt/<step>/ written atomically, the newest finished one restored
+  prepare_out          refuse a folder that holds another run, unless --resume or --overwrite
+  validate             held-out FVU, L0 and dead fraction
+  DDP                  process group set-up, the loss as a module for DDP, buffer sync
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from crosscoding import cli, common, defaults, lm, tasks
+from crosscoding.activations import (
+    CacheBatches,
+    LiveBuffer,
+    layer_acts,
+    load_models,
+    make_cache,
+    norm_scale,
+    open_cache,
+)
+from crosscoding.common import UsageError
+from crosscoding.crosscoder import CrossCoderConfig
+
+# ---------------------------------------------------------------------------------------------
+# The run's defining config
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """What defines a training run: the same RunConfig trains the same crosscoder. Each field is train.py's
+    flag of that name (--dict-size for dict_size, ...). --resume refuses a command whose RunConfig differs
+    from the run's, stability.py trains its seed runs with the run's RunConfig (another seed or arch), and
+    config.json records it under "run". Flags that only say where or how fast (--out, --device, --log-every,
+    --ckpt-every, --compile) are not part of it."""
+    model: str
+    layer: int
+    revisions: list
+    weights: str              # hub, or random (the architecture with random weights)
+    cache: str | None         # the activation cache trained from; None: a live buffer over `text`
+    text: str
+    seq_len: int
+    heldout_tokens: int
+    buffer_tokens: int
+    model_dtype: str | None
+    arch: str
+    dict_size: int
+    batch_size: int
+    tokens: int
+    lr: float
+    l1_coeff: float
+    k: int
+    seed: int
+    precision: str
+
+    @classmethod
+    def from_args(cls, args) -> "RunConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def known(cls, saved: dict) -> dict:
+        """The RunConfig fields a saved run records (a run written before a field existed lacks it)."""
+        return {f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved}
+
+    def changed(self, saved: dict) -> list:
+        """[(field, saved value, this value)] where a saved run's config differs from this one."""
+        mine = _jsonable(dataclasses.asdict(self))
+        return [(k, v, mine[k]) for k, v in self.known(saved).items() if str(v) != str(mine[k])]
+
+    def crosscoder(self, M, d) -> CrossCoderConfig:
+        """The paper's crosscoder; its schedules (λ warm-up, k anneal, θ, dead after 2.5% of the run) follow
+        the run's length as the paper's do (CrossCoderConfig)."""
+        return CrossCoderConfig(n_models=M, d_model=d, dict_size=self.dict_size, arch=self.arch,
+                                l1_coeff=self.l1_coeff, lr=self.lr, total_steps=self.tokens // self.batch_size,
+                                batch_size=self.batch_size, k=self.k, seed=self.seed)
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: predict the peak before the first step, refuse what cannot fit
+
+def _rss() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def predict_memory(cfg, batch, device, resident=0) -> int:
+    """Bytes the device will hold at the training loop's peak: what it holds now (on a CPU the process's
+    RSS: the interpreter, the language models) + `resident` not yet allocated (the live buffer) + the
+    crosscoder's weights, grads and 2 Adam moments (16 bytes a parameter) + the step's temporaries:
+    36 bytes per [B, F] entry (pre-activations, codes, masks, grads; at init the codes are half dense,
+    and the CPU's active-set path indexes them with int64) and 90 per [B, M·d] entry (inputs,
+    reconstructions, errors, their grads, the batch read). The two constants are fitted to peak RSS
+    on a CPU at four shapes; tests/test_train.py checks a fifth within 25%. GPUs take the dense
+    path, which holds less: there it is an upper bound."""
+    M, d, F = cfg.n_models, cfg.d_model, cfg.dict_size
+    n_params = 2 * M * d * F + F + M * d
+    now = torch.cuda.memory_allocated(torch.device(device)) if str(device).startswith("cuda") else _rss()
+    return now + resident + 16 * n_params + 36 * batch * F + 90 * batch * M * d
+
+
+def check_memory(need, device):
+    if str(device).startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        have = free + torch.cuda.memory_allocated(torch.device(device))
+    else:
+        try:
+            have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + _rss()
+        except (ValueError, OSError):
+            return
+    if need > have:
+        raise UsageError(f"this run needs about {need / 2**30:.1f} GiB on {device} but {have / 2**30:.1f} GiB are "
+                         "available; lower --dict-size, --batch-size or --buffer-tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: batches as a pure function of the step, so a resumed run sees the same data
+
+def data_source(args, spec, rank, world, resume_state):
+    """(batch_at(step) → raw [B/world, M, d], scales [M], val [V, M, d], data description, buffer)."""
+    if args.make_cache and rank == 0 and not common.is_done(args.cache):
+        print(f"making the activation cache first (as `python cache_acts.py --model {spec.key}` would): {args.cache}",
+              file=sys.stderr)
+        make_cache(spec.key, args.layer, args.revisions, args.cache, spec.preset.cache_tokens,
+                              args.seq_len, args.heldout_tokens, args.text, args.device)
+    if world > 1:
+        dist.barrier()
+    if args.cache:
+        cache = open_cache(args.cache)
+        m = cache.meta
+        if m["revisions"] != args.revisions or m["layer"] != args.layer or m["model"] != spec.key:
+            raise UsageError(f"cache {args.cache} holds {m['model']} layer {m['layer']} revisions "
+                             f"{','.join(m['revisions'])}, not {spec.key} layer {args.layer} "
+                             f"revisions {','.join(args.revisions)}")
+        batches = CacheBatches(cache, args.batch_size, args.seed, rank, world)
+        desc = dict(cache=str(args.cache), fingerprint=m["fingerprint"], text=m["text"], d=m["d"],
+                    seq_len=m["seq_len"], heldout_tokens=m["split"]["heldout_tokens"], weights=m.get("weights", "hub"))
+        return batches.batch_at, cache.scales, cache.val(defaults.VAL_ROWS), desc, None
+    return live_source(args, spec, rank, world, resume_state)
+
+
+def live_source(args, spec, rank, world, resume_state):
+    mdt = cli.dtype(args.model_dtype, args.device)
+    if args.weights == "hub":
+        avail = lm.revisions(spec, quiet=rank > 0)
+        for r in args.revisions:
+            lm.check_revision(spec, r, avail)
+    models = load_models(spec, args.revisions, args.device, mdt, args.layer, args.weights)
+    tok, T, text, H = models[0][2], args.seq_len, args.text, args.heldout_tokens
+    # validation and scales: the held-out split, which training never reads
+    val_ids = tasks.text_blocks(text, tok, math.ceil(defaults.VAL_ROWS / (T - 1)), T, H, "heldout", min_blocks=1)
+    with torch.no_grad():
+        val = torch.stack([torch.cat([layer_acts(m, args.layer, val_ids[i:i + 4]) for i in range(0, len(val_ids), 4)])
+                           for _, m, _ in models], 1).cpu()
+    scales = [norm_scale(val[:, i]) for i in range(val.shape[1])]
+
+    def blocks(pos):
+        start = None if pos is None else tasks.TextPos(**pos)
+        return ((b, dataclasses.asdict(p)) for b, p in tasks.iter_blocks(text, tok, T, H, "train", start))
+
+    buf = LiveBuffer(models, args.layer, blocks, T, args.buffer_tokens, args.steps * args.batch_size, args.seed,
+                     args.device, lm_batch=32 if str(args.device).startswith("cuda") else 8, start=resume_state)
+    need = buf.blocks_needed(args.steps, args.batch_size)
+    if resume_state is None:
+        have = tasks.count_blocks(text, tok, T, H, need)
+        if have < need:
+            raise UsageError(f"text source {text!r} holds {have} training blocks of {T} tokens after its held-out "
+                             f"split, this run needs {need} (--tokens {args.tokens}, the live buffer's windows); "
+                             "give a longer --text or fewer --tokens")
+    desc = dict(cache=None, text=text, seq_len=T, heldout_tokens=H, d=val.shape[-1], buffer_tokens=args.buffer_tokens,
+                buffer_windows=buf.n_parts, weights=args.weights)
+
+    def batch_at(step):
+        return buf.batch_at(step, args.batch_size)[rank::world]
+
+    return batch_at, scales, val, desc, buf
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: ckpt/<step>/ (safetensors + JSON, DONE last), made in a temporary folder and renamed
+# into place; the older one is removed only after. A kill anywhere leaves the newest finished one.
+
+def save_checkpoint(folder, step, cc, opt, sched, buffer_state=None):
+    tensors = {f"cc.{k}": v.detach().contiguous() for k, v in cc.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    state = dict(step=step, sched=sched.state_dict(), opt_groups=opt.state_dict()["param_groups"],
+                 buffer=buffer_state)
+    with common.atomic_dir(folder / "ckpt" / f"{step:09d}") as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
+        common.fault_point("ckpt_write")               # killed mid-write: the temporary folder has no marker yet
+        (tmp / "state.json").write_text(json.dumps(state, default=str))
+        common.mark_done(tmp, step=step)               # the marker goes last
+    common.fault_point("ckpt_prune")                   # killed here: two finished checkpoints, the newer one wins
+    for old in (folder / "ckpt").iterdir():
+        if old.name != f"{step:09d}":
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def newest_checkpoint(folder):
+    """The newest finished checkpoint folder, or None."""
+    root = folder / "ckpt"
+    done = sorted(d for d in root.iterdir() if d.name.isdigit() and common.is_done(d)) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def checkpoint_buffer(folder):
+    """The live buffer's text position recorded in the newest checkpoint (None: none, or a cache run)."""
+    ckpt = newest_checkpoint(folder)
+    return json.loads((ckpt / "state.json").read_text()).get("buffer") if ckpt else None
+
+
+def load_checkpoint(folder, cc, opt, sched, device):
+    """Restore the newest checkpoint; returns its step (0 if there is none)."""
+    d = newest_checkpoint(folder)
+    if d is None:
+        return 0
+    t = load_file(d / "state.safetensors", device=str(device))
+    state = json.loads((d / "state.json").read_text())
+    cc.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("cc.")})
+    opt_state = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = v if name != "step" else v.cpu()
+    opt.load_state_dict(dict(state=opt_state, param_groups=state["opt_groups"]))
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(t["rng.cpu"].cpu())
+    return state["step"]
+
+
+def prepare_out(args, rank):
+    """Refuse an output folder that holds another run, unless --resume or --overwrite; --resume refuses a
+    command whose RunConfig differs from the run's."""
+    out = args.out
+    if rank != 0:
+        return
+    held = [f for f in ("config.json", "crosscoder.safetensors", "ckpt", "log.jsonl") if (out / f).exists()]
+    if held and not (args.resume or args.overwrite):
+        raise UsageError(f"{out} already holds a run ({held[0]}); pass --resume to continue it, "
+                         "--overwrite to replace it, or another --out")
+    if args.resume and common.is_done(out):
+        raise UsageError(f"{out} is a finished run; nothing to resume (--overwrite to train it again)")
+    if args.resume and (out / "run_args.json").exists():
+        old = common.read_json(out / "run_args.json", "run arguments")
+        for k, was, now in RunConfig.from_args(args).changed(old)[:1]:
+            raise UsageError(f"--resume: {out} was started with {flag(k)} {was}, this command has {flag(k)} {now}; "
+                             "resume with the run's value, or --overwrite to train it again")
+    if args.overwrite:
+        for f in ("config.json", "crosscoder.safetensors", "log.jsonl", "DONE", "run_args.json", "eval.json",
+                  "latents.csv"):
+            (out / f).unlink(missing_ok=True)
+        for d in ("ckpt", "relie", "ablation", "stability"):
+            shutil.rmtree(out / d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+@torch.no_grad()
+def validate(cc, val_BMd, device):
+    """Held-out metrics per revision: FVU, L0, dead fraction (never active on these rows)."""
+    cc.eval()
+    err_M, l0, active = 0, [], None
+    for i in range(0, len(val_BMd), 2048):
+        x = val_BMd[i:i + 2048].to(device)
+        x_hat, f = cc(x)
+        err_M = err_M + (x_hat - x).pow(2).sum((0, 2))
+        l0.append((f > 0).float().sum(1))
+        active = (f > 0).any(0) if active is None else active | (f > 0).any(0)
+    x = val_BMd.to(device)
+    var_M = (x - x.mean(0)).pow(2).sum((0, 2))
+    cc.train()
+    return dict(val_fvu=(err_M / var_M).tolist(), val_l0=torch.cat(l0).mean().item(),
+                val_dead_frac=1 - active.float().mean().item())
+
+
+class Prefetch:
+    """The step's raw batch, checked for NaN/Inf. On a GPU the next cache batch is read, checked and pinned in
+    a thread while this step runs, so its copy is asynchronous (batch_at is a pure function of the step:
+    resuming is unaffected); on a CPU the thread would only take cores from the step, and a live buffer's
+    batches are on the device already."""
+
+    def __init__(self, batch_at, revisions, device, start, steps, live):
+        self.batch_at, self.revisions, self.device, self.steps = batch_at, revisions, device, steps
+        self.pin = str(device).startswith("cuda") and not live
+        self.pool = ThreadPoolExecutor(1) if self.pin else None
+        self.next = self._submit(start) if start < steps else None   # fails here, before the bar, on bad data
+
+    def get(self, step):
+        x_BMd = self.next.result().to(self.device, non_blocking=True)
+        if step + 1 < self.steps:
+            self.next = self._submit(step + 1)
+        return x_BMd
+
+    def close(self):
+        if self.pool:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, step):
+        if self.pool:
+            return self.pool.submit(self._fetch, step)
+        f = Future()
+        f.set_result(self._fetch(step))
+        return f
+
+    def _fetch(self, step):
+        x_BMd = self.batch_at(step)
+        if not torch.isfinite(x_BMd).all():
+            r = int((~torch.isfinite(x_BMd)).any(-1).any(0).nonzero()[0])
+            raise UsageError(f"NaN/Inf in the activations of revision {self.revisions[r]} at step {step}")
+        return x_BMd.pin_memory() if self.pin else x_BMd
+
+
+def check_finite(revisions, scales, val_BMd):
+    for r, s, v in zip(revisions, scales, val_BMd.unbind(1)):
+        if not (math.isfinite(s) and torch.isfinite(v).all()):
+            raise UsageError(f"NaN/Inf in the activations of revision {r} (normalisation scale {s}): "
+                             "the checkpoint is broken or the cache is corrupt")
+
+
+def log_record(step, args, out, sched, seen, seconds, cc, val_BMd) -> dict:
+    """One line of log.jsonl: the batch's loss terms, then validation on the held-out rows."""
+    rec = dict(step=step + 1, tokens=(step + 1) * args.batch_size, loss=out["loss"].item(), mse=out["mse"].item(),
+               l0=out["l0"].item(), fvu=out["fvu_M"].tolist(), dead_frac=out["dead_frac"].item(),
+               lr=sched.get_last_lr()[0], tokens_per_s=seen / seconds)
+    rec.update(validate(cc, val_BMd, args.device))
+    with open(args.out / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def save_run(args, spec, cc, scales, desc, need):
+    """The finished run: the crosscoder with the scales folded in (it acts on raw activations), config.json
+    with the RunConfig and where the data came from, DONE last; the checkpoints go."""
+    final = cc.fold_scales(scales)
+    gpu = str(args.device).startswith("cuda")
+    peak = torch.cuda.max_memory_allocated(torch.device(args.device)) if gpu else None
+    final.save(args.out, extra=dict(
+        model=spec.key, repo=spec.repo, revisions=args.revisions, layer=args.layer, scales=scales,
+        revision_tokens=[lm.parse_revision(r, spec.tokens_per_step).tokens for r in args.revisions],
+        data=desc, steps=args.steps, tokens=args.tokens, memory=dict(predicted=need, measured_gpu_peak=peak),
+        run=_jsonable(dataclasses.asdict(RunConfig.from_args(args))), args=_jsonable(vars(args)),
+        versions=_versions(), activations="raw (scales folded in)"))
+    common.fault_point("train_final")              # killed here: weights saved, run not marked done
+    common.mark_done(args.out, step=args.steps)
+    shutil.rmtree(args.out / "ckpt", ignore_errors=True)
+
+
+def start_log(args, start):
+    """run_args.json (what --resume compares) and log.jsonl cut back to the checkpoint's step."""
+    common.write_json(args.out / "run_args.json", _jsonable(vars(args)))
+    _truncate_log(args.out / "log.jsonl", start)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: torchrun's processes, the loss as a module DDP can wrap, one set of buffers on every rank
+
+@dataclasses.dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def group(self):
+        """The process group BatchTopK selects over (the global batch); None in one process."""
+        return dist.group.WORLD if self.world > 1 else None
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def lock(self, folder):
+        """Rank 0 holds the run folder's lock for the whole run."""
+        return common.folder_lock(folder) if self.main else contextlib.nullcontext()
+
+    def sync(self, cc, B_local):
+        if self.world > 1:
+            sync_buffers(cc, self.world, B_local)
+
+    def mean(self, out, keys=("loss", "mse", "l0")):
+        """The whole batch's numbers, not this rank's share."""
+        if self.world > 1:
+            for k in keys:
+                out[k] = out[k].detach().clone()
+                dist.all_reduce(out[k])
+                out[k] /= self.world
+        return out
+
+
+def start_ranks(args) -> Ranks:
+    """torchrun's process group (nccl on GPUs, gloo on CPUs), each rank on its own GPU; one process without it."""
+    ranks = Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    if ranks.world > 1:
+        dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
+        args.device = rank_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(args.device)
+    if args.batch_size % ranks.world:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {ranks.world} processes")
+    return ranks
+
+
+def stop_ranks(ranks):
+    if ranks.world > 1:
+        dist.barrier()   # rank 0 may still be saving: a gloo peer torn down mid-way can abort the other
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def sync_buffers(cc, world, B_local):
+    """After each DDP step, one set of buffers on every rank, as one process over the whole batch would
+    have them (DDP itself only averages gradients). Dead-latent counters: a latent fired if it fired on
+    any rank (the minimum), and the tokens since then count every rank's (B_local·world per step).
+    BatchTopK's θ: every rank applied the same EMA to its own smallest kept score (all ≥ the global
+    cut); the EMA is monotone, so the minimum over ranks is the EMA of the global batch's smallest."""
+    since_F = cc.tokens_since_active_F          # each rank: its previous (shared) value + B_local, or 0
+    dist.all_reduce(since_F, op=dist.ReduceOp.MIN)
+    since_F.add_((since_F > 0) * B_local * (world - 1))
+    dist.all_reduce(cc.threshold, op=dist.ReduceOp.MIN)
+
+
+class _LossModule(torch.nn.Module):
+    """DDP averages gradients of what its forward returns: wrap the crosscoder's loss as a forward."""
+
+    def __init__(self, cc):
+        super().__init__()
+        self.cc = cc
+
+    def forward(self, x_BMd, step, metrics=True):
+        return self.cc.loss(x_BMd, step=step, metrics=metrics)
+
+
+def loss_module(cc, ranks, compile=False):
+    """The loss train_step calls: under DDP wrapped so that backward averages the gradients over ranks."""
+    loss_fn = _LossModule(cc)
+    if ranks.world > 1:
+        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, broadcast_buffers=False)
+    return torch.compile(loss_fn) if compile else loss_fn
+
+
+def rank_device(device, local_rank) -> str:
+    """Under torchrun each rank takes its own GPU, cuda:LOCAL_RANK, whatever cuda or cuda:N was asked for."""
+    return f"cuda:{local_rank}" if str(device).startswith("cuda") else str(device)
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def last_log(folder) -> dict:
+    return json.loads((folder / "log.jsonl").read_text().splitlines()[-1])
+
+
+def _truncate_log(path, step):
+    """On resume, drop log lines past the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _versions():
+    import transformers
+    return dict(torch=torch.__version__, transformers=transformers.__version__, python=sys.version.split()[0])
+
+
+def wandb_run(args):
+    import wandb
+    return wandb.init(project=args.wandb, config={k: str(v) for k, v in vars(args).items()})
+
+
