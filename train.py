@@ -57,6 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss (GPU)")
     p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
+    p.add_argument("--plan", action="store_true", help="print the per-rank memory of each multi-GPU layout for "
+                   "--gpus GPUs of --gpu-gb GB and the smallest that fits, load nothing, and exit")
+    p.add_argument("--gpus", type=positive("--gpus"), default=8, help="--plan: GPUs available (default: %(default)s)")
+    p.add_argument("--gpu-gb", type=cli.finite_positive("--gpu-gb"), default=80,
+                   help="--plan: memory of one GPU in GB (default: %(default)s)")
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in "
@@ -162,6 +167,10 @@ def train(args, spec, ranks):
 
 def main(argv=None):
     args, spec = parse_args(argv)
+    if args.plan:
+        print(training.plan(spec, args.layer, len(args.revisions), args.dict_size, args.batch_size, args.buffer_tokens,
+                            args.gpus, args.gpu_gb))
+        return None
     common.keep_freed_memory()
     ranks = training.start_ranks(args)
     with ranks.lock(args.out):

@@ -249,20 +249,38 @@ def _need_arch(spec):
                          f"{spec.key!r} is not one of them")
 
 
-def random_model(spec: ModelSpec, revision: str):
-    """A model of spec's architecture (its real numbers: layers, d, heads, vocabulary) with random weights,
-    seeded by the revision's name, so each revision is another random model and each load the same one."""
-    import zlib
-
+def architecture(spec: ModelSpec):
+    """spec's architecture (its real numbers: layers, d, heads, vocabulary) as an untrained model; under
+    `with torch.device("meta")` it takes no memory (what --plan counts)."""
     import transformers
     from transformers import AutoModelForCausalLM
     _need_arch(spec)
     cls, kw = spec.arch
-    cfg = getattr(transformers, cls)(**kw)
-    g = torch.random.fork_rng()
-    with g:
+    return AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw))
+
+
+def random_model(spec: ModelSpec, revision: str):
+    """A model of spec's architecture with random weights, seeded by the revision's name, so each revision
+    is another random model and each load the same one."""
+    import zlib
+    with torch.random.fork_rng():
         torch.manual_seed(zlib.crc32(f"{spec.key}@{revision}".encode()))
-        return AutoModelForCausalLM.from_config(cfg)
+        return architecture(spec)
+
+
+def keep_through(lm: nn.Module, layer: int) -> nn.Module:
+    """Drop the blocks after `layer`: what reads block `layer`'s output (run_to_layer, a training run's live
+    buffer) never runs them, and a 32-revision run holds 32 LMs."""
+    check_layer(lm, layer)
+    del blocks(lm)[layer + 1:]
+    lm.config.num_hidden_layers = layer + 1     # how blocks() finds them, and what the forward iterates
+    return lm
+
+
+def params_through(lm: nn.Module, layer: int) -> int:
+    """Parameters of the LM as keep_through(lm, layer) leaves it (shared tensors counted once)."""
+    later = {id(p) for b in blocks(lm)[layer + 1:] for p in b.parameters()}
+    return sum(p.numel() for p in lm.parameters() if id(p) not in later)
 
 
 _STANDINS: dict = {}

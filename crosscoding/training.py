@@ -104,19 +104,85 @@ def _rss() -> int:
         return 0
 
 
+def crosscoder_bytes(M, d, F, batch) -> int:
+    """What one rank's crosscoder holds at the training step's peak, for M revisions and a batch of `batch`
+    rows: weights, grads and 2 Adam moments (16 bytes a parameter) + the step's temporaries: 36 bytes per
+    [B, F] entry (pre-activations, codes, masks, grads; at init the codes are half dense, and the CPU's
+    active-set path indexes them with int64) and 90 per [B, M·d] entry (inputs, reconstructions, errors,
+    their grads, the batch read). The two constants are fitted to peak RSS on a CPU at four shapes;
+    tests/test_train.py checks a fifth within 25%. GPUs take the dense path, which holds less: there it is
+    an upper bound."""
+    n_params = 2 * M * d * F + F + M * d
+    return 16 * n_params + 36 * batch * F + 90 * batch * M * d
+
+
 def predict_memory(cfg, batch, device, resident=0) -> int:
     """Bytes the device will hold at the training loop's peak: what it holds now (on a CPU the process's
     RSS: the interpreter, the language models) + `resident` not yet allocated (the live buffer) + the
-    crosscoder's weights, grads and 2 Adam moments (16 bytes a parameter) + the step's temporaries:
-    36 bytes per [B, F] entry (pre-activations, codes, masks, grads; at init the codes are half dense,
-    and the CPU's active-set path indexes them with int64) and 90 per [B, M·d] entry (inputs,
-    reconstructions, errors, their grads, the batch read). The two constants are fitted to peak RSS
-    on a CPU at four shapes; tests/test_train.py checks a fifth within 25%. GPUs take the dense
-    path, which holds less: there it is an upper bound."""
-    M, d, F = cfg.n_models, cfg.d_model, cfg.dict_size
-    n_params = 2 * M * d * F + F + M * d
+    crosscoder's (crosscoder_bytes)."""
     now = torch.cuda.memory_allocated(torch.device(device)) if str(device).startswith("cuda") else _rss()
-    return now + resident + 16 * n_params + 36 * batch * F + 90 * batch * M * d
+    return now + resident + crosscoder_bytes(cfg.n_models, cfg.d_model, cfg.dict_size, batch)
+
+
+@dataclasses.dataclass
+class Layout:
+    """R revision shards × D data replicas on R·D GPUs, and what one rank holds (bytes)."""
+    shards: int
+    replicas: int
+    lms: int
+    crosscoder: int
+    buffer: int
+
+    @property
+    def gpus(self) -> int:
+        return self.shards * self.replicas
+
+    @property
+    def total(self) -> int:
+        return self.lms + self.crosscoder + self.buffer
+
+
+def layout(lm_params, d, M, F, batch, buffer_tokens, shards, replicas, item=2) -> Layout:
+    """Per-rank memory of training M revisions with R = shards: a rank holds ⌈M/R⌉ revisions' LMs (lm_params
+    each: blocks 0..L, `item`-byte weights), their encoder and decoder slices with grads and Adam
+    (crosscoder_bytes: the [B, F] code is whole on every rank, the batch is split over the D replicas) and
+    their share of the live buffer (buffer_tokens rows of d per revision, in the LMs' dtype)."""
+    M_r = math.ceil(M / shards)
+    return Layout(shards, replicas, lms=M_r * lm_params * item,
+                  crosscoder=crosscoder_bytes(M_r, d, F, batch // replicas), buffer=buffer_tokens * M_r * d * item)
+
+
+def layouts(lm_params, d, M, F, batch, buffer_tokens, gpus) -> list:
+    """Every layout of `gpus` GPUs: R revision shards (R ≤ M) × D data replicas (D divides the batch)."""
+    return [layout(lm_params, d, M, F, batch, buffer_tokens, R, gpus // R)
+            for R in range(1, min(gpus, M) + 1) if gpus % R == 0 and batch % (gpus // R) == 0]
+
+
+def plan(spec, layer, M, F, batch, buffer_tokens, gpus, gpu_gb) -> str:
+    """--plan: every layout of `gpus` GPUs with its per-rank memory, and the smallest layout on at most `gpus`
+    GPUs that fits gpu_gb each. The LM is counted from its architecture on the meta device: nothing loads."""
+    with torch.device("meta"):
+        model = lm.architecture(spec)
+    size = (lm.params_through(model, layer), model.config.hidden_size, M, F, batch, buffer_tokens)
+    cap = gpu_gb * 2**30
+    gb = lambda b: f"{b / 2**30:.1f}"
+    lines = [f"plan: {spec.key} layer {layer}, M = {M} revisions, F = {F}, batch {batch}, live buffer "
+             f"{buffer_tokens} rows; per-rank GB on {gpus} GPUs of {gpu_gb:g} GB (bf16 LMs through block {layer}, "
+             "fp32 crosscoder + Adam):",
+             f"{'shards × replicas':>18} {'LMs':>7} {'crosscoder':>10} {'buffer':>7} {'total':>7}  fits"]
+    for lay in layouts(*size, gpus):
+        lines.append(f"{lay.shards:>8} × {lay.replicas:<8} {gb(lay.lms):>7} {gb(lay.crosscoder):>10} "
+                     f"{gb(lay.buffer):>7} {gb(lay.total):>7}  {'yes' if lay.total <= cap else 'no'}")
+    fit = next((lay for n in range(1, gpus + 1) for lay in layouts(*size, n) if lay.total <= cap), None)
+    if fit is None:
+        lines.append(f"no layout on up to {gpus} GPUs of {gpu_gb:g} GB fits: give more --gpus, or lower --dict-size, "
+                     "--batch-size or --buffer-tokens")
+    else:
+        cmd = "python train.py …" if fit.gpus == 1 else f"torchrun --nproc-per-node {fit.gpus} train.py …" + (
+            f" --revision-shards {fit.shards}" if fit.shards > 1 else "")
+        lines.append(f"smallest that fits: {fit.gpus} GPU(s) as {fit.shards} revision shard(s) × {fit.replicas} data "
+                     f"replica(s), {gb(fit.total)} GB per rank: {cmd}")
+    return "\n".join(lines)
 
 
 def check_memory(need, device):
@@ -166,6 +232,8 @@ def live_source(args, spec, rank, world, resume_state):
         for r in args.revisions:
             lm.check_revision(spec, r, avail)
     models = load_models(spec, args.revisions, args.device, mdt, args.layer, args.weights)
+    for _, model, _ in models:
+        lm.keep_through(model, args.layer)       # the blocks after L never run here
     tok, T, text, H = models[0][2], args.seq_len, args.text, args.heldout_tokens
     # validation and scales: the held-out split, which training never reads
     val_ids = tasks.text_blocks(text, tok, math.ceil(defaults.VAL_ROWS / (T - 1)), T, H, "heldout", min_blocks=1)

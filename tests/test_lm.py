@@ -266,3 +266,15 @@ def test_cli_unknown_model():
                        cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "valid keys" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_keep_through_drops_later_blocks_and_reads_the_same(arch):
+    """A training run's LMs keep blocks 0..L only: block L's output is the full model's hidden_states[L+1]
+    (the output of a non-last block), and the parameters counted are those left."""
+    full, L = tiny_model(arch, n_layers=4), 1
+    ids = torch.randint(4, VOCAB, (2, 9))
+    want = full(ids, output_hidden_states=True).hidden_states[L + 1]
+    short = lm.keep_through(tiny_model(arch, n_layers=4), L)
+    assert lm.n_layers(short) == L + 1
+    assert lm.params_through(full, L) == sum(p.numel() for p in short.parameters())
+    torch.testing.assert_close(lm.run_to_layer(short, L, ids), want)
