@@ -137,7 +137,7 @@ def test_folder_lock_holds_one_process_at_a_time(tmp_path):
     once, and nothing is left behind. (The race this guards, a lock seen empty between its creation
     and its pid being written and taken for a dead process's, is microseconds wide: this checks the
     exclusion, it cannot force that window.)"""
-    code = (f"import os, sys, time; sys.path.insert(0, {str(ROOT)!r}); from common import folder_lock\n"
+    code = (f"import os, sys, time; sys.path.insert(0, {str(ROOT)!r}); from crosscoding.common import folder_lock\n"
             f"for _ in range(30):\n"
             f"    with folder_lock({str(tmp_path)!r}, wait=True):\n"
             f"        open({str(tmp_path / 'log')!r}, 'a').write(f'in {{os.getpid()}}\\n'); time.sleep(0.005)\n"
