@@ -143,23 +143,23 @@ class Layout:
 
 
 def layout(lm_params, d, M, F, batch, buffer_tokens, shards, replicas, item=2) -> Layout:
-    """Per-rank memory of training M revisions with R = shards: a rank holds ⌈M/R⌉ revisions' LMs (lm_params
+    """Per-rank memory of training M revisions with R = shards: a rank holds M/R revisions' LMs (lm_params
     each: blocks 0..L, `item`-byte weights), their encoder and decoder slices with grads and Adam
     (crosscoder_bytes: the [B, F] code is whole on every rank, the batch is split over the D replicas) and
     their share of the live buffer (buffer_tokens rows of d per revision, in the LMs' dtype)."""
-    M_r = math.ceil(M / shards)
+    M_r = M // shards
     return Layout(shards, replicas, lms=M_r * lm_params * item,
                   crosscoder=crosscoder_bytes(M_r, d, F, batch // replicas), buffer=buffer_tokens * M_r * d * item)
 
 
 def layouts(lm_params, d, M, F, batch, buffer_tokens, gpus) -> list:
-    """Every layout of `gpus` GPUs: R revision shards (R ≤ M) × D data replicas (D divides the batch)."""
+    """Every layout of `gpus` GPUs: R revision shards (R divides M) × D data replicas (D divides the batch)."""
     return [layout(lm_params, d, M, F, batch, buffer_tokens, R, gpus // R)
-            for R in range(1, min(gpus, M) + 1) if gpus % R == 0 and batch % (gpus // R) == 0]
+            for R in range(1, min(gpus, M) + 1) if gpus % R == 0 and M % R == 0 and batch % (gpus // R) == 0]
 
 
 def plan(spec, layer, M, F, batch, buffer_tokens, gpus, gpu_gb) -> str:
-    """--plan: every layout of `gpus` GPUs with its per-rank memory, and the smallest layout on at most `gpus`
+    """--plan: every layout of `gpus` GPUs (layouts) with its per-rank memory, and the smallest layout on at most `gpus`
     GPUs that fits gpu_gb each. The LM is counted from its architecture on the meta device: nothing loads."""
     with torch.device("meta"):
         model = lm.architecture(spec)
