@@ -324,14 +324,8 @@ class _Inline:
 @torch.no_grad()
 def sync_buffers(cc, world, B_local):
     """After each DDP step, one set of buffers on every rank, as one process over the whole batch would
-    have them (DDP itself only averages gradients). Dead-latent counters: a latent fired if it fired on
-    any rank (the minimum), and the tokens since then count every rank's (B_local·world per step).
-    BatchTopK's θ: every rank applied the same EMA to its own smallest kept score (all ≥ the global
-    cut); the EMA is monotone, so the minimum over ranks is the EMA of the global batch's smallest."""
-    since_F = cc.tokens_since_active_F          # each rank: its previous (shared) value + B_local, or 0
-    dist.all_reduce(since_F, op=dist.ReduceOp.MIN)
-    since_F.add_((since_F > 0) * B_local * (world - 1))
-    dist.all_reduce(cc.threshold, op=dist.ReduceOp.MIN)
+    have them (CrossCoder.sync_buffers: dead-latent counters, then the variant's own state)."""
+    cc.sync_buffers(world, B_local, dist.group.WORLD)
 
 
 class _LossModule(torch.nn.Module):
