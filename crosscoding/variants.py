@@ -385,3 +385,32 @@ class JumpReLU(Variant):
 # the table
 
 VARIANTS = {cls.name: cls for cls in (L1, BatchTopK, JumpReLU, Matryoshka)}
+
+
+# -----------------------------------------------------------------------------
+# BatchTopK -> JumpReLU at inference
+
+
+@torch.no_grad()
+def batchtopk_to_jumprelu(cc):
+    """A JumpReLU crosscoder with the same codes as this BatchTopK (or Matryoshka) one's θ inference rule.
+    BatchTopK keeps latent i when f_i · n_i > θ, n_i = Σ_m ‖W_dec[i,m]‖ in the NORMALISED space
+    (decoder_norms(): with scales folded in, the stored rows are divided by s_m, and scales_M restores them),
+    i.e. when f_i > θ / n_i: JumpReLU's rule with θ_i = θ / n_i (∞ where n_i = 0: such a latent never
+    counts, as its score 0 never beats θ ≥ 0). The weights, scales and counters are copied; the codes agree
+    up to the float rounding of θ / n_i (tests/test_variants.py checks them equal). The config keeps every
+    field but arch; the training-only JumpReLU fields are its defaults (this crosscoder was not trained so)."""
+    if not isinstance(cc.variant, BatchTopK):
+        raise ValueError(f"only a BatchTopK-selecting crosscoder converts to JumpReLU, this one is {cc.cfg.arch!r}")
+    if not cc.threshold >= 0:
+        raise ValueError("this BatchTopK crosscoder has no threshold θ yet (it selects per batch): nothing to "
+                         "convert to a per-latent threshold")
+    from dataclasses import replace
+    cfg = replace(cc.cfg, arch=JumpReLU.name)
+    new = type(cc)(cfg, init=False).to(cc.W_enc_FMd.device)
+    state = {k: v for k, v in cc.state_dict().items() if k != "threshold"}
+    n_F = cc.decoder_norms().sum(1).double()
+    theta_F = torch.where(n_F > 0, cc.threshold.double() / n_F.clamp_min(1e-300), torch.inf)
+    state["log_threshold_F"] = theta_F.log().to(cc.W_enc_FMd.dtype)
+    new.load_state_dict(state)
+    return new
