@@ -71,7 +71,7 @@ class CrossCoderConfig:
     jumprelu_coeff: float = 2e-4          # lambda_J / (M*d): the tanh-L0 penalty's weight, warmed up as lambda
     jumprelu_tanh_c: float = 1.0          # c in tanh(c * f_i * sum_m ||W_dec[i,m]||)
     jumprelu_bandwidth: float = 1e-3      # epsilon: the straight-through estimator's rectangle kernel width
-    jumprelu_threshold_init: float = 1e-3  # theta at init (all latents), as Rajamanoharan et al. and dictionary_learning
+    jumprelu_threshold_init: float = 1e-3  # theta at init, every latent (Rajamanoharan et al.'s, dictionary_learning's)
     # Matryoshka BatchTopK (variants.Matryoshka): nested prefixes, each a fraction of F; they sum to 1
     matryoshka_groups: tuple = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
     seed: int = 0

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from test_crosscoder import naive, rand_x, small_cc, trained_cc
 
 from crosscoding import activations, sparse, variants
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 from crosscoding.variants import VARIANTS, JumpReLUFn, Variant, batchtopk_to_jumprelu, group_ends
-from test_crosscoder import naive, rand_x, small_cc, trained_cc
 
 
 def _jump_thresholds(cc, x):
