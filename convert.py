@@ -385,12 +385,12 @@ def sae_slices(cc: CrossCoder) -> list:
     out = []
     for m in range(cc.cfg.n_models):
         t = dict(W_enc=cc.W_enc_FMd[:, m].T, b_enc=cc.b_enc_F, W_dec=cc.W_dec_FMd[:, m], b_dec=cc.b_dec_Md[m])
-        if cc.cfg.arch == "batchtopk":
-            if cc.threshold < 0:
-                raise UsageError("this BatchTopK crosscoder has no threshold θ yet (it selects per batch), which "
-                                 "no per-token SAE can express")
-            n_F = cc.decoder_norms().sum(1)
-            t["threshold"] = torch.where(n_F > 0, cc.threshold / n_F.clamp_min(1e-30), torch.inf)
+        try:
+            theta_F = cc.variant.pre_threshold(cc)     # BatchTopK: θ / n_i; JumpReLU: θ_i; L1: None
+        except ValueError as e:
+            raise UsageError(f"{e}, which no per-token SAE can express") from None
+        if theta_F is not None:
+            t["threshold"] = theta_F
         out.append({k: v.detach().float().contiguous().clone() for k, v in t.items()})
     return out
 
@@ -662,6 +662,9 @@ def export_run(fmt: str, args):
     if args.out is None:
         raise UsageError(f"--to {fmt} needs --out ({'a folder' if fmt == 'saelens' else 'a .pt file or a folder'})")
     run = analysis.open_run(args.run)
+    if fmt in ("dictionary_learning", "ctt-paper") and run.cc.cfg.arch not in ("l1", "batchtopk"):
+        raise UsageError(f"--to {fmt} holds L1 and BatchTopK crosscoders; {args.run} is {run.cc.cfg.arch} "
+                         "(--to saelens writes any variant's per-revision slices)")
     out = Path(args.out)
     if fmt == "saelens" and out.suffix:
         raise UsageError(f"--to saelens writes a folder per revision: --out must be a folder, got {out}")

@@ -142,6 +142,11 @@ class Variant:
     def infer(self, cc, f_BF):
         return f_BF
 
+    def pre_threshold(self, cc):
+        """[F]: the per-latent threshold on ReLU(pre) that inference applies (f_i kept when above it), for
+        per-token formats (SAELens' jumprelu, convert.py); None when inference keeps every positive code."""
+        return None
+
 
 # -----------------------------------------------------------------------------
 # the paper's two
@@ -218,6 +223,15 @@ class BatchTopK(Variant):
             else:
                 keep_BF = batch_topk_mask(score_BF, self.cfg.k)
         return f_BF * keep_BF
+
+    @torch.no_grad()
+    def pre_threshold(self, cc):
+        """f_i n_i > θ  ⟺  f_i > θ / n_i (n_i in the normalised space, decoder_norms(); ∞ where n_i = 0, whose
+        score 0 never beats θ ≥ 0). Computed in float64, so θ / n_i is rounded once."""
+        if not cc.threshold >= 0:
+            raise ValueError("this BatchTopK crosscoder has no threshold θ yet (it selects per batch)")
+        n_F = cc.decoder_norms().sum(1).double()
+        return torch.where(n_F > 0, cc.threshold.double() / n_F.clamp_min(1e-300), torch.inf)
 
 
 @torch.no_grad()
@@ -380,6 +394,10 @@ class JumpReLU(Variant):
             keep_BF = f_BF > self.theta(cc).to(f_BF.dtype)
         return f_BF * keep_BF
 
+    @torch.no_grad()
+    def pre_threshold(self, cc):
+        return self.theta(cc).detach()
+
 
 # -----------------------------------------------------------------------------
 # the table
@@ -402,15 +420,11 @@ def batchtopk_to_jumprelu(cc):
     field but arch; the training-only JumpReLU fields are its defaults (this crosscoder was not trained so)."""
     if not isinstance(cc.variant, BatchTopK):
         raise ValueError(f"only a BatchTopK-selecting crosscoder converts to JumpReLU, this one is {cc.cfg.arch!r}")
-    if not cc.threshold >= 0:
-        raise ValueError("this BatchTopK crosscoder has no threshold θ yet (it selects per batch): nothing to "
-                         "convert to a per-latent threshold")
+    theta_F = cc.variant.pre_threshold(cc)
     from dataclasses import replace
     cfg = replace(cc.cfg, arch=JumpReLU.name)
     new = type(cc)(cfg, init=False).to(cc.W_enc_FMd.device)
-    state = {k: v for k, v in cc.state_dict().items() if k != "threshold"}
-    n_F = cc.decoder_norms().sum(1).double()
-    theta_F = torch.where(n_F > 0, cc.threshold.double() / n_F.clamp_min(1e-300), torch.inf)
+    state = {k: v for k, v in cc.state_dict().items() if k not in cc.variant.state_names}
     state["log_threshold_F"] = theta_F.log().to(cc.W_enc_FMd.dtype)
     new.load_state_dict(state)
     return new

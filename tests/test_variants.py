@@ -100,6 +100,16 @@ def test_matryoshka_loss_sums_its_prefixes():
     assert torch.allclose(out["mse"], (x - x_hat).pow(2).sum() / len(x), rtol=1e-5)   # the whole dictionary's
 
 
+@torch.no_grad()
+def _midway_threshold(cc, x):
+    """θ midway between the two middle positive scores on x, as an EMA lands: not ON a token's score, where
+    f·n > θ and f > θ/n may round apart (they agree everywhere else: a band of one float rounding about θ)."""
+    score = (torch.relu(cc.pre_acts(x)) * cc.decoder_norms().sum(1)).flatten()
+    s = score[score > 0].sort().values
+    j = len(s) // 2
+    return float((s[j - 1] + s[j]) / 2)
+
+
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 def test_batchtopk_to_jumprelu_same_codes(arch, tmp_path):
     """θ_i = θ / Σ_m ‖W_dec[i,m]‖ in the normalised space: the converted crosscoder's codes are BatchTopK's θ
@@ -107,8 +117,7 @@ def test_batchtopk_to_jumprelu_same_codes(arch, tmp_path):
     cc, _ = trained_cc(arch, F=256, fire=0.1, k=8, k_start=8)
     x = rand_x(B=2048, M=3, d=16, seed=9)
     with torch.no_grad():
-        score = torch.relu(cc.pre_acts(x)) * cc.decoder_norms().sum(1)
-        cc.threshold.fill_(float(score[score > 0].quantile(0.5)))
+        cc.threshold.fill_(_midway_threshold(cc, x))
         cc.W_dec_FMd[3] = 0       # a latent with no decoder: never kept, by either rule
     s_M = torch.tensor([0.5, 2.0, 3.0])
     folded = cc.fold_scales(s_M)
@@ -237,3 +246,25 @@ def test_a_fifth_variant_trains_through_train_py(local_model, small_cache, tmp_p
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["val_fvu"][0]) for r in log)
     assert "gated" in variants.VARIANTS        # the table itself, no copy of it, is what train.py read
+
+
+def test_convert_to_jumprelu_writes_a_run_every_stage_opens(tmp_path):
+    """convert.py --to jumprelu: a normal run folder (config.json + crosscoder.safetensors + DONE), marked as
+    converted, whose codes are the BatchTopK run's; analysis.open_run (what evaluate/relie/ablate use) takes it."""
+    import convert
+    from crosscoding import analysis, common
+    cc, _ = trained_cc("batchtopk", F=64, fire=0.1, k=4, k_start=4)
+    x = rand_x(B=512, M=3, d=16, seed=4)
+    cc.threshold.fill_(_midway_threshold(cc, x))
+    src, out = tmp_path / "btk", tmp_path / "jr"
+    cc.save(src, extra=dict(model="toy", revisions=["a", "b", "c"], layer=0, scales=[1.0, 1.0, 1.0]))
+    common.mark_done(src)
+    convert.main(["--to", "jumprelu", "--run", str(src), "--out", str(out)])
+    run = analysis.open_run(out)
+    assert run.cc.cfg.arch == "jumprelu" and run.config["converted"]["from_arch"] == "batchtopk"
+    assert run.revisions == ["a", "b", "c"] and common.is_done(out)
+    assert torch.equal(run.cc.encode(x), cc.encode(x))
+    with pytest.raises(common.UsageError, match="already exists"):
+        convert.main(["--to", "jumprelu", "--run", str(src), "--out", str(out)])
+    with pytest.raises(common.UsageError, match="--to dictionary_learning holds L1 and BatchTopK"):
+        convert.main(["--to", "dictionary_learning", "--run", str(out), "--out", str(tmp_path / "x.pt")])
