@@ -68,7 +68,7 @@ class CrossCoderConfig:
     dead_tokens: int | None = None  # silent this many tokens = dead (AuxK); None: 2.5% of the run (10M)
     aux_k: int = 512               # AuxK reconstructs the error from this many dead latents per token
     # JumpReLU (variants.JumpReLU): f = z H(z - theta), theta = exp(log_threshold_F) learned
-    jumprelu_coeff: float = 2e-4          # lambda_J / (M*d): the tanh-L0 penalty's weight, warmed up as lambda
+    jumprelu_coeff: float = 4e-4          # lambda_J / (M*d): the tanh-L0 penalty's weight, warmed up as lambda
     jumprelu_tanh_c: float = 1.0          # c in tanh(c * f_i * sum_m ||W_dec[i,m]||)
     jumprelu_bandwidth: float = 1e-3      # epsilon: the straight-through estimator's rectangle kernel width
     jumprelu_threshold_init: float = 1e-3  # theta at init, every latent (Rajamanoharan et al.'s, dictionary_learning's)
