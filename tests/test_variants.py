@@ -197,18 +197,20 @@ class StraightThroughGate(torch.autograd.Function):
 
 
 class Gated(Variant):
-    """A learned per-latent gate (a parameter, straight-through backward), a buffer counting the steps seen
-    (DDP: the maximum over ranks), an L1 penalty; no fast path (it opts out: the dense branch always)."""
+    """A learned per-latent gate (a parameter, straight-through backward), a buffer counting the steps seen and
+    one marking the latents that ever fired (DDP: fired on any rank, the maximum), an L1 penalty; no fast
+    path (it opts out: the dense branch always)."""
     name = "gated"
     fast_path = False
-    state_names = ("gate_F", "steps_seen")
+    state_names = ("gate_F", "steps_seen", "ever_fired_F")
 
     def add_state(self, cc):
         cc.gate_F = torch.nn.Parameter(torch.full((self.cfg.dict_size,), 0.01))
         cc.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+        cc.register_buffer("ever_fired_F", torch.zeros(self.cfg.dict_size, dtype=torch.long))
 
     def sync(self, cc, group):
-        torch.distributed.all_reduce(cc.steps_seen, op=torch.distributed.ReduceOp.MAX, group=group)
+        torch.distributed.all_reduce(cc.ever_fired_F, op=torch.distributed.ReduceOp.MAX, group=group)
 
     def code(self, cc, pre_BF, norms_F, step):
         return StraightThroughGate.apply(torch.relu(pre_BF), cc.gate_F), {}
@@ -218,6 +220,7 @@ class Gated(Variant):
 
     def update(self, cc, t, step):
         cc.steps_seen += 1
+        cc.ever_fired_F.masked_fill_(t.fired_F, 1)
 
     def infer(self, cc, f_BF):
         return f_BF * (f_BF > cc.gate_F)
@@ -231,15 +234,19 @@ def small_cache(local_model, tmp_path_factory):
                                   heldout_tokens=2000, text=str(text), val_rows=500)
 
 
+def _gated_argv(local_model, cache, out):
+    return ["--model", str(local_model[0]), "--layer", "1", "--revisions", "step0,step100", "--cache", str(cache),
+            "--arch", "gated", "--dict-size", "32", "--batch-size", "64", "--tokens", str(64 * 3), "--lr", "3e-3",
+            "--out", str(out), "--log-every", "1", "--ckpt-every", "2"]
+
+
 def test_a_fifth_variant_trains_through_train_py(local_model, small_cache, tmp_path, monkeypatch):
     """A class and a registry line, here alone: train.py's real code path (its parser's --arch, the config
     checks, the loss, checkpoints, save) trains it, and the saved run loads with its state."""
     import train
     monkeypatch.setitem(VARIANTS, "gated", Gated)
     out = tmp_path / "run"
-    train.main(["--model", str(local_model[0]), "--layer", "1", "--revisions", "step0,step100", "--cache",
-                str(small_cache), "--arch", "gated", "--dict-size", "32", "--batch-size", "64", "--tokens",
-                str(64 * 3), "--lr", "3e-3", "--out", str(out), "--log-every", "1", "--ckpt-every", "2"])
+    train.main(_gated_argv(local_model, small_cache, out))
     cc = CrossCoder.load(out)
     assert cc.cfg.arch == "gated" and type(cc.variant) is Gated
     assert int(cc.steps_seen) == 3 and not torch.allclose(cc.gate_F, torch.full((32,), 0.01))
@@ -268,3 +275,31 @@ def test_convert_to_jumprelu_writes_a_run_every_stage_opens(tmp_path):
         convert.main(["--to", "jumprelu", "--run", str(src), "--out", str(out)])
     with pytest.raises(common.UsageError, match="--to dictionary_learning holds L1 and BatchTopK"):
         convert.main(["--to", "dictionary_learning", "--run", str(out), "--out", str(tmp_path / "x.pt")])
+
+
+def _gated_rank(rank, argv, port):
+    """One DDP rank of train.py (gloo), in a spawned process: the fifth variant is registered here too."""
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    VARIANTS["gated"] = Gated
+    import train
+    train.main(argv)
+
+
+@pytest.mark.slow
+def test_a_fifth_variant_under_ddp_matches_one_process(local_model, small_cache, tmp_path, monkeypatch):
+    """Two gloo ranks train the fifth variant as one process does: its parameter (the gate) by DDP's gradient
+    averaging, its buffer by its own sync rule (fired on any rank), the dead counters by sync_buffers."""
+    import train
+    monkeypatch.setitem(VARIANTS, "gated", Gated)
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(_gated_argv(local_model, small_cache, one))
+    torch.multiprocessing.start_processes(_gated_rank, args=(_gated_argv(local_model, small_cache, two), 29531),
+                                          nprocs=2, start_method="spawn")
+    a, b = CrossCoder.load(one), CrossCoder.load(two)
+    assert torch.equal(a.ever_fired_F, b.ever_fired_F) and int(b.steps_seen) == 3
+    assert torch.equal(a.tokens_since_active_F, b.tokens_since_active_F)
+    for name in ("gate_F", "W_enc_FMd", "W_dec_FMd", "b_enc_F"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-5)
