@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from crosscoding import sparse  # noqa: E402
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig, k_at, l1_coeff_at, lr_factor  # noqa: E402
 from crosscoding.sparse import ActiveSet  # noqa: E402
+from crosscoding.variants import VARIANTS  # noqa: E402
 
 
 @pytest.fixture(params=["sparse", "dense", "predense", "reference"])
@@ -294,20 +295,21 @@ def test_config_validation(field, value):
         CrossCoderConfig(**{"n_models": 2, "d_model": 4, field: value})
 
 
-@pytest.mark.parametrize("arch", ["l1", "batchtopk"])
+@pytest.mark.parametrize("arch", list(VARIANTS))
 def test_fold_unfold(arch):
     cc = small_cc(arch, k=3)
-    if arch == "batchtopk":
+    if hasattr(cc, "threshold"):
         cc.threshold.fill_(0.02)
     s_M = torch.tensor([0.5, 2.0, 3.0])
     x_raw = rand_x()
     x_hat, f = cc(x_raw * s_M[:, None])  # trained on s*x
+    assert (f > 0).any()
     folded = cc.fold_scales(s_M)
     x_hat_raw, f_raw = folded(x_raw)
     assert torch.allclose(f_raw, f, atol=1e-5)
     assert torch.allclose(x_hat_raw, x_hat / s_M[:, None], atol=1e-5)
     assert torch.allclose(folded.decoder_norms(), cc.decoder_norms(), atol=1e-6)  # RelDec unchanged
-    if arch == "batchtopk":     # θ is BatchTopK's state (variants.BatchTopK); L1 has none
+    if hasattr(cc, "threshold"):     # θ is BatchTopK's state (variants.BatchTopK); L1 has none
         assert folded.threshold == cc.threshold
     assert torch.equal(cc.scales_M, torch.ones(3))  # the original is untouched
     back = folded.unfold_scales()
