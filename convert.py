@@ -8,6 +8,8 @@ takes, or a run exported to another tool's format.
 More: `--from ctt-paper N.pt` (the paper's repository: N.pt beside N_cfg.json, or a folder of cfg.json +
 cc_weights.pt); `--to ctt-paper`; `--to saelens` (one SAE per revision, which is NOT the crosscoder: its
 encoder sees one revision where the crosscoder's code sums all of them; `--acts CACHE` measures both);
+`--to jumprelu --run RUN --out runs/NEW` (a BatchTopK run as a JumpReLU run folder with the same codes,
+θ_i = θ / Σ_m ‖W_dec[i,m]‖; every stage takes it);
 `--from hf:ORG/REPO[:PATH]` (downloaded with huggingface_hub, cached, works offline from the cache; the format
 is then read from the files, or named: `--from ctt-paper hf:ORG/REPO:PATH`); `--push ORG/REPO --run runs/NAME`.
 
@@ -22,7 +24,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -31,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from crosscoding import analysis, cli, common, defaults, lm
 from crosscoding.activations import open_cache
 from crosscoding.common import EnvError, UsageError, atomic_path, write_json
-from crosscoding.crosscoder import WEIGHTS_FILE, CrossCoder, CrossCoderConfig
+from crosscoding.crosscoder import CONFIG_FILE, WEIGHTS_FILE, CrossCoder, CrossCoderConfig
+from crosscoding.variants import batchtopk_to_jumprelu
 
 # dictionary_learning's CodeNormalization enum (dictionary.py, values from enum.auto()): how a latent's
 # decoder weights scale its activation in the sparsity penalty and, for BatchTopK, in the selection.
@@ -159,7 +162,8 @@ def build(W_enc_MdF, b_enc_F, W_dec_FMd, b_dec_Md, k=None, threshold=None, scale
         cc.b_enc_F.copy_(b_enc_F)
         cc.W_dec_FMd.copy_(W_dec_FMd)
         cc.b_dec_Md.copy_(b_dec_Md)
-        cc.threshold.fill_(-1.0 if threshold is None else float(threshold))
+        if k is not None:       # θ is BatchTopK's state (variants.BatchTopK)
+            cc.threshold.fill_(-1.0 if threshold is None else float(threshold))
         if mean_Md is not None and bool((mean_Md != 0).any()):
             sm_Md = mean_Md.float() * (torch.ones(M) if scales_M is None else scales_M.float())[:, None]
             cc.b_enc_F.sub_(torch.einsum("md,mdf->f", sm_Md, W_enc_MdF.float()))
@@ -381,12 +385,12 @@ def sae_slices(cc: CrossCoder) -> list:
     out = []
     for m in range(cc.cfg.n_models):
         t = dict(W_enc=cc.W_enc_FMd[:, m].T, b_enc=cc.b_enc_F, W_dec=cc.W_dec_FMd[:, m], b_dec=cc.b_dec_Md[m])
-        if cc.cfg.arch == "batchtopk":
-            if cc.threshold < 0:
-                raise UsageError("this BatchTopK crosscoder has no threshold θ yet (it selects per batch), which "
-                                 "no per-token SAE can express")
-            n_F = cc.decoder_norms().sum(1)
-            t["threshold"] = torch.where(n_F > 0, cc.threshold / n_F.clamp_min(1e-30), torch.inf)
+        try:
+            theta_F = cc.variant.pre_threshold(cc)     # BatchTopK: θ / n_i; JumpReLU: θ_i; L1: None
+        except ValueError as e:
+            raise UsageError(f"{e}, which no per-token SAE can express") from None
+        if theta_F is not None:
+            t["threshold"] = theta_F
         out.append({k: v.detach().float().contiguous().clone() for k, v in t.items()})
     return out
 
@@ -443,6 +447,26 @@ def write_saelens(cc: CrossCoder, run_cfg: dict, out: Path, measured=None) -> li
 # ---------------------------------------------------------------------------------------------
 # our own run folder (read only: `--from hf:ORG/REPO` of a run another `--push` uploaded)
 
+def write_jumprelu(cc: CrossCoder, run_cfg: dict, out: Path) -> list:
+    """--to jumprelu: a BatchTopK (or Matryoshka) run as a JumpReLU run folder with the same codes
+    (variants.batchtopk_to_jumprelu: θ_i = θ / Σ_m ‖W_dec[i,m]‖, normalised space). Every stage takes it;
+    config.json keeps the run's entries and says, under "converted", what it was made from."""
+    try:
+        new = batchtopk_to_jumprelu(cc)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    names = {f.name for f in fields(CrossCoderConfig)}
+    extra = {k: v for k, v in run_cfg.items() if k not in names and k != "converted"}
+    extra["converted"] = dict(to="jumprelu", from_arch=cc.cfg.arch, threshold=float(cc.threshold),
+                              rule="theta_i = theta / sum_m ||W_dec[i,m]|| (normalised space)")
+    if out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)      # export_run refused it unless --overwrite
+    with common.folder_lock(out):
+        new.save(out, extra=extra)
+        common.mark_done(out, converted="jumprelu")     # last: a killed conversion is no run
+    return [out / CONFIG_FILE, out / WEIGHTS_FILE]
+
+
 def read_run(path: Path) -> Imported:
     try:
         cc = CrossCoder.load(path)
@@ -462,6 +486,7 @@ FORMATS = {
     "dictionary_learning": Format(read_dictionary_learning, write_dictionary_learning, _looks_dl),
     "ctt-paper": Format(read_ctt, write_ctt, _looks_ctt),
     "saelens": Format(None, write_saelens, lambda path: False),
+    "jumprelu": Format(None, write_jumprelu, lambda path: False),     # a run folder: BatchTopK -> JumpReLU
     "run": Format(read_run, None, _looks_run),
 }
 
@@ -637,6 +662,9 @@ def export_run(fmt: str, args):
     if args.out is None:
         raise UsageError(f"--to {fmt} needs --out ({'a folder' if fmt == 'saelens' else 'a .pt file or a folder'})")
     run = analysis.open_run(args.run)
+    if fmt in ("dictionary_learning", "ctt-paper") and run.cc.cfg.arch not in ("l1", "batchtopk"):
+        raise UsageError(f"--to {fmt} holds L1 and BatchTopK crosscoders; {args.run} is {run.cc.cfg.arch} "
+                         "(--to saelens writes any variant's per-revision slices)")
     out = Path(args.out)
     if fmt == "saelens" and out.suffix:
         raise UsageError(f"--to saelens writes a folder per revision: --out must be a folder, got {out}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from crosscoding import defaults
 from crosscoding.common import ArgumentParser, positive
+from crosscoding.variants import VARIANTS
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
@@ -89,8 +90,10 @@ FLAGS = {
                                                              "ranks (default: %(default)s)"),
     "--seed": dict(type=int, help="random seed of what this command trains (train.py: the crosscoder's init and "
                                   "batch order; toy.py: the toy LM's init and data) (default: %(default)s)"),
-    "--arch": dict(choices=("l1", "batchtopk"), help="crosscoder sparsity: l1 (the paper's) or batchtopk "
-                                                     "(default: %(default)s)"),
+    # choices: the variants' table itself (a dict: argparse tests membership), so a variant registered there,
+    # even after import, is a valid --arch everywhere
+    "--arch": dict(choices=VARIANTS, help="crosscoder sparsity variant (crosscoding/variants.py): l1 (the "
+                                          "paper's), batchtopk, jumprelu, matryoshka (default: %(default)s)"),
     "--out": dict(help="output folder (default: %(default)s)"),
     "--name": dict(help="the attribution's folder in the run: relie/<name>/ (relie.py writes it, ablate.py reads it "
                         "and writes ablation/<name>/) (default: the task's name)"),

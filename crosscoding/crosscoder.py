@@ -3,11 +3,13 @@
 Shapes: B tokens, M revisions, d hidden size, F latents (README, Conventions).
     f_BF     = ReLU(sum_m x_m W_enc[m] + b_enc)      one code shared by all revisions
     x_hat_m  = f W_dec[:, m] + b_dec[m]              one decoder per revision
-Two sparsity regimes (METHOD.md, "The model"):
+Sparsity variants (METHOD.md, "The model"), each one class in variants.py, registered in VARIANTS:
   - "l1": the paper's. Penalty lambda(t) * sum_i f_i sum_m ||W_dec[i,m]||, lambda warmed up linearly.
-    Summing per-revision norms (not one joint norm) is what lets a latent live in one revision only.
   - "batchtopk": keep the k*B largest scores f_i * sum_m ||W_dec[i,m]|| of the batch; at inference
     keep scores above a threshold theta (EMA of the smallest kept score); AuxK revives dead latents.
+  - "jumprelu": f_i = z_i H(z_i - theta_i), a learned per-latent threshold (straight-through estimator).
+  - "matryoshka": BatchTopK whose nested prefixes of the dictionary each reconstruct x.
+The crosscoder holds what they share and asks its variant (self.variant) for the rest.
 
 Normalisation: training runs on s_m * x_m. fold_scales() bakes the s_m into the weights so that the
 result acts on raw activations; the folded-in scales are kept in the buffer scales_M so decoder
@@ -15,7 +17,8 @@ norms (RelDec, the BatchTopK score, the L1 penalty) are still measured in the no
 which makes folding an exact change of units.
 
 The file reads top to bottom: config, schedules, the model, its loss, the training step, save/load.
-The loss's math is the dense code below; sparse.py computes the same numbers faster on a CPU.
+The loss's math is the dense code below (_dense_terms and loss: the readable loss); sparse.py computes
+the same numbers faster on a CPU (sparse.active_terms), picked once per step in _terms.
 Files: a run folder holds crosscoder.safetensors (parameters and buffers) and config.json (the
 config fields plus whatever the caller adds). Nothing is pickled.
 """
@@ -32,8 +35,9 @@ from safetensors.torch import load_file, save_file
 
 from crosscoding import defaults, sparse
 from crosscoding.common import atomic_path
+from crosscoding.variants import VARIANTS, _wide, batch_topk_mask, k_at, l1_coeff_at  # noqa: F401 (re-exported)
 
-ARCHS = ("l1", "batchtopk")
+ARCHS = tuple(VARIANTS)   # the built-in variants; the table itself (VARIANTS) is what the checks read
 WEIGHTS_FILE = "crosscoder.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -47,7 +51,7 @@ class CrossCoderConfig:
     n_models: int                  # M: revisions crosscoded together
     d_model: int                   # d: hidden size at the layer
     dict_size: int = defaults.PAPER.dict_size   # F: number of latents
-    arch: str = "l1"               # "l1" or "batchtopk"
+    arch: str = "l1"               # a key of variants.VARIANTS: "l1", "batchtopk", "jumprelu", "matryoshka"
     l1_coeff: float = defaults.PAPER.l1_coeff   # lambda, the L1 penalty's final weight
     l1_warmup_frac: float = 0.05   # lambda goes 0 -> l1_coeff over this fraction of total_steps
     lr: float = defaults.PAPER.lr
@@ -63,6 +67,13 @@ class CrossCoderConfig:
     auxk_alpha: float = 1 / 32
     dead_tokens: int | None = None  # silent this many tokens = dead (AuxK); None: 2.5% of the run (10M)
     aux_k: int = 512               # AuxK reconstructs the error from this many dead latents per token
+    # JumpReLU (variants.JumpReLU): f = z H(z - theta), theta = exp(log_threshold_F) learned
+    jumprelu_coeff: float = 4e-4          # lambda_J / (M*d): the tanh-L0 penalty's weight, warmed up as lambda
+    jumprelu_tanh_c: float = 1.0          # c in tanh(c * f_i * sum_m ||W_dec[i,m]||)
+    jumprelu_bandwidth: float = 1e-3      # epsilon: the straight-through estimator's rectangle kernel width
+    jumprelu_threshold_init: float = 1e-3  # theta at init, every latent (Rajamanoharan et al.'s, dictionary_learning's)
+    # Matryoshka BatchTopK (variants.Matryoshka): nested prefixes, each a fraction of F; they sum to 1
+    matryoshka_groups: tuple = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
     seed: int = 0
 
     def __post_init__(self):
@@ -72,8 +83,6 @@ class CrossCoderConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, "must be an integer > 0")
-        if self.arch == "batchtopk" and self.k > self.dict_size:
-            bad("k", f"must be at most dict_size={self.dict_size}")
         if self.k_start is None:
             self.k_start = min(5 * self.k, self.dict_size)
         if self.k_anneal_steps is None:
@@ -86,15 +95,12 @@ class CrossCoderConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, "must be an integer > 0")
-        if self.arch == "batchtopk" and self.k_start > self.dict_size:
-            bad("k_start", f"must be at most dict_size={self.dict_size} (BatchTopK cannot keep more latents "
-                           "than exist)")
         for name in ("k_anneal_steps", "threshold_start_step"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(name, "must be an integer >= 0")
-        if self.arch not in ARCHS:
-            bad("arch", f"must be one of {ARCHS}")
+        if self.arch not in VARIANTS:
+            bad("arch", f"must be one of {tuple(VARIANTS)}")
         for name in ("l1_warmup_frac", "decay_start_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 bad(name, "must be in [0, 1]")
@@ -106,22 +112,11 @@ class CrossCoderConfig:
         for name in ("l1_coeff", "auxk_alpha"):
             if not getattr(self, name) >= 0:
                 bad(name, "must be >= 0")
-
-
-def l1_coeff_at(cfg, step):
-    """lambda(t) = l1_coeff * min(1, t / (l1_warmup_frac * total_steps)); step None = end of warm-up."""
-    warmup = cfg.l1_warmup_frac * cfg.total_steps
-    if step is None or warmup == 0:
-        return cfg.l1_coeff
-    return cfg.l1_coeff * min(1.0, step / warmup)
-
-
-def k_at(cfg, step):
-    """BatchTopK's k(t): linear from k_start to k over k_anneal_steps; step None = the final k."""
-    if step is None or cfg.k_anneal_steps == 0:
-        return cfg.k
-    frac = min(1.0, step / cfg.k_anneal_steps)
-    return round(cfg.k_start + (cfg.k - cfg.k_start) * frac)
+        if isinstance(self.matryoshka_groups, list):    # as config.json holds it
+            self.matryoshka_groups = tuple(self.matryoshka_groups)
+        for variant in VARIANTS.values():              # each variant checks its own fields, whatever the arch
+            variant.check(self, bad)
+        VARIANTS[self.arch].check_chosen(self, bad)
 
 
 def lr_factor(cfg, step):
@@ -131,18 +126,6 @@ def lr_factor(cfg, step):
         return 1.0
     return max(0.0, (cfg.total_steps - step) / max(1, cfg.total_steps - decay_start))
 
-
-def batch_topk_mask(score_BF, k, group=None):
-    """Keep the k*B largest scores of the whole batch: k latents per token on average, not each. With a
-    process group (DDP), of the global batch (sparse.topk_cut)."""
-    if group is not None:
-        n = k * score_BF.shape[0] * torch.distributed.get_world_size(group)
-        return score_BF >= sparse.topk_cut(score_BF.flatten(), n, group)
-    n_keep = min(k * score_BF.shape[0], score_BF.numel())
-    idx = score_BF.flatten().topk(n_keep, sorted=False).indices
-    keep = torch.zeros(score_BF.numel(), dtype=torch.bool, device=score_BF.device)
-    keep[idx] = True
-    return keep.view_as(score_BF)
 
 def clip_grad_norm(params, max_norm):
     """torch.nn.utils.clip_grad_norm_'s clipping, the same numbers, but no pass over the gradients when the
@@ -157,10 +140,6 @@ def clip_grad_norm(params, max_norm):
     return total
 
 
-def _wide(t):
-    """Losses are summed in at least float32, even when the model runs in bf16/fp16."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
 # -----------------------------------------------------------------------------
 # the model
 
@@ -174,14 +153,16 @@ class CrossCoder(nn.Module):
         self.b_enc_F = nn.Parameter(torch.zeros(F))
         self.W_dec_FMd = nn.Parameter(torch.empty(F, M, d))
         self.b_dec_Md = nn.Parameter(torch.zeros(M, d))
-        # theta for BatchTopK inference; negative means "not set yet" (scores are never negative)
-        self.register_buffer("threshold", torch.tensor(-1.0))
         # per latent, tokens seen since it last fired: defines "dead" for AuxK and for logging
         self.register_buffer("tokens_since_active_F", torch.zeros(F, dtype=torch.long))
         # the input scales folded into the weights (1 = acts on the space it was trained in)
         self.register_buffer("scales_M", torch.ones(M))
         self.extra = {}  # the non-config entries of config.json, filled by load()
         self.group = None  # under DDP, the process group BatchTopK selects over (train.py sets it)
+        # the sparsity variant: its activation, losses, inference rule; its state is registered here, on
+        # the module, so it is saved, loaded, checkpointed, folded and moved with the weights
+        self.variant = VARIANTS[cfg.arch](cfg)
+        self.variant.add_state(self)
         if init:
             # a local generator: construction is deterministic and leaves the global RNG alone
             g = torch.Generator().manual_seed(cfg.seed)
@@ -214,26 +195,18 @@ class CrossCoder(nn.Module):
         return torch.addmm(self.b_enc_F, x_BMd.reshape(B, -1), self.W_enc_FMd.view(self.cfg.dict_size, -1).t())
 
     def encode(self, x_BMd):
-        """Inference code. BatchTopK keeps score > theta once theta is set, else the top k*B of the batch."""
-        f_BF = torch.relu(self.pre_acts(x_BMd))
-        if self.cfg.arch == "l1":
-            return f_BF
-        with torch.no_grad():
-            score_BF = f_BF * self.decoder_norms().sum(1)
-            if self.threshold >= 0:
-                keep_BF = score_BF > self.threshold
-            else:
-                keep_BF = batch_topk_mask(score_BF, self.cfg.k)
-        return f_BF * keep_BF
+        """Inference code: the variant's rule on ReLU(pre) (BatchTopK: score > theta once theta is set, else the
+        top k*B of the batch; JumpReLU: z > theta_i; L1: ReLU(pre) itself)."""
+        return self.variant.infer(self, torch.relu(self.pre_acts(x_BMd)))
 
     def decode(self, f_BF, active_only=None):
         """x_hat_BMd = f W_dec + b_dec. active_only=True sums only the active rows of W_dec (sparse.ActiveSet),
-        and gives f a gradient at its non-zero entries only; the default for BatchTopK."""
+        and gives f a gradient at its non-zero entries only; the default for the variants with sparse codes."""
         B = f_BF.shape[0]
         M, d, F = self.cfg.n_models, self.cfg.d_model, self.cfg.dict_size
         W_dec = self.W_dec_FMd.view(F, M * d)
         if active_only is None:
-            active_only = self.cfg.arch == "batchtopk"
+            active_only = self.variant.decode_active_only
         if active_only:
             act = sparse.ActiveSet.where(f_BF != 0, f_BF.dtype)
             y_BD = sparse.Decode.apply(f_BF.reshape(-1)[act.flat], W_dec, act)
@@ -248,85 +221,83 @@ class CrossCoder(nn.Module):
     # ---- training
 
     def loss(self, x_BMd, step=None, metrics=True):
-        """Training loss and its parts. step=None means the end of every schedule. Buffers (theta, the
-        dead-latent counters) are updated only when a step is given and the module is in training mode.
-        metrics=False leaves out the per-revision FVU (a batch variance: train.py wants it on log steps only)."""
-        cfg = self.cfg
+        """Training loss and its parts: the variant's reconstruction loss (the paper's mse: squared error
+        summed over revisions and hidden dims, averaged over tokens) + its sparsity / auxiliary loss.
+        step=None means the end of every schedule. Buffers (theta, the dead-latent counters) are updated only
+        when a step is given and the module is in training mode. metrics=False leaves out the per-revision
+        FVU (a batch variance: train.py wants it on log steps only)."""
+        cfg, variant = self.cfg, self.variant
         update = step is not None and self.training
-        B, F = x_BMd.shape[0], cfg.dict_size
-        x_BD = rearrange(x_BMd, "b m d -> b (m d)")
-        W_enc_FD, W_dec_FD = self.W_enc_FMd.view(F, -1), self.W_dec_FMd.view(F, -1)
-        norms_F = sparse.NormSum.apply(self.W_dec_FMd, self.scales_M.to(self.W_dec_FMd.dtype))  # Σ_m ‖W_dec[i,m]‖
-        k = k_at(cfg, step)
-        if sparse.active_set_device(x_BD):
-            with torch.no_grad():
-                pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc_FD.t())   # the one matmul both paths need
-            enough, positive_BF = sparse.sparse_enough(pre_BF, cfg.arch, k)
-            if enough:
-                t = sparse.active_terms(x_BD, W_enc_FD, self.b_enc_F, W_dec_FD, norms_F, cfg.arch, k, pre_BF,
-                                        positive_BF, self.group)
-            else:
-                pre_BF = sparse.PreDense.apply(x_BD, W_enc_FD, self.b_enc_F, pre_BF)
-                t = self._dense_terms(pre_BF, W_dec_FD, norms_F, k)
-        else:
-            t = self._dense_terms(torch.addmm(self.b_enc_F, x_BD, W_enc_FD.t()), W_dec_FD, norms_F, k)
+        B = x_BMd.shape[0]
+        t = self._terms(rearrange(x_BMd, "b m d -> b (m d)"), step)
         x_hat_BMd = t.x_hat_BD.view_as(x_BMd) + self.b_dec_Md
 
         out = {}
         sq_BMd = _wide(x_hat_BMd - x_BMd).pow(2)
-        # "mse" is the paper's: summed over revisions and hidden dims, averaged over tokens
         mse = sq_BMd.sum() / B
-        if cfg.arch == "l1":
-            coeff = l1_coeff_at(cfg, step)
-            sparsity = coeff * t.l1_sum / B
-            out["l1_coeff"] = torch.tensor(coeff)
-        else:
-            out["k"] = torch.tensor(k)
-            aux = self._auxk_active(t.pre_BF)  # the same entries as on ReLU(pre): positive ones only
-            sparsity = _wide(x_hat_BMd.new_zeros(()))
-            if aux is not None:
-                sparsity = cfg.auxk_alpha * self._auxk_fvu(x_BMd, x_hat_BMd, t.values_at(aux), aux)
+        recon = variant.recon(self, x_BMd, t, mse)
+        sparsity = variant.sparsity(self, x_BMd, x_hat_BMd, t, step, out)
 
         # the buffers move after the loss: AuxK's dead set is the one this step started with (so DDP
         # ranks, whose counters are synced between steps, all use the same one)
         if update:
             self.tokens_since_active_F.add_(B).masked_fill_(t.fired_F, 0)
-            if cfg.arch == "batchtopk" and step >= cfg.threshold_start_step:
-                self._update_threshold(t.smallest)
+            variant.update(self, t, step)
         with torch.no_grad():
             if metrics:
                 total_var_M = _wide(x_BMd).var(0, correction=0).sum(-1) * B
                 out["fvu_M"] = sq_BMd.sum((0, 2)) / total_var_M
             out["l0"] = torch.as_tensor(t.n_active, dtype=torch.float32) / B
             out["dead_frac"] = (self.tokens_since_active_F >= cfg.dead_tokens).float().mean()
-        out.update(loss=mse + sparsity, mse=mse.detach(), sparsity=sparsity.detach())
+        out.update(loss=recon + sparsity, mse=mse.detach(), sparsity=sparsity.detach())
         return out
 
-    def _dense_terms(self, pre_BF, W_dec_FD, norms_F, k) -> "sparse.Terms":
-        """The code and what the loss needs of it, dense, straight from the formulas (GPUs, half
-        precision, autocast, and the first, dense steps of L1 training)."""
-        post_BF = f_BF = torch.relu(pre_BF)
-        smallest = None
-        if self.cfg.arch == "batchtopk":
-            with torch.no_grad():
-                score_BF = f_BF * norms_F
-                keep_BF = batch_topk_mask(score_BF, k, self.group)
-                smallest = torch.where(keep_BF & (score_BF > 0), score_BF, torch.inf).min()
-                smallest = torch.where(torch.isinf(smallest), 0.0, smallest)
-            f_BF = f_BF * keep_BF
+    def _terms(self, x_BD, step) -> "sparse.Terms":
+        """The code and what the loss needs of it: the fast path (sparse.active_terms) where it pays (a CPU,
+        fp32/fp64, no autocast, a variant that has one, a code at most ACTIVE_MAX_DENSITY dense), else the
+        readable dense one. Picked here, once per step, from this batch's pre-activations."""
+        F = self.cfg.dict_size
+        W_enc_FD, W_dec_FD = self.W_enc_FMd.view(F, -1), self.W_dec_FMd.view(F, -1)
+        norms_F = sparse.NormSum.apply(self.W_dec_FMd, self.scales_M.to(self.W_dec_FMd.dtype))  # Σ_m ‖W_dec[i,m]‖
+        if not (self.variant.fast_path and sparse.active_set_device(x_BD)):
+            return self._dense_terms(torch.addmm(self.b_enc_F, x_BD, W_enc_FD.t()), W_dec_FD, norms_F, step)
+        with torch.no_grad():
+            pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc_FD.t())   # the one matmul both paths need
+        positive_BF = pre_BF > 0
+        if self.variant.n_active_bound(self, pre_BF, positive_BF, step) <= sparse.ACTIVE_MAX_DENSITY * pre_BF.numel():
+            return sparse.active_terms(self, x_BD, W_enc_FD, W_dec_FD, norms_F, step, pre_BF, positive_BF)
+        pre_BF = sparse.PreDense.apply(x_BD, W_enc_FD, self.b_enc_F, pre_BF)
+        return self._dense_terms(pre_BF, W_dec_FD, norms_F, step)
+
+    def _dense_terms(self, pre_BF, W_dec_FD, norms_F, step) -> "sparse.Terms":
+        """The readable loss's code, dense, straight from the formulas (GPUs, half precision, autocast, the
+        first, dense steps of L1 training, and every variant without a fast path):
+            f_BF   = the variant's code of pre_BF (ReLU; BatchTopK's selection; JumpReLU's jump)
+            x_hat  = f_BF @ W_dec                          (b_dec added by loss)
+            l1_sum = Σ_b Σ_i f[b,i] n_i,  n_i = Σ_m ‖W_dec[i,m]‖"""
+        f_BF, info = self.variant.code(self, pre_BF, norms_F, step)
+        post_BF = torch.relu(pre_BF)
         active_BF = f_BF > 0
-        return sparse.Terms(x_hat_BD=f_BF @ W_dec_FD, l1_sum=_wide(f_BF @ norms_F).sum(), fired_F=active_BF.any(0),
-                            n_active=active_BF.sum(), smallest=smallest, pre_BF=pre_BF.detach(),
-                            values_at=lambda act: post_BF.reshape(-1)[act.flat])
+        return sparse.Terms(
+            x_hat_BD=f_BF @ W_dec_FD, l1_sum=_wide(f_BF @ norms_F).sum(), fired_F=active_BF.any(0),
+            n_active=active_BF.sum(), info=info, pre_BF=pre_BF.detach(),
+            values_at=lambda act: post_BF.reshape(-1)[act.flat],
+            score_sum=lambda fn: _wide(fn(f_BF * norms_F)).sum(),
+            decode_cols=lambda lo, hi: f_BF[:, lo:hi] @ W_dec_FD[lo:hi])
 
     @torch.no_grad()
-    def _update_threshold(self, smallest):
-        """EMA of the smallest kept POSITIVE score (0 when nothing positive was kept)."""
-        smallest = smallest.float()
-        beta = self.cfg.threshold_beta
-        ema = beta * self.threshold + (1 - beta) * smallest
-        # torch.where, not an if on .item(): no device sync
-        self.threshold.copy_(torch.where(self.threshold < 0, smallest, ema))
+    def sync_buffers(self, world, B_local, group=None):
+        """After each DDP step, one state on every rank, as one process over the whole batch would have it
+        (DDP itself only averages gradients, which keeps the parameters, JumpReLU's thresholds among them,
+        equal). Dead-latent counters: a latent fired if it fired on any rank (the minimum), and the tokens
+        since then count every rank's (B_local·world per step). Then the variant's own state
+        (variant.sync: BatchTopK's θ by its minimum)."""
+        dist = torch.distributed
+        group = group if group is not None else self.group
+        since_F = self.tokens_since_active_F      # each rank: its previous (shared) value + B_local, or 0
+        dist.all_reduce(since_F, op=dist.ReduceOp.MIN, group=group)
+        since_F.add_((since_F > 0) * B_local * (world - 1))
+        self.variant.sync(self, group)
 
     def auxk_loss(self, x_BMd, x_hat_BMd, f_BF):
         """AuxK (Gao et al. 2024): the top aux_k dead latents OF EACH TOKEN (by their ReLU'd pre-activation
@@ -448,6 +419,9 @@ class CrossCoder(nn.Module):
         if "W_enc_MdF" in tensors:      # written before the encoder was stored latent-major
             tensors["W_enc_FMd"] = tensors.pop("W_enc_MdF").permute(2, 0, 1).contiguous()
         expected = {name: tuple(t.shape) for name, t in cc.state_dict().items()}
+        if "threshold" in tensors and "threshold" not in expected:
+            # written when every crosscoder carried BatchTopK's θ buffer (unset, -1, in an L1 run)
+            tensors.pop("threshold")
         sizes = f"n_models={cfg.n_models}, d_model={cfg.d_model}, dict_size={cfg.dict_size}"
         for name, shape in expected.items():
             if name not in tensors:

@@ -3,7 +3,9 @@
 crosscoder.py holds the math (CrossCoder.loss, dense, straight from the formulas); this module only
 makes the same numbers cheaper on a CPU, and tests/test_crosscoder.py checks it against the dense
 math and a naive per-revision loop. CrossCoder.loss calls `active_terms` where it pays (fp32/fp64 on
-a CPU, no autocast, codes at most ACTIVE_MAX_DENSITY dense).
+a CPU, no autocast, codes at most ACTIVE_MAX_DENSITY dense). Which entries are active, and the code's
+value there, is the variant's to say (variants.py: its active() and values()); nothing here knows
+one variant from another.
 """
 import warnings
 from collections.abc import Callable
@@ -203,16 +205,34 @@ def batch_topk_active(pre_BF, norms_F, k, group=None, positive_BF=None):
     return ActiveSet(flat, B, F, pre_BF.dtype), smallest
 
 
+class TakeAt(torch.autograd.Function):
+    """v_F[idx_N] with a backward that sums by index_add_ (a fixed order), where indexing's backward would
+    scatter-add in a thread-dependent one: per-entry values of a per-latent vector (JumpReLU's θ, the norms)."""
+
+    @staticmethod
+    def forward(ctx, v_F, idx_N):
+        ctx.save_for_backward(idx_N)
+        ctx.n = v_F.shape[0]
+        return v_F[idx_N]
+
+    @staticmethod
+    def backward(ctx, g_N):
+        idx_N, = ctx.saved_tensors
+        return g_N.new_zeros(ctx.n).index_add_(0, idx_N, g_N), None
+
+
 @dataclass
 class Terms:
     """What CrossCoder.loss needs of a batch's code, however it was computed."""
     x_hat_BD: torch.Tensor        # f W_dec, flattened over revisions (b_dec not added)
     l1_sum: torch.Tensor          # Σ_b Σ_i f[b,i] Σ_m ‖W_dec[i,m]‖
     fired_F: torch.Tensor         # [F] bool: the latent was active on some token
-    n_active: object              # number of active entries
-    smallest: torch.Tensor | None   # BatchTopK: the smallest kept score (θ's EMA input)
+    n_active: object              # number of active entries (f > 0)
+    info: dict                    # the variant's by-products of the selection (BatchTopK: "smallest" kept score)
     pre_BF: torch.Tensor          # pre-activations, detached (AuxK ranks dead latents by them)
     values_at: Callable           # ActiveSet -> ReLU(pre) there, differentiable (AuxK's codes)
+    score_sum: Callable           # fn -> Σ_b Σ_i fn(f[b,i] n_i), fn(0) = 0, differentiable (JumpReLU's tanh-L0)
+    decode_cols: Callable         # (lo, hi) -> Σ_{lo ≤ i < hi} f[:, i] W_dec[i]: [B, M*d] (Matryoshka's prefixes)
 
 
 def active_set_device(x_BD) -> bool:
@@ -220,15 +240,6 @@ def active_set_device(x_BD) -> bool:
     dev = x_BD.device.type
     return (dev in ACTIVE_SET_DEVICES and x_BD.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled(dev))
-
-
-def sparse_enough(pre_BF, arch, k):
-    """(Does this batch's code have at most ACTIVE_MAX_DENSITY of its entries active?, pre_BF > 0)."""
-    positive_BF = pre_BF > 0
-    n = int(torch.count_nonzero(positive_BF))
-    if arch == "batchtopk":
-        n = min(n, k * pre_BF.shape[0])
-    return n <= ACTIVE_MAX_DENSITY * pre_BF.numel(), positive_BF
 
 
 class PreDense(torch.autograd.Function):
@@ -248,22 +259,30 @@ class PreDense(torch.autograd.Function):
                 g_BF.sum(0) if need[2] else None, None)
 
 
-def active_terms(x_BD, W_enc_FD, b_enc_F, W_dec_FD, norms_F, arch, k, pre_BF, positive_BF, group=None) -> Terms:
+def active_terms(cc, x_BD, W_enc_FD, W_dec_FD, norms_F, step, pre_BF, positive_BF) -> Terms:
     """The code as its active entries, values f_N at act.flat: one dense matmul (pre_BF, computed by the
-    caller without autograd, with its mask positive_BF = pre_BF > 0), the rest sparse."""
-    F = W_enc_FD.shape[0]
-    smallest = None
+    caller without autograd, with its mask positive_BF = pre_BF > 0), the rest sparse. The variant
+    (cc.variant) says which entries (its active()) and the code there (its values() of z = ReLU(pre))."""
+    F, variant, b_enc_F = W_enc_FD.shape[0], cc.variant, cc.b_enc_F
     with torch.no_grad():
-        if arch == "l1":
-            act = ActiveSet.where(positive_BF, pre_BF.dtype)
-        else:
-            act, smallest = batch_topk_active(pre_BF, norms_F, k, group, positive_BF)
-    f_N = PreAt.apply(x_BD, W_enc_FD, b_enc_F, pre_BF, act)  # = ReLU(pre) there: all positive
+        act, info = variant.active(cc, pre_BF, norms_F, step, positive_BF)
+    z_N = PreAt.apply(x_BD, W_enc_FD, b_enc_F, pre_BF, act)  # = ReLU(pre) there: all positive
+    f_N = variant.values(cc, z_N, act)
     x_hat_BD = Decode.apply(f_N, W_dec_FD, act)
     # Σ_i norm_i · (Σ of latent i's codes): index_add_ sums in a fixed order, where the backward of
     # norms_F[act.cols] would scatter-add in a thread-dependent one
     l1_sum = f_N.new_zeros(F).index_add_(0, act.cols, f_N) @ norms_F
-    fired_F = torch.zeros(F, dtype=torch.bool, device=x_BD.device).index_fill_(0, act.cols, True)
+    # an entry may be held for its gradient alone (JumpReLU's band below θ, f = 0 there)
+    cols_on = act.cols if f_N is z_N else act.cols[f_N.detach() > 0]
+    fired_F = torch.zeros(F, dtype=torch.bool, device=x_BD.device).index_fill_(0, cols_on, True)
+
+    def decode_cols(lo, hi):
+        keep = (act.cols >= lo) & (act.cols < hi)
+        sub = ActiveSet(act.flat[keep], act.B, act.F, f_N.dtype)
+        return Decode.apply(f_N[keep], W_dec_FD, sub)
+
     return Terms(x_hat_BD=x_hat_BD, l1_sum=l1_sum.float() if l1_sum.dtype != torch.float64 else l1_sum,
-                 fired_F=fired_F, n_active=len(act), smallest=smallest, pre_BF=pre_BF,
-                 values_at=lambda a: PreAt.apply(x_BD, W_enc_FD, b_enc_F, pre_BF, a))
+                 fired_F=fired_F, n_active=len(cols_on), info=info, pre_BF=pre_BF,
+                 values_at=lambda a: PreAt.apply(x_BD, W_enc_FD, b_enc_F, pre_BF, a),
+                 score_sum=lambda fn: fn(f_N * TakeAt.apply(norms_F, act.cols)).sum(),
+                 decode_cols=decode_cols)

@@ -469,8 +469,9 @@ class Ranks:
         return common.folder_lock(folder) if self.main else contextlib.nullcontext()
 
     def sync(self, cc, B_local):
+        """One state on every rank after a step (CrossCoder.sync_buffers: dead-latent counters, the variant's)."""
         if self.world > 1:
-            sync_buffers(cc, self.world, B_local)
+            cc.sync_buffers(self.world, B_local, dist.group.WORLD)
 
     def mean(self, out, keys=("loss", "mse", "l0")):
         """The whole batch's numbers, not this rank's share."""
@@ -499,19 +500,6 @@ def stop_ranks(ranks):
     if ranks.world > 1:
         dist.barrier()   # rank 0 may still be saving: a gloo peer torn down mid-way can abort the other
         dist.destroy_process_group()
-
-
-@torch.no_grad()
-def sync_buffers(cc, world, B_local):
-    """After each DDP step, one set of buffers on every rank, as one process over the whole batch would
-    have them (DDP itself only averages gradients). Dead-latent counters: a latent fired if it fired on
-    any rank (the minimum), and the tokens since then count every rank's (B_local·world per step).
-    BatchTopK's θ: every rank applied the same EMA to its own smallest kept score (all ≥ the global
-    cut); the EMA is monotone, so the minimum over ranks is the EMA of the global batch's smallest."""
-    since_F = cc.tokens_since_active_F          # each rank: its previous (shared) value + B_local, or 0
-    dist.all_reduce(since_F, op=dist.ReduceOp.MIN)
-    since_F.add_((since_F > 0) * B_local * (world - 1))
-    dist.all_reduce(cc.threshold, op=dist.ReduceOp.MIN)
 
 
 class _LossModule(torch.nn.Module):

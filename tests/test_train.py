@@ -80,7 +80,7 @@ def test_ddp_two_processes_match_one(local_model, cache, tmp_path):
     a, b = _weights(one), _weights(two)
     for k in ("W_enc_FMd", "W_dec_FMd", "b_enc_F", "b_dec_Md"):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    # dead-latent counters count the whole batch's tokens, as in one process (train.sync_buffers)
+    # dead-latent counters count the whole batch's tokens, as in one process (CrossCoder.sync_buffers)
     since = a["tokens_since_active_F"]
     assert since.max() > 64 and (since == 0).any(), since
     assert torch.equal(since, b["tokens_since_active_F"])
