@@ -4,6 +4,7 @@
     python train.py --model pythia-1b --layer 8       # the paper's run (GPU, network): live buffer, 400M tokens
     python train.py --cache cache/toy-L0-step64_step128_step512 --arch batchtopk
     torchrun --nproc_per_node=2 train.py ...          # data-parallel (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=4 train.py ... --revision-shards 2   # 2 revision shards × 2 data replicas
 
 Activations come from a cache (made by cache_acts.py; the toy's preset makes its cache first, saying
 so) or from a live buffer that runs the checkpoints on the text's training split. Validation and the
@@ -57,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss (GPU)")
     p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
+    p.add_argument("--revision-shards", type=positive("--revision-shards"), default=1,
+                   help="under torchrun: split the revisions over this many ranks (each holds its revisions' LMs, "
+                        "crosscoder slices and Adam state); the other factor of the world is data-parallel "
+                        "(default: %(default)s, plain DDP)")
     p.add_argument("--plan", action="store_true", help="print the per-rank memory of each multi-GPU layout for "
                    "--gpus GPUs of --gpu-gb GB and the smallest that fits, load nothing, and exit")
     p.add_argument("--gpus", type=positive("--gpus"), default=8, help="--plan: GPUs available (default: %(default)s)")
@@ -95,20 +100,22 @@ def train(args, spec, ranks):
     training.prepare_out(args, ranks.rank)
     ranks.barrier()
     resume_buffer = training.checkpoint_buffer(args.out) if args.resume else None
-    batch_at, scales, val_BMd, desc, buf = training.data_source(args, spec, ranks.rank, ranks.world, resume_buffer)
+    batch_at, scales, val_BMd, desc, buf = training.data_source(args, spec, ranks, resume_buffer)
+    mine = [args.revisions[m] for m in ranks.revs]     # this rank's revisions: all, or its shard's
     cfg = RunConfig.from_args(args).crosscoder(len(args.revisions), desc["d"])
-    need = training.predict_memory(cfg, args.batch_size // ranks.world, args.device,
-                                   buf.resident_bytes(desc["d"]) if buf else 0)
+    need = training.predict_memory(cfg, args.batch_size // ranks.replicas, args.device,
+                                   buf.resident_bytes(desc["d"]) if buf else 0, M=len(mine))
     training.check_memory(need, args.device)
-    training.check_finite(args.revisions, scales, val_BMd)
+    training.check_finite(mine, scales, val_BMd)
     torch.manual_seed(args.seed)
     if str(args.device).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls; the loss sums stay fp32
-    cc = CrossCoder(cfg).to(args.device)
-    cc.group = ranks.group                             # BatchTopK selects over the global batch
+    cc = CrossCoder(cfg, revisions=ranks.revs).to(args.device)
+    cc.group = ranks.data_group                        # BatchTopK selects over the global batch
+    cc.grid = ranks.grid if ranks.shards > 1 else None   # the code sums over every shard's revisions
     opt = cc.make_optimizer(args.lr)
     sched = cc.make_scheduler(opt)
-    start = training.load_checkpoint(args.out, cc, opt, sched, args.device) if args.resume else 0
+    start = training.load_checkpoint(args.out, cc, opt, sched, args.device, ranks) if args.resume else 0
     if ranks.main:
         training.start_log(args, start)
     s_M = torch.tensor(scales, device=args.device)[None, :, None]   # training runs on s_m·x_m
@@ -116,11 +123,12 @@ def train(args, spec, ranks):
     loss_fn = training.loss_module(cc, ranks, args.compile)
     autocast = args.precision == "bf16" and str(args.device).startswith("cuda")
     wandb = training.wandb_run(args) if (args.wandb and ranks.main) else None
-    batches = training.Prefetch(batch_at, args.revisions, args.device, start, args.steps, live=buf is not None)
+    batches = training.Prefetch(batch_at, mine, args.device, start, args.steps, live=buf is not None)
     if ranks.main:
-        print(f"training {cfg.n_models} revisions × d={cfg.d_model} → F={cfg.dict_size} ({cfg.arch}), {args.steps} "
-              f"steps of {args.batch_size}; predicted peak memory {need / 2**30:.2f} GiB on {args.device}",
-              file=sys.stderr)
+        grid = f" as {ranks.shards} revision shards × {ranks.replicas} replicas" if ranks.shards > 1 else ""
+        print(f"training {cfg.n_models} revisions × d={cfg.d_model} → F={cfg.dict_size} ({cfg.arch}){grid}, "
+              f"{args.steps} steps of {args.batch_size}; predicted peak memory {need / 2**30:.2f} GiB per rank on "
+              f"{args.device}", file=sys.stderr)
 
     # ---- the loop
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", disable=not ranks.main,
@@ -130,25 +138,26 @@ def train(args, spec, ranks):
         for step in bar:
             # data: this step's batch, normalised (a pure function of the step: a resumed run sees the same)
             x_BMd = batches.get(step) * s_M
-            # step: loss, backward, clip, Adam, lr schedule; under DDP, every rank's buffers made one
+            # step: loss, backward, clip, Adam, lr schedule; under DDP, every replica's buffers made one
             log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
             out = cc.train_step(opt, sched, x_BMd, step, loss_fn=loss_fn, autocast=autocast, metrics=log_now)
             ranks.sync(cc, x_BMd.shape[0])
-            seen += x_BMd.shape[0] * ranks.world
+            seen += x_BMd.shape[0] * ranks.replicas
             common.fault_point("train_step")
             # log: the whole batch's loss terms, the held-out FVU / L0 / dead, one line of log.jsonl
             if log_now:
                 out = ranks.mean(out)
-            if log_now and ranks.main:
-                rec = training.log_record(step, args, out, sched, seen, time.time() - t0, cc, val_BMd)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", L0=f"{rec['val_l0']:.1f}",
-                                FVU="/".join(f"{v:.3f}" for v in rec["val_fvu"]))
+            if log_now and ranks.replica == 0:
+                rec = training.log_record(step, args, out, sched, seen, time.time() - t0, cc, val_BMd, ranks)
+                if rec:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", L0=f"{rec['val_l0']:.1f}",
+                                    FVU="/".join(f"{v:.3f}" for v in rec["val_fvu"]))
                 if wandb:
                     wandb.log(rec, step=step + 1)
-            # checkpoint: every --ckpt-every steps, atomically; the last step saves the run instead
-            if (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps and ranks.main:
+            # checkpoint: every --ckpt-every steps, atomically (every shard its slice); the last step saves the run
+            if (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
                 training.save_checkpoint(args.out, step + 1, cc, opt, sched,
-                                         buf.state(step + 1, args.batch_size) if buf else None)
+                                         buf.state(step + 1, args.batch_size) if buf else None, ranks)
     except BaseException:
         bar.leave = False   # an error leaves one line on the terminal, not a stale bar
         bar.close()
@@ -157,8 +166,9 @@ def train(args, spec, ranks):
         batches.close()
 
     # ---- the run: the crosscoder on raw activations, config.json, DONE last
+    if ranks.replica == 0:
+        training.save_run(args, spec, cc, scales, desc, need, ranks)
     if ranks.main:
-        training.save_run(args, spec, cc, scales, desc, need)
         last = training.last_log(args.out)
         print(f"run {args.out}: val FVU {[f'{v:.3f}' for v in last['val_fvu']]}, L0 {last['val_l0']:.1f}, "
               f"dead {100 * last['val_dead_frac']:.0f}%, {last['tokens_per_s']:.0f} tokens/s, "

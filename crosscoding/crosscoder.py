@@ -33,7 +33,7 @@ import torch.nn as nn
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
-from crosscoding import defaults, sparse
+from crosscoding import defaults, shards, sparse
 from crosscoding.common import atomic_path
 from crosscoding.variants import VARIANTS, _wide, batch_topk_mask, k_at, l1_coeff_at  # noqa: F401 (re-exported)
 
@@ -127,11 +127,13 @@ def lr_factor(cfg, step):
     return max(0.0, (cfg.total_steps - step) / max(1, cfg.total_steps - decay_start))
 
 
-def clip_grad_norm(params, max_norm):
+def clip_grad_norm(params, max_norm, total=None):
     """torch.nn.utils.clip_grad_norm_'s clipping, the same numbers, but no pass over the gradients when the
-    norm is within max_norm (torch multiplies them by a coefficient clamped to 1.0 every step)."""
+    norm is within max_norm (torch multiplies them by a coefficient clamped to 1.0 every step). total: the
+    norm when these are not all the gradients (a revision shard's: shards.grad_norm)."""
     grads = [p.grad for p in params if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if total is None:
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     coef = max_norm / (total + 1e-6)
     if total.device.type != "cpu":
         torch._foreach_mul_(grads, coef.clamp(max=1.0))     # no host sync on a GPU
@@ -145,10 +147,12 @@ def clip_grad_norm(params, max_norm):
 
 class CrossCoder(nn.Module):
 
-    def __init__(self, cfg: CrossCoderConfig, init: bool = True):
+    def __init__(self, cfg: CrossCoderConfig, init: bool = True, revisions: range | None = None):
+        """`revisions`: the ones this module holds (a revision shard, shards.py); default all M."""
         super().__init__()
         self.cfg = cfg
-        M, d, F = cfg.n_models, cfg.d_model, cfg.dict_size
+        self.revisions = range(cfg.n_models) if revisions is None else revisions
+        M, d, F = len(self.revisions), cfg.d_model, cfg.dict_size
         self.W_enc_FMd = nn.Parameter(torch.empty(F, M, d))   # stored latent-major: W_enc[m][:, i] = W_enc_FMd[i, m]
         self.b_enc_F = nn.Parameter(torch.zeros(F))
         self.W_dec_FMd = nn.Parameter(torch.empty(F, M, d))
@@ -159,14 +163,16 @@ class CrossCoder(nn.Module):
         self.register_buffer("scales_M", torch.ones(M))
         self.extra = {}  # the non-config entries of config.json, filled by load()
         self.group = None  # under DDP, the process group BatchTopK selects over (train.py sets it)
+        self.grid = None   # revision shards (shards.Grid): sums over the shards' revisions (train.py sets it)
         # the sparsity variant: its activation, losses, inference rule; its state is registered here, on
         # the module, so it is saved, loaded, checkpointed, folded and moved with the weights
         self.variant = VARIANTS[cfg.arch](cfg)
         self.variant.add_state(self)
         if init:
-            # a local generator: construction is deterministic and leaves the global RNG alone
-            g = torch.Generator().manual_seed(cfg.seed)
-            W_dec = torch.randn(F, M, d, generator=g)
+            # local generators, one per revision: construction is deterministic, leaves the global RNG alone,
+            # and a shard holding revisions lo..hi draws exactly the one-process crosscoder's slice
+            W_dec = torch.stack([torch.randn(F, d, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + m))
+                                 for m in self.revisions], 1)
             W_dec *= cfg.dec_init_norm / W_dec.norm(dim=-1, keepdim=True)
             with torch.no_grad():
                 self.W_dec_FMd.copy_(W_dec)
@@ -187,12 +193,25 @@ class CrossCoder(nn.Module):
         norms_FM = self.W_dec_FMd.norm(dim=-1)
         return norms_FM if raw else norms_FM * self.scales_M
 
+    def norm_sum(self):
+        """n_F = Σ_m ‖W_dec[i, m]‖ over every revision (a shard's own, summed over the shards), normalised."""
+        return self.over_shards(self.decoder_norms().sum(1))
+
+    def over_shards(self, t):
+        """Σ over the revision shards of a per-shard partial sum (shards.SumOverShards); t itself in one process."""
+        if self.grid is None or self.grid.shards == 1:
+            return t
+        return shards.SumOverShards.apply(t, self.grid.shard_group)
+
     # ---- encode / decode
 
     def pre_acts(self, x_BMd):
-        """sum_m x_m W_enc[m] + b_enc as one [B, M*d] @ [M*d, F] matmul."""
+        """sum_m x_m W_enc[m] + b_enc as one [B, M*d] @ [M*d, F] matmul (a shard's partial sums, summed)."""
         B = x_BMd.shape[0]
-        return torch.addmm(self.b_enc_F, x_BMd.reshape(B, -1), self.W_enc_FMd.view(self.cfg.dict_size, -1).t())
+        W_FD = self.W_enc_FMd.view(self.cfg.dict_size, -1)
+        if self.grid is not None and self.grid.shards > 1:
+            return self.over_shards(x_BMd.reshape(B, -1) @ W_FD.t()) + self.b_enc_F
+        return torch.addmm(self.b_enc_F, x_BMd.reshape(B, -1), W_FD.t())
 
     def encode(self, x_BMd):
         """Inference code: the variant's rule on ReLU(pre) (BatchTopK: score > theta once theta is set, else the
@@ -203,7 +222,7 @@ class CrossCoder(nn.Module):
         """x_hat_BMd = f W_dec + b_dec. active_only=True sums only the active rows of W_dec (sparse.ActiveSet),
         and gives f a gradient at its non-zero entries only; the default for the variants with sparse codes."""
         B = f_BF.shape[0]
-        M, d, F = self.cfg.n_models, self.cfg.d_model, self.cfg.dict_size
+        M, d, F = len(self.revisions), self.cfg.d_model, self.cfg.dict_size
         W_dec = self.W_dec_FMd.view(F, M * d)
         if active_only is None:
             active_only = self.variant.decode_active_only
@@ -237,6 +256,10 @@ class CrossCoder(nn.Module):
         mse = sq_BMd.sum() / B
         recon = variant.recon(self, x_BMd, t, mse)
         sparsity = variant.sparsity(self, x_BMd, x_hat_BMd, t, step, out)
+        if self.grid is not None:
+            # a revision shard's loss: its own revisions' reconstruction + its share of the sparsity term,
+            # which every shard computes whole (from the summed code and norms): Σ over shards is the loss
+            sparsity = sparsity / self.grid.shards
 
         # the buffers move after the loss: AuxK's dead set is the one this step started with (so DDP
         # ranks, whose counters are synced between steps, all use the same one)
@@ -259,6 +282,9 @@ class CrossCoder(nn.Module):
         F = self.cfg.dict_size
         W_enc_FD, W_dec_FD = self.W_enc_FMd.view(F, -1), self.W_dec_FMd.view(F, -1)
         norms_F = sparse.NormSum.apply(self.W_dec_FMd, self.scales_M.to(self.W_dec_FMd.dtype))  # Σ_m ‖W_dec[i,m]‖
+        if self.grid is not None and self.grid.shards > 1:    # revision shards: both sums over every revision
+            pre_BF = self.over_shards(x_BD @ W_enc_FD.t()) + self.b_enc_F
+            return self._dense_terms(pre_BF, W_dec_FD, self.over_shards(norms_F), step)
         if not (self.variant.fast_path and sparse.active_set_device(x_BD)):
             return self._dense_terms(torch.addmm(self.b_enc_F, x_BD, W_enc_FD.t()), W_dec_FD, norms_F, step)
         with torch.no_grad():
@@ -324,7 +350,8 @@ class CrossCoder(nn.Module):
     def _auxk_fvu(self, x_BMd, x_hat_BMd, a_N, act):
         e_BMd = (x_BMd - x_hat_BMd).detach()
         e_hat_BD = sparse.Decode.apply(a_N, self.W_dec_FMd.view(self.cfg.dict_size, -1), act)
-        num = _wide(e_hat_BD.view_as(e_BMd) - e_BMd).pow(2).sum((1, 2)).mean()
+        # sums over revisions: a revision shard's own, summed over the shards (over_shards)
+        num = self.over_shards(_wide(e_hat_BD.view_as(e_BMd) - e_BMd).pow(2).sum((1, 2)).mean())
         e = _wide(e_BMd)
         if self.group is None:
             den = (e - e.mean(0)).pow(2).sum((1, 2)).mean()
@@ -333,7 +360,7 @@ class CrossCoder(nn.Module):
             torch.distributed.all_reduce(stats, group=self.group)
             n = stats[-1]
             den = (stats[-2] - stats[:-2].pow(2).sum() / n) / n
-        return (num / den).nan_to_num(0.0)
+        return (num / self.over_shards(den)).nan_to_num(0.0)
 
     def make_optimizer(self, lr=None):
         """Adam, betas (0.9, 0.999); the fused kernel where the device has one, else foreach."""
@@ -356,7 +383,12 @@ class CrossCoder(nn.Module):
             out = (loss_fn or self.loss)(x_BMd, step, metrics)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        clip_grad_norm(self.parameters(), 1.0)
+        total = None
+        if self.grid is not None:       # revision shards: whole parameters' gradients summed, replicas averaged
+            shards.sum_whole_grads(self, self.grid)
+            shards.average_over_replicas(self, self.grid)
+            total = shards.grad_norm(self, self.grid)
+        clip_grad_norm(self.parameters(), 1.0, total)
         opt.step()
         if sched is not None:
             sched.step()
@@ -369,13 +401,13 @@ class CrossCoder(nn.Module):
         """A new crosscoder for RAW activations, when this one takes s_m * x_m: W_enc[m] *= s_m,
         W_dec[:, m] /= s_m, b_dec[m] /= s_m. Codes, selection and theta are unchanged; outputs are raw."""
         s_M = torch.as_tensor(scales_M, dtype=self.W_enc_FMd.dtype, device=self.W_enc_FMd.device)
-        if s_M.shape != (self.cfg.n_models,) or not bool((s_M > 0).all()):
-            raise ValueError(f"scales_M must be {self.cfg.n_models} positive numbers, got {scales_M!r}")
-        group, self.group = self.group, None    # a process group cannot be copied; the copy needs none
+        if s_M.shape != (len(self.revisions),) or not bool((s_M > 0).all()):
+            raise ValueError(f"scales_M must be {len(self.revisions)} positive numbers, got {scales_M!r}")
+        group, grid, self.group, self.grid = self.group, self.grid, None, None   # process groups cannot be copied
         try:
             new = copy.deepcopy(self)
         finally:
-            self.group = group
+            self.group, self.grid = group, grid
         new.W_enc_FMd.mul_(s_M[None, :, None])
         new.W_dec_FMd.div_(s_M[None, :, None])
         new.b_dec_Md.div_(s_M[:, None])

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from crosscoding import cli, common, defaults, lm, tasks
+from crosscoding import cli, common, defaults, lm, shards, tasks
 from crosscoding.activations import (
     CacheBatches,
     LiveBuffer,
@@ -35,7 +35,7 @@ from crosscoding.activations import (
     open_cache,
 )
 from crosscoding.common import UsageError
-from crosscoding.crosscoder import CrossCoderConfig
+from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 
 # ---------------------------------------------------------------------------------------------
 # The run's defining config
@@ -116,12 +116,12 @@ def crosscoder_bytes(M, d, F, batch) -> int:
     return 16 * n_params + 36 * batch * F + 90 * batch * M * d
 
 
-def predict_memory(cfg, batch, device, resident=0) -> int:
+def predict_memory(cfg, batch, device, resident=0, M=None) -> int:
     """Bytes the device will hold at the training loop's peak: what it holds now (on a CPU the process's
     RSS: the interpreter, the language models) + `resident` not yet allocated (the live buffer) + the
-    crosscoder's (crosscoder_bytes)."""
+    crosscoder's (crosscoder_bytes; M: the revisions this rank holds, default all)."""
     now = torch.cuda.memory_allocated(torch.device(device)) if str(device).startswith("cuda") else _rss()
-    return now + resident + crosscoder_bytes(cfg.n_models, cfg.d_model, cfg.dict_size, batch)
+    return now + resident + crosscoder_bytes(M or cfg.n_models, cfg.d_model, cfg.dict_size, batch)
 
 
 @dataclasses.dataclass
@@ -202,15 +202,16 @@ def check_memory(need, device):
 # ---------------------------------------------------------------------------------------------
 # Data: batches as a pure function of the step, so a resumed run sees the same data
 
-def data_source(args, spec, rank, world, resume_state):
-    """(batch_at(step) → raw [B/world, M, d], scales [M], val [V, M, d], data description, buffer)."""
+def data_source(args, spec, ranks, resume_state):
+    """(batch_at(step) → raw [B/D, M_r, d], scales [M_r], val [V, M_r, d], data description, buffer): this rank's
+    revisions (all M, or its shard's M_r) on its data replica's share of the batch (all B, or B/D)."""
+    revs, rank = ranks.revs, ranks.rank
     if args.make_cache and rank == 0 and not common.is_done(args.cache):
         print(f"making the activation cache first (as `python cache_acts.py --model {spec.key}` would): {args.cache}",
               file=sys.stderr)
         make_cache(spec.key, args.layer, args.revisions, args.cache, spec.preset.cache_tokens,
                               args.seq_len, args.heldout_tokens, args.text, args.device)
-    if world > 1:
-        dist.barrier()
+    ranks.barrier()
     if args.cache:
         cache = open_cache(args.cache)
         m = cache.meta
@@ -218,20 +219,25 @@ def data_source(args, spec, rank, world, resume_state):
             raise UsageError(f"cache {args.cache} holds {m['model']} layer {m['layer']} revisions "
                              f"{','.join(m['revisions'])}, not {spec.key} layer {args.layer} "
                              f"revisions {','.join(args.revisions)}")
-        batches = CacheBatches(cache, args.batch_size, args.seed, rank, world)
+        batches = CacheBatches(cache, args.batch_size, args.seed, ranks.replica, ranks.replicas)
         desc = dict(cache=str(args.cache), fingerprint=m["fingerprint"], text=m["text"], d=m["d"],
                     seq_len=m["seq_len"], heldout_tokens=m["split"]["heldout_tokens"], weights=m.get("weights", "hub"))
-        return batches.batch_at, cache.scales, cache.val(defaults.VAL_ROWS), desc, None
-    return live_source(args, spec, rank, world, resume_state)
+        mine = slice(revs.start, revs.stop)
+        return (lambda step: batches.batch_at(step)[:, mine], cache.scales[mine],
+                cache.val(defaults.VAL_ROWS)[:, mine], desc, None)
+    return live_source(args, spec, ranks, resume_state)
 
 
-def live_source(args, spec, rank, world, resume_state):
+def live_source(args, spec, ranks, resume_state):
+    """The live buffer: this rank's revisions' LMs (blocks 0..L) on the training text every rank reads alike
+    (the same blocks, shuffles and resume point: a pure function of the seed and the step)."""
+    rank = ranks.rank
     mdt = cli.dtype(args.model_dtype, args.device)
     if args.weights == "hub":
         avail = lm.revisions(spec, quiet=rank > 0)
         for r in args.revisions:
             lm.check_revision(spec, r, avail)
-    models = load_models(spec, args.revisions, args.device, mdt, args.layer, args.weights)
+    models = load_models(spec, [args.revisions[m] for m in ranks.revs], args.device, mdt, args.layer, args.weights)
     for _, model, _ in models:
         lm.keep_through(model, args.layer)       # the blocks after L never run here
     tok, T, text, H = models[0][2], args.seq_len, args.text, args.heldout_tokens
@@ -259,7 +265,7 @@ def live_source(args, spec, rank, world, resume_state):
                 buffer_windows=buf.n_parts, weights=args.weights)
 
     def batch_at(step):
-        return buf.batch_at(step, args.batch_size)[rank::world]
+        return buf.batch_at(step, args.batch_size)[ranks.replica::ranks.replicas]
 
     return batch_at, scales, val, desc, buf
 
@@ -267,8 +273,16 @@ def live_source(args, spec, rank, world, resume_state):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: ckpt/<step>/ (safetensors + JSON, DONE last), made in a temporary folder and renamed
 # into place; the older one is removed only after. A kill anywhere leaves the newest finished one.
+# Revision shards each write their own slice (state.safetensors, or state-<shard>of<R>.safetensors) into
+# the one temporary folder; rank 0 marks it done and renames it once every shard has written.
 
-def save_checkpoint(folder, step, cc, opt, sched, buffer_state=None):
+def shard_file(ranks) -> str:
+    return "state.safetensors" if ranks.shards == 1 else f"state-{ranks.shard}of{ranks.shards}.safetensors"
+
+
+def save_checkpoint(folder, step, cc, opt, sched, buffer_state=None, ranks=None):
+    """Every rank calls it (a run of one process: ranks None); replica 0's shards write their slices."""
+    ranks = ranks or Ranks()
     tensors = {f"cc.{k}": v.detach().contiguous() for k, v in cc.state_dict().items()}
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
@@ -276,14 +290,23 @@ def save_checkpoint(folder, step, cc, opt, sched, buffer_state=None):
     tensors["rng.cpu"] = torch.get_rng_state()
     state = dict(step=step, sched=sched.state_dict(), opt_groups=opt.state_dict()["param_groups"],
                  buffer=buffer_state)
-    with common.atomic_dir(folder / "ckpt" / f"{step:09d}") as tmp:
-        save_file({k: v.cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
+    final = folder / "ckpt" / f"{step:09d}"
+    if not ranks.main:
+        tmp = ranks.broadcast(None)                    # rank 0's temporary folder
+        if ranks.replica == 0:
+            save_file({k: v.cpu() for k, v in tensors.items()}, Path(tmp) / shard_file(ranks))
+        ranks.barrier()
+        return
+    with common.atomic_dir(final) as tmp:
+        ranks.broadcast(str(tmp))
+        save_file({k: v.cpu() for k, v in tensors.items()}, tmp / shard_file(ranks))
+        ranks.barrier()                                # every shard's slice is written
         common.fault_point("ckpt_write")               # killed mid-write: the temporary folder has no marker yet
-        (tmp / "state.json").write_text(json.dumps(state, default=str))
+        (tmp / "state.json").write_text(json.dumps(dict(state, shards=ranks.shards), default=str))
         common.mark_done(tmp, step=step)               # the marker goes last
     common.fault_point("ckpt_prune")                   # killed here: two finished checkpoints, the newer one wins
     for old in (folder / "ckpt").iterdir():
-        if old.name != f"{step:09d}":
+        if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -300,13 +323,18 @@ def checkpoint_buffer(folder):
     return json.loads((ckpt / "state.json").read_text()).get("buffer") if ckpt else None
 
 
-def load_checkpoint(folder, cc, opt, sched, device):
-    """Restore the newest checkpoint; returns its step (0 if there is none)."""
+def load_checkpoint(folder, cc, opt, sched, device, ranks=None):
+    """Restore the newest checkpoint (this rank's shard of it); returns its step (0 if there is none)."""
+    ranks = ranks or Ranks()
     d = newest_checkpoint(folder)
     if d is None:
         return 0
-    t = load_file(d / "state.safetensors", device=str(device))
     state = json.loads((d / "state.json").read_text())
+    if state.get("shards", 1) != ranks.shards:
+        raise UsageError(f"--resume: {folder}'s checkpoint was written by {state.get('shards', 1)} revision "
+                         f"shard(s), this command runs {ranks.shards}; resume with --revision-shards "
+                         f"{state.get('shards', 1)}")
+    t = load_file(d / shard_file(ranks), device=str(device))
     cc.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("cc.")})
     opt_state = {}
     for k, v in t.items():
@@ -409,20 +437,33 @@ def check_finite(revisions, scales, val_BMd):
                              "the checkpoint is broken or the cache is corrupt")
 
 
-def log_record(step, args, out, sched, seen, seconds, cc, val_BMd) -> dict:
-    """One line of log.jsonl: the batch's loss terms, then validation on the held-out rows."""
+def log_record(step, args, out, sched, seen, seconds, cc, val_BMd, ranks) -> dict | None:
+    """One line of log.jsonl: the batch's loss terms (Ranks.mean), then validation on the held-out rows.
+    Every rank of data replica 0 calls it (a shard validates its own revisions, summing the code over the
+    shards); rank 0 writes the line and returns it."""
+    val = validate(cc, val_BMd, args.device)
+    val["val_fvu"] = ranks.gather_revisions(val["val_fvu"])
+    if not ranks.main:
+        return None
     rec = dict(step=step + 1, tokens=(step + 1) * args.batch_size, loss=out["loss"].item(), mse=out["mse"].item(),
                l0=out["l0"].item(), fvu=out["fvu_M"].tolist(), dead_frac=out["dead_frac"].item(),
                lr=sched.get_last_lr()[0], tokens_per_s=seen / seconds)
-    rec.update(validate(cc, val_BMd, args.device))
+    rec.update(val)
     with open(args.out / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
     return rec
 
 
-def save_run(args, spec, cc, scales, desc, need):
+def save_run(args, spec, cc, scales, desc, need, ranks):
     """The finished run: the crosscoder with the scales folded in (it acts on raw activations), config.json
-    with the RunConfig and where the data came from, DONE last; the checkpoints go."""
+    with the RunConfig and where the data came from, DONE last; the checkpoints go. Every rank of replica 0
+    calls it: revision shards' slices are assembled on rank 0 into the one-process layout."""
+    if ranks.shards > 1:
+        state, scales = shards.gather_state(cc, ranks.grid), ranks.gather_revisions(scales)
+        if not ranks.main:
+            return
+        cc = CrossCoder(cc.cfg, init=False)
+        cc.load_state_dict(state)
     final = cc.fold_scales(scales)
     gpu = str(args.device).startswith("cuda")
     peak = torch.cuda.max_memory_allocated(torch.device(args.device)) if gpu else None
@@ -448,52 +489,89 @@ def start_log(args, start):
 
 @dataclasses.dataclass
 class Ranks:
+    """This process in torchrun's world: R revision shards × D data replicas (shards.Grid; R = 1 is plain
+    DDP over D = world ranks, one process is 1 × 1)."""
     rank: int = 0
     world: int = 1
+    grid: shards.Grid = dataclasses.field(default_factory=shards.Grid)
+    revs: range = range(0)            # this rank's revisions
+
+    shards = property(lambda self: self.grid.shards)
+    shard = property(lambda self: self.grid.shard)
+    replicas = property(lambda self: self.grid.replicas)
+    replica = property(lambda self: self.grid.replica)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     @property
-    def group(self):
-        """The process group BatchTopK selects over (the global batch); None in one process."""
-        return dist.group.WORLD if self.world > 1 else None
+    def data_group(self):
+        """The process group BatchTopK selects over and DDP averages over (the global batch); None: one."""
+        if self.replicas == 1:
+            return None
+        return self.grid.data_group if self.shards > 1 else dist.group.WORLD
 
     def barrier(self):
         if self.world > 1:
             dist.barrier()
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def lock(self, folder):
         """Rank 0 holds the run folder's lock for the whole run."""
         return common.folder_lock(folder) if self.main else contextlib.nullcontext()
 
     def sync(self, cc, B_local):
-        """One state on every rank after a step (CrossCoder.sync_buffers: dead-latent counters, the variant's)."""
-        if self.world > 1:
-            cc.sync_buffers(self.world, B_local, dist.group.WORLD)
+        """One state on every replica after a step (CrossCoder.sync_buffers: dead-latent counters, the
+        variant's); a shard's buffers follow from the summed code, the same on every shard."""
+        if self.replicas > 1:
+            cc.sync_buffers(self.replicas, B_local, self.data_group)
 
     def mean(self, out, keys=("loss", "mse", "l0")):
-        """The whole batch's numbers, not this rank's share."""
-        if self.world > 1:
+        """The whole batch's numbers: a shard's loss terms summed over the shards (each holds its revisions'),
+        then averaged over the data replicas; the per-revision FVU gathered in revision order."""
+        if self.shards > 1:
+            for k in ("loss", "mse"):
+                out[k] = out[k].detach().clone()
+                dist.all_reduce(out[k], group=self.grid.shard_group)
+            if "fvu_M" in out:
+                out["fvu_M"] = torch.tensor(self.gather_revisions(out["fvu_M"].tolist()))
+        if self.replicas > 1:
             for k in keys:
                 out[k] = out[k].detach().clone()
-                dist.all_reduce(out[k])
-                out[k] /= self.world
+                dist.all_reduce(out[k], group=self.data_group)
+                out[k] /= self.replicas
         return out
+
+    def gather_revisions(self, values: list) -> list:
+        """Per-revision values of every shard, in revision order (the shards of this replica)."""
+        if self.shards == 1:
+            return list(values)
+        parts = [None] * self.shards
+        dist.all_gather_object(parts, list(values), group=self.grid.shard_group)
+        return [v for part in parts for v in part]
 
 
 def start_ranks(args) -> Ranks:
-    """torchrun's process group (nccl on GPUs, gloo on CPUs), each rank on its own GPU; one process without it."""
-    ranks = Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-    if ranks.world > 1:
+    """torchrun's process group (nccl on GPUs, gloo on CPUs), each rank on its own GPU, split into
+    --revision-shards R × D data replicas; one process without it."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    M = len(args.revisions)
+    if world > 1:
         dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
         args.device = rank_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
         if args.device.startswith("cuda"):
             torch.cuda.set_device(args.device)
-    if args.batch_size % ranks.world:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {ranks.world} processes")
-    return ranks
+    grid = shards.make_grid(args.revision_shards, world, rank, M)
+    if args.batch_size % grid.replicas:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {grid.replicas} data replicas")
+    return Ranks(rank, world, grid, grid.revisions(M))
 
 
 def stop_ranks(ranks):
@@ -514,9 +592,10 @@ class _LossModule(torch.nn.Module):
 
 
 def loss_module(cc, ranks, compile=False):
-    """The loss train_step calls: under DDP wrapped so that backward averages the gradients over ranks."""
+    """The loss train_step calls: under DDP wrapped so that backward averages the gradients over ranks
+    (revision shards average over their replicas in CrossCoder.train_step instead)."""
     loss_fn = _LossModule(cc)
-    if ranks.world > 1:
+    if ranks.shards == 1 and ranks.world > 1:
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, broadcast_buffers=False)
     return torch.compile(loss_fn) if compile else loss_fn
 

@@ -217,7 +217,7 @@ class BatchTopK(Variant):
 
     def infer(self, cc, f_BF):
         with torch.no_grad():
-            score_BF = f_BF * cc.decoder_norms().sum(1)
+            score_BF = f_BF * cc.norm_sum()
             if cc.threshold >= 0:
                 keep_BF = score_BF > cc.threshold
             else:
@@ -230,7 +230,7 @@ class BatchTopK(Variant):
         score 0 never beats θ ≥ 0). Computed in float64, so θ / n_i is rounded once."""
         if not cc.threshold >= 0:
             raise ValueError("this BatchTopK crosscoder has no threshold θ yet (it selects per batch)")
-        n_F = cc.decoder_norms().sum(1).double()
+        n_F = cc.norm_sum().double()
         return torch.where(n_F > 0, cc.threshold.double() / n_F.clamp_min(1e-300), torch.inf)
 
 
