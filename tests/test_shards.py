@@ -163,3 +163,63 @@ def test_revision_shards_train_what_one_process_does(world, R, tmp_path):
         whole = 2 * M * d * F + M * d                  # the sliced parameters; b_enc (and θ) are whole on every rank
         assert got["counts"][0] == n_par - whole + whole // R, (arch, got["counts"], n_par)
         assert got["counts"][1] == 2 * got["counts"][0] and n_opt == 2 * n_par, arch   # Adam: 2 moments each
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py with --revision-shards: the saved run, kill and resume, evaluate.py on it
+
+def _train_py_rank(rank, world, argv, port, fault):
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), **({"CCT_FAULT": fault} if fault else {}))
+    torch.set_num_threads(1)
+    import train
+    train.main(argv)
+
+
+def _run(argv, world=1, port=29660, fault=None):
+    if world == 1:
+        import train
+        return train.main(argv)
+    torch.multiprocessing.start_processes(_train_py_rank, args=(world, argv, port, fault), nprocs=world,
+                                          start_method="spawn")
+
+
+@pytest.fixture(scope="module")
+def cache2(local_model, tmp_path_factory):
+    from crosscoding import activations
+    root, text, _ = local_model
+    return activations.make_cache(str(root), 1, ["step0", "step100"], tmp_path_factory.mktemp("cache") / "c",
+                                  n_tokens=4000, seq_len=16, heldout_tokens=2000, text=str(text), val_rows=500)
+
+
+def _argv(local_model, cache, out, *extra):
+    return ["--model", str(local_model[0]), "--layer", "1", "--revisions", "step0,step100", "--cache", str(cache),
+            "--dict-size", "32", "--batch-size", "64", "--tokens", str(64 * 24), "--lr", "3e-3", "--out", str(out),
+            "--log-every", "4", "--ckpt-every", "8", "--arch", "batchtopk", "--k", "4", *extra]
+
+
+@pytest.mark.slow
+def test_train_py_revision_shards_save_resume_and_evaluate(local_model, cache2, tmp_path):
+    from safetensors.torch import load_file
+    one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
+    _run(_argv(local_model, cache2, one))
+    _run(_argv(local_model, cache2, two, "--revision-shards", "2"), world=2)
+    a, b = load_file(one / "crosscoder.safetensors"), load_file(two / "crosscoder.safetensors")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}   # the one-process layout
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    # killed after step 13 on both ranks (a checkpoint of both slices at step 8), resumed: bit for bit
+    with pytest.raises(torch.multiprocessing.ProcessExitedException):
+        _run(_argv(local_model, cache2, killed, "--revision-shards", "2"), world=2, port=29661,
+             fault="train_step:13")
+    ckpt = next((killed / "ckpt").iterdir())
+    assert sorted(p.name for p in ckpt.iterdir()) == ["DONE", "state-0of2.safetensors", "state-1of2.safetensors",
+                                                       "state.json"]
+    _run(_argv(local_model, cache2, killed, "--revision-shards", "2", "--resume"), world=2, port=29662)
+    c = load_file(killed / "crosscoder.safetensors")
+    for k in b:
+        assert torch.equal(b[k], c[k]), k
+    import evaluate  # every analysis stage reads the assembled run unchanged
+    evaluate.main(["--run", str(two), "--blocks", "8"])
+    assert (two / "eval.json").exists()
