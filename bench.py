@@ -24,6 +24,12 @@ a load that comes and goes hits both alike; each line prints its target and PASS
   ig      analysis.ie_gradient (its 10 integrated-gradient steps batched, only the blocks above L run)
           against the plain loop: per step, a full forward with a hooked splice and a backward.
   memory  train.py (subprocess) on a cache larger than half the process's own peak RSS.
+  shards  2 processes (gloo on a CPU, nccl on GPUs) training one crosscoder: revision-parallel
+          (--revision-shards 2: each holds 2 of M = 4 revisions) against plain DDP (each holds all 4,
+          half the batch), at the toy's shape (d=64, F=256) and d=512 (F=4096); L1 at init (dense codes:
+          both sides take the dense path), batch 1024. Per step: the time (median), the bytes each rank
+          all-reduces (revision shards: counted at every all-reduce call; DDP: every gradient once, from
+          the parameter sizes, as its reducer sends them), and each rank's peak RSS or GPU memory.
 
 The trained state: a freshly initialised crosscoder has ~half its latents firing per token; after
 the first few percent of a real run, 1-6% do. The bench builds that state directly: W_enc and
@@ -57,7 +63,7 @@ from crosscoding.common import ArgumentParser, keep_freed_memory, mark_done, run
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
 from crosscoding.variants import VARIANTS, BatchTopK, JumpReLUFn, group_ends  # noqa: E402
 
-SECTIONS = ("step", "scale", "cache", "data", "ig", "memory")
+SECTIONS = ("step", "scale", "cache", "data", "ig", "memory", "shards")
 RESULTS = []
 
 
@@ -669,6 +675,80 @@ def bench_memory(args):
         report(f"train.py: cache {size / 2**20:.0f} MiB / peak RSS {peak / 2**20:.0f} MiB", size / peak, 0.5,
                note=f"sampled peaks: anonymous {box.get('RssAnon', 0) / 2**20:.0f} MiB, file-backed "
                     f"{box.get('RssFile', 0) / 2**20:.0f} MiB; {tps:.0f} tokens/s, {time.time() - t0:.0f} s")
+
+
+def _shards_rank(rank, world, mode, shape, steps, port, device, out):
+    """One rank of the shards section: `steps` timed training steps through train.py's pieces (Ranks,
+    loss_module, CrossCoder.train_step, Ranks.sync); writes its numbers to out/<rank>.json."""
+    import torch.distributed as dist
+
+    from crosscoding import shards, training
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dev = f"cuda:{rank}" if device == "cuda" else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+    M, d, F, B = shape
+    grid = shards.make_grid(world if mode == "shards" else 1, world, rank, M)
+    ranks = training.Ranks(rank, world, grid, grid.revisions(M))
+    sent = [0]
+    real = dist.all_reduce
+
+    def counting(t, *a, **kw):           # what this rank hands to all-reduce, byte for byte
+        sent[0] += t.numel() * t.element_size()
+        return real(t, *a, **kw)
+    dist.all_reduce = counting
+    cfg = CrossCoderConfig(n_models=M, d_model=d, dict_size=F, total_steps=10**6, batch_size=B)
+    cc = CrossCoder(cfg, revisions=ranks.revs).to(dev)
+    cc.group, cc.grid = ranks.data_group, (grid if grid.shards > 1 else None)
+    opt, loss_fn = cc.make_optimizer(), training.loss_module(cc, ranks)
+    x = torch.randn(B // grid.replicas, len(ranks.revs), d, generator=torch.Generator().manual_seed(rank)).to(dev)
+    times = []
+    for step in range(steps + 2):            # 2 warm-up steps
+        sent[0] = 0
+        dist.barrier()
+        t = timed(lambda step=step: (cc.train_step(opt, None, x, step, loss_fn=loss_fn, metrics=False),
+                                     ranks.sync(cc, len(x))), device)
+        times.append(t)
+    n_params = sum(p.numel() for p in cc.parameters())
+    grads = n_params * 4 if mode == "ddp" else sent[0]       # DDP's reducer all-reduces every gradient once
+    peak = (torch.cuda.max_memory_allocated(dev) if device == "cuda"
+            else int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024)
+    Path(out, f"{rank}.json").write_text(json.dumps(dict(seconds=statistics.median(times[2:]), bytes=grads,
+                                                         params=n_params, peak=peak)))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def bench_shards(args):
+    world = 2
+    shapes = [(4, 64, 256, 1024)] + ([] if args.tiny else [(4, 512, 4096, 1024)])
+    steps = 3 if args.tiny else (5 if args.quick else 10)
+    if args.device == "cuda" and torch.cuda.device_count() < world:
+        print(f"shards: skipped ({torch.cuda.device_count()} GPU(s); the section needs {world})", flush=True)
+        return
+    print(f"shards: {world} processes ({'nccl' if args.device == 'cuda' else 'gloo'}), M=4, batch 1024, L1 at init; "
+          f"revision shards (each 2 revisions, the whole batch) against DDP (each 4 revisions, half the batch)",
+          flush=True)
+    for i, shape in enumerate(shapes):
+        res = {}
+        for j, mode in enumerate(("ddp", "shards")):
+            with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
+                torch.multiprocessing.start_processes(
+                    _shards_rank, args=(world, mode, shape, steps, 29750 + 4 * i + j, args.device, tmp),
+                    nprocs=world, start_method="spawn")
+                res[mode] = [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(world)]
+        M, d, F, B = shape
+        ddp, sh = res["ddp"][0], res["shards"][0]
+        mib = lambda b: f"{b / 2**20:.1f} MiB"
+        report(f"d={d} F={F}: step DDP {1e3 * ddp['seconds']:.0f} ms / revision shards {1e3 * sh['seconds']:.0f} ms",
+               ddp["seconds"] / sh["seconds"],
+               note=f"all-reduced per step per rank: DDP {mib(ddp['bytes'])}, shards {mib(sh['bytes'])}")
+        report(f"d={d} F={F}: params per rank, DDP {ddp['params']} / shards {sh['params']}",
+               ddp["params"] / sh["params"],
+               note=f"peak {'GPU memory' if args.device == 'cuda' else 'RSS'} per rank: DDP "
+                    f"{mib(max(r['peak'] for r in res['ddp']))}, shards {mib(max(r['peak'] for r in res['shards']))}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ def run_bench(*args, timeout=120):
 
 @pytest.mark.slow
 def test_bench_tiny_prints_ratio_lines():
-    r = run_bench("--tiny", "--only", "step,scale,cache,data,ig", "--threads", "1")
+    r = run_bench("--tiny", "--only", "step,scale,cache,data,ig,shards", "--threads", "1", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    for section in ("step:", "scale:", "cache:", "data:", "ig:"):
+    for section in ("step:", "scale:", "cache:", "data:", "ig:", "shards:"):
         assert re.search(rf"^{section}", out, re.M), out
     lines = [l for l in out.splitlines() if "target" in l]
     assert len(lines) >= 6, out
