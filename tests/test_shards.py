@@ -223,3 +223,16 @@ def test_train_py_revision_shards_save_resume_and_evaluate(local_model, cache2, 
     import evaluate  # every analysis stage reads the assembled run unchanged
     evaluate.main(["--run", str(two), "--blocks", "8"])
     assert (two / "eval.json").exists()
+
+
+def test_a_sharded_checkpoint_resumes_only_with_its_shards(tmp_path):
+    from crosscoding.common import UsageError, mark_done
+    ckpt = tmp_path / "ckpt" / "000000008"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text('{"step": 8, "shards": 2}')
+    mark_done(ckpt, step=8)
+    cc = CrossCoder(CrossCoderConfig(n_models=2, d_model=8, dict_size=16, total_steps=10))
+    opt = cc.make_optimizer()
+    with pytest.raises(UsageError, match="written by 2 revision shard\\(s\\), this command runs 1; resume with "
+                                         "--revision-shards 2"):
+        training.load_checkpoint(tmp_path, cc, opt, cc.make_scheduler(opt), "cpu")
