@@ -66,10 +66,6 @@ def _wide(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _is_int(v, low):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
 # -----------------------------------------------------------------------------
 # the interface
 
@@ -96,7 +92,7 @@ class Variant:
     name = None
     fast_path = True
     decode_active_only = False   # decode()'s default: sum only the active rows of W_dec
-    state_names = ()             # the tensors add_state registers (load() tells them from stale ones)
+    state_names = ()             # the tensors add_state registers (a conversion to another variant drops them)
 
     def __init__(self, cfg):
         self.cfg = cfg
