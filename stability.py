@@ -638,12 +638,14 @@ def controls(base, name, run_args, arch, cwd, seed_folder=None, control_revision
                             predicted_real=real["joint_predicted"], predicted_control=fc["joint_predicted"],
                             folder=str(c)))
 
-    # (d) matching across crosscoders trained on different revisions' data (same arch, seed, size)
+    # (d) matching across crosscoders trained on different revisions' data (same arch, seed, size, tokens)
     chosen = read_json(base / "relie" / name / "summary.json")["chosen"]
     other = other_revisions(run_args, st["task"], control_revisions)
     d = out / "other-revisions"
     if not is_done(d):
-        stage(train_args(dict(run_args, revisions=other, cache=None), arch, run_args["seed"], d) + ["--overwrite"],
+        data = out / "other-revisions-data"
+        view = cache_view(run_args, other, extra_cache(run_args, other, data), data)
+        stage(train_args(dict(run_args, revisions=other, cache=view), arch, run_args["seed"], d) + ["--overwrite"],
               cwd)
     if not (d / "latents.csv").exists() or (d / "latents.csv").stat().st_mtime < (d / "DONE").stat().st_mtime:
         stage(["evaluate.py", "--run", d, *eval_args], cwd)
@@ -718,7 +720,7 @@ def extra_cache(run_args, revisions, folder) -> Path | None:
     base = open_cache(run_args["cache"]).meta
     extra = Path(make_cache(run_args["model"], run_args["layer"], list(revisions), folder / "extra", base["tokens"],
                             base["seq_len"], base["split"]["heldout_tokens"], base["text"],
-                            run_args.get("device", "cpu"), base["dtype"]))
+                            run_args.get("device", "cpu"), base["dtype"], weights=base.get("weights", "hub")))
     meta = read_json(extra / "meta.json")
     if meta["fingerprint"] != base["fingerprint"] or meta["n_blocks"] != base["n_blocks"]:
         raise UsageError(f"{extra} was cached on other tokens than {run_args['cache']}; delete it")
