@@ -5,6 +5,8 @@ per seed with its mean, min and max, and how many top latents recur across the s
     python stability.py                                  # the toy's default run, 5 seeds (~3½ minutes)
     python stability.py --run runs/<name> --seeds 3 --method atp
     python stability.py --compare ig,ig-error-held,ig-mean,atp --results   # the attribution methods
+    python stability.py --seeds 2 --controls --results    # each headline check beside its negative control
+    python stability.py --seeds 1 --revision-sets --results   # trained again over other sets of checkpoints
 
 Each seed's run is RUN/stability/<arch>-seed<s>/ (the run itself for its own seed and arch), made by
 the stages as subprocesses with the run's own arguments; a finished stage is kept, so a killed
@@ -12,6 +14,14 @@ command resumes. Writes RUN/stability/stability.json (stability-<arch>.json for 
 the run's) — `seeds`, `findings.<name>.per_seed / mean / min / max` (ablation_gap_last: top-k minus
 random-k accuracy drop at the last revision, in points), `matched_top_k_fraction` — and, with
 --compare, `methods.<method>.findings`; prints the table.
+
+--controls: one negative control per headline check, each a copy of the run (RUN/stability/controls/)
+that the stages run on — (a) decoder rows permuted across latents, (b) revision labels shuffled per
+latent before RelIE, (c) random unit directions in place of the decoder, (d) a second crosscoder trained
+on other revisions — written beside the real value and the null (`controls`); a check whose control does
+not fail is reported as uninformative. --revision-sets: the run trained again over variants of its
+revisions (RUN/stability/revision-sets/), its top latents matched into each (`revision_sets`). With
+--results each writes its own RESULTS.md section (and leaves the seed table alone).
 """
 import shutil
 import subprocess
