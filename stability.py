@@ -572,7 +572,11 @@ def other_revisions(run_args, task, given=None) -> list:
     """Revisions for the matching control: given, else as many as the run has, the earliest scanned
     (cache_acts.py --scan) that the run does not use."""
     if given:
-        return given.split(",")
+        other = given.split(",")
+        if len(other) != len(run_args["revisions"]):
+            raise UsageError(f"--control-revisions: {len(other)} revisions given; the run has "
+                             f"{len(run_args['revisions'])}, and matching compares decoders over as many")
+        return other
     scan = defaults.scan_path(lm.resolve(run_args["model"]).key, run_args["layer"], task)
     if not scan.exists():
         raise UsageError(f"--controls needs other revisions to train the matching control on: scan them "
