@@ -4,6 +4,7 @@ scored against the truth.
 
     python -m crosscoding.planted                  # every sparsity variant in crosscoder.ARCHS (~1 min each)
     python -m crosscoding.planted --arch l1 --steps 800
+    python -m crosscoding.planted --results        # the table into RESULTS.md (section `planted`)
 
 The generator (`planted_timelines`): N features per class — kept (alive at every revision), emerging
 (born at a later revision, alive to the end), discontinued (alive from the first, dead after an inner
@@ -22,11 +23,13 @@ the features that fade in both), the class accuracy.
 import argparse
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from crosscoding import measures
+from crosscoding.common import update_results
 
 CLASSES = measures.TIMELINE_CLASSES    # kept, emerging, discontinued, transient
 
@@ -149,18 +152,42 @@ def run_arch(arch, steps=1500, seed=0) -> dict:
 
 
 def main(argv=None):
-    from crosscoding.crosscoder import ARCHS
+    from crosscoding.crosscoder import ARCHS, CrossCoder, CrossCoderConfig
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=ARCHS, default=None, help="one variant (default: every one)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section `planted`)")
     args = p.parse_args(argv)
     print(f"{'arch':<12} {'class acc':>9} {'formed exact':>12} {'formed MAE':>10} {'faded exact':>11} "
           f"{'faded MAE':>9} {'cos min':>7} {'s':>5}")
+    rows = []
     for arch in [args.arch] if args.arch else ARCHS:
         r = run_arch(arch, args.steps, args.seed)
         print(f"{arch:<12} {r['class_accuracy']:9.2f} {r['formed_exact']:12.2f} {r['formed_mae']:10.2f} "
               f"{r['faded_exact']:11.2f} {r['faded_mae']:9.2f} {r['matched_cos_min']:7.2f} {r['seconds']:5.0f}")
+        rows.append(f"| {arch} | {r['class_accuracy']:.2f} | {r['formed_exact']:.2f} | {r['formed_mae']:.2f} | "
+                    f"{r['faded_exact']:.2f} | {r['faded_mae']:.2f} | {r['matched_cos_mean']:.2f} "
+                    f"[{r['matched_cos_min']:.2f}] |")
+    untrained = score(planted_timelines(seed=args.seed),
+                      CrossCoder(CrossCoderConfig(n_models=10, d_model=32, dict_size=128)))
+    print(f"untrained crosscoder (the score's negative control): class accuracy {untrained['class_accuracy']:.2f}, "
+          f"formed_at exact {untrained['formed_exact']:.2f}")
+    if args.results:
+        command = "python -m crosscoding.planted" + (f" --arch {args.arch}" if args.arch else "") + (
+            f" --steps {args.steps}" if args.steps != 1500 else "")
+        update_results("planted", (
+            f"## Planted timelines (`{command}`)\n\n32 planted features over 10 revisions (8 each kept, emerging, "
+            f"discontinued, transient; size drifting ±20% a revision, noise), a crosscoder of 128 latents trained "
+            f"{args.steps} steps of 512 tokens through the public API, each planted feature matched to the latent "
+            "of largest decoder cosine; formed_at / faded_at / the class read off its decoder-norm shares "
+            "(measures.timeline) against the truth. MAE in revisions (faded_at: over features that fade in both)."
+            "\n\n| arch | class accuracy | formed_at exact | formed_at MAE | faded_at exact | faded_at MAE | "
+            f"matched cosine mean [min] |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+            + f"\n| untrained (negative control) | {untrained['class_accuracy']:.2f} | {untrained['formed_exact']:.2f} "
+            f"| {untrained['formed_mae']:.2f} | {untrained['faded_exact']:.2f} | — | "
+            f"{untrained['matched_cos_mean']:.2f} [{untrained['matched_cos_min']:.2f}] |"),
+            Path(__file__).resolve().parent.parent / "RESULTS.md")
 
 
 if __name__ == "__main__":
