@@ -18,7 +18,8 @@ ablations with the 2-way RelIE, the normalised RelIE and RelDec — AtP approxim
 ablation, so run it with relie.py --method ig too to see it as the paper did.
 
 Writes runs/<name>/ablation/<task>/: ablation.csv (every ablation × revision × sub-task), joint.csv,
-consistency.csv, then DONE; and prints the summaries.
+consistency.csv (and ratios.csv, the per-latent values its ρ are computed from), then DONE; and prints the
+summaries.
 """
 import json
 from pathlib import Path
@@ -143,11 +144,13 @@ def main(argv=None):
     ablations += [("single", "-", -1, [i]) for i in union]
     ld_MPC = ablated(run, models, codes, [a[3] for a in ablations], len(batch))
     df = ablation_table(run.revisions, ablations, ld_MPC, batch.subtask)
-    sp = consistency_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide)
+    ratios = []
+    sp = consistency_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide, per_latent=ratios)
     joint = joint_table(run.revisions, ablations, ld_MPC, ie_wide)
     out = run.folder / "ablation" / name
     unmark_done(out)
-    for name, frame in (("ablation.csv", df), ("consistency.csv", sp), ("joint.csv", joint)):
+    for name, frame in (("ablation.csv", df), ("consistency.csv", sp), ("joint.csv", joint),
+                        ("ratios.csv", pd.DataFrame(ratios))):
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False)
     split = read_json(relie_dir / "summary.json", "attribution summary").get("split", {})
@@ -202,7 +205,7 @@ def ablation_table(revisions, ablations, ld_MPC, subtask_P) -> pd.DataFrame:
     return df.sort_values(by="subtask", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
 
-def consistency_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide) -> pd.DataFrame:
+def consistency_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide, per_latent=None) -> pd.DataFrame:
     """The consistency check of the attribution against single-latent ablation (the paper's Table 7 test):
     Spearman ρ of |Δ_B| / |Δ_A| (single-latent ablations, on the test pairs) with 2-way RelIE / normalised
     RelIE / RelDec (from the selection pairs), per pair of revisions over the union of their top-k sets.
@@ -210,7 +213,9 @@ def consistency_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide) ->
     pairs the RelIE ρ is 1 by construction: it checks the attribution, not the model (joint_table does).
     Each ρ with its 95% bootstrap interval over
     the pairs (the Δ resampled; the RelIE and RelDec values held), and ρ(RelIE) − ρ(RelDec) with the
-    interval of that difference from the same resamples."""
+    interval of that difference from the same resamples. per_latent (a list), when given, receives one row
+    per pair of revisions and latent with the values each ρ is computed from (ratios.csv, which
+    stability.py's permutation null reads)."""
     revs = run.revisions
     col = {lat[0]: c for c, (kind, _, _, lat) in enumerate(ablations) if kind == "single"}
     cols = [col[i] for i in union]
@@ -229,6 +234,9 @@ def consistency_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide) ->
                     relie_norm=measures.rel2(nie_u[keep, a], nie_u[keep, b]),
                     reldec=measures.rel2(rd[keep, a], rd[keep, b]))
         row = dict(A=revs[a], B=revs[b], n=len(keep))
+        if per_latent is not None:
+            per_latent += [dict(A=revs[a], B=revs[b], latent=union[j], ratio=v, **{n: r[q] for n, r in refs.items()})
+                           for q, (j, v) in enumerate(zip(keep, ratio(delta_MU)))]
         boot = {}
         for name, ref in refs.items():
             row[f"rho_{name}"] = measures.spearman(ratio(delta_MU), ref)

@@ -5,6 +5,8 @@ per seed with its mean, min and max, and how many top latents recur across the s
     python stability.py                                  # the toy's default run, 5 seeds (~3½ minutes)
     python stability.py --run runs/<name> --seeds 3 --method atp
     python stability.py --compare ig,ig-error-held,ig-mean,atp --results   # the attribution methods
+    python stability.py --seeds 2 --controls --results    # each headline check beside its negative control
+    python stability.py --seeds 1 --revision-sets --results   # trained again over other sets of checkpoints
 
 Each seed's run is RUN/stability/<arch>-seed<s>/ (the run itself for its own seed and arch), made by
 the stages as subprocesses with the run's own arguments; a finished stage is kept, so a killed
@@ -12,9 +14,19 @@ command resumes. Writes RUN/stability/stability.json (stability-<arch>.json for 
 the run's) — `seeds`, `findings.<name>.per_seed / mean / min / max` (ablation_gap_last: top-k minus
 random-k accuracy drop at the last revision, in points), `matched_top_k_fraction` — and, with
 --compare, `methods.<method>.findings`; prints the table.
+
+--controls: one negative control per headline check, each a copy of the run (RUN/stability/controls/)
+that the stages run on — (a) decoder rows permuted across latents, (b) revision labels shuffled per
+latent before RelIE, (c) random unit directions in place of the decoder, (d) a second crosscoder trained
+on other revisions — written beside the real value and the null (`controls`); a check whose control does
+not fail is reported as uninformative. --revision-sets: the run trained again over variants of its
+revisions (RUN/stability/revision-sets/), its top latents matched into each (`revision_sets`). With
+--results each writes its own RESULTS.md section (and leaves the seed table alone).
 """
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +35,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from crosscoding import cli, defaults, lm, measures
+from crosscoding.activations import make_cache, open_cache
 from crosscoding.analysis import METHODS
 from crosscoding.common import (
     UsageError,
+    atomic_path,
     is_done,
     mark_done,
     positive,
@@ -183,10 +197,15 @@ def active_latents(folder) -> tuple[np.ndarray, np.ndarray]:
 def partners(dec_a, act_a, dec_b, act_b) -> dict:
     """One-to-one matching (Hungarian, maximum total cosine) of a's active latents to b's: latent → cosine
     of its partner (−1 where a has more active latents than b and it is left over)."""
+    return {i: c for i, (_, c) in pairing(dec_a, act_a, dec_b, act_b).items()}
+
+
+def pairing(dec_a, act_a, dec_b, act_b) -> dict:
+    """partners with the partner named: latent of a → (latent of b, cosine); (−1, −1.0) where left over."""
     cos = (dec_a[act_a] @ dec_b[act_b].T).numpy()
     rows, cols = linear_sum_assignment(-cos)
-    out = {int(i): -1.0 for i in act_a}
-    out.update({int(act_a[r]): float(cos[r, c]) for r, c in zip(rows, cols)})
+    out = {int(i): (-1, -1.0) for i in act_a}
+    out.update({int(act_a[r]): (int(act_b[c]), float(cos[r, c])) for r, c in zip(rows, cols)})
     return out
 
 
@@ -244,6 +263,16 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=cli.FLAGS["--arch"]["choices"], default=None, help="default: the run's")
     cli.add(p, "--select", "--threshold", select=defaults.SELECT, threshold=spec.preset.ie_threshold)
     p.add_argument("--results", action="store_true", help="write the table into RESULTS.md")
+    p.add_argument("--controls", action="store_true",
+                   help="also run the negative controls of the headline checks (decoder permuted, revision labels "
+                        "shuffled, random directions, a crosscoder of other revisions) beside their real values")
+    p.add_argument("--revision-sets", action="store_true",
+                   help="also train the run's crosscoder again over variants of its revisions (each inner one "
+                        "dropped, each scanned neighbour added, the set shifted one scan step) and report which top "
+                        "latents keep their class and formed_at")
+    p.add_argument("--control-revisions", default=None, metavar="REVS",
+                   help="--controls: revisions of the matching control's crosscoder (default: as many as the run "
+                        "has, the earliest scanned ones it does not use)")
     args = p.parse_args(argv)
     args.methods = list(dict.fromkeys([args.method, "ig"] + [m for m in (args.compare or "").split(",") if m]))
     for m in args.methods:
@@ -284,6 +313,18 @@ def main(argv=None):
     if args.lm_seeds > 1:
         result["lm_seeds"] = lm_seed_findings(base, run_args, arch, args, folders[seeds.index(run_args["seed"])]
                                               if run_args["seed"] in seeds else base)
+    if args.controls:
+        own = folders[seeds.index(run_args["seed"])] if run_args["seed"] in seeds else folders[0]
+        print("controls: permuted decoder, shuffled revision labels, random directions, other revisions",
+              file=sys.stderr, flush=True)
+        result["controls"] = controls(own, f"{stem}-{args.method}-{args.select}", run_args, arch, Path.cwd(),
+                                      next((f for f in folders if f != own), None), args.control_revisions)
+    if args.revision_sets:
+        own = folders[seeds.index(run_args["seed"])] if run_args["seed"] in seeds else folders[0]
+        print("revision sets: train, evaluate and match over variants of the run's revisions", file=sys.stderr,
+              flush=True)
+        result["revision_sets"] = revision_sets(own, f"{stem}-{args.method}-{args.select}", run_args, arch,
+                                                Path.cwd())
     out = base / "stability"
     path = out / ("stability.json" if arch == run_args["arch"] else f"stability-{arch}.json")
     write_json(path, result)
@@ -302,9 +343,22 @@ def main(argv=None):
         print(table(result["lm_seeds"]["findings"]))
     if len(args.methods) > 1:
         print("\n" + methods_table(result))
+    if "controls" in result:
+        print("\nnegative controls (" + result["controls"]["note"] + "):\n" + controls_table(result["controls"]))
+    if "revision_sets" in result:
+        print("\nrobust to the checkpoints chosen (top latents matched into each variant, null beside):\n"
+              + revision_sets_table(result["revision_sets"]))
     if args.results:
         command = " ".join(["python stability.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
-        update_results(f"stability-{arch}", results_markdown(result, command), HERE / "RESULTS.md")
+        # --controls / --revision-sets write their own sections only (a short --seeds run for them leaves the
+        # seed table alone)
+        if "controls" in result:
+            update_results(f"controls-{arch}", controls_markdown(result["controls"], command), HERE / "RESULTS.md")
+        if "revision_sets" in result:
+            update_results(f"revision-sets-{arch}", revision_sets_markdown(result["revision_sets"], command),
+                           HERE / "RESULTS.md")
+        if not {"controls", "revision_sets"} & set(result):
+            update_results(f"stability-{arch}", results_markdown(result, command), HERE / "RESULTS.md")
     print(f"wrote {path}")
 
 
@@ -392,6 +446,451 @@ def results_markdown(result, command="python stability.py") -> str:
                  + f"; crosscoder seed {result['seeds'][0]}):\n\n| finding | mean [min, max] | per LM seed |\n"
                  f"|---|---|---|\n{_rows(lm['findings'], LM_KEYS)}")
     return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Negative controls (--controls): each headline check run where its claim is false. A control is a
+# transformation of the run folder (a copy whose decoder or attribution is broken on purpose), and the
+# normal stages run on it, so the real path is what is tested. A check whose control does not fail is
+# reported as uninformative, not as a finding.
+
+CONTROL_GAP = 5.0        # points: a top-k vs random-k gap no larger than this has vanished
+NULL_DRAWS = 100         # random-latent draws behind the matching null's interval
+NULL_PERMUTATIONS = 2000  # permutations behind the ρ null's interval
+
+
+def relie_settings(folder, name) -> dict:
+    """How relie.py and ablate.py ran on folder/relie/<name> and folder/ablation/<name>, to run them again,
+    unchanged, on a control."""
+    s = read_json(folder / "relie" / name / "summary.json", "attribution summary")
+    a = read_json(folder / "ablation" / name / "DONE", "ablation")
+    return dict(task=s["task"], method=s["method"], select=s["select"], threshold=s["threshold"], top_k=a["top_k"],
+                draws=a["draws"], test_frac=s["split"]["test_frac"], split_seed=s["split"]["seed"],
+                max_pairs=s["split"]["max_pairs"])
+
+
+def attribution_stages(folder, name, st, device, cwd, relie=True):
+    """relie.py (unless relie=False: the attribution is the control's own) and ablate.py on a control with the
+    run's settings; finished stages are kept. Contexts are for reading only: one block."""
+    if relie and not is_done(folder / "relie" / name):
+        stage(["relie.py", "--run", folder, "--task", st["task"], "--method", st["method"], "--name", name,
+               "--select", st["select"], "--threshold", st["threshold"], "--top-k", st["top_k"], "--test-frac",
+               st["test_frac"], "--split-seed", st["split_seed"], "--context-blocks", 1, "--device", device]
+              + (["--max-pairs", st["max_pairs"]] if st["max_pairs"] else []), cwd)
+    if not is_done(folder / "ablation" / name):
+        stage(["ablate.py", "--run", folder, "--task", st["task"], "--name", name, "--top-k", st["top_k"], "--draws",
+               st["draws"], "--device", device], cwd)
+
+
+def control_run(base, out, what, decoder=None, seed=0) -> Path:
+    """out: the run's crosscoder, config and arguments, its decoder replaced by decoder(W_dec_FMd, generator)
+    (None: kept) — a run folder the stages take as they take the run. Made again (with everything the stages
+    wrote into it) when the run was trained after it."""
+    out = Path(out)
+    if is_done(out) and (out / "DONE").stat().st_mtime >= (base / "DONE").stat().st_mtime:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    cc = CrossCoder.load(base)
+    if decoder is not None:
+        with torch.no_grad():
+            cc.W_dec_FMd.copy_(decoder(cc.W_dec_FMd.detach().clone(), torch.Generator().manual_seed(seed)))
+    out.mkdir(parents=True)
+    cc.save(out, extra=cc.extra)
+    if (base / "run_args.json").exists():
+        shutil.copy(base / "run_args.json", out / "run_args.json")
+    mark_done(out, control=what, source=str(base), seed=seed)
+    return out
+
+
+def permuted_rows(W_FMd, g):
+    """Decoder rows permuted across latents: each latent still fires where it did (its encoder) but writes
+    another latent's direction."""
+    return W_FMd[torch.randperm(len(W_FMd), generator=g)]
+
+
+def random_directions(W_FMd, g):
+    """Random unit directions in place of the dictionary, each [i, m] row keeping its norm (so an ablation
+    moves the residual stream as far as the real latent's would, in no learned direction)."""
+    R_FMd = torch.randn(W_FMd.shape, generator=g)
+    return R_FMd / R_FMd.norm(dim=-1, keepdim=True) * W_FMd.norm(dim=-1, keepdim=True)
+
+
+def shuffle_revision_labels(base, name, out, revisions, seed=0):
+    """out/relie/<name>: the run's attribution with each latent's revision labels permuted at random in ie.csv
+    (all its sub-tasks alike), so RelIE no longer knows which revision an IE came from."""
+    dst = out / "relie" / name
+    if is_done(dst):
+        return
+    shutil.copytree(base / "relie" / name, dst, ignore=shutil.ignore_patterns("DONE"), dirs_exist_ok=True)
+    ie = pd.read_csv(dst / "ie.csv")
+    rng = np.random.default_rng(seed)
+    perm = {lat: dict(zip(revisions, rng.permutation(revisions))) for lat in sorted(ie.latent.unique())}
+    ie["revision"] = [perm[lat][r] for lat, r in zip(ie.latent, ie.revision)]
+    with atomic_path(dst / "ie.csv") as tmp:
+        ie.to_csv(tmp, index=False)
+    mark_done(dst, control="revision labels shuffled per latent", seed=seed)
+
+
+def ablation_findings(folder, name, revisions) -> dict:
+    """At the last revision: the top-k vs random-k accuracy-drop gap (points, as findings_of), each random
+    draw's drop minus their mean (the gap's own noise), the joint ablation's predicted and measured Δ, and
+    each random-k set's Δ (the joint's null)."""
+    abl = pd.read_csv(folder / "ablation" / name / "ablation.csv")
+    last = abl[(abl.subtask == "all") & (abl.selected_at == revisions[-1]) & (abl.revision == revisions[-1])]
+    top, rnd = last[last.kind == "top"], last[last.kind == "random"]
+    joint = pd.read_csv(folder / "ablation" / name / "joint.csv")
+    j = joint[(joint.selected_at == revisions[-1]) & (joint.revision == revisions[-1])]
+    return dict(gap=float(100 * (top.acc_drop.mean() - rnd.acc_drop.mean())),
+                gap_noise=(100 * (rnd.acc_drop - rnd.acc_drop.mean())).tolist(),
+                joint_predicted=float(j.predicted.sum()), joint_measured=float(j.measured.sum()),
+                random_delta=rnd.delta.tolist())
+
+
+def rho_null(folder, name, n=NULL_PERMUTATIONS, seed=0) -> tuple[float, list]:
+    """The consistency check's ρ (ablation ratio with RelIE, mean over pairs of revisions) recomputed from
+    ablate.py's ratios.csv, and its permutation null: the ratios permuted across latents within each pair,
+    n times (95% of the null's means lie in its interval)."""
+    r = pd.read_csv(folder / "ablation" / name / "ratios.csv")
+    groups = [g for _, g in r.groupby(["A", "B"], sort=False)]
+    rng = np.random.default_rng(seed)
+    real = float(np.mean([measures.spearman(g.ratio, g.relie) for g in groups]))
+    null_nG = np.stack([measures.spearman_rows(np.stack([rng.permutation(g.ratio.to_numpy()) for _ in range(n)]),
+                                               g.relie.to_numpy()) for g in groups], 1)
+    return real, np.nanmean(null_nG, 1).tolist()
+
+
+def match_with_null(folder_a, chosen, folder_b, draws=NULL_DRAWS) -> tuple[float, list]:
+    """The fraction of folder_a's chosen latents whose one-to-one partner in folder_b has decoder cosine ≥ 0.9
+    (matched_fractions), and one value of its null per draw (random active latents of matched frequency)."""
+    top = matched_fractions([folder_a, folder_b], [chosen, []], draws=1)[0][0]
+    null = [matched_fractions([folder_a, folder_b], [chosen, []], draws=1, seed=s)[1][0] for s in range(draws)]
+    return top, null
+
+
+def other_revisions(run_args, task, given=None) -> list:
+    """Revisions for the matching control: given, else as many as the run has, the earliest scanned
+    (cache_acts.py --scan) that the run does not use."""
+    if given:
+        other = given.split(",")
+        if len(other) != len(run_args["revisions"]):
+            raise UsageError(f"--control-revisions: {len(other)} revisions given; the run has "
+                             f"{len(run_args['revisions'])}, and matching compares decoders over as many")
+        return other
+    scan = defaults.scan_path(lm.resolve(run_args["model"]).key, run_args["layer"], task)
+    if not scan.exists():
+        raise UsageError(f"--controls needs other revisions to train the matching control on: scan them "
+                         f"(python cache_acts.py --scan --model {run_args['model']} --layer {run_args['layer']}) "
+                         "or give --control-revisions")
+    other = [r for r in pd.read_csv(scan).revision if r not in run_args["revisions"]][:len(run_args["revisions"])]
+    if len(other) < 2:
+        raise UsageError(f"{scan} holds fewer than 2 revisions the run does not use; give --control-revisions")
+    return other
+
+
+def _interval(values):
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if len(v) else (float("nan"),) * 2
+
+
+def control_row(check, control, real, value, null, lo, hi, fails, real_passes, **more) -> dict:
+    return dict(check=check, control=control, real=real, value=value, null=null, null_lo=lo, null_hi=hi,
+                fails=bool(fails), real_passes=bool(real_passes),
+                verdict="fails: the check can fail" if fails else "does not fail: the check is UNINFORMATIVE",
+                **more)
+
+
+def controls(base, name, run_args, arch, cwd, seed_folder=None, control_revisions=None, eval_args=()) -> dict:
+    """Every negative control of the run's headline checks (README "Controls"), each beside its real value
+    and null; the control runs are RUN/stability/controls/<control>/."""
+    st = relie_settings(base, name)
+    revs, device = run_args["revisions"], run_args.get("device", "cpu")
+    out = base / "stability" / "controls"
+    real = ablation_findings(base, name, revs)
+    rows = []
+    gap_check = f"top-k minus random-k accuracy drop at {revs[-1]} (points)"
+    gap_null = f"0 (gone when ≤ {CONTROL_GAP:g}; random-k draws' own spread {_span(real['gap_noise'])})"
+
+    # (a) decoder rows permuted across latents: attribution and selection run anew on the copy
+    a = control_run(base, out / "permuted-decoder", "decoder rows permuted across latents", permuted_rows)
+    attribution_stages(a, name, st, device, cwd)
+    fa = ablation_findings(a, name, revs)
+    rows.append(control_row(gap_check, "(a) decoder rows permuted across latents", real["gap"], fa["gap"], gap_null,
+                            -CONTROL_GAP, CONTROL_GAP, fa["gap"] <= CONTROL_GAP, real["gap"] > CONTROL_GAP,
+                            folder=str(a)))
+
+    # (b) revision labels shuffled per latent before RelIE; the ablations are measured anew on the test pairs
+    b = control_run(base, out / "shuffled-revisions", "revision labels shuffled per latent before RelIE")
+    shuffle_revision_labels(base, name, b, revs)
+    attribution_stages(b, name, st, device, cwd, relie=False)
+    rho_real, null_real = rho_null(base, name)
+    rho_ctl, null_ctl = rho_null(b, name)
+    lo, hi = _interval(null_ctl)
+    rlo, rhi = _interval(null_real)
+    rows.append(control_row("ρ of the single-ablation ratio with RelIE (mean over pairs of revisions)",
+                            "(b) revision labels shuffled per latent before RelIE", rho_real, rho_ctl,
+                            f"permutation null {_span([lo, hi])} (the real run's: {_span([rlo, rhi])})", lo, hi,
+                            lo <= rho_ctl <= hi, not rlo <= rho_real <= rhi, folder=str(b),
+                            consistency_csv_mean=float(pd.read_csv(base / "ablation" / name / "consistency.csv")
+                                                       .rho_relie.mean())))
+
+    # (c) random unit directions in place of the dictionary (norms and encoder kept)
+    c = control_run(base, out / "random-directions", "random unit directions in place of the decoder (norms kept)",
+                    random_directions)
+    attribution_stages(c, name, st, device, cwd)
+    fc = ablation_findings(c, name, revs)
+    rows.append(control_row(gap_check, "(c) random unit directions in place of the decoder", real["gap"], fc["gap"],
+                            gap_null, -CONTROL_GAP, CONTROL_GAP, fc["gap"] <= CONTROL_GAP,
+                            real["gap"] > CONTROL_GAP, folder=str(c)))
+    jlo, jhi = min(fc["random_delta"]), max(fc["random_delta"])
+    rows.append(control_row(f"joint ablation of the top-k set at {revs[-1]}: measured Δ logit difference",
+                            "(c) random unit directions in place of the decoder", real["joint_measured"],
+                            fc["joint_measured"], f"random-k sets' Δ in the control {_span([jlo, jhi])} (the real "
+                            f"run's: {_span([min(real['random_delta']), max(real['random_delta'])])})", jlo, jhi,
+                            fc["joint_measured"] <= jhi, real["joint_measured"] > max(real["random_delta"]),
+                            predicted_real=real["joint_predicted"], predicted_control=fc["joint_predicted"],
+                            folder=str(c)))
+
+    # (d) matching across crosscoders trained on different revisions' data (same arch, seed, size, tokens)
+    chosen = read_json(base / "relie" / name / "summary.json")["chosen"]
+    other = other_revisions(run_args, st["task"], control_revisions)
+    d = out / "other-revisions"
+    if not is_done(d):
+        data = out / "other-revisions-data"
+        view = cache_view(run_args, other, extra_cache(run_args, other, data), data)
+        stage(train_args(dict(run_args, revisions=other, cache=view), arch, run_args["seed"], d) + ["--overwrite"],
+              cwd)
+    if not (d / "latents.csv").exists() or (d / "latents.csv").stat().st_mtime < (d / "DONE").stat().st_mtime:
+        stage(["evaluate.py", "--run", d, *eval_args], cwd)
+    m_ctl, null_ctl = match_with_null(base, chosen, d)
+    lo, hi = _interval(null_ctl)
+    m_real, null_real = match_with_null(base, chosen, seed_folder) if seed_folder else (float("nan"), [])
+    rlo, rhi = _interval(null_real)
+    rows.append(control_row("top-k latents matched one-to-one (decoder cosine ≥ 0.9) in a second crosscoder",
+                            f"(d) the second crosscoder trained on {','.join(other)}", m_real, m_ctl,
+                            f"random active latents of matched frequency {_span([lo, hi])} (the real pair's: "
+                            f"{_span([rlo, rhi])})", lo, hi, lo <= m_ctl <= hi, m_real > rhi, folder=str(d),
+                            real_pair=str(seed_folder) if seed_folder else None))
+    return dict(attribution=name, rows=rows, gap_threshold=CONTROL_GAP, note=(
+        "every value on the held-out test pairs of relie.py's split (the matching uses no pairs); the controls "
+        "are transformations of the run folder run through the normal stages"))
+
+
+def _span(v) -> str:
+    return f"[{_num(min(v))}, {_num(max(v))}]" if len(v) and np.all(np.isfinite(v)) else "—"
+
+
+def controls_table(ctl) -> str:
+    lines = [f"{'check':<62} {'real':>7} {'control':>8}   control / null / verdict"]
+    for r in ctl["rows"]:
+        lines.append(f"{r['check']:<62} {_num(r['real']):>7} {_num(r['value']):>8}   {r['control']}\n"
+                     f"{'':<80}null: {r['null']}\n{'':<80}{r['verdict']}"
+                     + ("" if r["real_passes"] else "; the real value itself is within its null"))
+    return "\n".join(lines)
+
+
+def controls_markdown(ctl, command) -> str:
+    rows = "\n".join(f"| {r['check']} | {_num(r['real'])} | {r['control']} | {_num(r['value'])} | {r['null']} | "
+                     f"{'fails' if r['fails'] else '**uninformative**'}"
+                     f"{'' if r['real_passes'] else '; real value within its null'} |" for r in ctl["rows"])
+    return (f"## Negative controls (`{command}`)\n\nEach headline check run where its claim is false: a copy of "
+            f"the run with its decoder broken or its revision labels shuffled, or a second crosscoder trained on "
+            f"other revisions, through the normal stages; every value on the held-out test pairs "
+            f"(attribution `{ctl['attribution']}`). A check whose control does not fail is uninformative, not a "
+            f"finding. A gap has vanished when it is at most {CONTROL_GAP:g} points; ρ and the match rate must "
+            f"fall inside their null's 95% interval; the joint Δ at or under the largest random-k set's.\n\n"
+            f"| check | real | control | control value | null | control |\n|---|---|---|---|---|---|\n{rows}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Robust to the checkpoints chosen (--revision-sets): the crosscoder trained again over variants of the
+# run's revisions, its top latents matched one-to-one in each variant over the revisions they share
+
+def revision_variants(revisions, scanned) -> list[tuple[str, list]]:
+    """(name, revisions) of each variant: each inner revision dropped; each scanned neighbour of a revision
+    (the scanned revision just before or after it) added; the whole set shifted one scan step earlier and
+    later, where the scan has room."""
+    missing = [r for r in revisions if r not in scanned]
+    if missing:
+        raise UsageError(f"--revision-sets: revisions {missing} are not in the scan; scan them with cache_acts.py "
+                         "--scan")
+    idx = [scanned.index(r) for r in revisions]
+    out = [(f"drop-{r}", [x for x in revisions if x != r]) for r in revisions[1:-1]]
+    near = sorted({j for i in idx for j in (i - 1, i + 1) if 0 <= j < len(scanned) and scanned[j] not in revisions})
+    out += [(f"add-{scanned[j]}", [scanned[i] for i in sorted(idx + [j])]) for j in near]
+    for step, tag in ((-1, "earlier"), (1, "later")):
+        if all(0 <= i + step < len(scanned) for i in idx):
+            out.append((f"shift-{tag}", [scanned[i + step] for i in idx]))
+    return out
+
+
+def extra_cache(run_args, revisions, folder) -> Path | None:
+    """The variants' revisions the run's cache lacks, cached once into folder/extra on the run's own tokens
+    (the same text, blocks and split: their fingerprints must agree). None when there are none, or for a run
+    trained from a live buffer (its variants then stream as it did)."""
+    if not run_args.get("cache") or not revisions:
+        return None
+    base = open_cache(run_args["cache"]).meta
+    extra = Path(make_cache(run_args["model"], run_args["layer"], list(revisions), folder / "extra", base["tokens"],
+                            base["seq_len"], base["split"]["heldout_tokens"], base["text"],
+                            run_args.get("device", "cpu"), base["dtype"], weights=base.get("weights", "hub")))
+    meta = read_json(extra / "meta.json")
+    if meta["fingerprint"] != base["fingerprint"] or meta["n_blocks"] != base["n_blocks"]:
+        raise UsageError(f"{extra} was cached on other tokens than {run_args['cache']}; delete it")
+    return extra
+
+
+def cache_view(run_args, revisions, extra, folder) -> str | None:
+    """A cache folder of `revisions` whose arrays are links into the run's cache and the extra one: what
+    cache_acts.py would write for them (same tokens, per-revision scales), without caching any revision twice."""
+    if not run_args.get("cache"):
+        return None
+    base = open_cache(run_args["cache"]).meta
+    view = folder / f"cache-{'_'.join(revisions)}"
+    if is_done(view):
+        return str(view)
+    view.mkdir(parents=True, exist_ok=True)
+    src = {r: Path(run_args["cache"]) for r in base["revisions"]}
+    scales = dict(base["scales"])
+    if extra is not None:
+        meta = read_json(extra / "meta.json")
+        src |= {r: extra for r in meta["revisions"] if r not in src}
+        scales |= {r: v for r, v in meta["scales"].items() if r not in base["scales"]}
+    for name, target in [(f"{r}.bin", src[r] / f"{r}.bin") for r in revisions] + [
+            ("tokens.npy", Path(run_args["cache"]) / "tokens.npy")]:
+        (view / name).unlink(missing_ok=True)
+        (view / name).symlink_to(target.resolve())
+    write_json(view / "meta.json", dict(base, revisions=list(revisions), scales={r: scales[r] for r in revisions}))
+    mark_done(view, revisions=list(revisions), linked_from=sorted({str(src[r]) for r in revisions}))
+    return str(view)
+
+
+def unit_decoders_over(folder, revisions) -> tuple[torch.Tensor, np.ndarray]:
+    """Every latent's decoder over `revisions` (some of the run's), concatenated in the normalised space, unit
+    norm [F, |revisions|·d], and its decoder norms over them [F, |revisions|]."""
+    cc = CrossCoder.load(folder)
+    idx = [cc.extra["revisions"].index(r) for r in revisions]
+    dec = cc.decoder().detach()[:, idx]
+    return torch.nn.functional.normalize(dec.flatten(1), dim=1), cc.decoder_norms().detach()[:, idx].numpy()
+
+
+def survival(base, chosen, variants, draws=NULL_DRAWS, seed=0) -> dict:
+    """For each variant (name, folder, revisions): the base's chosen latents matched one-to-one (pairing, over
+    all active latents, on decoder cosine over the revisions both hold), and whether each keeps its
+    decoder-norm timeline class and formed_at over those shared revisions; beside it the same for random active
+    latents of matched frequency (the null), draws times."""
+    revs = CrossCoder.load(base).extra["revisions"]
+    act, freq = active_latents(base)
+    rng = np.random.default_rng(seed)
+    nulls = [measures.matched_random(np.where(freq > 0, freq, -1.0), chosen, rng, set(chosen)) for _ in range(draws)]
+    latents = [dict(latent=int(i)) for i in chosen]
+    tl_full = measures.timeline(CrossCoder.load(base).decoder_norms().detach().numpy()[chosen], revs)
+    for row, cls, formed in zip(latents, tl_full.timeline_class, tl_full.formed_at):
+        row.update(timeline_class=cls, formed_at=formed, variants={})
+    out, all_top, all_null = [], np.ones(len(chosen), bool), np.ones((draws, len(chosen)), bool)
+    for name, folder, vrevs in variants:
+        shared = [r for r in revs if r in vrevs]
+        dec_a, norm_a = unit_decoders_over(base, shared)
+        dec_v, norm_v = unit_decoders_over(folder, shared)
+        pair = pairing(dec_a, act, dec_v, active_latents(folder)[0])
+
+        def check(lat, pair=pair, norm_a=norm_a, norm_v=norm_v, shared=shared):
+            j = np.array([pair.get(int(i), (-1, -1.0))[0] for i in lat])
+            cos = np.array([pair.get(int(i), (-1, -1.0))[1] for i in lat])
+            a, v = measures.timeline(norm_a[lat], shared), measures.timeline(norm_v[np.maximum(j, 0)], shared)
+            matched = cos >= MATCH_COS
+            keeps = matched & (a.timeline_class.to_numpy() == v.timeline_class.to_numpy()) & (
+                a.formed_at.to_numpy() == v.formed_at.to_numpy())
+            return j, cos, a, v, matched, keeps
+        j, cos, a, v, matched, keeps = check(chosen)
+        null = [check(lat) for lat in nulls]
+        all_top &= keeps
+        all_null &= np.stack([n[5] for n in null])
+        for k, row in enumerate(latents):
+            row["variants"][name] = dict(partner=int(j[k]), cos=float(cos[k]), class_shared=a.timeline_class[k],
+                                         class_variant=v.timeline_class[k], formed_shared=a.formed_at[k],
+                                         formed_variant=v.formed_at[k], survives=bool(keeps[k]))
+        out.append(dict(name=name, revisions=list(vrevs), shared=shared, folder=str(folder),
+                        matched=float(matched.mean()), survives=float(keeps.mean()),
+                        matched_null=[float(n[4].mean()) for n in null],
+                        survives_null=[float(n[5].mean()) for n in null]))
+    null_all = all_null.mean(1)
+    lo, hi = _interval(null_all)
+    return dict(variants=out, latents=latents, survive_all=float(all_top.mean()),
+                survive_all_null=dict(mean=float(null_all.mean()), lo=lo, hi=hi),
+                match_cos=MATCH_COS)
+
+
+def revision_sets(base, name, run_args, arch, cwd, eval_args=()) -> dict:
+    """--revision-sets: train the run's crosscoder (its arch, seed, size, data) again over every variant of its
+    revisions (revision_variants; the scan gives the neighbours), evaluate each, and match the run's top latents
+    into each (survival). The variants are RUN/stability/revision-sets/<variant>/."""
+    t0 = time.time()
+    task = read_json(base / "relie" / name / "summary.json")["task"]
+    scan = defaults.scan_path(lm.resolve(run_args["model"]).key, run_args["layer"], task)
+    if not scan.exists():
+        raise UsageError(f"--revision-sets needs the scan of the run's model, {scan}: python cache_acts.py --scan "
+                         f"--model {run_args['model']} --layer {run_args['layer']}")
+    scanned = pd.read_csv(scan).revision.tolist()
+    variants = revision_variants(run_args["revisions"], scanned)
+    folder = base / "stability" / "revision-sets"
+    new = [r for r in scanned if r not in run_args["revisions"] and any(r in v for _, v in variants)]
+    extra = extra_cache(run_args, new, folder)
+    trained = []
+    for vname, revs in variants:
+        print(f"   revision set {vname}: {','.join(revs)}", file=sys.stderr, flush=True)
+        out = folder / vname
+        a = dict(run_args, revisions=revs, cache=cache_view(run_args, revs, extra, folder))
+        if not is_done(out) or stale(read_json(out / "run_args.json", "run arguments"), a):
+            stage(train_args(a, arch, run_args["seed"], out) + ["--overwrite"], cwd)
+        ev = out / "latents.csv"
+        if not ev.exists() or ev.stat().st_mtime < (out / "DONE").stat().st_mtime:
+            stage(["evaluate.py", "--run", out, *eval_args], cwd)
+        trained.append((vname, out, revs))
+    chosen = read_json(base / "relie" / name / "summary.json")["chosen"]
+    res = survival(base, chosen, trained)
+    res.update(attribution=name, scan=str(scan), seconds=time.time() - t0)
+    return res
+
+
+def revision_sets_table(rs) -> str:
+    lines = [f"{'variant':<16} {'revisions':<38} {'matched':>8} {'null':>14} {'survive':>8} {'null':>14}"]
+    for v in rs["variants"]:
+        lines.append(f"{v['name']:<16} {','.join(v['revisions']):<38} {v['matched']:8.2f} "
+                     f"{_span(v['matched_null']):>14} {v['survives']:8.2f} {_span(v['survives_null']):>14}")
+    names = [v["name"] for v in rs["variants"]]
+    lines.append(f"\n{'latent':>6} {'class':<13} {'formed':<9} " + " ".join(f"{n[:12]:>12}" for n in names))
+    for row in rs["latents"]:
+        lines.append(f"{row['latent']:>6} {row['timeline_class']:<13} {row['formed_at']:<9} " + " ".join(
+            f"{('yes' if row['variants'][n]['survives'] else 'no ' + row['variants'][n]['class_variant'][:8]):>12}"
+            for n in names))
+    n = rs["survive_all_null"]
+    lines.append(f"top latents that keep their class and formed_at in every variant: {rs['survive_all']:.2f}; random "
+                 f"active latents of matched frequency: {n['mean']:.2f} [{n['lo']:.2f}, {n['hi']:.2f}] "
+                 f"({rs['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def revision_sets_markdown(rs, command) -> str:
+    rows = "\n".join(f"| {v['name']} | {', '.join(v['revisions'])} | {v['matched']:.2f} | {_span(v['matched_null'])} | "
+                     f"{v['survives']:.2f} | {_span(v['survives_null'])} |" for v in rs["variants"])
+    names = [v["name"] for v in rs["variants"]]
+    lat = "\n".join(f"| {r['latent']} | {r['timeline_class']} | {r['formed_at']} | " + " | ".join(
+        "yes" if r["variants"][n]["survives"] else f"no ({r['variants'][n]['class_variant'] or 'unmatched'}, "
+        f"cos {r['variants'][n]['cos']:.2f})" for n in names) + " |" for r in rs["latents"])
+    n = rs["survive_all_null"]
+    return (f"## Robust to the checkpoints chosen (`{command}`)\n\nThe run's crosscoder trained again (same arch, "
+            f"seed, size, data) over each variant of its revisions: each inner one dropped, each scanned neighbour "
+            f"added, the whole set shifted one scan step. The top latents of `{rs['attribution']}` are matched "
+            f"one-to-one (Hungarian over all active latents, decoder cosine ≥ {rs['match_cos']} over the revisions "
+            f"both hold); a latent survives a variant when it is matched and keeps its decoder-norm timeline class "
+            f"and formed_at over those shared revisions. Null: random active latents of matched frequency "
+            f"({NULL_DRAWS} draws: [2.5%, 97.5%]). {rs['seconds']:.0f} s.\n\n| variant | revisions | top matched | "
+            f"null | top survive | null |\n|---|---|---|---|---|---|\n{rows}\n\n"
+            f"Top latents that survive every variant: **{rs['survive_all']:.2f}**; random active latents: "
+            f"{n['mean']:.2f} [{n['lo']:.2f}, {n['hi']:.2f}].\n\n| latent | class | formed_at | "
+            + " | ".join(names) + " |\n|" + "---|" * (3 + len(names)) + f"\n{lat}")
 
 
 if __name__ == "__main__":
