@@ -85,6 +85,16 @@ def local_model(tmp_path_factory):
     return root, text, pairs
 
 
+@pytest.fixture(scope="session")
+def small_cache(local_model, tmp_path_factory):
+    """Layer 1 of local_model's step0 and step100 cached on a few thousand tokens: what the training tests
+    train on."""
+    from crosscoding import activations
+    root, text, _ = local_model
+    return activations.make_cache(str(root), 1, ["step0", "step100"], tmp_path_factory.mktemp("cache") / "c",
+                                  n_tokens=6000, seq_len=16, heldout_tokens=2000, text=str(text), val_rows=1000)
+
+
 def run_script(args, cwd, timeout=600, check=True):
     """Run one of the project's scripts as a user would, in `cwd`; return the CompletedProcess."""
     import os

@@ -185,14 +185,6 @@ def _run(argv, world=1, port=29660, fault=None):
                                           start_method="spawn")
 
 
-@pytest.fixture(scope="module")
-def cache2(local_model, tmp_path_factory):
-    from crosscoding import activations
-    root, text, _ = local_model
-    return activations.make_cache(str(root), 1, ["step0", "step100"], tmp_path_factory.mktemp("cache") / "c",
-                                  n_tokens=4000, seq_len=16, heldout_tokens=2000, text=str(text), val_rows=500)
-
-
 def _argv(local_model, cache, out, *extra):
     return ["--model", str(local_model[0]), "--layer", "1", "--revisions", "step0,step100", "--cache", str(cache),
             "--dict-size", "32", "--batch-size", "64", "--tokens", str(64 * 24), "--lr", "3e-3", "--out", str(out),
@@ -200,23 +192,23 @@ def _argv(local_model, cache, out, *extra):
 
 
 @pytest.mark.slow
-def test_train_py_revision_shards_save_resume_and_evaluate(local_model, cache2, tmp_path):
+def test_train_py_revision_shards_save_resume_and_evaluate(local_model, small_cache, tmp_path):
     from safetensors.torch import load_file
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
-    _run(_argv(local_model, cache2, one))
-    _run(_argv(local_model, cache2, two, "--revision-shards", "2"), world=2)
+    _run(_argv(local_model, small_cache, one))
+    _run(_argv(local_model, small_cache, two, "--revision-shards", "2"), world=2)
     a, b = load_file(one / "crosscoder.safetensors"), load_file(two / "crosscoder.safetensors")
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}   # the one-process layout
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     # killed after step 13 on both ranks (a checkpoint of both slices at step 8), resumed: bit for bit
     with pytest.raises(torch.multiprocessing.ProcessExitedException):
-        _run(_argv(local_model, cache2, killed, "--revision-shards", "2"), world=2, port=29661,
+        _run(_argv(local_model, small_cache, killed, "--revision-shards", "2"), world=2, port=29661,
              fault="train_step:13")
     ckpt = next((killed / "ckpt").iterdir())
     assert sorted(p.name for p in ckpt.iterdir()) == ["DONE", "state-0of2.safetensors", "state-1of2.safetensors",
                                                        "state.json"]
-    _run(_argv(local_model, cache2, killed, "--revision-shards", "2", "--resume"), world=2, port=29662)
+    _run(_argv(local_model, small_cache, killed, "--revision-shards", "2", "--resume"), world=2, port=29662)
     c = load_file(killed / "crosscoder.safetensors")
     for k in b:
         assert torch.equal(b[k], c[k]), k

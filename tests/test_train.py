@@ -17,12 +17,9 @@ from conftest import ROOT
 from crosscoding import activations
 
 
-@pytest.fixture(scope="module")
-def cache(local_model, tmp_path_factory):
-    root, text, _ = local_model
-    out = tmp_path_factory.mktemp("cache") / "c"
-    return activations.make_cache(str(root), 1, ["step0", "step100"], out, n_tokens=6000, seq_len=16,
-                                  heldout_tokens=2000, text=str(text), val_rows=1000)
+@pytest.fixture
+def cache(small_cache):
+    return small_cache
 
 
 def _cmd(local_model, cache, out, *extra, steps=60):

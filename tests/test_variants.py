@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_crosscoder import naive, rand_x, small_cc, trained_cc
 
-from crosscoding import activations, sparse, variants
+from crosscoding import sparse, variants
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 from crosscoding.variants import VARIANTS, JumpReLUFn, Variant, batchtopk_to_jumprelu, group_ends
 
@@ -224,14 +224,6 @@ class Gated(Variant):
 
     def infer(self, cc, f_BF):
         return f_BF * (f_BF > cc.gate_F)
-
-
-@pytest.fixture(scope="module")
-def small_cache(local_model, tmp_path_factory):
-    root, text, _ = local_model
-    out = tmp_path_factory.mktemp("cache") / "c"
-    return activations.make_cache(str(root), 1, ["step0", "step100"], out, n_tokens=3000, seq_len=16,
-                                  heldout_tokens=2000, text=str(text), val_rows=500)
 
 
 def _gated_argv(local_model, cache, out):
