@@ -83,8 +83,6 @@ def parse_args(argv=None):
         raise UsageError(f"--tokens {args.tokens} is less than one batch of {args.batch_size}")
     args.log_every = args.log_every or max(1, args.steps // 20)
     args.ckpt_every = args.ckpt_every or max(1, args.steps // 10)
-    if args.arch == "batchtopk" and args.k > args.dict_size:
-        raise UsageError(f"--k {args.k} exceeds --dict-size {args.dict_size}")
     args.text = cli.given(argv, "--text") or lm.default_text(spec, args.weights)
     if args.cache is None and pre.data == "cache" and args.weights == "hub":
         args.cache = str(defaults.cache_dir(spec.key, args.layer, args.revisions))
@@ -92,6 +90,10 @@ def parse_args(argv=None):
     else:
         args.make_cache = False
     args.out = Path(args.out or defaults.run_dir(spec.key, args.layer, args.revisions, args.arch))
+    try:    # the config's and the variant's own checks (BatchTopK's k ≤ F, Matryoshka's groups …), before any load
+        RunConfig.from_args(args).crosscoder(len(args.revisions), 1)
+    except ValueError as e:
+        raise UsageError(f"--arch {args.arch}: {e}") from None
     return args, spec
 
 
