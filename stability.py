@@ -854,17 +854,26 @@ def revision_sets(base, name, run_args, arch, cwd, eval_args=()) -> dict:
     return res
 
 
+def _why(v) -> str:
+    """A latent's fate in one variant: yes, or why not (unmatched, its class, its formed_at there)."""
+    if v["survives"]:
+        return "yes"
+    if v["cos"] < MATCH_COS:
+        return f"unmatched {v['cos']:.2f}"
+    return (f"→{v['class_variant']}" if v["class_variant"] != v["class_shared"]
+            else f"formed {v['formed_variant']}")
+
+
 def revision_sets_table(rs) -> str:
     lines = [f"{'variant':<16} {'revisions':<38} {'matched':>8} {'null':>14} {'survive':>8} {'null':>14}"]
     for v in rs["variants"]:
         lines.append(f"{v['name']:<16} {','.join(v['revisions']):<38} {v['matched']:8.2f} "
                      f"{_span(v['matched_null']):>14} {v['survives']:8.2f} {_span(v['survives_null']):>14}")
     names = [v["name"] for v in rs["variants"]]
-    lines.append(f"\n{'latent':>6} {'class':<13} {'formed':<9} " + " ".join(f"{n[:12]:>12}" for n in names))
+    lines.append(f"\n{'latent':>6} {'class':<13} {'formed':<9} " + " ".join(f"{n[:15]:>15}" for n in names))
     for row in rs["latents"]:
-        lines.append(f"{row['latent']:>6} {row['timeline_class']:<13} {row['formed_at']:<9} " + " ".join(
-            f"{('yes' if row['variants'][n]['survives'] else 'no ' + row['variants'][n]['class_variant'][:8]):>12}"
-            for n in names))
+        lines.append(f"{row['latent']:>6} {row['timeline_class']:<13} {row['formed_at']:<9} "
+                     + " ".join(f"{_why(row['variants'][n])[:15]:>15}" for n in names))
     n = rs["survive_all_null"]
     lines.append(f"top latents that keep their class and formed_at in every variant: {rs['survive_all']:.2f}; random "
                  f"active latents of matched frequency: {n['mean']:.2f} [{n['lo']:.2f}, {n['hi']:.2f}] "
@@ -876,9 +885,8 @@ def revision_sets_markdown(rs, command) -> str:
     rows = "\n".join(f"| {v['name']} | {', '.join(v['revisions'])} | {v['matched']:.2f} | {_span(v['matched_null'])} | "
                      f"{v['survives']:.2f} | {_span(v['survives_null'])} |" for v in rs["variants"])
     names = [v["name"] for v in rs["variants"]]
-    lat = "\n".join(f"| {r['latent']} | {r['timeline_class']} | {r['formed_at']} | " + " | ".join(
-        "yes" if r["variants"][n]["survives"] else f"no ({r['variants'][n]['class_variant'] or 'unmatched'}, "
-        f"cos {r['variants'][n]['cos']:.2f})" for n in names) + " |" for r in rs["latents"])
+    lat = "\n".join(f"| {r['latent']} | {r['timeline_class']} | {r['formed_at']} | "
+                    + " | ".join(_why(r["variants"][n]) for n in names) + " |" for r in rs["latents"])
     n = rs["survive_all_null"]
     return (f"## Robust to the checkpoints chosen (`{command}`)\n\nThe run's crosscoder trained again (same arch, "
             f"seed, size, data) over each variant of its revisions: each inner one dropped, each scanned neighbour "
