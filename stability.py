@@ -568,7 +568,7 @@ def match_with_null(folder_a, chosen, folder_b, draws=NULL_DRAWS) -> tuple[float
     return top, null
 
 
-def other_revisions(run_args, task, given=None) -> list:
+def other_revisions(run_args, task, given=None, cwd=".") -> list:
     """Revisions for the matching control: given, else as many as the run has, the earliest scanned
     (cache_acts.py --scan) that the run does not use."""
     if given:
@@ -577,7 +577,7 @@ def other_revisions(run_args, task, given=None) -> list:
             raise UsageError(f"--control-revisions: {len(other)} revisions given; the run has "
                              f"{len(run_args['revisions'])}, and matching compares decoders over as many")
         return other
-    scan = defaults.scan_path(lm.resolve(run_args["model"]).key, run_args["layer"], task)
+    scan = Path(cwd) / defaults.scan_path(lm.resolve(run_args["model"]).key, run_args["layer"], task)  # as stages see it
     if not scan.exists():
         raise UsageError(f"--controls needs other revisions to train the matching control on: scan them "
                          f"(python cache_acts.py --scan --model {run_args['model']} --layer {run_args['layer']}) "
@@ -654,7 +654,7 @@ def controls(base, name, run_args, arch, cwd, seed_folder=None, control_revision
 
     # (d) matching across crosscoders trained on different revisions' data (same arch, seed, size, tokens)
     chosen = read_json(base / "relie" / name / "summary.json")["chosen"]
-    other = other_revisions(run_args, st["task"], control_revisions)
+    other = other_revisions(run_args, st["task"], control_revisions, cwd)
     d = out / "other-revisions"
     if not is_done(d):
         data = out / "other-revisions-data"
@@ -828,7 +828,7 @@ def revision_sets(base, name, run_args, arch, cwd, eval_args=()) -> dict:
     into each (survival). The variants are RUN/stability/revision-sets/<variant>/."""
     t0 = time.time()
     task = read_json(base / "relie" / name / "summary.json")["task"]
-    scan = defaults.scan_path(lm.resolve(run_args["model"]).key, run_args["layer"], task)
+    scan = Path(cwd) / defaults.scan_path(lm.resolve(run_args["model"]).key, run_args["layer"], task)
     if not scan.exists():
         raise UsageError(f"--revision-sets needs the scan of the run's model, {scan}: python cache_acts.py --scan "
                          f"--model {run_args['model']} --layer {run_args['layer']}")

@@ -169,10 +169,10 @@ class CrossCoder(nn.Module):
         self.variant = VARIANTS[cfg.arch](cfg)
         self.variant.add_state(self)
         if init:
-            # local generators, one per revision: construction is deterministic, leaves the global RNG alone,
-            # and a shard holding revisions lo..hi draws exactly the one-process crosscoder's slice
-            W_dec = torch.stack([torch.randn(F, d, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + m))
-                                 for m in self.revisions], 1)
+            # a local generator: construction is deterministic and leaves the global RNG alone; a revision
+            # shard draws the whole [F, M, d] and keeps its slice, so it starts where one process does
+            g = torch.Generator().manual_seed(cfg.seed)
+            W_dec = torch.randn(F, cfg.n_models, d, generator=g)[:, self.revisions.start:self.revisions.stop]
             W_dec *= cfg.dec_init_norm / W_dec.norm(dim=-1, keepdim=True)
             with torch.no_grad():
                 self.W_dec_FMd.copy_(W_dec)
