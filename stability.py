@@ -577,7 +577,7 @@ def other_revisions(run_args, task, given=None, cwd=".") -> list:
             raise UsageError(f"--control-revisions: {len(other)} revisions given; the run has "
                              f"{len(run_args['revisions'])}, and matching compares decoders over as many")
         return other
-    scan = Path(cwd) / defaults.scan_path(lm.resolve(run_args["model"]).key, run_args["layer"], task)  # as stages see it
+    scan = Path(cwd) / defaults.scan_path(lm.resolve(run_args["model"]).key, run_args["layer"], task)  # the stages'
     if not scan.exists():
         raise UsageError(f"--controls needs other revisions to train the matching control on: scan them "
                          f"(python cache_acts.py --scan --model {run_args['model']} --layer {run_args['layer']}) "
