@@ -117,29 +117,29 @@ def whole_params(cc) -> list:
 @torch.no_grad()
 def sum_whole_grads(cc, grid):
     """A whole parameter's gradient on shard r is ∂L_r/∂θ: the sum over shards is ∂L/∂θ."""
-    grads = [p.grad for p in whole_params(cc) if p.grad is not None]
-    if grads and grid.shards > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=grid.shard_group)
-        _unflatten_into(flat, grads)
-
-
-def _unflatten_into(flat, tensors):
-    i = 0
-    for t in tensors:
-        t.copy_(flat[i:i + t.numel()].view_as(t))
-        i += t.numel()
+    if grid.shards > 1:
+        _all_reduce_grads([p.grad for p in whole_params(cc) if p.grad is not None], grid.shard_group)
 
 
 @torch.no_grad()
 def average_over_replicas(cc, grid):
     """Data parallelism over the D replicas of a shard: every gradient averaged, as DDP does."""
-    if grid.replicas == 1:
+    if grid.replicas > 1:
+        _all_reduce_grads([p.grad for p in cc.parameters() if p.grad is not None], grid.data_group, grid.replicas)
+
+
+def _all_reduce_grads(grads, group, divisor=1):
+    """Sum `grads` over `group` in one all-reduce of their concatenation (then / divisor), in place."""
+    if not grads:
         return
-    grads = [p.grad for p in cc.parameters() if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=grid.data_group)
-    _unflatten_into(flat / grid.replicas, grads)
+    dist.all_reduce(flat, group=group)
+    if divisor != 1:
+        flat /= divisor
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
 
 
 @torch.no_grad()
