@@ -2,7 +2,7 @@
 die after known revisions, a crosscoder trained on them through the public API, and its timelines
 scored against the truth.
 
-    python -m crosscoding.planted                  # every sparsity variant in crosscoder.ARCHS (~1 min each)
+    python -m crosscoding.planted                  # every sparsity variant in crosscoder.ARCHS (10–45 s each)
     python -m crosscoding.planted --arch l1 --steps 800
     python -m crosscoding.planted --results        # the table into RESULTS.md (section `planted`)
 
@@ -19,6 +19,10 @@ over revisions, normalised space, unit norm) has the largest cosine with its pla
 decoder norms over revisions go through measures.timeline, and formed_at / faded_at / the class are
 compared with the truth: the exact-revision rate, the mean absolute error in revisions (faded_at over
 the features that fade in both), the class accuracy.
+
+Sparsity is sized to the generator's ~4 features on per token: k = 4 for BatchTopK and Matryoshka, λ = 0.5
+for L1 (the paper's λ = 2 is for d = 2048), and for JumpReLU a coefficient read off the data by its L0
+(`sized_jumprelu`), since its default, chosen on the toy, trains this data to L0 ≈ 47.
 """
 import argparse
 import time
@@ -137,16 +141,47 @@ def score(planted: Planted, cc) -> dict:
 SIZE_KW = dict(l1_coeff=0.5, k=4, aux_k=32, dead_tokens=10_000)
 
 
+def inference_l0(planted: Planted, cc, seed=0) -> float:
+    """Mean number of latents on per token under the crosscoder's inference rule, on a fresh draw."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        return float((cc.encode(sample(planted, 4096, g)) > 0).sum(1).float().mean())
+
+
+def sized_jumprelu(planted: Planted, steps, seed, target_l0):
+    """JumpReLU's penalty sized to the data as k is for BatchTopK. Its coefficient is per unit of L0 in units
+    of E‖x‖² and has no width rule that carries over from the toy it was chosen on (at its default this data
+    trains to L0 ≈ 47, twelve times the ~4 features on per token), so it is read off the data: the default
+    × 4^j, j = 0, 1, …, trained in turn until the inference L0 falls to the target; of the last two, the one
+    whose L0 is nearer the target in ratio. Chosen by L0 on fresh draws, never by the score."""
+    from crosscoding.crosscoder import CrossCoderConfig
+    coeff, tried = CrossCoderConfig.jumprelu_coeff, []
+    for _ in range(8):
+        cc = train(planted, "jumprelu", steps=steps, seed=seed, **SIZE_KW, jumprelu_coeff=coeff)
+        l0 = inference_l0(planted, cc, seed)
+        tried.append((abs(np.log(l0 / target_l0)), coeff, cc))
+        if l0 <= target_l0:
+            break
+        coeff *= 4
+    _, coeff, cc = min(tried[-2:], key=lambda t: t[0])
+    return cc, coeff
+
+
 def run_arch(arch, steps=1500, seed=0) -> dict:
     planted = planted_timelines(seed=seed)
     t0 = time.time()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    extra = {}
     try:
-        cc = train(planted, arch, steps=steps, seed=seed, **SIZE_KW)
+        if arch == "jumprelu":
+            cc, extra["jumprelu_coeff"] = sized_jumprelu(planted, steps, seed, target_l0=SIZE_KW["k"])
+        else:
+            cc = train(planted, arch, steps=steps, seed=seed, **SIZE_KW)
     finally:
         torch.set_num_threads(threads)
-    out = score(planted, cc)
+    out = score(planted, cc) | extra
+    out["l0"] = inference_l0(planted, cc, seed)
     out["seconds"] = time.time() - t0
     return out
 
@@ -160,15 +195,18 @@ def main(argv=None):
     p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section `planted`)")
     args = p.parse_args(argv)
     print(f"{'arch':<12} {'class acc':>9} {'formed exact':>12} {'formed MAE':>10} {'faded exact':>11} "
-          f"{'faded MAE':>9} {'cos min':>7} {'s':>5}")
+          f"{'faded MAE':>9} {'cos min':>7} {'L0':>5} {'s':>5}")
     rows = []
     for arch in [args.arch] if args.arch else ARCHS:
         r = run_arch(arch, args.steps, args.seed)
         print(f"{arch:<12} {r['class_accuracy']:9.2f} {r['formed_exact']:12.2f} {r['formed_mae']:10.2f} "
-              f"{r['faded_exact']:11.2f} {r['faded_mae']:9.2f} {r['matched_cos_min']:7.2f} {r['seconds']:5.0f}")
-        rows.append(f"| {arch} | {r['class_accuracy']:.2f} | {r['formed_exact']:.2f} | {r['formed_mae']:.2f} | "
+              f"{r['faded_exact']:11.2f} {r['faded_mae']:9.2f} {r['matched_cos_min']:7.2f} {r['l0']:5.1f} "
+              f"{r['seconds']:5.0f}")
+        sized = f" (coefficient {r['jumprelu_coeff']:.3g}, sized to L0)" if "jumprelu_coeff" in r else ""
+        missed = sum(c < 0.9 for c in r["features"]["cos"])
+        rows.append(f"| {arch}{sized} | {r['class_accuracy']:.2f} | {r['formed_exact']:.2f} | {r['formed_mae']:.2f} | "
                     f"{r['faded_exact']:.2f} | {r['faded_mae']:.2f} | {r['matched_cos_mean']:.2f} "
-                    f"[{r['matched_cos_min']:.2f}] |")
+                    f"[{r['matched_cos_min']:.2f}] | {missed} | {r['l0']:.1f} |")
     untrained = score(planted_timelines(seed=args.seed),
                       CrossCoder(CrossCoderConfig(n_models=10, d_model=32, dict_size=128)))
     print(f"untrained crosscoder (the score's negative control): class accuracy {untrained['class_accuracy']:.2f}, "
@@ -181,12 +219,16 @@ def main(argv=None):
             f"discontinued, transient; size drifting ±20% a revision, noise), a crosscoder of 128 latents trained "
             f"{args.steps} steps of 512 tokens through the public API, each planted feature matched to the latent "
             "of largest decoder cosine; formed_at / faded_at / the class read off its decoder-norm shares "
-            "(measures.timeline) against the truth. MAE in revisions (faded_at: over features that fade in both)."
+            "(measures.timeline) against the truth. MAE in revisions (faded_at: over features that fade in both). "
+            "Sparsity sized to the ~4 features on per token: BatchTopK and Matryoshka k = 4, L1 λ = 0.5, JumpReLU's "
+            "coefficient the default × 4^j until its L0 on fresh draws reaches 4 (chosen by L0, not by the score); "
+            "L0 is the inference rule's on fresh draws; missed: planted features whose best latent has cosine < 0.9."
             "\n\n| arch | class accuracy | formed_at exact | formed_at MAE | faded_at exact | faded_at MAE | "
-            f"matched cosine mean [min] |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+            f"matched cosine mean [min] | missed | L0 |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
             + f"\n| untrained (negative control) | {untrained['class_accuracy']:.2f} | {untrained['formed_exact']:.2f} "
             f"| {untrained['formed_mae']:.2f} | {untrained['faded_exact']:.2f} | — | "
-            f"{untrained['matched_cos_mean']:.2f} [{untrained['matched_cos_min']:.2f}] |"),
+            f"{untrained['matched_cos_mean']:.2f} [{untrained['matched_cos_min']:.2f}] | "
+            f"{sum(c < 0.9 for c in untrained['features']['cos'])} | — |"),
             Path(__file__).resolve().parent.parent / "RESULTS.md")
 
 

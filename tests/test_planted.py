@@ -8,7 +8,9 @@ import torch
 from crosscoding import measures, planted
 from crosscoding.crosscoder import ARCHS, CrossCoder, CrossCoderConfig
 
-STEPS = 600     # 10 s of one CPU thread per variant; l1 and batchtopk score 1.00 from here to 1500 steps
+# 10 s of one CPU thread per variant; l1, batchtopk and matryoshka score 1.00 from 600 steps to 1500. JumpReLU
+# (sized by L0: three or four trainings) needs the full 1500: at 600 it misses a fifth transient feature.
+STEPS = {"jumprelu": 1500}
 
 
 def test_generator_truth_is_what_it_planted():
@@ -41,16 +43,16 @@ def test_the_score_fails_on_a_crosscoder_that_learned_nothing():
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_planted_timelines_recovered(arch):
-    """Trained through the public API with each variant's defaults (sizes aside: planted.SIZE_KW); the
-    acceptance bar for l1 and batchtopk, the numbers for every other variant (printed with -s)."""
+    """Trained through the public API with each variant's defaults (sparsity aside: planted.SIZE_KW, and
+    JumpReLU's coefficient sized by L0), every variant held to the bar: ≥ 90% of classes and of formed_at
+    exact (the numbers print with -s)."""
     torch.manual_seed(0)
-    s = planted.run_arch(arch, steps=STEPS)
+    s = planted.run_arch(arch, steps=STEPS.get(arch, 600))
     print(f"{arch}: class accuracy {s['class_accuracy']:.2f}, formed_at exact {s['formed_exact']:.2f} (MAE "
           f"{s['formed_mae']:.2f}), faded_at exact {s['faded_exact']:.2f} (MAE {s['faded_mae']:.2f}), matched "
           f"cosine ≥ {s['matched_cos_min']:.2f}, {s['seconds']:.0f} s")
     assert s["n"] == 32 and 0 <= s["class_accuracy"] <= 1
     assert set(s["per_class"]) == set(measures.TIMELINE_CLASSES)
-    if arch in ("l1", "batchtopk"):
-        assert s["class_accuracy"] >= 0.9, s["per_class"]
-        assert s["formed_exact"] >= 0.9, s["features"]
-        assert s["matched_cos_mean"] >= 0.9
+    assert s["class_accuracy"] >= 0.9, s["per_class"]
+    assert s["formed_exact"] >= 0.9, s["features"]
+    assert s["matched_cos_mean"] >= 0.9
