@@ -23,6 +23,7 @@ not fail is reported as uninformative. --revision-sets: the run trained again ov
 revisions (RUN/stability/revision-sets/), its top latents matched into each (`revision_sets`). With
 --results each writes its own RESULTS.md section (and leaves the seed table alone).
 """
+import os
 import shutil
 import subprocess
 import sys
@@ -282,6 +283,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    t0 = time.time()
     args = parse_args(argv)
     base = Path(args.run)
     require_done(base, "training run", "train it with train.py first")
@@ -353,9 +355,11 @@ def main(argv=None):
         # --controls / --revision-sets write their own sections only (a short --seeds run for them leaves the
         # seed table alone)
         if "controls" in result:
-            update_results(f"controls-{arch}", controls_markdown(result["controls"], command), HERE / "RESULTS.md")
+            update_results(f"controls-{arch}", controls_markdown(result["controls"], command, time.time() - t0),
+                           HERE / "RESULTS.md")
         if "revision_sets" in result:
-            update_results(f"revision-sets-{arch}", revision_sets_markdown(result["revision_sets"], command),
+            update_results(f"revision-sets-{arch}", revision_sets_markdown(result["revision_sets"], command,
+                                                                             time.time() - t0),
                            HERE / "RESULTS.md")
         if not {"controls", "revision_sets"} & set(result):
             update_results(f"stability-{arch}", results_markdown(result, command), HERE / "RESULTS.md")
@@ -690,7 +694,12 @@ def controls_table(ctl) -> str:
     return "\n".join(lines)
 
 
-def controls_markdown(ctl, command) -> str:
+def _took(seconds) -> str:
+    return "" if seconds is None else (f" The command took {seconds:.0f} s on {os.cpu_count()} CPU cores (wall; "
+                                       "stages an earlier run finished are reused, not timed).")
+
+
+def controls_markdown(ctl, command, seconds=None) -> str:
     rows = "\n".join(f"| {r['check']} | {_num(r['real'])} | {r['control']} | {_num(r['value'])} | {r['null']} | "
                      f"{'fails' if r['fails'] else '**uninformative**'}"
                      f"{'' if r['real_passes'] else '; real value within its null'} |" for r in ctl["rows"])
@@ -699,7 +708,8 @@ def controls_markdown(ctl, command) -> str:
             f"other revisions, through the normal stages; every value on the held-out test pairs "
             f"(attribution `{ctl['attribution']}`). A check whose control does not fail is uninformative, not a "
             f"finding. A gap has vanished when it is at most {CONTROL_GAP:g} points; ρ and the match rate must "
-            f"fall inside their null's 95% interval; the joint Δ at or under the largest random-k set's.\n\n"
+            f"fall inside their null's 95% interval; the joint Δ at or under the largest random-k set's."
+            + _took(seconds) + "\n\n"
             f"| check | real | control | control value | null | control |\n|---|---|---|---|---|---|\n{rows}")
 
 
@@ -777,9 +787,9 @@ def unit_decoders_over(folder, revisions) -> tuple[torch.Tensor, np.ndarray]:
 
 def survival(base, chosen, variants, draws=NULL_DRAWS, seed=0) -> dict:
     """For each variant (name, folder, revisions): the base's chosen latents matched one-to-one (pairing, over
-    all active latents, on decoder cosine over the revisions both hold), and whether each keeps its
-    decoder-norm timeline class and formed_at over those shared revisions; beside it the same for random active
-    latents of matched frequency (the null), draws times."""
+    all active latents, on decoder cosine over the revisions both hold, or position by position for a set of
+    the run's length: a shift), and whether each keeps its decoder-norm timeline class and formed_at over those
+    revisions; beside it the same for random active latents of matched frequency (the null), draws times."""
     revs = CrossCoder.load(base).extra["revisions"]
     act, freq = active_latents(base)
     rng = np.random.default_rng(seed)
@@ -790,9 +800,11 @@ def survival(base, chosen, variants, draws=NULL_DRAWS, seed=0) -> dict:
         row.update(timeline_class=cls, formed_at=formed, variants={})
     out, all_top, all_null = [], np.ones(len(chosen), bool), np.ones((draws, len(chosen)), bool)
     for name, folder, vrevs in variants:
-        shared = [r for r in revs if r in vrevs]
+        # the revisions compared: those both hold; a set of the run's length (a shift) position by position,
+        # its i-th revision standing in for the run's i-th (a shift may share none). Labelled by the run's.
+        shared = list(revs) if len(vrevs) == len(revs) else [r for r in revs if r in vrevs]
         dec_a, norm_a = unit_decoders_over(base, shared)
-        dec_v, norm_v = unit_decoders_over(folder, shared)
+        dec_v, norm_v = unit_decoders_over(folder, list(vrevs) if len(vrevs) == len(revs) else shared)
         pair = pairing(dec_a, act, dec_v, active_latents(folder)[0])
 
         def check(lat, pair=pair, norm_a=norm_a, norm_v=norm_v, shared=shared):
@@ -881,7 +893,7 @@ def revision_sets_table(rs) -> str:
     return "\n".join(lines)
 
 
-def revision_sets_markdown(rs, command) -> str:
+def revision_sets_markdown(rs, command, seconds=None) -> str:
     rows = "\n".join(f"| {v['name']} | {', '.join(v['revisions'])} | {v['matched']:.2f} | {_span(v['matched_null'])} | "
                      f"{v['survives']:.2f} | {_span(v['survives_null'])} |" for v in rs["variants"])
     names = [v["name"] for v in rs["variants"]]
@@ -892,9 +904,10 @@ def revision_sets_markdown(rs, command) -> str:
             f"seed, size, data) over each variant of its revisions: each inner one dropped, each scanned neighbour "
             f"added, the whole set shifted one scan step. The top latents of `{rs['attribution']}` are matched "
             f"one-to-one (Hungarian over all active latents, decoder cosine ≥ {rs['match_cos']} over the revisions "
-            f"both hold); a latent survives a variant when it is matched and keeps its decoder-norm timeline class "
+            f"both hold; a shifted set position by position, its i-th revision for the run's i-th); a latent "
+            f"survives a variant when it is matched and keeps its decoder-norm timeline class "
             f"and formed_at over those shared revisions. Null: random active latents of matched frequency "
-            f"({NULL_DRAWS} draws: [2.5%, 97.5%]). {rs['seconds']:.0f} s.\n\n| variant | revisions | top matched | "
+            f"({NULL_DRAWS} draws: [2.5%, 97.5%])." + _took(seconds) + "\n\n| variant | revisions | top matched | "
             f"null | top survive | null |\n|---|---|---|---|---|---|\n{rows}\n\n"
             f"Top latents that survive every variant: **{rs['survive_all']:.2f}**; random active latents: "
             f"{n['mean']:.2f} [{n['lo']:.2f}, {n['hi']:.2f}].\n\n| latent | class | formed_at | "

@@ -67,6 +67,19 @@ def test_survival_on_a_synthetic_case(tmp_path):
     assert v["matched"] == 0.75 and v["survives"] == 0.5 and v["shared"] == ["a", "c"]
     assert len(v["survives_null"]) == 20 and np.mean(v["survives_null"]) > 0.85   # 2 of 48 latents broken
 
+    # a shifted set shares no revision with the run: compared position by position (a', b', c' for a, b, c)
+    (tmp_path / "shift").mkdir()
+    S = W.clone()
+    S[2] = torch.nn.functional.normalize(torch.randn(3, d, generator=g), dim=-1)
+    _save(tmp_path / "shift", S[perm], ["a2", "b2", "c2"], freq[perm.numpy()])
+    out = stability.survival(tmp_path / "run", [0, 2, 3], [("shift-later", tmp_path / "shift", ["a2", "b2", "c2"])],
+                             draws=5)
+    rows = {r["latent"]: r["variants"]["shift-later"] for r in out["latents"]}
+    assert out["variants"][0]["shared"] == ["a", "b", "c"]
+    assert rows[0]["survives"] and rows[0]["partner"] == inverse[0] and rows[0]["cos"] == pytest.approx(1, abs=1e-5)
+    assert rows[3]["survives"] and rows[3]["formed_variant"] == "b"       # labelled by the run's revisions
+    assert not rows[2]["survives"] and out["survive_all"] == pytest.approx(2 / 3)
+
 
 @pytest.mark.slow
 def test_every_control_makes_its_check_fail(toy_run):
