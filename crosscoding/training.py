@@ -12,6 +12,7 @@ train.py reads top to bottom as the loop (data, step, log, checkpoint); the piec
 """
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -596,7 +597,12 @@ def loss_module(cc, ranks, compile=False):
     (revision shards average over their replicas in CrossCoder.train_step instead)."""
     loss_fn = _LossModule(cc)
     if ranks.shards == 1 and ranks.world > 1:
-        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, broadcast_buffers=False)
+        # the buffers are synced by CrossCoder.sync_buffers after each step, not at each forward; torch 2.13
+        # renamed the switch (its forward_sync_buffers=False still syncs once at init: harmless, every rank
+        # starts from the same seed or checkpoint)
+        DDP = torch.nn.parallel.DistributedDataParallel
+        new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+        loss_fn = DDP(loss_fn, **{"forward_sync_buffers" if new else "broadcast_buffers": False})
     return torch.compile(loss_fn) if compile else loss_fn
 
 
