@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from crosscoding import cli, common, defaults, lm, training
 from crosscoding.common import UsageError, positive
-from crosscoding.crosscoder import CrossCoder
+from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 from crosscoding.training import RunConfig
 
 
@@ -48,6 +48,10 @@ def parse_args(argv=None):
                    help="λ, the L1 penalty's weight after its warm-up (default: %(default)s)")
     p.add_argument("--k", type=positive("--k"), default=pre.k,
                    help="BatchTopK: latents per token (default: %(default)s)")
+    p.add_argument("--jumprelu-coeff", type=cli.finite_nonnegative("--jumprelu-coeff"),
+                   default=CrossCoderConfig.jumprelu_coeff,
+                   help="JumpReLU: the tanh-L0 penalty's weight per unit of M·d, chosen on the toy; other data may "
+                        "need another (size it by the L0 it trains to) (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="the crosscoder's matmuls: fp32, or bf16 autocast on a GPU (the loss sums stay fp32) "
                         "(default: %(default)s)")

@@ -66,6 +66,7 @@ class RunConfig:
     lr: float
     l1_coeff: float
     k: int
+    jumprelu_coeff: float
     seed: int
     precision: str
 
@@ -88,7 +89,8 @@ class RunConfig:
         the run's length as the paper's do (CrossCoderConfig)."""
         return CrossCoderConfig(n_models=M, d_model=d, dict_size=self.dict_size, arch=self.arch,
                                 l1_coeff=self.l1_coeff, lr=self.lr, total_steps=self.tokens // self.batch_size,
-                                batch_size=self.batch_size, k=self.k, seed=self.seed)
+                                batch_size=self.batch_size, k=self.k, jumprelu_coeff=self.jumprelu_coeff,
+                                seed=self.seed)
 
 
 def flag(field: str) -> str:

@@ -247,6 +247,19 @@ def test_a_fifth_variant_trains_through_train_py(local_model, small_cache, tmp_p
     assert "gated" in variants.VARIANTS        # the table itself, no copy of it, is what train.py read
 
 
+def test_jumprelu_coeff_is_a_train_py_flag(local_model, small_cache, tmp_path):
+    """--jumprelu-coeff (its default fits the toy, not every dataset) reaches the saved crosscoder's config,
+    the penalty the training log reports (λ_J = coeff · M·d after the warm-up), and the run's RunConfig."""
+    import train
+    out = tmp_path / "run"
+    argv = [a if a != "gated" else "jumprelu" for a in _gated_argv(local_model, small_cache, out)]
+    train.main(argv + ["--jumprelu-coeff", "0.0123"])
+    cc = CrossCoder.load(out)
+    assert cc.cfg.arch == "jumprelu" and cc.cfg.jumprelu_coeff == 0.0123
+    assert cc.variant.coeff_at(None) == pytest.approx(0.0123 * 2 * cc.cfg.d_model)
+    assert json.loads((out / "config.json").read_text())["run"]["jumprelu_coeff"] == 0.0123
+
+
 def test_convert_to_jumprelu_writes_a_run_every_stage_opens(tmp_path):
     """convert.py --to jumprelu: a normal run folder (config.json + crosscoder.safetensors + DONE), marked as
     converted, whose codes are the BatchTopK run's; analysis.open_run (what evaluate/relie/ablate use) takes it."""
