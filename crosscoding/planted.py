@@ -2,7 +2,7 @@
 die after known revisions, a crosscoder trained on them through the public API, and its timelines
 scored against the truth.
 
-    python -m crosscoding.planted                  # every sparsity variant in crosscoder.ARCHS (10–45 s each)
+    python -m crosscoding.planted                  # every variant in crosscoder.ARCHS, 3 seeds (10–45 s each)
     python -m crosscoding.planted --arch l1 --steps 800
     python -m crosscoding.planted --results        # the table into RESULTS.md (section `planted`)
 
@@ -186,34 +186,60 @@ def run_arch(arch, steps=1500, seed=0) -> dict:
     return out
 
 
+def _spread(rs, key, fmt=".2f") -> str:
+    """mean [min, max] over seeds (the value alone for one seed), over the seeds where it is defined."""
+    v = np.array([r[key] for r in rs], dtype=float)
+    v = v[~np.isnan(v)]           # faded_at's MAE is undefined for a seed where no feature fades in both
+    if not len(v):
+        return "—"
+    return f"{v.mean():{fmt}}" if len(v) == 1 else f"{v.mean():{fmt}} [{v.min():{fmt}}, {v.max():{fmt}}]"
+
+
+def _row(label, rs) -> str:
+    for r in rs:
+        r["missed"] = sum(c < 0.9 for c in r["features"]["cos"])
+    cos_min = min(r["matched_cos_min"] for r in rs)
+    return (f"| {label} | {_spread(rs, 'class_accuracy')} | {_spread(rs, 'formed_exact')} | "
+            f"{_spread(rs, 'formed_mae')} | {_spread(rs, 'faded_exact')} | {_spread(rs, 'faded_mae')} | "
+            f"{_spread(rs, 'matched_cos_mean')} "
+            f"(min {cos_min:.2f}) | {_spread(rs, 'missed', '.1f')} | "
+            + (_spread(rs, "l0", ".1f") if "l0" in rs[0] else "—") + " |")
+
+
 def main(argv=None):
     from crosscoding.crosscoder import ARCHS, CrossCoder, CrossCoderConfig
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=ARCHS, default=None, help="one variant (default: every one)")
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=3, help="generator and crosscoder seeds 0..N-1: each number is "
+                   "reported as mean [min, max] over them (default: %(default)s)")
     p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section `planted`)")
     args = p.parse_args(argv)
-    print(f"{'arch':<12} {'class acc':>9} {'formed exact':>12} {'formed MAE':>10} {'faded exact':>11} "
+    if args.seeds < 1 or args.steps < 1:
+        p.error(f"--seeds and --steps must be ≥ 1, got {args.seeds} and {args.steps}")
+    print(f"{'arch':<12} {'seed':>4} {'class acc':>9} {'formed exact':>12} {'formed MAE':>10} {'faded exact':>11} "
           f"{'faded MAE':>9} {'cos min':>7} {'L0':>5} {'s':>5}")
     rows = []
     for arch in [args.arch] if args.arch else ARCHS:
-        r = run_arch(arch, args.steps, args.seed)
-        print(f"{arch:<12} {r['class_accuracy']:9.2f} {r['formed_exact']:12.2f} {r['formed_mae']:10.2f} "
-              f"{r['faded_exact']:11.2f} {r['faded_mae']:9.2f} {r['matched_cos_min']:7.2f} {r['l0']:5.1f} "
-              f"{r['seconds']:5.0f}")
-        sized = f" (coefficient {r['jumprelu_coeff']:.3g}, sized to L0)" if "jumprelu_coeff" in r else ""
-        missed = sum(c < 0.9 for c in r["features"]["cos"])
-        rows.append(f"| {arch}{sized} | {r['class_accuracy']:.2f} | {r['formed_exact']:.2f} | {r['formed_mae']:.2f} | "
-                    f"{r['faded_exact']:.2f} | {r['faded_mae']:.2f} | {r['matched_cos_mean']:.2f} "
-                    f"[{r['matched_cos_min']:.2f}] | {missed} | {r['l0']:.1f} |")
-    untrained = score(planted_timelines(seed=args.seed),
-                      CrossCoder(CrossCoderConfig(n_models=10, d_model=32, dict_size=128)))
-    print(f"untrained crosscoder (the score's negative control): class accuracy {untrained['class_accuracy']:.2f}, "
-          f"formed_at exact {untrained['formed_exact']:.2f}")
+        rs = []
+        for seed in range(args.seeds):
+            r = run_arch(arch, args.steps, seed)
+            print(f"{arch:<12} {seed:4d} {r['class_accuracy']:9.2f} {r['formed_exact']:12.2f} {r['formed_mae']:10.2f} "
+                  f"{r['faded_exact']:11.2f} {r['faded_mae']:9.2f} {r['matched_cos_min']:7.2f} {r['l0']:5.1f} "
+                  f"{r['seconds']:5.0f}", flush=True)
+            rs.append(r)
+        sized = (" (coefficient " + ", ".join(f"{r['jumprelu_coeff']:.3g}" for r in rs) + ", sized to L0)"
+                 if "jumprelu_coeff" in rs[0] else "")
+        rows.append(_row(arch + sized, rs))
+    untrained = [score(planted_timelines(seed=seed), CrossCoder(CrossCoderConfig(n_models=10, d_model=32,
+                                                                                 dict_size=128, seed=seed)))
+                 for seed in range(args.seeds)]
+    print("untrained crosscoder (the score's negative control): class accuracy "
+          f"{_spread(untrained, 'class_accuracy')}, formed_at exact {_spread(untrained, 'formed_exact')}")
     if args.results:
-        command = "python -m crosscoding.planted" + (f" --arch {args.arch}" if args.arch else "") + (
-            f" --steps {args.steps}" if args.steps != 1500 else "")
+        command = ("python -m crosscoding.planted" + (f" --arch {args.arch}" if args.arch else "")
+                   + (f" --steps {args.steps}" if args.steps != 1500 else "")
+                   + (f" --seeds {args.seeds}" if args.seeds != 3 else ""))
         update_results("planted", (
             f"## Planted timelines (`{command}`)\n\n32 planted features over 10 revisions (8 each kept, emerging, "
             f"discontinued, transient; size drifting ±20% a revision, noise), a crosscoder of 128 latents trained "
@@ -222,13 +248,12 @@ def main(argv=None):
             "(measures.timeline) against the truth. MAE in revisions (faded_at: over features that fade in both). "
             "Sparsity sized to the ~4 features on per token: BatchTopK and Matryoshka k = 4, L1 λ = 0.5, JumpReLU's "
             "coefficient the default × 4^j until its L0 on fresh draws reaches 4 (chosen by L0, not by the score); "
-            "L0 is the inference rule's on fresh draws; missed: planted features whose best latent has cosine < 0.9."
+            "L0 is the inference rule's on fresh draws; missed: planted features whose best latent has cosine < 0.9. "
+            f"Each value is the mean [min, max] over {args.seeds} seeds, each a new generator draw (features, births, "
+            "deaths, data) and a new crosscoder initialisation; the cosine's min is over every feature of every seed."
             "\n\n| arch | class accuracy | formed_at exact | formed_at MAE | faded_at exact | faded_at MAE | "
-            f"matched cosine mean [min] | missed | L0 |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
-            + f"\n| untrained (negative control) | {untrained['class_accuracy']:.2f} | {untrained['formed_exact']:.2f} "
-            f"| {untrained['formed_mae']:.2f} | {untrained['faded_exact']:.2f} | — | "
-            f"{untrained['matched_cos_mean']:.2f} [{untrained['matched_cos_min']:.2f}] | "
-            f"{sum(c < 0.9 for c in untrained['features']['cos'])} | — |"),
+            f"matched cosine | missed | L0 |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+            + "\n" + _row("untrained (negative control)", untrained)),
             Path(__file__).resolve().parent.parent / "RESULTS.md")
 
 

@@ -56,3 +56,20 @@ def test_planted_timelines_recovered(arch):
     assert s["class_accuracy"] >= 0.9, s["per_class"]
     assert s["formed_exact"] >= 0.9, s["features"]
     assert s["matched_cos_mean"] >= 0.9
+
+
+def test_the_command_reports_each_seed_and_the_spread(capsys, tmp_path, monkeypatch):
+    """python -m crosscoding.planted: a line per variant and seed, the control's spread over the seeds; the
+    markdown row gives mean [min, max] over seeds and skips a seed where a value is undefined."""
+    planted.main(["--arch", "l1", "--steps", "30", "--seeds", "2"])
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.startswith("l1 ")]) == 2
+    assert "class accuracy 0.25 [0.25, 0.25]" in out          # the untrained control, both seeds
+    rs = [dict(class_accuracy=a, formed_exact=1.0, formed_mae=0.0, faded_exact=1.0, faded_mae=m,
+               matched_cos_mean=0.9, matched_cos_min=c, features=dict(cos=[c, 1.0]), l0=4.0)
+          for a, m, c in ((0.5, float("nan"), 0.8), (1.0, 2.0, 0.95))]
+    row = planted._row("x", rs)
+    assert row.startswith("| x | 0.75 [0.50, 1.00] |") and "| 2.00 |" in row and "(min 0.80)" in row
+    assert "| 0.5 [0.0, 1.0] |" in row                          # missed: one feature under 0.9 in seed 0
+    with pytest.raises(SystemExit):
+        planted.main(["--seeds", "0"])
