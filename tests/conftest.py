@@ -13,6 +13,18 @@ torch.set_num_threads(2)
 
 VOCAB = 128
 
+# The longest test files first (minutes each: whole stages run as subprocesses), the rest in their own order:
+# with `-n 2 --dist loadfile` the two workers then end together, instead of one running the last long file
+# alone while the other idles.
+LONGEST_FIRST = ("test_train.py", "test_toy_findings.py", "test_real_path.py", "test_faults.py", "test_stability.py",
+                 "test_app.py", "test_bad_input.py", "test_controls.py", "test_shards.py", "test_convert.py",
+                 "test_planted.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))    # stable: a file's tests keep their order
+
 
 def tiny_config(arch: str, n_layers=3, d=32):
     import transformers as tf
