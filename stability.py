@@ -802,9 +802,10 @@ def survival(base, chosen, variants, draws=NULL_DRAWS, seed=0) -> dict:
     for name, folder, vrevs in variants:
         # the revisions compared: those both hold; a set of the run's length (a shift) position by position,
         # its i-th revision standing in for the run's i-th (a shift may share none). Labelled by the run's.
-        shared = list(revs) if len(vrevs) == len(revs) else [r for r in revs if r in vrevs]
+        shift = len(vrevs) == len(revs)
+        shared = list(revs) if shift else [r for r in revs if r in vrevs]
         dec_a, norm_a = unit_decoders_over(base, shared)
-        dec_v, norm_v = unit_decoders_over(folder, list(vrevs) if len(vrevs) == len(revs) else shared)
+        dec_v, norm_v = unit_decoders_over(folder, list(vrevs) if shift else shared)
         pair = pairing(dec_a, act, dec_v, active_latents(folder)[0])
 
         def check(lat, pair=pair, norm_a=norm_a, norm_v=norm_v, shared=shared):

@@ -125,6 +125,7 @@ def score(planted: Planted, cc) -> dict:
     both = (faded >= 0) & (planted.faded_N >= 0)
     return dict(
         n=len(formed), matched_cos_mean=float(cos_N.mean()), matched_cos_min=float(cos_N.min()),
+        missed=int((cos_N < 0.9).sum()),
         formed_exact=float((formed == planted.formed_N).mean()),
         formed_mae=float(np.abs(formed - planted.formed_N).mean()),
         faded_exact=float((faded == planted.faded_N).mean()),
@@ -196,8 +197,6 @@ def _spread(rs, key, fmt=".2f") -> str:
 
 
 def _row(label, rs) -> str:
-    for r in rs:
-        r["missed"] = sum(c < 0.9 for c in r["features"]["cos"])
     cos_min = min(r["matched_cos_min"] for r in rs)
     return (f"| {label} | {_spread(rs, 'class_accuracy')} | {_spread(rs, 'formed_exact')} | "
             f"{_spread(rs, 'formed_mae')} | {_spread(rs, 'faded_exact')} | {_spread(rs, 'faded_mae')} | "

@@ -38,6 +38,7 @@ def test_the_score_fails_on_a_crosscoder_that_learned_nothing():
     cc = CrossCoder(CrossCoderConfig(n_models=10, d_model=32, dict_size=128))
     s = planted.score(p, cc)
     assert s["class_accuracy"] <= 0.3 and s["formed_exact"] <= 0.5 and s["matched_cos_mean"] < 0.5
+    assert s["missed"] == 32 == int((np.array(s["features"]["cos"]) < 0.9).sum())
 
 
 @pytest.mark.slow
@@ -66,7 +67,7 @@ def test_the_command_reports_each_seed_and_the_spread(capsys, tmp_path, monkeypa
     assert len([line for line in out.splitlines() if line.startswith("l1 ")]) == 2
     assert "class accuracy 0.25 [0.25, 0.25]" in out          # the untrained control, both seeds
     rs = [dict(class_accuracy=a, formed_exact=1.0, formed_mae=0.0, faded_exact=1.0, faded_mae=m,
-               matched_cos_mean=0.9, matched_cos_min=c, features=dict(cos=[c, 1.0]), l0=4.0)
+               matched_cos_mean=0.9, matched_cos_min=c, missed=int(c < 0.9), l0=4.0)
           for a, m, c in ((0.5, float("nan"), 0.8), (1.0, 2.0, 0.95))]
     row = planted._row("x", rs)
     assert row.startswith("| x | 0.75 [0.50, 1.00] |") and "| 2.00 |" in row and "(min 0.80)" in row
