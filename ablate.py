@@ -215,7 +215,7 @@ def consistency_table(run, ablations, ld_MPC, union, sets, ie_wide, nie_wide, pe
     the pairs (the Δ resampled; the RelIE and RelDec values held), and ρ(RelIE) − ρ(RelDec) with the
     interval of that difference from the same resamples. per_latent (a list), when given, receives one row
     per pair of revisions and latent with the values each ρ is computed from (ratios.csv, which
-    stability.py's permutation null reads)."""
+    controls.py's permutation null reads)."""
     revs = run.revisions
     col = {lat[0]: c for c, (kind, _, _, lat) in enumerate(ablations) if kind == "single"}
     cols = [col[i] for i in union]
@@ -290,7 +290,7 @@ def print_summary(revisions, df, sp, joint, subtasks, draws, n_pairs, in_sample)
           "linearises exactly this ablation, so with AtP it checks the attribution more than the model:\n"
           + show.round(2).to_string(index=False))
     print(f"intervals: {100 * measures.BOOTSTRAP_LEVEL:.0f}% bootstrap over the test pairs ({measures.BOOTSTRAP_N} "
-          "resamples); the spread over crosscoder and LM seeds is stability.py's, and is often wider")
+          "resamples); the spread over crosscoder and LM seeds is seeds.py's, and is often wider")
 
 
 if __name__ == "__main__":

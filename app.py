@@ -217,7 +217,7 @@ def latent_frame(run: Path, cfg: dict, task: str | None, source: str) -> pd.Data
 
 def show_trust(run: Path, task: str, summary: dict):
     """What the attribution covers and what its intervals resample, beside the seed spread where
-    stability.py measured one."""
+    seeds.py measured one."""
     cov = summary.get("coverage") or {}
     shares = {r: c["latents_share"] for r, c in cov.items() if c.get("latents_share") is not None}
     if shares:
@@ -230,10 +230,10 @@ def show_trust(run: Path, task: str, summary: dict):
     split = summary.get("split") or {}
     where = ("no split: ablations are in-sample" if split.get("in_sample") else
              f"{split.get('n_selection')} pairs for selection, {split.get('n_test')} held out for ablation")
-    stab = json_of(run / "stability" / "stability.json") or {}
+    stab = json_of(run / "stability" / "seeds.json") or {}
     gap = (stab.get("findings") or {}).get("ablation_gap_last") or {}
     seeds = (f"; over {len(stab.get('seeds', []))} crosscoder seeds the top-k − random-k gap at the last revision "
-             f"ranged {gap['min']:.1f}–{gap['max']:.1f} points (stability.py)" if gap.get("min") is not None else "")
+             f"ranged {gap['min']:.1f}–{gap['max']:.1f} points (seeds.py)" if gap.get("min") is not None else "")
     st.caption(f"Pairs: {where}. Intervals are 95% bootstrap over pairs; they do not cover the crosscoder's or the "
                f"LM's seed{seeds}. Classes greyed: under 80% of bootstrap resamples give the same class.")
 

@@ -348,7 +348,7 @@ def relie_task(run, models, task, args, threshold, latents):
                               max_pairs=args.max_pairs, n_selection=len(sel_rows), n_test=len(test_rows),
                               n_groups=len(set(groups)), in_sample=args.test_frac == 0),
                    intervals=dict(level=measures.BOOTSTRAP_LEVEL, resamples=measures.BOOTSTRAP_N,
-                                  over="the selection pairs (not the crosscoder's or the LM's seed: stability.py)",
+                                  over="the selection pairs (not the crosscoder's or the LM's seed: seeds.py)",
                                   seed=measures.BOOTSTRAP_SEED))
     for name, df in (("ie.csv", ie_df), ("error.csv", err_df), ("latents.csv", sheet), ("split.csv", split)):
         with atomic_path(out / name) as tmp:
@@ -370,7 +370,7 @@ def relie_task(run, models, task, args, threshold, latents):
           "pairs: no split (--test-frac 0): every finding ablate.py reports is then measured on the pairs it was "
           "selected on")
     print(f"intervals: {100 * measures.BOOTSTRAP_LEVEL:.0f}% bootstrap over the selection pairs; the spread over "
-          "crosscoder and LM seeds is stability.py's")
+          "crosscoder and LM seeds is seeds.py's")
     print(f"faithfulness ({args.method} vs exact ablation of these latents): Spearman ρ {faith['rho']:.2f} "
           f"(AtP: {faith['rho_atp']:.2f}); {faith['n_flagged']} of {faith['n']} (latent, revision) disagree in "
           "sign or by more than 2×")

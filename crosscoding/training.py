@@ -1,7 +1,7 @@
 """training.py — what train.py's loop stands on: the run's defining config, memory, data, checkpoints, DDP.
 
 train.py reads top to bottom as the loop (data, step, log, checkpoint); the pieces it calls live here:
-  RunConfig            what defines a run: the CLI's training flags, the resume check, stability.py's seed
+  RunConfig            what defines a run: the CLI's training flags, the resume check, seeds.py's seed
                        runs and config.json all use this one list
   predict_memory       the peak before step 1, and refusing what cannot fit
   data_source          batches as a pure function of the step (a cache, or the live buffer)
@@ -46,7 +46,7 @@ from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 class RunConfig:
     """What defines a training run: the same RunConfig trains the same crosscoder. Each field is train.py's
     flag of that name (--dict-size for dict_size, ...). --resume refuses a command whose RunConfig differs
-    from the run's, stability.py trains its seed runs with the run's RunConfig (another seed or arch), and
+    from the run's, seeds.py, controls.py and checkpoint_sets.py train their runs with the run's RunConfig (another seed or arch), and
     config.json records it under "run". Flags that only say where or how fast (--out, --device, --log-every,
     --ckpt-every, --compile) are not part of it."""
     model: str
