@@ -52,6 +52,32 @@ def random_like(freq_F, chosen, rng, draws) -> list[list[int]]:
     return [measures.matched_random(freq, chosen, rng, set(chosen)) for _ in range(draws)]
 
 
+
+def random_within(freq_F, chosen, strata_F, rng, draws) -> tuple[list[list[int]], list[int]]:
+    """`draws` sets of random active latents, each from the same stratum (say its timeline class) as its chosen
+    latent and near it in activation frequency (measures.matched_random within the stratum), so that the null
+    differs from the chosen latents in nothing the strata hold fixed. A chosen latent whose stratum holds no other
+    active latent is matched over all active latents instead; those are returned second."""
+    freq = np.where(freq_F > 0, freq_F, -1.0)           # dead latents are never drawn
+    strata = np.asarray(strata_F, dtype=object)
+    taken = {int(i) for i in chosen}
+    outside = {}                                        # stratum → the latents its draws must not take
+    for s in dict.fromkeys(strata[i] for i in chosen):     # in a fixed order: the draws are seeded
+        pool = (strata == s) & (freq_F > 0)
+        pool[list(taken)] = False
+        outside[s] = set(np.nonzero(~pool)[0].tolist()) if pool.any() else None
+    dead = set(np.nonzero(freq_F <= 0)[0].tolist()) | taken
+    pooled = [int(i) for i in chosen if outside[strata[i]] is None]
+    out = []
+    for _ in range(draws):
+        pick = {}
+        for s, exclude in sorted(outside.items(), key=lambda x: x[1] is None):    # the pooled last: they
+            lat = [int(i) for i in chosen if strata[i] == s]                      # avoid the others' picks
+            exclude = exclude if exclude is not None else dead | set(pick.values())
+            pick.update(zip(lat, measures.matched_random(freq, lat, rng, exclude)))
+        out.append([pick[int(i)] for i in chosen])
+    return out, pooled
+
 def matched_fractions(folders, chosen, draws=20, seed=0, cos=MATCH_COS) -> tuple[list[float], list[float]]:
     """Per crosscoder, the fraction of its chosen latents whose partner in every other crosscoder has decoder
     cosine ≥ cos, and the same fraction for random active latents of matched frequency (the null: how stable

@@ -108,6 +108,25 @@ def timeline(values_NM, revisions, tokens=None, prefix="") -> pd.DataFrame:
     return out
 
 
+
+def formation_intervals(formed_N, revisions, times) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's formation as the interval (lo, hi] in training time: hi = the time of its formed_at revision, lo =
+    the time of the revision before it (the latent was under half its peak there, or at least not yet lasting), −inf
+    at the first revision (it formed before the window). NaN for a row with no formed_at (''). `times`: each
+    revision's place in training (tokens or steps), so that intervals compare across different sets of revisions."""
+    t = dict(zip(revisions, map(float, times)))
+    before = {r: t[revisions[m - 1]] if m else -np.inf for m, r in enumerate(revisions)}
+    formed = list(formed_N)
+    return (np.array([before.get(f, np.nan) for f in formed], dtype=float),
+            np.array([t.get(f, np.nan) for f in formed], dtype=float))
+
+
+def intervals_overlap(lo_a, hi_a, lo_b, hi_b) -> np.ndarray:
+    """Whether half-open intervals (lo, hi] share a point: two formations agree when they overlap — (64, 128] and
+    (96, 256] do, (64, 128] and (128, 256] do not. False where either is NaN."""
+    lo = np.maximum(np.asarray(lo_a, dtype=float), np.asarray(lo_b, dtype=float))
+    return lo < np.minimum(np.asarray(hi_a, dtype=float), np.asarray(hi_b, dtype=float))
+
 # ---------------------------------------------------------------------------------------------
 # Signed classes: a latent that hurts the task where it matters most is not the same finding as one
 # that helps there
