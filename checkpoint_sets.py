@@ -62,17 +62,18 @@ def revision_variants(revisions, scanned) -> list[tuple[str, list]]:
     return out
 
 
-def revision_times(names, scanned=None) -> dict:
-    """Each revision's place in training, so that formation intervals compare across sets of revisions: the tokens
-    its name gives when every name gives them, else its step, else its position in the scan (training order)."""
+def revision_times(names, scanned=None) -> tuple[dict, str]:
+    """Each revision's place in training, so that formation intervals compare across sets of revisions, and its
+    unit: the tokens its name gives when every name gives them, else its step, else its position in the scan
+    (training order)."""
     names = list(dict.fromkeys(names))
     parsed = [lm.parse_revision(n) for n in names]
     if all(p.tokens is not None for p in parsed):
-        return {p.name: float(p.tokens) for p in parsed}
+        return {p.name: float(p.tokens) for p in parsed}, "tokens"
     if all(p.step is not None for p in parsed):
-        return {p.name: float(p.step) for p in parsed}
+        return {p.name: float(p.step) for p in parsed}, "training steps"
     if scanned is not None and all(n in scanned for n in names):
-        return {n: float(scanned.index(n)) for n in names}
+        return {n: float(scanned.index(n)) for n in names}, "positions in the scan"
     raise UsageError(f"revisions {names} give no step or tokens in their names and are not all in the scan: their "
                      "order in training is unknown")
 
@@ -137,12 +138,12 @@ def verdict(c) -> tuple[str, str]:
     if c["null_mean"] >= NULL_CEILING:
         return "uninformative", f"random latents are kept as often (null {c['null_mean']:.2f} ≥ {NULL_CEILING})"
     if c["lo"] > c["null_hi"]:
-        return "holds", f"top [{c['lo']:.2f}, {c['hi']:.2f}] above the null's [{c['null_lo']:.2f}, {c['null_hi']:.2f}]"
+        return "holds", f"top [{c['lo']:.3f}, {c['hi']:.3f}] above the null's [{c['null_lo']:.3f}, {c['null_hi']:.3f}]"
     if c["top"] <= c["null_hi"]:
-        return "fails", (f"top {c['top']:.2f} inside or below the null's [{c['null_lo']:.2f}, {c['null_hi']:.2f}]: "
+        return "fails", (f"top {c['top']:.3f} inside or below the null's [{c['null_lo']:.3f}, {c['null_hi']:.3f}]: "
                          "the top latents' timelines survive no more often than random latents' of their class")
-    return "uninformative", (f"top {c['top']:.2f} above the null's [{c['null_lo']:.2f}, {c['null_hi']:.2f}] but its "
-                             f"interval [{c['lo']:.2f}, {c['hi']:.2f}] reaches into it")
+    return "uninformative", (f"top {c['top']:.3f} above the null's [{c['null_lo']:.3f}, {c['null_hi']:.3f}] but its "
+                             f"interval [{c['lo']:.3f}, {c['hi']:.3f}] reaches into it")
 
 
 def survival(base, chosen, variants, scanned=None, draws=NULL_DRAWS, seed=0, grid=MATCH_COS_GRID) -> dict:
@@ -155,7 +156,7 @@ def survival(base, chosen, variants, scanned=None, draws=NULL_DRAWS, seed=0, gri
     no power. `scanned`: the scan's revisions in training order, for names that give no step."""
     grid = tuple(sorted({*grid, MATCH_COS}))     # the verdict's cosine is always among them
     revs = CrossCoder.load(base).extra["revisions"]
-    times = revision_times(list(revs) + [r for _, _, v in variants for r in v], scanned)
+    times, unit = revision_times(list(revs) + [r for _, _, v in variants for r in v], scanned)
     act, freq = active_latents(base)
     run_tl = measures.timeline(unit_decoders(base)[1], revs)
     run_formed = measures.formation_intervals(run_tl.formed_at, revs, [times[r] for r in revs])
@@ -211,7 +212,7 @@ def survival(base, chosen, variants, scanned=None, draws=NULL_DRAWS, seed=0, gri
                 every=against_null(every[chosen], [every[lat] for lat in nulls]),
                 verdict=dict(finding="the top latents' timelines are robust to the checkpoints chosen", verdict=v,
                              why=why, rule=RULE, cos=MATCH_COS),
-                times=times, match_cos=MATCH_COS, grid=list(grid), draws=draws, null_pooled=pooled)
+                times=times, time_unit=unit, match_cos=MATCH_COS, grid=list(grid), draws=draws, null_pooled=pooled)
 
 
 def checkpoint_sets(base, name, run_args, arch, cwd, eval_args=()) -> dict:
@@ -254,6 +255,8 @@ def _why(v, c=MATCH_COS) -> str:
         return "cannot tell"
     if kept:
         return "yes"
+    if v["partner"] < 0:
+        return "no partner"                   # the variant has fewer active latents than the run
     if v["cos"] < c:
         return f"unmatched {v['cos']:.2f}"
     return f"→{v['class_variant']}" if v["class_variant"] != v["class_shared"] else f"formed {v['formed_variant']}"
@@ -338,7 +341,7 @@ def checkpoint_sets_markdown(rs, command, seconds=None) -> str:
             f"matched one-to-one (Hungarian over all active latents on decoder cosine over the revisions both hold; a "
             f"shifted set position by position, its i-th revision for the run's i-th). A latent is kept in a variant "
             f"when it is matched at cosine ≥ c, keeps its decoder-norm timeline class over those revisions, and its "
-            f"formation — the interval (revision before formed_at, formed_at] in training steps — overlaps the "
+            f"formation — the interval (revision before formed_at, formed_at] in {rs['time_unit']} — overlaps the "
             f"variant's (so (64, 128] and (96, 256] agree). A variant that drops the revision a latent forms at "
             f"cannot tell (left out of that latent's denominator). Intervals: 95% bootstrap over the top latents; the "
             f"null is random active latents of the same timeline class and matched frequency ({rs['draws']} draws: "

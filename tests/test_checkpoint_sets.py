@@ -30,10 +30,10 @@ def test_revision_variants():
 
 def test_revision_times():
     """Tokens when every name gives them, else steps, else the scan's order; none of these: a usage error."""
-    assert checkpoint_sets.revision_times(["step64", "step128"]) == {"step64": 64.0, "step128": 128.0}
-    assert checkpoint_sets.revision_times(["step1-tokens2M", "step2-tokens4M"]) == {"step1-tokens2M": 2e6,
-                                                                                   "step2-tokens4M": 4e6}
-    assert checkpoint_sets.revision_times(["early", "main"], ["early", "late", "main"]) == {"early": 0.0, "main": 2.0}
+    times = checkpoint_sets.revision_times
+    assert times(["step64", "step128"]) == ({"step64": 64.0, "step128": 128.0}, "training steps")
+    assert times(["step1-tokens2M", "step2-tokens4M"]) == ({"step1-tokens2M": 2e6, "step2-tokens4M": 4e6}, "tokens")
+    assert times(["early", "main"], ["early", "late", "main"])[0] == {"early": 0.0, "main": 2.0}
     with pytest.raises(UsageError, match="order in training"):
         checkpoint_sets.revision_times(["early", "main"])
 
@@ -200,6 +200,11 @@ def test_identical_timelines_survive(tmp_path):
     assert g["n"] == 16 and g["lo"] == 1.0 and g["null_hi"] < 0.8
     assert out["verdict"]["verdict"] == "holds" and out["graded"]["by_cos"]["0.8"]["verdict"] == "holds"
     assert out["every"]["top"] == 1.0 and out["null_pooled"] == []
+    text = checkpoint_sets.checkpoint_sets_table(out)                      # the verdict is printed with its rule
+    assert "robust to the checkpoints chosen: HOLDS at cosine 0.9" in text and checkpoint_sets.RULE in text
+    assert text.count("cannot tell") == 8                                  # the emerging and transient, drop-step128
+    md = checkpoint_sets.checkpoint_sets_markdown(dict(out, attribution="toy_sva"), "python checkpoint_sets.py")
+    assert "chosen: holds** at cosine 0.9" in md and "in training steps" in md
 
 
 def test_shuffled_timelines_do_not_beat_the_null(tmp_path):
