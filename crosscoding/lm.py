@@ -206,7 +206,9 @@ def load(model: str | ModelSpec, revision: str | None = None, device="cpu", dtyp
     hf_logging.disable_progress_bar()   # our own bars say what is loading; errors stay one line
     spec = resolve(model) if isinstance(model, str) else model
     if weights == "random":
-        lm, tok = random_model(spec, revision or "main"), standin_tokenizer(spec)
+        # a local model (the toy) keeps its own tokenizer; a hub model gets a stand-in of its vocabulary (offline)
+        tok = AutoTokenizer.from_pretrained(_local_config_dir(spec)) if spec.local else standin_tokenizer(spec)
+        lm = random_model(spec, revision or "main")
         return lm.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False), tok
     check_built(spec)
     if spec.local:
@@ -242,8 +244,14 @@ def default_task(spec: ModelSpec, weights="hub") -> str:
     return "toy_sva" if weights == "random" else spec.task
 
 
+def _local_config_dir(spec: ModelSpec) -> Path:
+    """A local model's first revision folder: its architecture and tokenizer, which every revision shares."""
+    check_built(spec)
+    return Path(spec.repo) / spec.revisions[0]
+
+
 def _need_arch(spec):
-    if not spec.arch:
+    if not spec.arch and not spec.local:
         with_arch = ", ".join(k for k, m in MODELS.items() if m.arch)
         raise UsageError(f"--weights random needs a model whose architecture is known: {with_arch}; "
                          f"{spec.key!r} is not one of them")
@@ -255,6 +263,8 @@ def architecture(spec: ModelSpec):
     import transformers
     from transformers import AutoModelForCausalLM
     _need_arch(spec)
+    if spec.local and not spec.arch:     # a local model's own config (the toy's), read from its folder
+        return AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(_local_config_dir(spec)))
     cls, kw = spec.arch
     return AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw))
 
