@@ -239,7 +239,7 @@ def main(argv=None):
     if args.results:
         command = " ".join(["python controls.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
         update_results(f"controls-{run_args['arch']}", controls_markdown(ctl, command, time.time() - t0),
-                       ROOT / "RESULTS.md")
+                       ROOT / "FINDINGS.md")
     print(f"wrote {base / 'stability' / 'controls.json'}")
 
 

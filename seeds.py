@@ -125,7 +125,7 @@ def main(argv=None):
         print("\n" + methods_table(result))
     if args.results:
         command = " ".join(["python seeds.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
-        update_results(f"seeds-{arch}", results_markdown(result, command), ROOT / "RESULTS.md")
+        update_results(f"seeds-{arch}", results_markdown(result, command), ROOT / "FINDINGS.md")
     print(f"wrote {path}")
 
 
