@@ -620,7 +620,7 @@ def timeline_chart(rows, values, revs, scan_rows, colour_title, what, groups_mea
     M, n = len(revs), len(rows)
     width = TIMELINE_WIDTH(M)
     x = alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs), title="revision (training order)",
-              axis=alt.Axis(labelAngle=-40 if M > 6 else 0, labelLimit=600, orient="bottom"))
+              axis=alt.Axis(labelAngle=-40 if M > 6 else 0, labelLimit=600, orient="bottom", domain=True))
     legend = dict(titleLimit=600, labelLimit=600)
     charts = []
     if scan_rows is not None and len(scan_rows):
@@ -827,8 +827,7 @@ def ablation_bars(d: pd.DataFrame, revs, top_of: str):
         tooltip=["kind", "revision", alt.Tooltip("acc_drop:Q", format=".3f"),
                  alt.Tooltip("acc_drop_lo:Q", format=".3f"), alt.Tooltip("acc_drop_hi:Q", format=".3f")], **enc)
     ticks = alt.Chart(both).mark_rule(color="black").encode(y="acc_drop_lo:Q", y2="acc_drop_hi:Q", **enc)
-    return (bars + ticks).properties(title=f"ablating the top-k latents of {top_of} against random-k",
-                                     width=max(300, 80 * len(revs)), height=260)
+    return (bars + ticks).properties(title=f"ablating the top-k latents of {top_of} against random-k", height=300)
 
 
 def page_ablation(run: Path, cfg: dict):
@@ -850,18 +849,19 @@ def page_ablation(run: Path, cfg: dict):
             x=alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs), title="spliced into"),
             y=alt.Y("selected_at:N", sort=revs, scale=alt.Scale(domain=revs), title="top-k of"),
             color=alt.Color("gap:Q", scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True),
-                            legend=alt.Legend(title="top-k − random-k accuracy drop", titleLimit=600)),
+                            legend=alt.Legend(title="gap")),
             tooltip=["selected_at", "revision", alt.Tooltip("gap:Q", format=".3f")]).properties(
-            title="accuracy drop of top-k minus random-k (mean of the draws)", width=max(260, 40 * len(revs)),
-            height=max(120, 28 * len(revs))), width="content")
+            title="accuracy drop of top-k minus random-k (gap; random-k: the mean of its draws)",
+            height=max(200, 60 + 30 * len(revs))), width="stretch")
     chosen = [r for r in revs if r in set(sets.selected_at)]
     top_of = st.selectbox("top-k of", chosen, index=len(chosen) - 1, key=f"abl-top-{run.name}") if chosen else None
     if top_of:
-        st.altair_chart(ablation_bars(d, revs, top_of), width="content")
+        st.altair_chart(ablation_bars(d, revs, top_of), width="stretch")
         st.caption("Bars: the accuracy drop on the held-out test pairs. Top-k: its 95% bootstrap interval over the "
                    "test pairs. Random-k: the mean over the random draws of matched frequency; its line spans the "
                    "lowest to the highest bound of the draws' own intervals.")
-    single = d[d.kind == "single"].pivot_table(index="latents", columns="revision", values="delta")
+    single = d[d.kind == "single"].astype({"latents": int}).pivot_table(index="latents", columns="revision",
+                                                                        values="delta")
     st.subheader("Single-latent ablations: Δ logit difference per revision")
     st.dataframe(single.reindex(columns=[r for r in revs if r in single.columns]), width="stretch")
     for file, title, about in ABLATION_TABLES:
