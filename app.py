@@ -561,7 +561,11 @@ TIMELINE_SOURCES = {"decoder norm": ("reldec_", "timeline_class", "formed_at", "
                     "|IE|": ("relie_", "ie_timeline_class", "ie_formed_at", "ie_"),
                     "|IE| share of its revision": ("relie_norm_", "ie_norm_timeline_class", "ie_norm_formed_at", "ie_")}
 ROW_BUDGET = 1000   # heatmap rows drawn at most; a larger group is thinned to its strongest, never dropped
-TIMELINE_WIDTH = lambda M: min(1000, max(420, 70 * M))   # noqa: E731   pixels of every chart sharing the x-axis
+
+
+def timeline_width(M: int) -> int:
+    """Pixels of every chart that shares the Timeline's x-axis: 70 a revision, within [420, 1000]."""
+    return min(1000, max(420, 70 * M))
 
 
 def scan_for(scans: Path, cfg: dict) -> pd.DataFrame | None:
@@ -614,11 +618,12 @@ def row_layout(group_N, label_px=16, target_px=700):
     return y0, y1, start, px
 
 
-def timeline_chart(rows, values, revs, scan_rows, colour_title, what, groups_mean):
-    """Accuracy, the formation groups' mean and every drawn latent, stacked on ONE shared x scale of the
-    revisions (a band per revision, names on the axis): each column sits under its accuracy point."""
-    M, n = len(revs), len(rows)
-    width = TIMELINE_WIDTH(M)
+def timeline_chart(values, px, revs, scan_rows, colour_title, what, groups_mean):
+    """Accuracy, the formation groups' mean and every drawn latent (`values`: one cell per latent and revision,
+    its rows [row, row_end) from row_layout, px pixels a row), stacked on ONE shared x scale of the revisions (a
+    band per revision, names on the axis): each column sits under its accuracy point."""
+    M, n = len(revs), values.latent.nunique()
+    width = timeline_width(M)
     x = alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs), title="revision (training order)",
               axis=alt.Axis(labelAngle=-40 if M > 6 else 0, labelLimit=600, orient="bottom", domain=True))
     legend = dict(titleLimit=600, labelLimit=600)
@@ -637,9 +642,9 @@ def timeline_chart(rows, values, revs, scan_rows, colour_title, what, groups_mea
                      axis=alt.Axis(labelLimit=600, labelOverlap=False)),
         color=colour, tooltip=["label", "revision", alt.Tooltip("value:Q", format=".2f")]).properties(
         width=width, height=max(40, 20 * G), title=f"mean per formation revision ({what})"))
-    y0, y1, total, px = row_layout(rows.group.to_numpy())
-    bounds = pd.DataFrame({"group": rows.group, "y0": y0, "y1": y1}).groupby("group", sort=False).agg(
-        top=("y0", "min"), bottom=("y1", "max"), size=("y0", "size"))
+    bounds = values.groupby("group", sort=False).agg(top=("row", "min"), bottom=("row_end", "max"),
+                                                       size=("latent", "nunique"))
+    total = float(bounds.bottom.max())
     mids = {float((t + b) / 2): f"{g} · {int(s)}" for g, (t, b, s) in bounds.iterrows()}
     label = " : ".join(f"datum.value == {m!r} ? {json.dumps(t)}" for m, t in mids.items()) + " : ''"
     y = alt.Y("row:Q", scale=alt.Scale(domain=[0, total], reverse=True, nice=False, zero=False),
@@ -703,7 +708,7 @@ def page_timeline(run: Path, cfg: dict, scans: Path):
     shares = rows[[f"{share_prefix}{r}" for r in revs]].to_numpy()
     if scale.startswith("fraction"):   # each row by its own peak: formation reads as a staircase at any M
         shares = measures.peak_fraction(shares)
-    y0, y1, _, _ = row_layout(rows.group.to_numpy())
+    y0, y1, _, px = row_layout(rows.group.to_numpy())
     values = pd.DataFrame([dict(row=y0[k], row_end=y1[k], latent=int(l), revision=r, value=float(shares[k, m]),
                                 group=g, cls=c)
                            for k, (l, g, c) in enumerate(zip(rows.latent, rows.group, rows[cls_col]))
@@ -727,7 +732,7 @@ def page_timeline(run: Path, cfg: dict, scans: Path):
         st.info("No scan of this model and layer yet (it gives the accuracy curve): "
                 "`python cache_acts.py --scan --model …`")
     colour_title = "fraction of its own peak" if scale.startswith("fraction") else "share over revisions"
-    st.altair_chart(timeline_chart(rows, values, revs, scan_rows, colour_title, source, groups_mean), width="content")
+    st.altair_chart(timeline_chart(values, px, revs, scan_rows, colour_title, source, groups_mean), width="content")
     st.caption("Every latent of the chosen classes is drawn, grouped by the revision where it forms (the labels: "
                "formed_at · count), and within a group by peak and fade. Classes: kept (formed at the first "
                "revision, never fades), emerging (forms later), discontinued (fades), transient (forms later and "
