@@ -299,57 +299,57 @@ def show_trust(run: Path, task: str, summary: dict):
                f"LM's seed{seeds}. Classes greyed: under 80% of bootstrap resamples give the same class.")
 
 
-def coverage_frame(summary: dict, err: pd.DataFrame | None, revs) -> pd.DataFrame:
-    """Per revision, the two shares of the task's IE: relie.py's coverage (signed sums: |Σ_i IE_i| against
-    |IE_error|, what it prints and warns on), and the error's share when every latent counts by its size
-    (Σ_i |IE_i|, per sub-task, weighted by pairs: error.csv's error_share)."""
+def coverage_frame(summary: dict, revs) -> pd.DataFrame:
+    """Per revision, relie.py's coverage: the latents' and the error term's shares of the task, measured (zeroing
+    every latent against zeroing the error term: latents_share) and by the attribution (Σ_i |IE_i| against
+    |IE_error|: latents_share_ie)."""
     cov = summary.get("coverage") or {}
     rows = []
     for r in revs:
-        share = (cov.get(r) or {}).get("latents_share")
-        if share is None:
+        c = cov.get(r) or {}
+        if c.get("latents_share") is None:
             continue
-        by_size = np.nan
-        if err is not None:
-            g = err[err.revision == r]
-            den = ((g.ie_error.abs() + g.ie_latents_abs) * g.n_pairs).sum()
-            by_size = float((g.ie_error.abs() * g.n_pairs).sum() / den) if den > 0 else np.nan
-        rows += [dict(revision=r, part="latents (|Σ IE_i|)", share=share, by_size=by_size),
-                 dict(revision=r, part="error term (|IE_error|)", share=1 - share, by_size=by_size)]
+        by_ie = c.get("latents_share_ie")
+        error_by_ie = np.nan if by_ie is None else 1 - by_ie
+        rows += [dict(revision=r, part="latents", share=c["latents_share"], error_by_ie=error_by_ie),
+                 dict(revision=r, part="error term", share=1 - c["latents_share"], error_by_ie=error_by_ie)]
     return pd.DataFrame(rows)
 
 
-def coverage_figure(summary: dict, err: pd.DataFrame | None, revs, where):
-    """One coverage figure: the latents' and the error term's share of the task's IE per revision, with the
-    error's share by size as a dot, and what tells the two apart."""
-    cov = coverage_frame(summary, err, revs)
+def coverage_figure(summary: dict, revs, where):
+    """One coverage figure: per revision the latents' and the error term's measured shares of the task as bars,
+    the error term's share by the attribution as a diamond, and what tells the two apart."""
+    cov = coverage_frame(summary, revs)
     if not len(cov):
         return
-    where.subheader("Coverage: how much of the task's IE the latents carry")
+    where.subheader("Coverage: how much of the task goes through the latents")
     x = alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs), title=None)
+    share = alt.Tooltip("share:Q", format=".2f", title="measured share")
+    by_ie = alt.Tooltip("error_by_ie:Q", format=".2f", title="error term's share by the attribution")
     bars = alt.Chart(cov).mark_bar().encode(
-        x=x, y=alt.Y("share:Q", stack=True, scale=alt.Scale(domain=[0, 1]), title="share of the task's IE"),
-        color=alt.Color("part:N", sort=["latents (|Σ IE_i|)", "error term (|IE_error|)"],
-                        scale=alt.Scale(range=["#4c78a8", "#d62728"]),
+        x=x, y=alt.Y("share:Q", stack=True, scale=alt.Scale(domain=[0, 1]), title="share of the task"),
+        color=alt.Color("part:N", sort=["latents", "error term"], scale=alt.Scale(range=["#4c78a8", "#d62728"]),
                         legend=alt.Legend(orient="top", title=None, labelLimit=600)),
-        tooltip=["revision", "part", alt.Tooltip("share:Q", format=".2f"),
-                 alt.Tooltip("by_size:Q", format=".2f", title="error's share of Σ|IE|")])
-    dots = alt.Chart(cov.drop_duplicates("revision")).mark_point(shape="diamond", filled=True, color="black",
-                                                                 size=60).encode(
-        x=x, y="by_size:Q", tooltip=["revision", alt.Tooltip("by_size:Q", format=".2f",
-                                                             title="error's share of Σ|IE|")])
+        tooltip=["revision", "part", share, by_ie])
+    dots = alt.Chart(cov.drop_duplicates("revision").dropna(subset=["error_by_ie"])).mark_point(
+        shape="diamond", filled=True, color="black", size=60).encode(x=x, y="error_by_ie:Q",
+                                                                     tooltip=["revision", by_ie])
     half = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
     where.altair_chart((bars + dots + half).properties(height=220), width="stretch")
-    low = cov[(cov.part.str.startswith("latents")) & (cov.share < 0.5)]
     where.caption(
-        "Bars: relie.py's coverage, |Σ_i IE_i| against |IE_error| with the latents' IEs summed with their signs, the "
-        "number relie.py prints and warns on (dashed: half). Black diamonds: the error's share when every latent "
-        "counts by its size, |IE_error| / (|IE_error| + Σ_i |IE_i|) (error.csv, per sub-task, weighted by pairs). The "
-        "two agree when the latents push the same way; latents that cancel each other lower the bar but not the "
-        "diamond, so a diamond well under the red bar means many latents act in opposite directions.")
-    if len(low):
-        where.warning("The error term carries more than half of the task's IE at "
-                      + ", ".join(f"{r} ({100 * (1 - v):.0f}%)" for r, v in zip(low.revision, low.share))
+        "Bars: the measured split (relie.py's coverage), the change of the logit difference when every latent is "
+        "zeroed (the error term kept) against when the error term is zeroed (the latents kept), |Δ_latents| / "
+        "(|Δ_latents| + |Δ_error|). Black diamonds: the error term's share by the attribution, |IE_error| / "
+        "(|IE_error| + Σ_i |IE_i|), the number the latents' IEs suggest. They differ where the attribution, a "
+        "first-order estimate, credits the latents with large IEs that cancel when they are removed together: "
+        "the bars are what removing them does. Dashed: half.")
+    low = {r: g for r, g in cov[cov.part == "error term"].set_index("revision").iterrows()
+           if g.share > 0.5 or g.error_by_ie > 0.5}
+    if low:
+        where.warning("The error term carries more than half of the task at "
+                      + ", ".join(f"{r} ({100 * g.share:.0f}% measured"
+                                  + ("" if pd.isna(g.error_by_ie) else f", {100 * g.error_by_ie:.0f}% by IE") + ")"
+                                  for r, g in low.items())
                       + ": the crosscoder misses much of what the LM uses there, and latent-level findings at those "
                         "revisions cover only part of the task (try another layer, a larger F or a lower λ).")
 
@@ -457,8 +457,7 @@ def page_latents(run: Path, cfg: dict):
                        f"{faith['rho_atp']:.2f}); {faith['n_flagged']} of {faith['n']} (latent, revision) disagree. "
                        "Latents marked ⚠ disagree somewhere; they are listed after the others.")
         show_trust(run, task, summary)
-        err = csv_of(run / "relie" / task / "error.csv")
-        coverage_figure(summary, err, revs, right if len(revs) <= 3 else st)
+        coverage_figure(summary, revs, right if len(revs) <= 3 else st)
     front = [c for c in ("latent", "class", "disagree", "freq", "artifact", "annotated") if c in view.columns]
     st.dataframe(view[front + [c for c in view.columns if c not in front + ["x", "y"]]], width="stretch",
                  height=260, hide_index=True)

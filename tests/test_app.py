@@ -400,7 +400,9 @@ def test_latents_page_one_coverage_figure_and_faithful_first(at10, m10):
     frame = [f for f in _frames(cover[0]) if "share" in f.columns][0]
     summary = json.loads((m10["run"] / "relie" / "toy_sva" / "summary.json").read_text())
     lat = frame[frame.part.str.startswith("latents")].set_index("revision").share
-    assert all(abs(lat[r] - summary["coverage"][r]["latents_share"]) < 1e-9 for r in M10)
+    assert all(abs(lat[r] - summary["coverage"][r]["latents_share"]) < 1e-9 for r in M10)   # measured: bars
+    by_ie = frame.drop_duplicates("revision").set_index("revision").error_by_ie               # by IE: diamonds
+    assert all(abs(by_ie[r] - (1 - summary["coverage"][r]["latents_share_ie"])) < 1e-9 for r in M10)
     assert not [c for c in at.get("vega_lite_chart") if "error share" in c.proto.spec]   # no second figure
     sheet = pd.read_csv(m10["run"] / "relie" / "toy_sva" / "latents.csv")
     flags = sheet[[f"unfaithful_{r}" for r in M10]].sum(axis=1)

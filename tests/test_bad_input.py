@@ -239,8 +239,8 @@ def test_revision_lists_tolerate_spaces(world, toy_run, monkeypatch):
 FAKE_PAPER_RUN = {"model": "pythia-70m", "layer": 3, "revisions": ["step512", "step143000"]}
 
 
-@pytest.mark.parametrize("script", ["train.py", "cache_acts.py", "evaluate.py", "relie.py", "ablate.py",
-                                    "stability.py", "convert.py"])
+@pytest.mark.parametrize("script", ["train.py", "cache_acts.py", "evaluate.py", "relie.py", "ablate.py", "seeds.py",
+                                    "controls.py", "checkpoint_sets.py", "convert.py"])
 def test_help_footer_is_true(script, tmp_path, monkeypatch, capsys):
     """Each script's --help says whose defaults it shows and names a command that shows the paper's; that command
     works and shows them. convert.py has no default that depends on the model, and says nothing of presets."""
@@ -268,7 +268,7 @@ def test_help_footer_is_true(script, tmp_path, monkeypatch, capsys):
         assert "`--run RUN --help`, RUN a run of a Hugging Face model, shows them" in toy and "--model" not in toy
         paper = help_of("--run", str(run))
     assert "Defaults are the 'paper' preset's" in paper
-    if script in ("relie.py", "stability.py"):
+    if script in ("relie.py", "seeds.py", "controls.py"):
         assert "(default: 0.1" in paper and "(default: 0.0" in toy    # the IE threshold: the paper's, the toy's
 
 
