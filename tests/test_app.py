@@ -395,7 +395,7 @@ def test_ablation_page_has_intervals_and_joint_table(at10, m10):
 
 def test_latents_page_one_coverage_figure_and_faithful_first(at10, m10):
     at = at10("Latents")
-    cover = [c for c in at.get("vega_lite_chart") if "share of the task's IE" in c.proto.spec]
+    cover = [c for c in at.get("vega_lite_chart") if '"share of the task"' in c.proto.spec]
     assert len(cover) == 1
     frame = [f for f in _frames(cover[0]) if "share" in f.columns][0]
     summary = json.loads((m10["run"] / "relie" / "toy_sva" / "summary.json").read_text())
