@@ -4,8 +4,11 @@ which checkpoint, what they respond to, and what breaks without them.
     streamlit run app.py                                  # reads runs/ and scans/ here
     streamlit run app.py -- --runs /data/runs --scans /data/scans
 
-Pages: Checkpoints (scans/), Training (log.jsonl, eval.json), Latents (the emergence map, contexts,
-logit effects, annotations), Ablation. The app reads only inside its runs and scans roots, loads no
+Pages: Checkpoints (scans/), Training (the run's config, log.jsonl, eval.json), Latents (the emergence map,
+coverage, faithfulness, contexts, logit effects, annotations), Timeline (every latent over the revisions in
+training order, grouped by where it forms, under the accuracy curve; each formation revision's latents),
+Ablation (top-k against random-k with intervals, the joint table). Runs are listed newest first. The app
+reads only inside its runs and scans roots, loads no
 pickles, escapes every text it renders as HTML, and (by Streamlit's config here) listens on
 127.0.0.1. Annotations go to runs/<name>/annotations.csv, which relie.py's exports pick up.
 """
