@@ -73,24 +73,26 @@ def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
     ie_MF, _ = mean_ie(att)
     nie_MF = measures.normalise(ie_MF)
     ie_NM, nie_NM = ie_MF[:, chosen].T, nie_MF[:, chosen].T
-    df = pd.DataFrame({"latent": chosen})
+    # the columns are gathered first and framed once: M = 10 revisions make ~400 of them (45 pairs × 6), and
+    # inserting them one by one fragments the frame (pandas warns on every insert past 100)
+    cols = {"latent": chosen}
     for m, r in enumerate(revs):
-        df[f"ie_{r}"] = ie_NM[:, m]
+        cols[f"ie_{r}"] = ie_NM[:, m]
     rd = reldec_FM[chosen]
     dominant = np.abs(ie_NM).argmax(1)
-    measures.add_shares(df, "relie", measures.rel(ie_NM), revs)
-    measures.add_shares(df, "relie_norm", measures.rel(nie_NM), revs)
-    measures.add_shares(df, "reldec", rd, revs)
+    measures.add_shares(cols, "relie", measures.rel(ie_NM), revs)
+    measures.add_shares(cols, "relie_norm", measures.rel(nie_NM), revs)
+    measures.add_shares(cols, "reldec", rd, revs)
     for name in ("relie_class", "relie_norm_class"):
-        df[name] = measures.signed(df[name], measures.sign_at(ie_NM, dominant))
+        cols[name] = measures.signed(cols[name], measures.sign_at(ie_NM, dominant))
     for a, b in measures.pairs_of(revs):
         tag = f"{revs[a]}_{revs[b]}"
         sign2 = measures.sign_at(ie_NM, np.where(np.abs(ie_NM[:, b]) >= np.abs(ie_NM[:, a]), b, a))
         for name, vals in (("relie2", ie_NM), ("relie2_norm", nie_NM), ("reldec2", rd)):
             r2 = measures.rel2(vals[:, a], vals[:, b])
-            df[f"{name}_{tag}"] = r2
+            cols[f"{name}_{tag}"] = r2
             cls = measures.classify2(r2)
-            df[f"{name}_class_{tag}"] = cls if name == "reldec2" else measures.signed(cls, sign2)
+            cols[f"{name}_class_{tag}"] = cls if name == "reldec2" else measures.signed(cls, sign2)
     tokens = run.revision_tokens
     ie_tl = measures.timeline(ie_NM, revs, tokens, prefix="ie_")
     ie_tl["ie_timeline_class"] = measures.signed(ie_tl["ie_timeline_class"],
@@ -98,8 +100,8 @@ def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
     norm_tl = measures.timeline(nie_NM, revs, tokens, prefix="ie_norm_")
     norm_tl["ie_norm_timeline_class"] = measures.signed(norm_tl["ie_norm_timeline_class"],
                                                         measures.sign_at(ie_NM, np.abs(nie_NM).argmax(1)))
-    df = pd.concat([df, measures.timeline(run.cc.decoder_norms().detach().cpu().numpy()[chosen], revs, tokens),
-                    ie_tl, norm_tl], axis=1)
+    df = pd.concat([pd.DataFrame(cols), measures.timeline(run.cc.decoder_norms().detach().cpu().numpy()[chosen],
+                                                          revs, tokens), ie_tl, norm_tl], axis=1)
     df["artifact"] = [bool(flags.get(i, False)) for i in chosen]
     df["description"] = [annotations.get(i, {}).get("description", "") for i in chosen]
     df["tags"] = [annotations.get(i, {}).get("tags", "") for i in chosen]
@@ -165,9 +167,11 @@ def logit_effects(run, models, chosen, n=10):
 
 
 @torch.no_grad()
-def top_contexts(run, models, chosen, n_blocks=64, n=8, before=12, after=3):
+def top_contexts(run, models, chosen, n_blocks=64, n=8, before=20, after=3):
     """For each chosen latent, its n highest activations on held-out LM text, each with the window
-    of tokens around it and the latent's activation on every token of the window."""
+    of tokens around it and the latent's activation on every token of the window. `before` reaches past
+    a subject, a relative clause and its attractor ("the goose that the geese watch was"): the left context
+    agreement depends on. A window cut short by its block's start (pos = max_at + 1) shows all the model saw."""
     tok = models[-1][2]
     ids = run.heldout_blocks(n_blocks, tok)
     acts = []
@@ -189,7 +193,7 @@ def top_contexts(run, models, chosen, n_blocks=64, n=8, before=12, after=3):
             b, t = divmod(k, a.shape[1])
             lo, hi = max(1, t - before), min(a.shape[1], t + after + 1)
             ctx.append(dict(tokens=[tok.decode([x]) for x in ids[b, lo:hi].tolist()],
-                            acts=[round(x, 4) for x in a[b, lo:hi].tolist()], max_at=t - lo, max=round(v, 4)))
+                            acts=[round(x, 4) for x in a[b, lo:hi].tolist()], max_at=t - lo, max=round(v, 4), pos=t))
         out[str(i)] = ctx
     return out
 

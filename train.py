@@ -16,6 +16,7 @@ step; ckpt/<step>/ (weights, optimizer, schedule, RNG, the live buffer's text po
 --ckpt-every steps, so --resume continues after a kill and ends with the weights of an
 uninterrupted run.
 """
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from crosscoding import cli, common, defaults, lm, training
+from crosscoding import cli, common, defaults, lm, measures, training
 from crosscoding.common import UsageError, positive
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 from crosscoding.training import RunConfig
@@ -80,7 +81,7 @@ def parse_args(argv=None):
                          "--out, --overwrite starts it again")
     if args.layer is None:
         raise UsageError(f"--layer is required for {args.model}")
-    args.revisions = args.revisions.split(",") if args.revisions else []
+    args.revisions = args.revisions or []
     if len(args.revisions) < 2:
         raise UsageError(f"--revisions needs at least 2 revisions to crosscode, got {args.revisions}")
     if len(set(args.revisions)) != len(args.revisions):
@@ -188,6 +189,9 @@ def train(args, spec, ranks):
         print(f"run {args.out}: val FVU {[f'{v:.3f}' for v in last['val_fvu']]}, L0 {last['val_l0']:.1f}, "
               f"dead {100 * last['val_dead_frac']:.0f}%, {last['tokens_per_s']:.0f} tokens/s, "
               f"{time.time() - t0:.0f} s")
+        warning = measures.fvu_warning(dict(zip(args.revisions, last["val_fvu"])), "val FVU")
+        if warning:
+            print(warning)
 
 
 def main(argv=None):
@@ -198,8 +202,16 @@ def main(argv=None):
         return None
     common.keep_freed_memory()
     ranks = training.start_ranks(args)
-    with ranks.lock(args.out):
-        train(args, spec, ranks)
+    fresh = ranks.main and not args.out.exists()
+    try:
+        with ranks.lock(args.out):
+            train(args, spec, ranks)
+    except BaseException:
+        # a run that fails before its first checkpoint has nothing to resume: leave no folder that looks
+        # like a run (a killed one keeps its folder, which --resume continues)
+        if fresh and not (args.out / "ckpt").exists():
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     training.stop_ranks(ranks)
     return args.out
 

@@ -191,8 +191,19 @@ def check_revision(spec: ModelSpec, revision: str, available: list[Revision] | N
     available = available if available is not None else revisions(spec, quiet=True)
     names = [r.name for r in available]
     if revision not in names:
-        near = difflib.get_close_matches(revision, names, n=5, cutoff=0.3) or names[:5]
-        raise UsageError(f"unknown revision {revision!r} of {spec.key}; nearest available: {', '.join(near)}")
+        raise UsageError(f"unknown revision {revision!r} of {spec.key}; nearest available: "
+                         f"{', '.join(nearest(revision, names))}")
+
+
+def nearest(revision: str, names: list[str], n=5) -> list[str]:
+    """The n names nearest to `revision`: by training step when it names one (step182 → step192, step160
+    before step512), else by spelling."""
+    step = parse_revision(revision).step
+    stepped = [(abs(r.step - step), r.step, r.name) for r in map(parse_revision, names)
+               if step is not None and r.step is not None]
+    if stepped:
+        return [name for *_, name in sorted(stepped)[:n]]
+    return difflib.get_close_matches(revision, names, n=n, cutoff=0.3) or names[:n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +360,7 @@ def _explain_load_error(spec, revision, e):
     if isinstance(e, (LocalEntryNotFoundError, ConnectionError)) or "offline" in str(e).lower() \
             or "connect" in str(e).lower():
         cached = _cached_revisions(spec.repo)
-        near = difflib.get_close_matches(revision or "main", cached, n=5, cutoff=0.3) or cached[:5]
+        near = nearest(revision or "main", cached)
         raise EnvError(f"cannot download {spec.repo}@{revision}: no network and it is not in the local "
                        f"Hugging Face cache (cached: {', '.join(near) or 'none'}); "
                        "local folders work offline (--model path/to/folder)") from None

@@ -13,6 +13,20 @@ from crosscoding.common import atomic_path
 
 SPECIFIC, SHARED_MIN = 0.7, 0.3        # one-vs-all classes: > 0.7 specific, all ≥ 0.3 shared
 LOW, HIGH = 0.3, 0.7                   # 2-way classes: < 0.3 discontinued, > 0.7 emerging
+FVU_BAR = 0.05                         # a revision reconstructed worse than this is poorly covered (the toy's
+#                                        preset meets it at every revision: tests/test_toy_findings.py)
+
+
+def fvu_warning(fvu: dict, what: str) -> str | None:
+    """One warning line naming every revision whose FVU misses FVU_BAR (None when all meet it): train.py's
+    validation FVU, evaluate.py's held-out one, the app's Training page."""
+    miss = {r: v for r, v in fvu.items() if not v <= FVU_BAR}
+    if not miss:
+        return None
+    return (f"warning: {what} misses the bar (≤ {FVU_BAR}) at " + ", ".join(f"{r} ({v:.3f})" for r, v in miss.items())
+            + ": the crosscoder reconstructs " + ("that revision" if len(miss) == 1 else "those revisions")
+            + " poorly, so its latents there cover less of what the LM computes; train on more --tokens, with a "
+              "larger --dict-size or with less sparsity (--l1-coeff, --k)")
 
 
 def rel(values_NM) -> np.ndarray:
