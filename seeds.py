@@ -4,7 +4,8 @@ per seed with its mean, min and max, and how many top latents recur across the s
 
     python seeds.py                                  # the toy's default run, 5 seeds (~3½ minutes)
     python seeds.py --run runs/<name> --seeds 3 --method atp
-    python seeds.py --lm-seeds 3                     # ... and toy LMs pretrained with seeds 1, 2
+    python seeds.py --lm-seeds 5                     # ... and toy LMs pretrained with seeds 1 … 4
+    python seeds.py --split-seeds 3                  # ... and the run's pairs split 3 ways
     python seeds.py --compare ig,ig-error-held,ig-mean,atp --results   # the attribution methods side by side
 
 Each seed's run is RUN/stability/<arch>-seed<s>/ (the run itself for its own seed and arch), made by the stages
@@ -17,12 +18,23 @@ prints the table; --results writes it into RESULTS.md.
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from crosscoding import cli, defaults
 from crosscoding.analysis import METHODS
-from crosscoding.common import UsageError, positive, read_json, require_done, run_main, update_results, write_json
+from crosscoding.common import (
+    UsageError,
+    is_done,
+    positive,
+    read_json,
+    require_done,
+    run_main,
+    update_results,
+    write_json,
+)
 from crosscoding.findings import findings_of, fmt, num, summarise, table
 from crosscoding.matching import MATCH_COS, matched_fractions
-from crosscoding.stages import ROOT, lm_seed_args, seed_run
+from crosscoding.stages import ROOT, lm_seed_args, seed_run, stage
 
 
 def parse_args(argv=None):
@@ -35,6 +47,9 @@ def parse_args(argv=None):
                    help="also toy LMs pretrained with seeds 1 … N−1 (toy.py --seed), each crosscoded on the revisions "
                         "its own scan suggests, the findings reported over LM seeds (default: %(default)s: the run's "
                         "LM only)")
+    p.add_argument("--split-seeds", type=positive("--split-seeds"), default=3,
+                   help="also split the pairs with seeds 1 … N−1 (relie.py --split-seed) and attribute and ablate the "
+                        "run's own crosscoder on each split (default: %(default)s)")
     p.add_argument("--method", choices=list(METHODS), default=defaults.METHOD,
                    help="relie.py's attribution for the findings (default: %(default)s; the paper's ig always runs "
                         "beside it, for its ratio test)")
@@ -80,9 +95,11 @@ def main(argv=None):
     result["findings"] = result["methods"][args.method]["findings"]
     result["matched_top_k_fraction"] = result["methods"][args.method]["matched_top_k_fraction"]
     result["matched_random_fraction"] = result["methods"][args.method]["matched_random_fraction"]
+    own = folders[seeds.index(run_args["seed"])] if run_args["seed"] in seeds else base
+    if args.split_seeds > 1:
+        result["split_seeds"] = split_seed_findings(own, revisions, args)
     if args.lm_seeds > 1:
-        result["lm_seeds"] = lm_seed_findings(base, run_args, arch, args, folders[seeds.index(run_args["seed"])]
-                                              if run_args["seed"] in seeds else base)
+        result["lm_seeds"] = lm_seed_findings(base, run_args, arch, args, own)
     out = base / "stability"
     path = out / ("seeds.json" if arch == run_args["arch"] else f"seeds-{arch}.json")
     write_json(path, result)           # written whole and renamed into place: present means finished
@@ -94,20 +111,67 @@ def main(argv=None):
         print(f"top-k latents matched one-to-one in every other seed (decoder cosine ≥ {MATCH_COS}): mean "
               f"{m['mean']:.2f} [{m['min']:.2f}, {m['max']:.2f}]; random active latents of matched frequency (the "
               f"null): {n['mean']:.2f} [{n['min']:.2f}, {n['max']:.2f}]")
+    if "split_seeds" in result:
+        print(f"\nover split seeds {result['split_seeds']['seeds']} of the pairs (the run's crosscoder, attribution "
+              f"{args.method}):")
+        print(table(result["split_seeds"]["findings"], SPLIT_KEYS))
     if "lm_seeds" in result:
         print(f"\nover LM seeds {result['lm_seeds']['seeds']} (revisions {result['lm_seeds']['revisions']}), "
               f"crosscoder seed {run_args['seed']}, attribution {args.method}:")
         print(table(result["lm_seeds"]["findings"]))
+        print("\nper LM, the last revision's top-k set against random-k sets (the verdict each run printed):\n"
+              + verdict_table(result["lm_seeds"]["verdicts"]))
     if len(args.methods) > 1:
         print("\n" + methods_table(result))
     if args.results:
         command = " ".join(["python seeds.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
-        update_results(f"seeds-{arch}", results_markdown(result, command), ROOT / "RESULTS.md")
+        update_results(f"seeds-{arch}", results_markdown(result, command), ROOT / "FINDINGS.md")
     print(f"wrote {path}")
 
 
-LM_KEYS = ("l0", "dead_frac", "ablation_gap_last", "top_drop_last", "joint_predicted_last", "joint_measured_last",
-           "latents_share_last", "latents_share_min", "rho_relie_mean", "rho_reldec_mean", "faithfulness_rho")
+LM_KEYS = ("l0", "dead_frac", "ablation_gap_last", "topk_holds_last", "top_drop_last", "joint_predicted_last",
+           "joint_measured_last", "latents_share_last", "latents_share_min", "rho_relie_mean", "rho_reldec_mean",
+           "rho_membership_mean", "faithfulness_rho")
+SPLIT_KEYS = ("ablation_gap_last", "topk_holds_last", "excess_delta_last", "joint_predicted_last",
+              "joint_measured_last", "joint_holds_last", "rho_relie_mean", "rho_reldec_mean", "rho_membership_mean",
+              "consistency_holds", "faithfulness_rho")
+
+
+def split_seed_findings(own, revisions, args) -> dict:
+    """The run's own crosscoder attributed and ablated on the pairs split with seeds 0 … N−1 (relie.py
+    --split-seed): how much of a finding is the split. Seed 0 is the run's own attribution."""
+    stem = f"{Path(args.task).stem}-{args.method}-{args.select}"
+    rows = [findings_of(own, stem, revisions)]
+    for s in range(1, args.split_seeds):
+        name = f"{stem}-split{s}"
+        print(f"split seed {s}: relie, ablate", file=sys.stderr, flush=True)
+        if not is_done(own / "relie" / name):
+            stage(["relie.py", "--run", own, "--task", args.task, "--method", args.method, "--name", name, "--select",
+                   args.select, "--threshold", args.threshold, "--split-seed", s, "--context-blocks", 1], Path.cwd())
+        if not is_done(own / "ablation" / name):
+            stage(["ablate.py", "--run", own, "--task", args.task, "--name", name], Path.cwd())
+        rows.append(findings_of(own, name, revisions))
+    return dict(seeds=list(range(args.split_seeds)), findings=summarise([{k: f[k] for k in SPLIT_KEYS} for f in rows]))
+
+
+def last_verdict(folder, name, revisions) -> dict:
+    """The last revision's row of ablate.py's verdicts.csv, as a plain dict."""
+    v = pd.read_csv(folder / "ablation" / name / "verdicts.csv").set_index("revision").loc[revisions[-1]]
+    return dict(revision=revisions[-1], acc_clean=float(v.acc_clean), flag=v.flag if isinstance(v.flag, str) else "",
+                excess_points=float(v.excess_points), excess_points_lo=float(v.excess_points_lo),
+                excess_points_hi=float(v.excess_points_hi), excess_delta=float(v.excess_delta),
+                excess_delta_lo=float(v.excess_delta_lo), excess_delta_hi=float(v.excess_delta_hi), verdict=v.verdict)
+
+
+def verdict_table(rows) -> str:
+    lines = [f"{'LM seed':>7} {'revision':>9} {'clean acc':>9} {'excess points [95%]':>24} {'excess Δ [95%]':>26}  "
+             "verdict"]
+    for r in rows:
+        lines.append(f"{r['seed']:>7} {r['revision']:>9} {r['acc_clean']:>9.2f} "
+                     f"{r['excess_points']:>+7.1f} [{r['excess_points_lo']:+6.1f}, {r['excess_points_hi']:+6.1f}] "
+                     f"{r['excess_delta']:>+8.3f} [{r['excess_delta_lo']:+7.3f}, {r['excess_delta_hi']:+7.3f}]  "
+                     f"{r['verdict']}{' (' + r['flag'] + ')' if r['flag'] else ''}")
+    return "\n".join(lines)
 
 
 def lm_seed_findings(base, run_args, arch, args, own_folder) -> dict:
@@ -116,6 +180,7 @@ def lm_seed_findings(base, run_args, arch, args, own_folder) -> dict:
     revision, the smallest share) compare across them."""
     name = f"{Path(args.task).stem}-{args.method}-{args.select}"
     rows, revs = [findings_of(own_folder, name, run_args["revisions"])], [run_args["revisions"]]
+    ver = [dict(seed=0, **last_verdict(own_folder, name, run_args["revisions"]))]
     for s in range(1, args.lm_seeds):
         print(f"LM seed {s}: pretrain, scan, cache, train, evaluate, relie, ablate", file=sys.stderr, flush=True)
         a = lm_seed_args(run_args, s, Path.cwd())
@@ -123,7 +188,8 @@ def lm_seed_findings(base, run_args, arch, args, own_folder) -> dict:
                           args.task, args.select, args.threshold, Path.cwd())
         rows.append(findings_of(folder, name, a["revisions"]))
         revs.append(a["revisions"])
-    return dict(seeds=list(range(args.lm_seeds)), revisions=revs,
+        ver.append(dict(seed=s, **last_verdict(folder, name, a["revisions"])))
+    return dict(seeds=list(range(args.lm_seeds)), revisions=revs, verdicts=ver,
                 findings=summarise([{k: f[k] for k in LM_KEYS} for f in rows]))
 
 
@@ -141,11 +207,20 @@ def _rows(f, keys) -> str:
     return "\n".join(f"| {k} | {fmt(f[k])} | {' '.join(num(x) for x in f[k]['per_seed'])} |" for k in keys if k in f)
 
 
+def _verdict_row(r) -> str:
+    flag = f" ({r['flag']})" if r["flag"] else ""
+    return (f"| {r['seed']} | {r['revision']} | {r['acc_clean']:.2f}{flag} | {r['excess_points']:+.1f} "
+            f"[{r['excess_points_lo']:+.1f}, {r['excess_points_hi']:+.1f}] | {r['excess_delta']:+.3f} "
+            f"[{r['excess_delta_lo']:+.3f}, {r['excess_delta_hi']:+.3f}] | {r['verdict']} |")
+
+
 def results_markdown(result, command="python seeds.py") -> str:
     revs = result["revisions"]
     f = result["findings"]
     keys = ([f"fvu_{r}" for r in revs] + ["l0", "dead_frac"] + [f"ablation_gap_{r}" for r in revs]
-            + ["joint_predicted_last", "joint_measured_last"] + [f"latents_share_{r}" for r in revs]
+            + [f"topk_holds_{r}" for r in revs] + ["joint_predicted_last", "joint_measured_last", "joint_holds_last"]
+            + [f"latents_share_{r}" for r in revs] + [f"latents_share_ie_{r}" for r in revs]
+            + ["rho_membership_mean", "consistency_holds"]
             + [k for k in f if k.startswith(("rho_relie_", "rho_reldec_"))] + ["faithfulness_rho",
                                                                               "faithfulness_flagged_frac"])
     text = (f"## Over {len(result['seeds'])} seeds: {result['arch']} crosscoders on the revisions of "
@@ -154,8 +229,11 @@ def results_markdown(result, command="python seeds.py") -> str:
             "value of each seed. Latents are attributed and selected on the selection half of the pairs; every "
             "ablation (gap, joint, ρ) is measured on the held-out test half. ablation_gap: top-k minus random-k "
             "accuracy drop (points); joint_*: Δ logit difference of the last revision's top-k set ablated together, "
-            "predicted by its summed IE vs measured; latents_share: the latents' share of the task's IE (the rest "
-            "is the error term); rho_*: the single-latent consistency check (ablation ratio vs RelIE / RelDec)."
+            "predicted by its summed IE vs measured; *_holds: 1 where the run's verdict is holds, 0 where it fails "
+            "(its mean: the share of seeds in which the finding holds; rules in crosscoding/verdicts.py); "
+            "latents_share: the latents' share of the task against the error term's, exact (zeroing all latents vs "
+            "the error term), latents_share_ie by the attribution's Σ|IE|; rho_*: the single-latent consistency check "
+            "(ablation ratio vs RelIE / RelDec / set membership alone)."
             f"\n\n| finding | mean [min, max] | per seed |\n|---|---|---|\n{_rows(f, keys)}\n"
             f"| top-k latents matched one-to-one in every other seed | {fmt(result['matched_top_k_fraction'])} | |\n"
             f"| the same for random active latents of matched frequency (null) | "
@@ -174,13 +252,20 @@ def results_markdown(result, command="python seeds.py") -> str:
                  "pairs of revisions — with ig, the paper's Table 7 test as the paper ran it):\n\n"
                  "| method | faithfulness ρ | flagged | gap, last (points) | ρ RelIE | ρ RelDec | top-k matched | "
                  f"null matched |\n|---|---|---|---|---|---|---|---|\n{rows}")
+    if "split_seeds" in result:
+        text += (f"\n\nOver split seeds {result['split_seeds']['seeds']} of the pairs (relie.py --split-seed; the "
+                 "run's own crosscoder, attributed and ablated on each split):\n\n| finding | mean [min, max] | per "
+                 f"split seed |\n|---|---|---|\n{_rows(result['split_seeds']['findings'], SPLIT_KEYS)}")
     if "lm_seeds" in result:
         lm = result["lm_seeds"]
         text += (f"\n\nOver LM seeds {lm['seeds']} (the toy LM pretrained with each seed, `toy.py --seed`; each "
                  "crosscoded on the revisions its own scan suggests: "
                  + "; ".join(f"seed {s}: {', '.join(r)}" for s, r in zip(lm["seeds"], lm["revisions"]))
                  + f"; crosscoder seed {result['seeds'][0]}):\n\n| finding | mean [min, max] | per LM seed |\n"
-                 f"|---|---|---|\n{_rows(lm['findings'], LM_KEYS)}")
+                 f"|---|---|---|\n{_rows(lm['findings'], LM_KEYS)}\n\nPer LM, the last revision's top-k set against "
+                 "random-k sets (test pairs; intervals over their groups of near-copies) and the verdict the run "
+                 "printed:\n\n| LM seed | revision | clean accuracy | excess accuracy drop (points) | excess Δ | "
+                 "verdict |\n|---|---|---|---|---|---|\n" + "\n".join(_verdict_row(r) for r in lm["verdicts"]))
     return text
 
 

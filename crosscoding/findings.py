@@ -4,7 +4,7 @@ plain numbers, summarised over seeds (mean, min, max), and formatted for tables.
 import numpy as np
 import pandas as pd
 
-from crosscoding import measures
+from crosscoding import measures, verdicts
 from crosscoding.common import read_json
 
 
@@ -26,11 +26,19 @@ def findings_of(folder, name, revisions) -> dict:
         out[f"ablation_gap_{r}"] = 100 * (a[a.kind == "top"].acc_drop.mean() - a[a.kind == "random"].acc_drop.mean())
     out["ablation_gap_last"] = out[f"ablation_gap_{revisions[-1]}"]
     out["top_drop_last"] = 100 * abl[(abl.revision == revisions[-1]) & (abl.kind == "top")].acc_drop.mean()
+    # the verdicts (1 holds, 0 fails: a mean over seeds is the share of seeds in which the finding holds)
+    ver = pd.read_csv(folder / "ablation" / name / "verdicts.csv").set_index("revision")
+    for r in revisions:
+        out[f"topk_holds_{r}"] = float(ver.verdict[r] == verdicts.HOLDS)
+    out["topk_holds_last"] = out[f"topk_holds_{revisions[-1]}"]
+    out["excess_delta_last"] = float(ver.excess_delta[revisions[-1]])
     joint = pd.read_csv(folder / "ablation" / name / "joint.csv")
     last = joint[(joint.selected_at == revisions[-1]) & (joint.revision == revisions[-1])]
     out["joint_predicted_last"], out["joint_measured_last"] = float(last.predicted.sum()), float(last.measured.sum())
+    out["joint_holds_last"] = float((last.verdict == verdicts.HOLDS).all())
     for r, c in summary["coverage"].items():
         out[f"latents_share_{r}"] = c["latents_share"] if c["latents_share"] is not None else float("nan")
+        out[f"latents_share_ie_{r}"] = c.get("latents_share_ie", float("nan"))
     out["latents_share_last"] = out[f"latents_share_{revisions[-1]}"]
     out["latents_share_min"] = min(out[f"latents_share_{r}"] for r in revisions)
     sp = pd.read_csv(folder / "ablation" / name / "consistency.csv")
@@ -38,6 +46,8 @@ def findings_of(folder, name, revisions) -> dict:
         out[f"rho_relie_{row.A}_{row.B}"] = row.rho_relie
         out[f"rho_reldec_{row.A}_{row.B}"] = row.rho_reldec
     out["rho_relie_mean"], out["rho_reldec_mean"] = float(sp.rho_relie.mean()), float(sp.rho_reldec.mean())
+    out["rho_membership_mean"] = float(sp.rho_membership.mean())
+    out["consistency_holds"] = float((sp.verdict == verdicts.HOLDS).all())
     sheet = pd.read_csv(folder / "relie" / name / "latents.csv")
     for a, b in measures.pairs_of(revisions):
         tag = f"{revisions[a]}_{revisions[b]}"

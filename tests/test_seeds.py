@@ -67,7 +67,8 @@ def test_seeds_on_a_tiny_run(local_model, tmp_path):
                         str(64 * 40), "--lr", "3e-3", "--out", str(run)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, str(ROOT / "seeds.py"), "--run", str(run), "--seeds", "2", "--task",
-                        str(pairs), "--threshold", "0"], env=env, capture_output=True, text=True, cwd=tmp_path)
+                        str(pairs), "--threshold", "0", "--split-seeds", "2"], env=env, capture_output=True, text=True,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((run / "stability" / "seeds.json").read_text())
     assert out["seeds"] == [0, 1] and set(out["methods"]) == {"atp", "ig"}   # the paper's IG always beside
@@ -83,6 +84,14 @@ def test_seeds_on_a_tiny_run(local_model, tmp_path):
     assert 0 <= out["matched_top_k_fraction"]["mean"] <= 1 and 0 <= out["matched_random_fraction"]["mean"] <= 1
     assert set(f["joint_measured_last"]) == {"per_seed", "mean", "min", "max"}
     assert "finding" in r.stdout and "ablation_gap_last" in r.stdout
+    # the run's own crosscoder on a second split of the pairs: another held-out half, the same kind of findings
+    split = out["split_seeds"]
+    assert split["seeds"] == [0, 1] and len(split["findings"]["topk_holds_last"]["per_seed"]) == 2
+    assert (run / "relie" / f"{pairs.stem}-atp-positive-split1" / "DONE").exists()
+    s0 = json.loads((run / "relie" / f"{pairs.stem}-atp-positive" / "summary.json").read_text())["split"]
+    s1 = json.loads((run / "relie" / f"{pairs.stem}-atp-positive-split1" / "summary.json").read_text())["split"]
+    assert (s0["seed"], s1["seed"]) == (0, 1)
+    assert set(f["topk_holds_last"]["per_seed"]) <= {0.0, 1.0}
 
 
 def test_methods_side_by_side_in_the_tables():
