@@ -6,7 +6,7 @@ decoder-norm timeline class and its formation interval unchanged), beside random
 timeline class and matched frequency (the null), with a verdict.
 
     python checkpoint_sets.py                                   # the toy's default run (~3½ minutes on 2 cores)
-    python checkpoint_sets.py --run runs/<name> --results       # ... and its RESULTS.md section
+    python checkpoint_sets.py --run runs/<name> --results       # ... and its FINDINGS.md section
 
 The variants are RUN/stability/checkpoint-sets/<variant>/ (their caches are links into the run's, each new
 revision cached once); a finished variant is kept, so a killed command resumes. Writes
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crosscoding import cli, defaults, lm, measures
+from crosscoding import cli, defaults, lm, measures, verdicts
 from crosscoding.analysis import METHODS
 from crosscoding.common import UsageError, is_done, read_json, require_done, run_main, update_results, write_json
 from crosscoding.crosscoder import CrossCoder
@@ -35,13 +35,8 @@ from crosscoding.matching import (
 )
 from crosscoding.stages import ROOT, cache_view, extra_cache, stage, stale, took, train_args
 
-NULL_CEILING = 0.95    # a null kept this often leaves no room above it: the verdict is uninformative
-MIN_LATENTS = 5        # fewer top latents that the variants can tell about: the verdict is uninformative
-RULE = (f"holds when the top latents' graded survival's 95% interval (bootstrap over the latents) lies above the "
-        f"null's (random active latents of the same timeline class and matched frequency, {NULL_DRAWS} draws); fails "
-        f"when its mean is inside or below the null's interval; uninformative when the null's mean is ≥ "
-        f"{NULL_CEILING} (no room above it), when fewer than {MIN_LATENTS} top latents can be told, or when the mean "
-        f"is above the null's interval but its own interval reaches into it")
+RULE = ("the top latents' graded survival (its 95% interval: bootstrap over the latents) against random active "
+        f"latents of the same timeline class and matched frequency ({NULL_DRAWS} draws): {verdicts.VERSUS_NULL_RULE}")
 
 
 def revision_variants(revisions, scanned) -> list[tuple[str, list]]:
@@ -133,17 +128,10 @@ def against_null(top_N, null_dN) -> dict:
 
 def verdict(c) -> tuple[str, str]:
     """holds / fails / uninformative for one against_null comparison, and why (RULE)."""
-    if c["n"] < MIN_LATENTS:
-        return "uninformative", f"only {c['n']} top latents can be told (< {MIN_LATENTS})"
-    if c["null_mean"] >= NULL_CEILING:
-        return "uninformative", f"random latents are kept as often (null {c['null_mean']:.2f} ≥ {NULL_CEILING})"
-    if c["lo"] > c["null_hi"]:
-        return "holds", f"top [{c['lo']:.3f}, {c['hi']:.3f}] above the null's [{c['null_lo']:.3f}, {c['null_hi']:.3f}]"
-    if c["top"] <= c["null_hi"]:
-        return "fails", (f"top {c['top']:.3f} inside or below the null's [{c['null_lo']:.3f}, {c['null_hi']:.3f}]: "
-                         "the top latents' timelines survive no more often than random latents' of their class")
-    return "uninformative", (f"top {c['top']:.3f} above the null's [{c['null_lo']:.3f}, {c['null_hi']:.3f}] but its "
-                             f"interval [{c['lo']:.3f}, {c['hi']:.3f}] reaches into it")
+    v, why = verdicts.versus_null(c["top"], c["lo"], c["hi"], c["n"], c["null_mean"], c["null_lo"], c["null_hi"])
+    if v == verdicts.FAILS:
+        why += ": the top latents' timelines survive no more often than random latents' of their class"
+    return v, f"top latents: {why}"
 
 
 def survival(base, chosen, variants, scanned=None, draws=NULL_DRAWS, seed=0, grid=MATCH_COS_GRID) -> dict:
@@ -360,7 +348,7 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=list(METHODS), default=defaults.METHOD,
                    help="the attribution whose top latents are followed: relie/<task>-<method>-<select> (seeds.py's "
                         "name), else relie/<task> (default: %(default)s)")
-    p.add_argument("--results", action="store_true", help="write the tables into RESULTS.md")
+    p.add_argument("--results", action="store_true", help="write the tables into FINDINGS.md")
     return p.parse_args(argv)
 
 
@@ -381,7 +369,7 @@ def main(argv=None):
     if args.results:
         command = " ".join(["python checkpoint_sets.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
         update_results(f"checkpoint-sets-{run_args['arch']}",
-                       checkpoint_sets_markdown(res, command, time.time() - t0), ROOT / "RESULTS.md")
+                       checkpoint_sets_markdown(res, command, time.time() - t0), ROOT / "FINDINGS.md")
     print(f"wrote {base / 'stability' / 'checkpoint_sets.json'}")
 
 

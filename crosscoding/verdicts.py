@@ -64,3 +64,26 @@ def with_control(real: str, control: str) -> str:
     if real != HOLDS:
         return real
     return UNINFORMATIVE if control == HOLDS else HOLDS
+
+
+NULL_CEILING = 0.95      # a null rate at or above this leaves no room above it
+MIN_ITEMS = 5            # a rate over fewer items than this says nothing
+VERSUS_NULL_RULE = ("holds when the rate's 95% interval lies above its null's; fails when the rate is inside or "
+                    f"below the null's interval; uninformative when the null's mean is ≥ {NULL_CEILING:g} (no room "
+                    f"above it), when fewer than {MIN_ITEMS} items are behind the rate, or when the rate is above the "
+                    "null's interval but its own interval reaches into it")
+
+
+def versus_null(rate, lo, hi, n, null_mean, null_lo, null_hi) -> tuple[str, str]:
+    """A rate (the mean over n items, with its interval lo–hi) against its null (the null's mean and central
+    interval): the verdict and why (VERSUS_NULL_RULE)."""
+    if n < MIN_ITEMS:
+        return UNINFORMATIVE, f"only {n} items behind the rate (< {MIN_ITEMS})"
+    if null_mean >= NULL_CEILING:
+        return UNINFORMATIVE, f"the null is {null_mean:.3f} (≥ {NULL_CEILING:g}): no room above it"
+    if lo > null_hi:
+        return HOLDS, f"[{lo:.3f}, {hi:.3f}] above the null's [{null_lo:.3f}, {null_hi:.3f}]"
+    if rate <= null_hi:
+        return FAILS, f"{rate:.3f} inside or below the null's [{null_lo:.3f}, {null_hi:.3f}]"
+    return UNINFORMATIVE, (f"{rate:.3f} above the null's [{null_lo:.3f}, {null_hi:.3f}] but its interval "
+                           f"[{lo:.3f}, {hi:.3f}] reaches into it")
