@@ -7,7 +7,8 @@ with reconstruction kept, and give each check its verdict: holds, fails, or unin
 Each control is the run's crosscoder trained again (same arch, size, tokens, seeds) with one thing removed:
 - shuffled-revisions: each token's M activations in a random order every step (`train.py --control`): no
   revision's label means anything to the crosscoder;
-- untrained-lm: the same architecture with random weights (`train.py --weights random`): no learned features;
+- untrained-lm: the same architecture with random weights (`train.py --weights random`; a run trained from a
+  cache gets the untrained LMs cached on its tokens): no learned features;
 - fixed-decoder: the decoder fixed at its random initialisation, the encoder trained against it
   (`train.py --control fixed-decoder`): no learned directions.
 Every check then runs on every control through the normal stages (evaluate.py, relie.py, ablate.py with the
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from crosscoding import cli, defaults, measures, verdicts
+from crosscoding.activations import make_cache, open_cache
 from crosscoding.analysis import METHODS
 from crosscoding.common import read_json, require_done, run_main, update_results, write_json
 from crosscoding.findings import num
@@ -117,6 +119,15 @@ def checks_of(folder, other, name, revisions) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 
+def untrained_cache(run_args, folder) -> str:
+    """The run's cache made again from untrained LMs (the same revisions' names, random weights): the same text,
+    token count, blocks, split and dtype, so the control trains on what the run trained on, through other LMs."""
+    base = open_cache(run_args["cache"]).meta
+    return str(make_cache(run_args["model"], run_args["layer"], run_args["revisions"], folder, base["tokens"],
+                          base["seq_len"], base["split"]["heldout_tokens"], base["text"], run_args.get("device", "cpu"),
+                          base["dtype"], weights="random"))
+
+
 def controls(base, name, run_args, cwd, other_seed) -> dict:
     """Train, evaluate, attribute and ablate every control (two seeds each, for matching) with the run's settings;
     every check on the run and on each control; the verdicts."""
@@ -126,6 +137,10 @@ def controls(base, name, run_args, cwd, other_seed) -> dict:
     seed_run(real_other, run_args, arch, other_seed, [], st["task"], st["select"], st["threshold"], cwd)
     runs = {"run": (base, real_other)}
     for c, (_, change) in CONTROLS.items():
+        if change.get("weights") == "random" and run_args.get("cache"):
+            # a run trained from a cache: the untrained LMs cached on the same tokens, trained on as the run was
+            cache = untrained_cache(run_args, base / "stability" / "controls" / "untrained-lm-cache")
+            change = dict(change, cache=cache)
         print(f"   control {c}: train (seeds {run_args['seed']}, {other_seed}), evaluate, relie, ablate",
               file=sys.stderr, flush=True)
         folders = []
