@@ -21,7 +21,7 @@ import pandas as pd
 
 from crosscoding import cli, defaults, lm, measures, verdicts
 from crosscoding.analysis import METHODS
-from crosscoding.common import UsageError, is_done, read_json, require_done, run_main, update_results, write_json
+from crosscoding.common import UsageError, is_done, read_json, run_main, update_results, write_json
 from crosscoding.crosscoder import CrossCoder
 from crosscoding.matching import (
     MATCH_COS,
@@ -33,7 +33,7 @@ from crosscoding.matching import (
     random_within,
     unit_decoders,
 )
-from crosscoding.stages import ROOT, cache_view, extra_cache, stage, stale, took, train_args
+from crosscoding.stages import ROOT, cache_view, extra_cache, run_args_of, stage, stale, took, train_args
 
 RULE = ("the top latents' graded survival (its 95% interval: bootstrap over the latents) against random active "
         f"latents of the same timeline class and matched frequency ({NULL_DRAWS} draws): {verdicts.VERSUS_NULL_RULE}")
@@ -344,20 +344,17 @@ def checkpoint_sets_markdown(rs, command, seconds=None) -> str:
 def parse_args(argv=None):
     run_dir, spec = cli.run_in(argv)
     p = cli.parser(__doc__.split("\n\n")[0], spec.preset)
-    cli.add(p, "--run", "--task", "--select", run=str(run_dir), task=spec.task, select=defaults.SELECT)
+    cli.add(p, "--run", "--task", "--select", "--results", run=str(run_dir), task=spec.task, select=defaults.SELECT)
     p.add_argument("--method", choices=list(METHODS), default=defaults.METHOD,
                    help="the attribution whose top latents are followed: relie/<task>-<method>-<select> (seeds.py's "
                         "name), else relie/<task> (default: %(default)s)")
-    p.add_argument("--results", action="store_true", help="write the tables into FINDINGS.md")
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    t0 = time.time()
     args = parse_args(argv)
-    base = Path(args.run)
-    require_done(base, "training run", "train it with train.py first")
-    run_args = read_json(base / "run_args.json", "run arguments")
+    t0 = time.time()
+    base, run_args = run_args_of(args.run)
     stem = Path(args.task).stem
     name = next((n for n in (f"{stem}-{args.method}-{args.select}", stem) if is_done(base / "relie" / n)), None)
     if name is None:
@@ -367,7 +364,7 @@ def main(argv=None):
     print("robust to the checkpoints chosen (top latents matched into each variant, null beside):\n"
           + checkpoint_sets_table(res))
     if args.results:
-        command = " ".join(["python checkpoint_sets.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
+        command = cli.command("checkpoint_sets.py", argv)
         update_results(f"checkpoint-sets-{run_args['arch']}",
                        checkpoint_sets_markdown(res, command, time.time() - t0), ROOT / "FINDINGS.md")
     print(f"wrote {base / 'stability' / 'checkpoint_sets.json'}")

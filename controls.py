@@ -29,10 +29,10 @@ import pandas as pd
 from crosscoding import cli, defaults, measures, verdicts
 from crosscoding.activations import make_cache, open_cache
 from crosscoding.analysis import METHODS
-from crosscoding.common import read_json, require_done, run_main, update_results, write_json
+from crosscoding.common import read_json, run_main, update_results, write_json
 from crosscoding.findings import num
 from crosscoding.matching import NULL_DRAWS, active_latents, match_with_null, null_interval, random_like
-from crosscoding.stages import ROOT, attribution_stages, relie_settings, seed_run, took
+from crosscoding.stages import ROOT, attribution_stages, relie_settings, run_args_of, seed_run, took
 
 # control → (what it removes, what it changes of the run's RunConfig)
 CONTROLS = {
@@ -229,20 +229,17 @@ def controls_markdown(ctl, command, seconds=None) -> str:
 def parse_args(argv=None):
     run_dir, spec = cli.run_in(argv)
     p = cli.parser(__doc__.split("\n\n")[0], spec.preset)
-    cli.add(p, "--run", "--task", "--select", "--threshold", run=str(run_dir), task=spec.task, select=defaults.SELECT,
-            threshold=spec.preset.ie_threshold)
+    cli.add(p, "--run", "--task", "--select", "--threshold", "--results", run=str(run_dir), task=spec.task,
+            select=defaults.SELECT, threshold=spec.preset.ie_threshold)
     p.add_argument("--method", choices=list(METHODS), default=defaults.METHOD,
                    help="the attribution whose checks are controlled (default: %(default)s)")
-    p.add_argument("--results", action="store_true", help="write the tables into RESULTS.md")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     t0 = time.time()
     args = parse_args(argv)
-    base = Path(args.run)
-    require_done(base, "training run", "train it with train.py first")
-    run_args = read_json(base / "run_args.json", "run arguments")
+    base, run_args = run_args_of(args.run)
     name = f"{Path(args.task).stem}-{args.method}-{args.select}"
     other_seed = 1 if run_args["seed"] != 1 else 0
     print("the run: evaluate, relie, ablate", file=sys.stderr, flush=True)
@@ -252,7 +249,7 @@ def main(argv=None):
     write_json(base / "stability" / "controls.json", ctl)
     print("negative controls (" + ctl["note"] + "):\n" + controls_table(ctl))
     if args.results:
-        command = " ".join(["python controls.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
+        command = cli.command("controls.py", argv)
         update_results(f"controls-{run_args['arch']}", controls_markdown(ctl, command, time.time() - t0),
                        ROOT / "FINDINGS.md")
     print(f"wrote {base / 'stability' / 'controls.json'}")

@@ -27,14 +27,13 @@ from crosscoding.common import (
     is_done,
     positive,
     read_json,
-    require_done,
     run_main,
     update_results,
     write_json,
 )
 from crosscoding.findings import findings_of, fmt, num, summarise, table
 from crosscoding.matching import MATCH_COS, matched_fractions
-from crosscoding.stages import ROOT, lm_seed_args, seed_run, stage
+from crosscoding.stages import ROOT, lm_seed_args, run_args_of, seed_run, stage
 
 
 def parse_args(argv=None):
@@ -56,8 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--compare", default=None, metavar="METHODS",
                    help=f"comma-separated attribution methods to run side by side on every seed ({', '.join(METHODS)})")
     p.add_argument("--arch", choices=cli.FLAGS["--arch"]["choices"], default=None, help="default: the run's")
-    cli.add(p, "--select", "--threshold", select=defaults.SELECT, threshold=spec.preset.ie_threshold)
-    p.add_argument("--results", action="store_true", help="write the table into RESULTS.md")
+    cli.add(p, "--select", "--threshold", "--results", select=defaults.SELECT, threshold=spec.preset.ie_threshold)
     args = p.parse_args(argv)
     args.methods = list(dict.fromkeys([args.method, "ig"] + [m for m in (args.compare or "").split(",") if m]))
     for m in args.methods:
@@ -68,9 +66,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    base = Path(args.run)
-    require_done(base, "training run", "train it with train.py first")
-    run_args = read_json(base / "run_args.json", "run arguments")
+    base, run_args = run_args_of(args.run)
     arch = args.arch or run_args["arch"]
     revisions = run_args["revisions"]
     seeds = list(range(args.seeds))
@@ -124,7 +120,7 @@ def main(argv=None):
     if len(args.methods) > 1:
         print("\n" + methods_table(result))
     if args.results:
-        command = " ".join(["python seeds.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
+        command = cli.command("seeds.py", argv)
         update_results(f"seeds-{arch}", results_markdown(result, command), ROOT / "FINDINGS.md")
     print(f"wrote {path}")
 

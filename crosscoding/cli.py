@@ -90,6 +90,8 @@ FLAGS = {
     "--test-frac": dict(type=fraction("--test-frac"), help="share of the minimal pairs held out from attribution "
                         "and selection for ablate.py to test on, whole groups of near-copies at a time (0: no "
                         "split, every finding in-sample; default: %(default)s)"),
+    "--results": dict(action="store_true", help="write what this command measured into its section of FINDINGS.md "
+                      "(what the toy shows) or RESULTS.md (speed and memory), named by the command"),
     "--split-seed": dict(type=int, help="seed of the selection / test split of the pairs (default: %(default)s)"),
     "--max-pairs": dict(type=positive("--max-pairs"), help="at most this many pairs per sub-task (default: all)"),
     "--pair-batch": dict(type=positive("--pair-batch"), help="minimal pairs per forward pass (default: %(default)s)"),
@@ -149,6 +151,11 @@ def add(p: argparse.ArgumentParser, *names, **default_of):
         if dest in default_of:
             kw["default"] = default_of[dest]
         p.add_argument(name, **kw)
+
+
+def command(script, argv) -> str:
+    """The command line a --results section names: `python <script> <its flags but --results>`."""
+    return " ".join([f"python {script}"] + [a for a in (sys.argv[1:] if argv is None else argv) if a != "--results"])
 
 
 def given(argv, flag):

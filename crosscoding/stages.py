@@ -9,7 +9,7 @@ from pathlib import Path
 
 from crosscoding import lm
 from crosscoding.activations import make_cache, open_cache
-from crosscoding.common import UsageError, is_done, mark_done, read_json, write_json
+from crosscoding.common import UsageError, is_done, mark_done, read_json, require_done, write_json
 from crosscoding.training import RunConfig, flag
 
 ROOT = Path(__file__).resolve().parent.parent     # where the stage scripts are
@@ -142,6 +142,13 @@ def cache_view(run_args, revisions, extra, folder) -> str | None:
     write_json(view / "meta.json", dict(base, revisions=list(revisions), scales={r: scales[r] for r in revisions}))
     mark_done(view, revisions=list(revisions), linked_from=sorted({str(src[r]) for r in revisions}))
     return str(view)
+
+
+def run_args_of(folder) -> tuple[Path, dict]:
+    """A finished run's folder and arguments (run_args.json), which its derived runs start from."""
+    base = Path(folder)
+    require_done(base, "training run", "train it with train.py first")
+    return base, read_json(base / "run_args.json", "run arguments")
 
 
 def took(seconds) -> str:
