@@ -153,9 +153,9 @@ class Peer(torch.nn.Module):
         self.cfg = cc.cfg
         if hasattr(cc, "log_threshold_F"):
             self.log_threshold = torch.nn.Parameter(cc.log_threshold_F.detach().clone())
-        F = cc.cfg.dict_size
-        self.register_buffer("steps_since_active", torch.zeros(F, dtype=torch.long))
-        self.register_buffer("tokens_since_fired", torch.zeros(F, dtype=torch.long))
+        F, dev = cc.cfg.dict_size, cc.W_enc.device      # its counters live where its weights do
+        self.register_buffer("steps_since_active", torch.zeros(F, dtype=torch.long, device=dev))
+        self.register_buffer("tokens_since_fired", torch.zeros(F, dtype=torch.long, device=dev))
         self.threshold, self.threshold_start = -1.0, 1000
 
     def loss(self, x_BMd, step):
@@ -253,6 +253,11 @@ class Peer(torch.nn.Module):
         sched.step()
 
 
+def randn(*shape, seed, device):
+    """Standard normal inputs, the same numbers on every device (drawn on the CPU, then moved)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
 def trained_state(arch, M, d, F, device, fire=0.02, k_frac=0.02, calib=4096, seed=0, x_calib=None):
     """A crosscoder whose latents each fire on a fraction `fire` of the tokens of x_calib [N, M, d]
     (default: a standard normal batch, not the one timed; module docstring)."""
@@ -260,8 +265,7 @@ def trained_state(arch, M, d, F, device, fire=0.02, k_frac=0.02, calib=4096, see
     cfg = CrossCoderConfig(n_models=M, d_model=d, dict_size=F, arch=arch, k=k, k_start=k)    # k fixed
     cc = CrossCoder(cfg).to(device)
     if x_calib is None:
-        g = torch.Generator(device=device).manual_seed(seed + 1)
-        x_calib = torch.randn(calib, M, d, generator=g, device=device)
+        x_calib = randn(calib, M, d, seed=seed + 1, device=device)
     n = len(x_calib)
     with torch.no_grad():
         pre = (x_calib.reshape(n, -1) @ cc.W_enc_FMd.view(F, M * d).t()).sort(0).values
@@ -388,7 +392,7 @@ def bench_step(args):
           f"batch {B}, fp32, {torch.get_num_threads()} threads", flush=True)
     for name, d, F in shapes:
         repeats = 3 if args.tiny else (3 if d >= 512 else (7 if args.quick else 15))
-        x = torch.randn(B, M, d, generator=torch.Generator(device=dev).manual_seed(0), device=dev)
+        x = randn(B, M, d, seed=0, device=dev)
         big = d >= 512
         for state, arch, fire in STEP_CASES:
             if fire is None:
@@ -420,7 +424,7 @@ def bench_scale(args):
     per = {}
     for M in (3, 8, 16):
         cc = trained_state("l1", M, d, F, dev, fire=0.02)
-        x = torch.randn(B, M, d, generator=torch.Generator(device=dev).manual_seed(0), device=dev)
+        x = randn(B, M, d, seed=0, device=dev)
         per[M] = compare([_ours(cc, x)], 3 if args.tiny else 7, dev)[0] / M
         if M > 3:
             report(f"M={M}: {1e3 * per[M] * M:.1f} ms, per revision / M=3's ({1e3 * per[3] * 3:.1f} ms / 3)",

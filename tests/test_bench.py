@@ -3,11 +3,17 @@ here (they depend on the machine and its load); correctness of the fast paths is
 import re
 import subprocess
 import sys
+from itertools import chain
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import bench  # noqa: E402
+from crosscoding.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
 
 
 def run_bench(*args, timeout=120):
@@ -34,3 +40,25 @@ def test_bench_tiny_prints_ratio_lines():
 def test_bench_rejects_unknown_section():
     r = run_bench("--only", "nope")
     assert r.returncode == 2 and "unknown section" in r.stderr
+
+
+def _devices(module):
+    return {name: t.device.type for name, t in chain(module.named_parameters(), module.named_buffers())}
+
+
+def test_bench_tensors_follow_the_device():
+    """Every parameter and buffer of what the step section times (our crosscoder, the peer built from it, for every
+    case of STEP_CASES) and its inputs lie on the bench's device: here the meta device, where a tensor made
+    without the device stays on the CPU and fails the check (on a GPU it stopped `bench.py --device cuda`)."""
+    M, d, F = 3, 16, 64
+    for state, arch, fire in bench.STEP_CASES:
+        if fire is None:
+            cc = CrossCoder(CrossCoderConfig(n_models=M, d_model=d, dict_size=F)).to("meta")
+        else:
+            cc = bench.trained_state(arch, M, d, F, "meta", fire=fire, calib=64)
+        for name, module in (("ours", cc), ("peer", bench.Peer(cc))):
+            where = _devices(module)
+            assert where and set(where.values()) == {"meta"}, (state, arch, name, where)
+    assert bench.randn(8, M, d, seed=0, device="meta").device.type == "meta"
+    # the same numbers on every device: drawn on the CPU, then moved
+    assert torch.equal(bench.randn(8, M, d, seed=0, device="cpu"), bench.randn(8, M, d, seed=0, device="cpu"))
