@@ -2,7 +2,7 @@
 
     python bench.py --quick                  # every section, fewer repeats: ≤ 3 minutes on 2 CPU cores
     python bench.py                          # every section, more repeats and a larger memory run
-    python bench.py --only step --quick      # one or more sections: step, scale, cache, data, ig, memory
+    python bench.py --only step --quick      # one or more sections: step, scale, cache, data, ig, memory, shards, live
     python bench.py --device cuda            # the same on a GPU
     python bench.py --quick --results        # … and write the table into RESULTS.md
 
@@ -40,6 +40,7 @@ fires on a fraction p of tokens: L1 p = 2%; BatchTopK p = 4% with k = 2% of F (t
 half of the positive codes). Steps are timed at step 10000 (λ warmed up, k fixed, θ updating);
 no latent is dead (AuxK off on both sides, as in a healthy run). L0 is printed after timing.
 """
+import dataclasses
 import json
 import math
 import os
@@ -63,7 +64,7 @@ from crosscoding.common import ArgumentParser, keep_freed_memory, mark_done, run
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
 from crosscoding.variants import VARIANTS, BatchTopK, JumpReLUFn, group_ends  # noqa: E402
 
-SECTIONS = ("step", "scale", "cache", "data", "ig", "memory", "shards")
+SECTIONS = ("step", "scale", "cache", "data", "ig", "memory", "shards", "live")
 RESULTS = []
 
 
@@ -753,6 +754,126 @@ def bench_shards(args):
                ddp["params"] / sh["params"],
                note=f"peak {'GPU memory' if args.device == 'cuda' else 'RSS'} per rank: DDP "
                     f"{mib(max(r['peak'] for r in res['ddp']))}, shards {mib(max(r['peak'] for r in res['shards']))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# live: train.py's live buffer (the LMs run on the text while the crosscoder trains), refilled in a producer
+# thread against the synchronous refill
+
+PAPER_TOKENS = 400_000_000
+REVISIONS = ("step512", "step2000", "step143000")
+
+
+def small_neox():
+    """A small GPT-NeoX spec (random weights, the toy text's stand-in tokenizer): the live section's CPU shape."""
+    from crosscoding import lm
+    arch = ("GPTNeoXConfig", dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                  intermediate_size=512, rotary_pct=0.25, max_position_embeddings=2048,
+                                  use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=0,
+                                  eos_token_id=0))
+    return dataclasses.replace(lm.MODELS["pythia-70m"], key="bench-neox", arch=arch, tokenizer_size=256)
+
+
+def live_shape(args):
+    """The paper's on a GPU (pythia-1b to block 8, 3 revisions, random weights, d 2048, F 16384, batch 4096,
+    1024-token blocks, its 524,288-row buffer); a small one on a CPU and with --tiny."""
+    from crosscoding import lm
+    if str(args.device).startswith("cuda") and not args.tiny:
+        return dict(name="paper shape (pythia-1b L8, d=2048, F=16384, batch 4096)", spec=lm.MODELS["pythia-1b"],
+                    layer=8, T=1024, B=4096, F=16384, buffer=defaults.PAPER.buffer_tokens, lm_batch=32,
+                    windows=3 if args.quick else 5)
+    return dict(name="small shape (GPT-NeoX 2 of 4 blocks, d=128, F=1024, batch 512)", spec=small_neox(), layer=1,
+                T=64, B=512, F=1024, buffer=4096, lm_batch=8, windows=2 if args.tiny else (4 if args.quick else 8))
+
+
+def live_models(spec, layer, device):
+    """The revisions' LMs as train.py holds them: random weights, the device's dtype (bf16 on a GPU), blocks 0..L."""
+    from crosscoding import cli, lm
+    models = [(r, *lm.load(spec, r, device=device, dtype=cli.dtype(None, device), weights="random"))
+              for r in REVISIONS]
+    for _, model, _ in models:
+        lm.keep_through(model, layer)
+    return models
+
+
+def live_run(models, shape, overlap, device):
+    """train.py's loop on a live buffer (its data, step and laps; no logging, validation or checkpoints) for
+    shape['windows'] windows after the first (filled before the clock starts, as in train.py): the phase times
+    (training.phase_times), tokens/s and the last batch."""
+    from crosscoding import activations, training
+    layer, T, B, F = shape["layer"], shape["T"], shape["B"], shape["F"]
+    gpu = str(device).startswith("cuda")
+    blocks = training.block_stream("toy", models[0][2], T, T)
+    probe = activations.LiveBuffer(models, layer, blocks, T, shape["buffer"], 10**12, 0, device)
+    steps = (shape["windows"] + 1) * probe.per_window(B)
+    buf = activations.LiveBuffer(models, layer, blocks, T, shape["buffer"], steps * B, seed=0, device=device,
+                                 lm_batch=shape["lm_batch"], overlap=overlap)
+    revs = [r for r, _, _ in models]
+    batches = training.Prefetch(lambda step: buf.batch_at(step, B), revs, device, 0, steps,
+                                ready=lambda step: buf.ready(step, B))
+    try:
+        x0 = buf.batch_at(0, B)
+        s_M = torch.tensor([activations.norm_scale(x0[:, m]) for m in range(len(models))], device=device)[:, None]
+        cc = trained_state("l1", len(models), x0.shape[-1], F, device, x_calib=x0 * s_M)
+        opt = cc.make_optimizer(TIMING_LR)
+        first = buf.per_window(B)                    # the first window's steps are not timed: the others refill
+        for step in range(first):
+            x_BMd = batches.get(step) * s_M
+            cc.train_step(opt, None, x_BMd, step, autocast=gpu, metrics=False)
+        sync(device)
+        clock, base, t0 = activations.Laps(device), dict(buf.times), time.perf_counter()
+        for step in range(first, steps):
+            batches.wait(step)
+            clock.lap("wait")
+            x_BMd = batches.get(step) * s_M
+            clock.lap("copy")
+            cc.train_step(opt, None, x_BMd, step, autocast=gpu, metrics=False)
+            clock.lap("step")
+        sync(device)
+        wall = time.perf_counter() - t0
+    finally:
+        buf.close()
+    t = training.phase_times(clock, buf, base, wall)
+    return dict(t, tokens_per_s=(steps - first) * B / wall, last=x_BMd.cpu(), steps=steps - first)
+
+
+def bench_live(args):
+    shape = live_shape(args)
+    dev = args.device
+    t0 = time.time()
+    models = live_models(shape["spec"], shape["layer"], dev)
+    attn = models[0][1].config._attn_implementation
+    print(f"live: train.py's live buffer at the {shape['name']}, 3 revisions, {shape['windows']} windows after the "
+          f"first; LMs {models[0][1].dtype} ({attn} attention, built in {time.time() - t0:.0f} s); the refill in a "
+          f"producer thread{' and CUDA stream' if str(dev).startswith('cuda') else ''} (overlap) against the "
+          "synchronous refill (sync, train.py --refill sync)", flush=True)
+    rounds = 1 if (args.tiny or shape["spec"].key == "pythia-1b") else (2 if args.quick else 3)
+    runs = {"sync": [], "overlap": []}
+    for _ in range(rounds):                  # alternating, so a load that comes and goes hits both alike
+        for mode in runs:
+            runs[mode].append(live_run(models, shape, mode == "overlap", dev))
+    same = torch.equal(runs["sync"][-1]["last"], runs["overlap"][-1]["last"])
+    res = {mode: min(rs, key=lambda r: abs(r["tokens_per_s"] - statistics.median(x["tokens_per_s"] for x in rs)))
+           for mode, rs in runs.items()}     # the median round of each
+    for mode, r in res.items():
+        w = r["wall"]
+        breakdown = (f"of {w:.1f} s: LM forward {r['lm_forward']:.1f} s, buffer shuffle/copy {r['buffer_copy']:.1f} s, "
+                     f"step {r['step']:.1f} s, wait {r['wait']:.1f} s; median of {rounds}")
+        goal = 90_000 if (mode == "overlap" and shape["spec"].key == "pythia-1b") else None
+        report(f"live {mode}: tokens/s ({r['steps']} steps)", r["tokens_per_s"], goal, fmt="{:.0f}", note=breakdown)
+        report(f"live {mode}: crosscoder step's share of the wall time", r["step"] / w, fmt="{:.1%}")
+        report(f"live {mode}: wall time waiting on the buffer", r["wait"] / w, fmt="{:.1%}")
+    paper = shape["spec"].key == "pythia-1b"
+    best = res["overlap"]["tokens_per_s"]
+    report("live: overlapped refill / synchronous, tokens/s", best / res["sync"]["tokens_per_s"],
+           note=f"the same batches: {'yes' if same else 'NO'}")
+    where = "the paper's run" if paper else "at this shape, NOT the paper's"
+    report(f"live: {PAPER_TOKENS // 10**6}M tokens, overlapped, projected", PAPER_TOKENS / best / 3600,
+           75 / 60 if paper else None, fmt="{:.2f} h", higher=False,
+           note=where + ("; the goal: ≥ 90000 tokens/s on one H200" if paper else ""))
+    if not same:
+        print("  note: the two refills served different last batches: the LMs' forwards differ between the "
+              "threads (kernels chosen per stream?); see crosscoding/activations.LiveBuffer", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

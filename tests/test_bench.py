@@ -23,10 +23,10 @@ def run_bench(*args, timeout=120):
 
 @pytest.mark.slow
 def test_bench_tiny_prints_ratio_lines():
-    r = run_bench("--tiny", "--only", "step,scale,cache,data,ig,shards", "--threads", "1", timeout=300)
+    r = run_bench("--tiny", "--only", "step,scale,cache,data,ig,shards,live", "--threads", "1", timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    for section in ("step:", "scale:", "cache:", "data:", "ig:", "shards:"):
+    for section in ("step:", "scale:", "cache:", "data:", "ig:", "shards:", "live:"):
         assert re.search(rf"^{section}", out, re.M), out
     lines = [l for l in out.splitlines() if "target" in l]
     assert len(lines) >= 6, out
@@ -35,6 +35,23 @@ def test_bench_tiny_prints_ratio_lines():
     assert re.search(r"d=64 l1 trained: peer \d+\.\d ms / ours \d+\.\d ms +\d+\.\d\dx", out), out
     assert re.search(r"d=64 batchtopk trained: .* +\d+\.\d\dx", out), out
     assert re.search(r"^done in \d+ s: \d+ PASS, \d+ FAIL", out, re.M), out
+
+
+@pytest.mark.slow
+def test_bench_live_quick_prints_the_steps_share_and_the_wait():
+    """`bench.py --only live --quick` on a CPU: both refills' tokens/s, the step's share of the wall time and the
+    fraction spent waiting on the buffer, their ratio and that both served the same batches."""
+    r = run_bench("--only", "live", "--quick", timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    for mode in ("sync", "overlap"):
+        assert re.search(rf"live {mode}: tokens/s \(\d+ steps\) +\d+ +\(of [\d.]+ s: LM forward", out), out
+        for what in ("crosscoder step's share of the wall time", "wall time waiting on the buffer"):
+            m = re.search(rf"live {mode}: {what} +([\d.]+)%", out)
+            assert m and 0 <= float(m.group(1)) <= 100, out
+    ratio = r"live: overlapped refill / synchronous, tokens/s +\d+\.\d\dx +\(the same batches: yes\)"
+    assert re.search(ratio, out), out
+    assert re.search(r"live: 400M tokens, overlapped, projected +[\d.]+ h", out), out
 
 
 def test_bench_rejects_unknown_section():
