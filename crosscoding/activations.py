@@ -221,6 +221,8 @@ def make_cache(model_key, layer, revs, out, n_tokens, seq_len, heldout_tokens, t
                 n_blocks=n_train + n_val, seq_len=seq_len, tokens=n_train * (seq_len - 1), d=d, dtype=cache_dtype,
                 split=dict(train_blocks=n_train, val_blocks=n_val, heldout_tokens=heldout_tokens),
                 fingerprint=fingerprint(ids), position0="excluded")
+    if weights == "random":
+        meta["random_on"] = lm.drawn_on(weights, device)
     with folder_lock(out):
         if (out / "meta.json").exists() and not overwrite:
             old = read_json(out / "meta.json", "cache meta")

@@ -224,7 +224,8 @@ def data_source(args, spec, ranks, resume_state):
                              f"revisions {','.join(args.revisions)}")
         batches = CacheBatches(cache, args.batch_size, args.seed, ranks.replica, ranks.replicas)
         desc = dict(cache=str(args.cache), fingerprint=m["fingerprint"], text=m["text"], d=m["d"],
-                    seq_len=m["seq_len"], heldout_tokens=m["split"]["heldout_tokens"], weights=m.get("weights", "hub"))
+                    seq_len=m["seq_len"], heldout_tokens=m["split"]["heldout_tokens"], weights=m.get("weights", "hub"),
+                    random_on=m.get("random_on"))
         mine = slice(revs.start, revs.stop)
         return (lambda step: batches.batch_at(step)[:, mine], cache.scales[mine],
                 cache.val(defaults.VAL_ROWS)[:, mine], desc, None)
@@ -273,7 +274,7 @@ def live_source(args, spec, ranks, resume_state):
                              f"split, this run needs {need} (--tokens {args.tokens}, the live buffer's windows); "
                              "give a longer --text or fewer --tokens")
     desc = dict(cache=None, text=text, seq_len=T, heldout_tokens=H, d=val.shape[-1], buffer_tokens=args.buffer_tokens,
-                buffer_windows=buf.n_parts, weights=args.weights)
+                buffer_windows=buf.n_parts, weights=args.weights, random_on=lm.drawn_on(args.weights, args.device))
 
     def batch_at(step):
         return buf.batch_at(step, args.batch_size)[ranks.replica::ranks.replicas]
