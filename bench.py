@@ -5,6 +5,18 @@
     python bench.py --only step --quick      # one or more sections: step, scale, cache, data, ig, memory, shards, live
     python bench.py --device cuda            # the same on a GPU
     python bench.py --quick --results        # … and write the table into RESULTS.md
+    python bench.py --only live --quick      # the live buffer's refills, overlapped against synchronous (~1 minute)
+
+On a GPU, the one script to run (≤ 8 minutes on one H200; offline: random weights, nothing downloaded):
+
+    HF_HUB_OFFLINE=1 python3 bench.py --paper --device cuda --results
+
+It prints, and writes into RESULTS.md (section `paper-check`): the crosscoder step at the paper's shape
+(M = 3, d = 2048, F = 16384, batch 4096, bf16 autocast; L1 and BatchTopK k = 200) against its roofline,
+the five dense bf16 matmuls of a step; the live path's tokens/s with its breakdown (section live, both
+refills); and train.py, evaluate.py, relie.py and ablate.py's wall times at the paper's shape (pythia-1b,
+layer 8, random weights), each as a process of its own. Each part runs in a try: one that fails prints
+its error and the others go on. `python bench.py --paper` without a GPU runs every part at a tiny shape.
 
 Every number is a median over repeats that alternate the two sides (same inputs, same threads), so
 a load that comes and goes hits both alike; each line prints its target and PASS/FAIL.
@@ -50,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -275,12 +288,12 @@ def trained_state(arch, M, d, F, device, fire=0.02, k_frac=0.02, calib=4096, see
     return cc
 
 
-def roofline_s(B, D, F, device, repeats):
+def roofline_s(B, D, F, device, repeats, dtype=torch.float32):
     """Seconds of the five plain torch.mm calls a dense step needs: encode x@W_enc, decode f@W_dec,
     dL/df = g@W_dec^T, dL/dW_dec = f^T@g, dL/dW_enc = x^T@dL/dpre (10·B·D·F FLOPs)."""
-    x, g = torch.randn(B, D, device=device), torch.randn(B, D, device=device)
-    f, W_enc = torch.randn(B, F, device=device), torch.randn(D, F, device=device)
-    W_dec = torch.randn(F, D, device=device)
+    x, g = torch.randn(B, D, device=device, dtype=dtype), torch.randn(B, D, device=device, dtype=dtype)
+    f, W_enc = torch.randn(B, F, device=device, dtype=dtype), torch.randn(D, F, device=device, dtype=dtype)
+    W_dec = torch.randn(F, D, device=device, dtype=dtype)
     calls = [lambda: x @ W_enc, lambda: f @ W_dec, lambda: g @ W_dec.t(), lambda: f.t() @ g, lambda: x.t() @ f]
     return sum(compare(calls, repeats, device))
 
@@ -350,12 +363,12 @@ def _check_same_objective(cc, x):
     assert abs(ours - (theirs + (cc.cfg.n_models - 1) * mse)) <= 1e-3 * abs(ours), (ours, theirs, mse)
 
 
-def _ours(cc, x, lr=None):
+def _ours(cc, x, lr=None, autocast=False):
     lr = TIMING_LR if lr is None else lr
     opt = cc.make_optimizer(lr)
     sched = cc.make_scheduler(opt)
     steps = iter(range(10_000, 10_000_000))
-    return lambda: cc.train_step(opt, sched, x, next(steps), metrics=False)
+    return lambda: cc.train_step(opt, sched, x, next(steps), autocast=autocast, metrics=False)
 
 
 def compare_with_peer(cc, x, repeats, dev, threads):
@@ -877,6 +890,111 @@ def bench_live(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# --paper: the one script a developer lent a GPU runs (≤ 8 minutes on one H200), or at a tiny shape on a CPU
+
+def paper_gpu(args):
+    return str(args.device).startswith("cuda") and not args.tiny
+
+
+def paper_step(args):
+    """The crosscoder's training step at the paper's shape (M = 3, d = 2048, F = 16384, batch 4096, bf16 autocast as
+    train.py --precision bf16), L1 and BatchTopK k = 200 in a trained state, against its roofline: the five
+    matmuls of a dense step in bf16 (fp32 and a tiny shape on a CPU)."""
+    gpu = paper_gpu(args)
+    M, d, F, B = (3, 2048, 16384, 4096) if gpu else (3, 64, 512, 256)
+    dev, repeats = args.device, (20 if gpu else 3)
+    print(f"paper step: CrossCoder.train_step, M={M}, d={d}, F={F}, batch {B}, "
+          f"{'bf16 autocast' if gpu else 'fp32'}, median of {repeats}", flush=True)
+    x = randn(B, M, d, seed=0, device=dev)
+    roof = roofline_s(B, M * d, F, dev, repeats, dtype=torch.bfloat16 if gpu else torch.float32)
+    flop = 10 * B * M * d * F
+    for arch, fire in (("l1", 0.02), ("batchtopk", 0.04)):
+        cc = trained_state(arch, M, d, F, dev, fire=fire, k_frac=(200 if gpu else 10) / F)
+        t, = compare([_ours(cc, x, autocast=gpu)], repeats, dev)
+        report(f"paper step {arch}: {1e3 * t:.2f} ms / roofline {1e3 * roof:.2f} ms", t / roof, fmt="{:.2f}x",
+               higher=False, note=f"{B / t:.0f} tokens/s, {flop / t / 1e12:.0f} TFLOP/s dense-equivalent")
+
+
+def _stage(cmd, cwd, env):
+    """Seconds a stage script took, as its users run it (a process of its own); its error when it fails."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]], cwd=cwd, env=env, capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()[-1500:]}")
+    return time.perf_counter() - t0
+
+
+def paper_stages(args):
+    """train.py, evaluate.py, relie.py and ablate.py, each as a process of its own with its defaults, on a run of
+    the paper's shape with random weights (pythia-1b, layer 8, F = 16384; 20 steps of 4096): wall times from the
+    start of the process (building the models included). On a CPU: pythia-70m at small sizes."""
+    gpu = paper_gpu(args)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if gpu:
+        model, train = "pythia-1b", ["--tokens", str(4096 * 20), "--dict-size", "16384", "--precision", "bf16",
+                                     "--heldout-tokens", "65536"]
+        later = {"evaluate.py": [], "relie.py": [], "ablate.py": []}
+    else:
+        model, train = "pythia-70m", ["--tokens", "2048", "--batch-size", "1024", "--dict-size", "1024",
+                                      "--seq-len", "64", "--heldout-tokens", "4096"]
+        later = {"evaluate.py": ["--blocks", "2"],
+                 "relie.py": ["--max-pairs", "2", "--context-blocks", "2", "--threshold", "0"],
+                 "ablate.py": ["--max-pairs", "2", "--draws", "1"]}
+    print(f"paper stages: {model} with random weights, each stage a process of its own, on {args.device}",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-paper-") as tmp:
+        run = str(Path(tmp) / "run")
+        t = _stage(["train.py", "--model", model, "--weights", "random", "--device", str(args.device), "--out", run,
+                    *train], tmp, env)
+        log = json.loads(Path(run, "log.jsonl").read_text().splitlines()[-1])
+        report(f"paper stages: train.py, {log['step']} steps (start-up included)", t, fmt="{:.0f} s", higher=False,
+               note=f"{log['tokens_per_s']:.0f} tokens/s; " + training_times(log["time"]))
+        for script, extra in later.items():
+            t = _stage([script, "--run", run, "--device", str(args.device), *extra], tmp, env)
+            target = 60 if (gpu and script == "evaluate.py") else None
+            report(f"paper stages: {script} (start-up included)", t, target, fmt="{:.0f} s", higher=False)
+
+
+def training_times(t):
+    from crosscoding import training
+    return training.format_times(t)
+
+
+PAPER_PARTS = (("step", "paper_step"), ("live", "bench_live"), ("stages", "paper_stages"))
+
+
+def paper_check(args):
+    """Every part in turn; a part that fails prints its error and the others still run. Returns the failed parts.
+    Without a GPU every part runs at its tiny shape: it shows the script runs, not how fast."""
+    if not str(args.device).startswith("cuda"):
+        args.tiny = True
+    failed = []
+    for name, fn in PAPER_PARTS:
+        try:
+            globals()[fn](args)
+        except Exception as e:     # noqa: BLE001 - one crash must not lose the other numbers
+            failed.append(f"{name}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+            print(f"  {name}: FAILED, the other parts go on ({failed[-1]})", flush=True)
+            traceback.print_exc(file=sys.stderr)
+    return failed
+
+
+def paper_markdown(args, seconds, failed) -> str:
+    gpu = torch.cuda.get_device_name(torch.device(args.device)) if str(args.device).startswith("cuda") else "CPU"
+    import transformers
+    rows = "\n".join(f"| {n} | {v} | {w} | {k} | {note} |" for n, v, w, k, note in LINES)
+    fails = "".join(f"\n- **failed** {f}" for f in failed)
+    return (f"## The paper's shape on one device (`python3 bench.py --paper --device {args.device}"
+            f"{' --tiny' if args.tiny else ''} --results`)\n\n"
+            f"Measured on {gpu}, torch {torch.__version__}, transformers {transformers.__version__}, in {seconds:.0f} s"
+            f"{'' if paper_gpu(args) else ' (a tiny shape: the numbers say only that it runs)'}. Random weights "
+            "(nothing downloaded); the step against its roofline (five dense matmuls), the live path's two refills "
+            "side by side, and each stage's wall time as a process of its own." + fails +
+            f"\n\n| measurement | value | target | | note |\n|---|---|---|---|---|\n{rows}")
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -885,7 +1003,11 @@ def main(argv=None):
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     cli.add(p, "--device", device=defaults.default_device())
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
-    p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section 'bench')")
+    p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section 'bench', "
+                   "or 'paper-check' with --paper)")
+    p.add_argument("--paper", action="store_true", help="instead of the sections: the GPU check (the step at the "
+                   "paper's shape against its roofline, the live path, each analysis stage's wall time; a tiny shape "
+                   "on a CPU)")
     args = p.parse_args(argv)
     only = args.only.split(",")
     bad = [s for s in only if s not in SECTIONS]
@@ -901,6 +1023,13 @@ def main(argv=None):
               "threads want, every parallel op waits for a core and the ratios drift: rerun on a quiet machine",
               flush=True)
     t0 = time.time()
+    if args.paper:
+        failed = paper_check(args)
+        print(f"done in {time.time() - t0:.0f} s" + (f"; FAILED: {'; '.join(failed)}" if failed else ""), flush=True)
+        if args.results:
+            update_results("paper-check", paper_markdown(args, time.time() - t0, failed), HERE / "RESULTS.md")
+            print("wrote RESULTS.md (section paper-check)", flush=True)
+        return
     for name in only:
         globals()[f"bench_{name}"](args)
         print(f"  (load average {os.getloadavg()[0]:.1f})", flush=True)

@@ -54,6 +54,46 @@ def test_bench_live_quick_prints_the_steps_share_and_the_wait():
     assert re.search(r"live: 400M tokens, overlapped, projected +[\d.]+ h", out), out
 
 
+def test_paper_check_goes_on_past_a_failed_part(monkeypatch, capsys):
+    """--paper runs its parts in turn: one that raises prints its error, the others still run and report, and the
+    RESULTS.md section it writes names the failure beside the numbers that were measured."""
+    from types import SimpleNamespace
+
+    def boom(args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench, "LINES", [])
+    monkeypatch.setattr(bench, "paper_step", boom)
+    monkeypatch.setattr(bench, "bench_live", lambda args: bench.report("live overlap: tokens/s", 123.0, fmt="{:.0f}"))
+    monkeypatch.setattr(bench, "paper_stages", lambda args: bench.report("paper stages: evaluate.py", 9.0,
+                                                                         fmt="{:.0f} s"))
+    args = SimpleNamespace(device="cpu", tiny=True)
+    failed = bench.paper_check(args)
+    out = capsys.readouterr().out
+    assert failed == ["step: RuntimeError: CUDA error: an illegal memory access was encountered"], failed
+    assert "step: FAILED, the other parts go on" in out and "live overlap: tokens/s" in out and "evaluate.py" in out
+    md = bench.paper_markdown(args, 12.0, failed)
+    assert "**failed** step: RuntimeError" in md and "| live overlap: tokens/s | 123 |" in md
+    assert "| paper stages: evaluate.py | 9 s |" in md
+
+
+@pytest.mark.slow
+def test_paper_check_runs_on_a_cpu():
+    """`bench.py --paper` on a CPU, at its tiny shape: every part runs (the step against its roofline, both refills
+    of the live path, train / evaluate / relie / ablate as processes on pythia-70m's shape with random weights),
+    so the GPU box meets no crash the CPU could have shown."""
+    r = run_bench("--paper", "--device", "cpu", timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "FAILED" not in out, out + r.stderr[-3000:]
+    for arch in ("l1", "batchtopk"):
+        assert re.search(rf"paper step {arch}: [\d.]+ ms / roofline [\d.]+ ms +\d+\.\d\dx", out), out
+    assert re.search(r"live overlap: wall time waiting on the buffer +[\d.]+%", out), out
+    for script in ("train.py", "evaluate.py", "relie.py", "ablate.py"):
+        assert re.search(rf"paper stages: {script}.* +\d+ s", out), out
+    assert re.search(r"^done in \d+ s$", out, re.M), out
+
+
 def test_bench_rejects_unknown_section():
     r = run_bench("--only", "nope")
     assert r.returncode == 2 and "unknown section" in r.stderr
