@@ -309,14 +309,10 @@ def ensure_toy(out=DEFAULT_OUT, steps: int = 512, seed: int = 0) -> Path:
 
 # -----------------------------------------------------------------------------
 
-def device_flag(s: str) -> str:
-    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", s):
-        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {s!r}")
-    return s
-
-
 def pick_device(name: str) -> str:
     """--device: cpu, cuda[:N], or auto (cuda when there is one); cuda without CUDA is refused."""
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", name):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto (cuda when there is one), got {name!r}")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -328,11 +324,8 @@ def pick_device(name: str) -> str:
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add(p, "--out", "--seed", out=str(DEFAULT_OUT), seed=0)
+    cli.add(p, "--out", "--seed", "--device", out=str(DEFAULT_OUT), seed=0, device="cpu")   # and auto: pick_device
     p.add_argument("--steps", type=positive("--steps"), default=None, help="training steps (default 512)")
-    p.add_argument("--device", type=device_flag, default="cpu",
-                   help="where to train: cpu (the same toy on every machine), cuda, or auto: cuda when there is "
-                        "one (default: %(default)s)")
     p.add_argument("--write-pairs", action="store_true", help=f"regenerate {PAIRS_PATH.relative_to(HERE)} and exit")
     return p.parse_args(argv)
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 import toy  # noqa: E402
 from crosscoding import grammar, lm  # noqa: E402
+from crosscoding.common import UsageError  # noqa: E402
 
 NOUN_NUMBER = {w: (i, pl) for i, pair in enumerate(grammar.NOUNS) for pl, w in enumerate(pair)}
 VERB_NUMBER = {w: pl for pair in grammar.INTRANSITIVE + grammar.TRANSITIVE + grammar.BE + grammar.HAVE
@@ -228,6 +229,8 @@ def test_device_flag():
     assert [toy.parse_args(["--device", d]).device for d in ("cpu", "cuda", "cuda:1", "auto")] == \
         ["cpu", "cuda", "cuda:1", "auto"]
     assert toy.pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UsageError, match="--device must be cpu, cuda, cuda:N or auto"):
+        toy.pick_device("gpu")
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the refusal cannot be seen")
     r = subprocess.run([sys.executable, str(ROOT / "toy.py"), "--device", "cuda", "--out", "/nonexistent/toy"],
