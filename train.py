@@ -193,9 +193,10 @@ def train(args, spec, ranks):
         training.save_run(args, spec, cc, scales, desc, need, ranks)
     if ranks.main:
         last = training.last_log(args.out)
+        times = f"; time: {training.format_times(last['time'])}" if "time" in last else ""
         print(f"run {args.out}: val FVU {[f'{v:.3f}' for v in last['val_fvu']]}, L0 {last['val_l0']:.1f}, "
               f"dead {100 * last['val_dead_frac']:.0f}%, {last['tokens_per_s']:.0f} tokens/s, "
-              f"{time.time() - t0:.0f} s; time: {training.format_times(last['time'])}")
+              f"{time.time() - t0:.0f} s{times}")
 
 
 def main(argv=None):
