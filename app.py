@@ -4,8 +4,11 @@ which checkpoint, what they respond to, and what breaks without them.
     streamlit run app.py                                  # reads runs/ and scans/ here
     streamlit run app.py -- --runs /data/runs --scans /data/scans
 
-Pages: Checkpoints (scans/), Training (log.jsonl, eval.json), Latents (the emergence map, contexts,
-logit effects, annotations), Ablation. The app reads only inside its runs and scans roots, loads no
+Pages: Checkpoints (scans/), Training (the run's config, log.jsonl, eval.json), Latents (the emergence map,
+coverage, faithfulness, contexts, logit effects, annotations), Timeline (every latent over the revisions in
+training order, grouped by where it forms, under the accuracy curve; each formation revision's latents),
+Ablation (top-k against random-k with intervals, the joint table). Runs are listed newest first. The app
+reads only inside its runs and scans roots, loads no
 pickles, escapes every text it renders as HTML, and (by Streamlit's config here) listens on
 127.0.0.1. Annotations go to runs/<name>/annotations.csv, which relie.py's exports pick up.
 """
@@ -70,21 +73,26 @@ def read_log(path: str, mtime: float) -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False)
 def decoder_table(folder: str, mtime: float) -> pd.DataFrame:
-    """Every latent's RelDec from the crosscoder itself (safetensors), when evaluate.py has not run."""
+    """Every latent's RelDec, timeline and decoder cosines from the crosscoder itself (safetensors), when
+    evaluate.py has not run."""
     from safetensors.numpy import load_file
     t = load_file(str(Path(folder) / "crosscoder.safetensors"))
     cfg = json.loads((Path(folder) / "config.json").read_text())
+    revs = cfg["revisions"]
     norms = np.linalg.norm(t["W_dec_FMd"], axis=-1) * t["scales_M"][None, :]
-    rel = measures.rel(norms)
-    df = pd.DataFrame({"latent": np.arange(len(rel))})
-    for m, r in enumerate(cfg["revisions"]):
-        df[f"dec_norm_{r}"] = norms[:, m]
-    measures.add_shares(df, "reldec", rel, cfg["revisions"])
-    return pd.concat([df, measures.timeline(norms, cfg["revisions"], cfg.get("revision_tokens"))], axis=1)
+    unit = t["W_dec_FMd"] / np.maximum(np.linalg.norm(t["W_dec_FMd"], axis=-1, keepdims=True), 1e-12)
+    cols = {"latent": np.arange(len(norms))}
+    for m, r in enumerate(revs):
+        cols[f"dec_norm_{r}"] = norms[:, m]
+    measures.add_shares(cols, "reldec", measures.rel(norms), revs)
+    for a, b in measures.pairs_of(revs):
+        cols[f"cos_{revs[a]}_{revs[b]}"] = (unit[:, a] * unit[:, b]).sum(-1)
+    return pd.concat([pd.DataFrame(cols), measures.timeline(norms, revs, cfg.get("revision_tokens"))], axis=1)
 
 
 def csv_of(path: Path):
-    return read_csv(str(path), _mtime(path)) if path.exists() else None
+    # a copy: the cache hands back its frame column by column, which pandas would warn is fragmented
+    return read_csv(str(path), _mtime(path)).copy() if path.exists() else None
 
 
 def json_of(path: Path):
@@ -93,6 +101,48 @@ def json_of(path: Path):
 
 def missing(what: str, command: str):
     st.info(f"No {what} yet. Make it with:\n\n`{command}`")
+
+
+def run_names(runs: Path) -> list[str]:
+    """The run folders (those with a config.json), newest first."""
+    if not runs.is_dir():
+        return []
+    found = [p for p in runs.iterdir() if (p / "config.json").exists()]
+    return [p.name for p in sorted(found, key=lambda p: (-(p / "config.json").stat().st_mtime, p.name))]
+
+
+def latent_table(run: Path) -> pd.DataFrame:
+    """evaluate.py's latents.csv, else the same decoder columns read from the crosscoder."""
+    lat = csv_of(run / "latents.csv")
+    return lat if lat is not None else decoder_table(str(run), _mtime(run / "crosscoder.safetensors"))
+
+
+def tasks_of(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "relie").iterdir() if (p / DONE).exists()) if (run / "relie").is_dir() else []
+
+
+# Per-latent tables of an attribution (files under relie/<task>/ with a `latent` column), merged into every
+# latent table the app shows; a later stage's per-latent verdicts join the pages by being listed here.
+RELIE_LATENT_FILES = ("latents.csv",)
+
+
+def attributed(run: Path, task: str | None) -> pd.DataFrame | None:
+    """The attributed latents of a task: relie.py's sheet and every other file of RELIE_LATENT_FILES, one row
+    per latent, with `disagree` (the revisions where the attribution and exact ablation disagree)."""
+    frames = [f for f in (csv_of(run / "relie" / task / name) for name in RELIE_LATENT_FILES) if f is not None] \
+        if task else []
+    if not frames:
+        return None
+    df = frames[0]
+    for f in frames[1:]:
+        df = df.merge(f[["latent"] + [c for c in f.columns if c not in df.columns]], on="latent", how="left")
+    flags = [c for c in df.columns if c.startswith("unfaithful_")]
+    return df.assign(disagree=df[flags].fillna(False).astype(bool).sum(axis=1) if flags else np.nan)
+
+
+def ordered(df: pd.DataFrame, column: str, revs) -> pd.DataFrame:
+    """Rows sorted by a revision column in training order (never alphabetically)."""
+    return df.sort_values(column, key=lambda s: s.map({r: i for i, r in enumerate(revs)}), kind="stable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +184,25 @@ def page_checkpoints(scans: Path, run: Path | None, cfg: dict | None):
     st.dataframe(df, width="stretch")
 
 
+def config_table(cfg: dict) -> pd.DataFrame:
+    """What defines the run, one row each: the sparsity knob of each variant says whether this run uses it."""
+    arch = cfg.get("arch", "l1")
+    data = cfg.get("data") or {}
+    rows = [("model", cfg.get("model")), ("layer", cfg.get("layer")),
+            ("revisions", f"{len(cfg.get('revisions', []))}: {', '.join(cfg.get('revisions', []))}"),
+            ("architecture (--arch)", arch), ("F, latents (--dict-size)", cfg.get("dict_size")),
+            ("λ, L1 penalty (--l1-coeff)", f"{cfg.get('l1_coeff')}" + ("" if arch == "l1" else f" (unused by {arch})")),
+            ("k, latents per token (--k)", f"{cfg.get('k')}" + ("" if arch in ("batchtopk", "matryoshka")
+                                                                 else f" (unused by {arch})")),
+            ("JumpReLU coefficient", f"{cfg.get('jumprelu_coeff')}" + ("" if arch == "jumprelu"
+                                                                        else f" (unused by {arch})")),
+            ("training tokens (--tokens)", cfg.get("tokens")), ("steps × batch", f"{cfg.get('steps')} × "
+                                                                                  f"{cfg.get('batch_size')}"),
+            ("lr", cfg.get("lr")), ("seed", cfg.get("seed")),
+            ("data", data.get("cache") or data.get("text")), ("weights", data.get("weights", "hub"))]
+    return pd.DataFrame(rows, columns=["setting", "value"]).astype(str)
+
+
 def page_training(run: Path):
     st.header("Training")
     log = run / "log.jsonl"
@@ -142,6 +211,8 @@ def page_training(run: Path):
     if imported:   # convert.py --from: trained elsewhere, so no training log; its evaluation still shows below
         st.info(f"Imported, not trained here: {imported.get('format')} crosscoder from {imported.get('source')} "
                 f"(sha256 {imported.get('sha256')}), by convert.py")
+    st.subheader(f"Run {run.name}" + ("" if (run / DONE).exists() else " — unfinished (no DONE)"))
+    st.table(config_table(cfg).set_index("setting"))   # a static table: every value whole
     if not log.exists() and not imported:
         return missing("training log", "python train.py")
     if log.exists():
@@ -150,7 +221,11 @@ def page_training(run: Path):
     if ev is None:
         return missing("evaluation", f"python evaluate.py --run {run}")
     st.subheader("Evaluation (held-out tokens)")
-    st.dataframe(pd.DataFrame(ev["revisions"]).T, width="stretch")
+    table = pd.DataFrame(ev["revisions"]).T
+    st.dataframe(table.reindex([r for r in cfg.get("revisions", table.index) if r in table.index]), width="stretch")
+    warning = measures.fvu_warning({r: s["fvu"] for r, s in ev["revisions"].items()}, "held-out FVU")
+    if warning:
+        st.warning(warning.removeprefix("warning: "))
     st.caption(f"L0 {ev['l0']:.1f} · dead {100 * ev['dead_frac']:.1f}% · {ev['n_tokens']} tokens")
 
 
@@ -159,19 +234,21 @@ def training_charts(log: Path, cfg: dict):
     revs = cfg.get("revisions") or [f"rev{i}" for i in range(len(df.val_fvu.iloc[0]))]
     fvu = pd.DataFrame([dict(step=s, revision=revs[m], fvu=v) for s, vals in zip(df.step, df.val_fvu)
                         for m, v in enumerate(vals)])
+    warning = measures.fvu_warning(dict(zip(revs, df.val_fvu.iloc[-1])), "the last validation FVU")
+    if warning:
+        st.warning(warning.removeprefix("warning: "))
     c1, c2 = st.columns(2)
     c1.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("loss:Q", scale=alt.Scale(type="log")))
-                    .properties(title="loss"),
-                    width="stretch")
-    c2.altair_chart(alt.Chart(fvu).mark_line().encode(x="step:Q", y="fvu:Q", color="revision:N").properties(
+                    .properties(title="loss"), width="stretch")
+    c2.altair_chart(alt.Chart(fvu).mark_line().encode(
+        x="step:Q", y="fvu:Q", color=alt.Color("revision:N", sort=revs, scale=alt.Scale(domain=revs)),
+        tooltip=["step", "revision", alt.Tooltip("fvu:Q", format=".3f")]).properties(
         title="validation FVU per revision"), width="stretch")
     c3, c4 = st.columns(2)
     c3.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("val_l0:Q", title="L0"))
-                    .properties(title="L0"),
-                    width="stretch")
+                    .properties(title="L0"), width="stretch")
     c4.altair_chart(alt.Chart(df).mark_line().encode(x="step:Q", y=alt.Y("val_dead_frac:Q", title="dead fraction"))
-                    .properties(
-        title="dead latents (validation)"), width="stretch")
+                    .properties(title="dead latents (validation)"), width="stretch")
 
 
 def polygon(rel: np.ndarray) -> np.ndarray:
@@ -187,15 +264,12 @@ def polygon(rel: np.ndarray) -> np.ndarray:
 
 def latent_frame(run: Path, cfg: dict, task: str | None, source: str) -> pd.DataFrame:
     revs = cfg["revisions"]
-    lat = csv_of(run / "latents.csv")
-    if lat is None:
-        lat = decoder_table(str(run), _mtime(run / "crosscoder.safetensors"))
-    sheet = csv_of(run / "relie" / task / "latents.csv") if task else None
-    df = lat.copy()
+    df = latent_table(run).copy()
+    sheet = attributed(run, task)
     if sheet is not None:
         keep = [c for c in sheet.columns if c.startswith(("ie_", "relie", "exact_", "atp_", "unfaithful_"))
-                or c == "latent"]
-        df = df.merge(sheet[keep], on="latent", how="left")
+                or c in ("latent", "disagree")]
+        df = df.merge(sheet[keep], on="latent", how="left").copy()   # copied: one block per dtype again
     ann = measures.read_annotations(run)
     df["annotated"] = df.latent.isin(ann.latent.astype(int)) if len(ann) else False
     prefix = {"RelDec": "reldec_", "RelIE": "relie_", "RelIE (normalised)": "relie_norm_"}[source]
@@ -216,40 +290,132 @@ def latent_frame(run: Path, cfg: dict, task: str | None, source: str) -> pd.Data
 
 
 def show_trust(run: Path, task: str, summary: dict):
-    """What the attribution covers and what its intervals resample, beside the seed spread where
-    stability.py measured one."""
-    cov = summary.get("coverage") or {}
-    shares = {r: c["latents_share"] for r, c in cov.items() if c.get("latents_share") is not None}
-    if shares:
-        st.caption("Latents' share of the task's IE (the rest is the error term): "
-                   + ", ".join(f"{r} {100 * v:.0f}%" for r, v in shares.items()))
-        for r, v in shares.items():
-            if v < 0.5:
-                st.warning(f"At {r} the error term carries {100 * (1 - v):.0f}% of the task's IE: the crosscoder "
-                           "misses much of what the LM uses there (try another layer, a larger F or a lower λ).")
+    """What the attribution's intervals resample, beside the seed spread where seeds.py measured one."""
     split = summary.get("split") or {}
     where = ("no split: ablations are in-sample" if split.get("in_sample") else
              f"{split.get('n_selection')} pairs for selection, {split.get('n_test')} held out for ablation")
-    stab = json_of(run / "stability" / "stability.json") or {}
+    stab = json_of(run / "stability" / "seeds.json") or {}
     gap = (stab.get("findings") or {}).get("ablation_gap_last") or {}
     seeds = (f"; over {len(stab.get('seeds', []))} crosscoder seeds the top-k − random-k gap at the last revision "
-             f"ranged {gap['min']:.1f}–{gap['max']:.1f} points (stability.py)" if gap.get("min") is not None else "")
+             f"ranged {gap['min']:.1f}–{gap['max']:.1f} points (seeds.py)" if gap.get("min") is not None else "")
     st.caption(f"Pairs: {where}. Intervals are 95% bootstrap over pairs; they do not cover the crosscoder's or the "
                f"LM's seed{seeds}. Classes greyed: under 80% of bootstrap resamples give the same class.")
 
 
+def coverage_frame(summary: dict, revs) -> pd.DataFrame:
+    """Per revision, relie.py's coverage: the latents' and the error term's shares of the task, measured (zeroing
+    every latent against zeroing the error term: latents_share) and by the attribution (Σ_i |IE_i| against
+    |IE_error|: latents_share_ie)."""
+    cov = summary.get("coverage") or {}
+    rows = []
+    for r in revs:
+        c = cov.get(r) or {}
+        if c.get("latents_share") is None:
+            continue
+        by_ie = c.get("latents_share_ie")
+        error_by_ie = np.nan if by_ie is None else 1 - by_ie
+        rows += [dict(revision=r, part="latents", share=c["latents_share"], error_by_ie=error_by_ie),
+                 dict(revision=r, part="error term", share=1 - c["latents_share"], error_by_ie=error_by_ie)]
+    return pd.DataFrame(rows)
+
+
+def coverage_figure(summary: dict, revs, where):
+    """One coverage figure: per revision the latents' and the error term's measured shares of the task as bars,
+    the error term's share by the attribution as a diamond, and what tells the two apart."""
+    cov = coverage_frame(summary, revs)
+    if not len(cov):
+        return
+    where.subheader("Coverage: how much of the task goes through the latents")
+    x = alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs), title=None)
+    share = alt.Tooltip("share:Q", format=".2f", title="measured share")
+    by_ie = alt.Tooltip("error_by_ie:Q", format=".2f", title="error term's share by the attribution")
+    bars = alt.Chart(cov).mark_bar().encode(
+        x=x, y=alt.Y("share:Q", stack=True, scale=alt.Scale(domain=[0, 1]), title="share of the task"),
+        color=alt.Color("part:N", sort=["latents", "error term"], scale=alt.Scale(range=["#4c78a8", "#d62728"]),
+                        legend=alt.Legend(orient="top", title=None, labelLimit=600)),
+        tooltip=["revision", "part", share, by_ie])
+    dots = alt.Chart(cov.drop_duplicates("revision").dropna(subset=["error_by_ie"])).mark_point(
+        shape="diamond", filled=True, color="black", size=60).encode(x=x, y="error_by_ie:Q",
+                                                                     tooltip=["revision", by_ie])
+    half = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
+    where.altair_chart((bars + dots + half).properties(height=220), width="stretch")
+    where.caption(
+        "Bars: the measured split (relie.py's coverage), the change of the logit difference when every latent is "
+        "zeroed (the error term kept) against when the error term is zeroed (the latents kept), |Δ_latents| / "
+        "(|Δ_latents| + |Δ_error|). Black diamonds: the error term's share by the attribution, |IE_error| / "
+        "(|IE_error| + Σ_i |IE_i|), the number the latents' IEs suggest. They differ where the attribution, a "
+        "first-order estimate, credits the latents with large IEs that cancel when they are removed together: "
+        "the bars are what removing them does. Dashed: half.")
+    low = {r: g for r, g in cov[cov.part == "error term"].set_index("revision").iterrows()
+           if g.share > 0.5 or g.error_by_ie > 0.5}
+    if low:
+        where.warning("The error term carries more than half of the task at "
+                      + ", ".join(f"{r} ({100 * g.share:.0f}% measured"
+                                  + ("" if pd.isna(g.error_by_ie) else f", {100 * g.error_by_ie:.0f}% by IE") + ")"
+                                  for r, g in low.items())
+                      + ": the crosscoder misses much of what the LM uses there, and latent-level findings at those "
+                        "revisions cover only part of the task (try another layer, a larger F or a lower λ).")
+
+
 def context_html(ctx: dict) -> str:
+    """A context as tokens shaded by the latent's activation, each value printed under its token; the
+    activating token boxed; a window that reaches its text block's start says so (the model saw no more)."""
     top = max(ctx["max"], 1e-9)
-    return "".join(
-        f"<span style='background:rgba(255,120,0,{min(1.0, max(0.0, a / top)):.2f});padding:1px 2px;"
-        f"border-radius:3px' title='{a:.3f}'>{html.escape(t)}</span>" for t, a in zip(ctx["tokens"], ctx["acts"]))
+    start = ("<span class='cct-start' title='start of the text block: the model saw nothing before it' "
+             "style='color:#888;margin-right:4px;vertical-align:top'>⟨block start⟩</span>"
+             if ctx.get("pos") is not None and ctx["pos"] - ctx["max_at"] <= 1 else "")
+    cells = []
+    for j, (t, a) in enumerate(zip(ctx["tokens"], ctx["acts"])):
+        shade = min(1.0, max(0.0, a / top))
+        border = "outline:2px solid #c04000;" if j == ctx["max_at"] else ""
+        value = f"{a:.2f}" if a > 0 else "&nbsp;"
+        cells.append(f"<span class='cct-tok' style='display:inline-block;vertical-align:top;text-align:center;"
+                     f"margin:1px;padding:0 2px;border-radius:3px;background:rgba(255,120,0,{shade:.2f});{border}'>"
+                     f"{html.escape(t).replace(' ', '&nbsp;') or '&nbsp;'}<br>"
+                     f"<span class='cct-act' style='font-size:70%;color:#333'>{value}</span></span>")
+    return start + "".join(cells)
+
+
+def context_text(ctx: dict) -> str:
+    """A context as one line of text, the activating token in ⟦ ⟧ with its activation."""
+    spaced = any(t[:1].isspace() for t in ctx["tokens"])
+    toks = [f"⟦{t.strip()}⟧ {ctx['max']:.2f}" if j == ctx["max_at"] else t for j, t in enumerate(ctx["tokens"])]
+    return ("" if spaced else " ").join(toks).strip()
+
+
+def show_contexts(contexts: list | None):
+    if contexts:
+        st.markdown("**Top-activating contexts** (held-out LM text; each token shaded by the latent's activation, "
+                    "its value under it; boxed: the activation the context is chosen for)")
+        for c in contexts:
+            st.markdown(f"<div style='font-family:monospace;line-height:1.1' class='cct-context'>{context_html(c)}"
+                        "</div>", unsafe_allow_html=True)
+    else:
+        st.caption("contexts and logit effects are computed by relie.py for its selected latents")
+
+
+def badge(row, M: int) -> str:
+    """' ⚠ …' for a latent whose attribution disagrees with exact ablation of it at some revision."""
+    n = row.get("disagree")
+    return f" ⚠ disagrees with exact ablation at {int(n)} of {M} revisions" if pd.notna(n) and n > 0 else ""
+
+
+def latent_order(view: pd.DataFrame, revs) -> list[int]:
+    """Latents to offer first: attributed before not attributed, faithful (the attribution agrees with exact
+    ablation at every revision) before unfaithful, then by their largest |IE|; without IE, by latent."""
+    ie = [f"ie_{r}" for r in revs if f"ie_{r}" in view.columns]
+    if not ie:
+        return [int(i) for i in view.latent]
+    key = pd.DataFrame({"latent": view.latent.to_numpy(), "none": view[ie].isna().all(axis=1).to_numpy(),
+                        "bad": (view["disagree"].fillna(0) > 0).to_numpy() if "disagree" in view else False,
+                        "size": -view[ie].abs().max(axis=1).fillna(0).to_numpy()})
+    return [int(i) for i in key.sort_values(["none", "bad", "size", "latent"]).latent]
 
 
 def page_latents(run: Path, cfg: dict):
     st.header("Latents: which feature matters at which checkpoint?")
     revs = cfg["revisions"]
-    tasks_done = sorted(p.name for p in (run / "relie").iterdir() if (p / DONE).exists()) \
-        if (run / "relie").is_dir() else []
+    tasks_done = tasks_of(run)
     c1, c2, c3 = st.columns(3)
     task = c1.selectbox("task", tasks_done) if tasks_done else None
     source = c2.radio("place latents by", ["RelDec", "RelIE", "RelIE (normalised)"] if task else ["RelDec"],
@@ -272,7 +438,8 @@ def page_latents(run: Path, cfg: dict):
     tip = ["latent", "class"] + [c for c in view.columns if c.startswith(("reldec_", "relie_")) and c[-1] != "s"][:6]
     chart = alt.Chart(view).mark_circle(opacity=0.7).encode(
         x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None),
-        color=alt.condition("datum.agree < 0.8", alt.value("lightgray"), alt.Color("class:N")),
+        color=alt.condition("datum.agree < 0.8", alt.value("lightgray"),
+                            alt.Color("class:N", legend=alt.Legend(labelLimit=600, titleLimit=600))),
         size=alt.Size("freq:Q", legend=None) if "freq" in view else alt.value(40),
         tooltip=[c for c in tip if c in view.columns]).properties(
         title=f"emergence map: {len(view)} latents placed by {source} "
@@ -282,30 +449,27 @@ def page_latents(run: Path, cfg: dict):
     if len(revs) <= 3:
         left.altair_chart(chart, width="stretch")
     else:   # a polygon of M > 3 vertices loses the training order
-        left.info(f"{len(revs)} revisions: the Timeline page shows each latent's curve over them in training order.")
+        left.info(f"{len(revs)} revisions: the Timeline page shows each latent's curve over them in training order, "
+                  "and its latents by formation revision with their contexts.")
     if task:
         summary = json_of(run / "relie" / task / "summary.json") or {}
         faith = summary.get("faithfulness")
         if faith:
             st.caption(f"Attribution: {summary.get('method')} · faithfulness against exact ablation of the "
                        f"{len(summary.get('chosen', []))} chosen latents: Spearman ρ {faith['rho']:.2f} (AtP "
-                       f"{faith['rho_atp']:.2f}); {faith['n_flagged']} of {faith['n']} (latent, revision) disagree")
+                       f"{faith['rho_atp']:.2f}); {faith['n_flagged']} of {faith['n']} (latent, revision) disagree. "
+                       "Latents marked ⚠ disagree somewhere; they are listed after the others.")
         show_trust(run, task, summary)
-        err = csv_of(run / "relie" / task / "error.csv")
-        share = err.groupby("revision").apply(
-            lambda g: (g.ie_error.abs() * g.n_pairs).sum() /
-                      max(((g.ie_error.abs() + g.ie_latents_abs) * g.n_pairs).sum(), 1e-12),
-            include_groups=False).reindex(revs).rename("error share of |IE|").reset_index()
-        right.subheader("Error term's share of the IE")
-        right.altair_chart(alt.Chart(share).mark_bar().encode(x=alt.X("revision:N", sort=revs),
-                           y=alt.Y("error share of |IE|:Q", scale=alt.Scale(domain=[0, 1]))), width="stretch")
-        right.dataframe(err, width="stretch", height=200)
-    st.dataframe(view.drop(columns=["x", "y"]), width="stretch", height=260)
+        coverage_figure(summary, revs, right if len(revs) <= 3 else st)
+    front = [c for c in ("latent", "class", "disagree", "freq", "artifact", "annotated") if c in view.columns]
+    st.dataframe(view[front + [c for c in view.columns if c not in front + ["x", "y"]]], width="stretch",
+                 height=260, hide_index=True)
     if not len(view):
         return
-    by = [f"ie_{r}" for r in revs if f"ie_{r}" in view.columns] or ["latent"]
-    ids = [int(i) for i in view.sort_values(by, ascending=False).latent]
-    latent = st.selectbox("latent", ids, key="latent")
+    rows = view.set_index("latent")
+    ids = latent_order(view, revs)
+    latent = st.selectbox("latent (faithful first, by largest |IE|)", ids, key="latent",
+                          format_func=lambda i: f"{i}{badge(rows.loc[i], len(revs))}")
     latent_detail(run, cfg, task, df[df.latent == latent].iloc[0], latent)
 
 
@@ -313,18 +477,21 @@ def latent_detail(run: Path, cfg: dict, task: str | None, row, latent: int):
     revs = cfg["revisions"]
     flagged = " — flagged: likely L1 artifact (latent scaling)" if row.get("artifact") is True else ""
     st.subheader(f"Latent {latent}{flagged}")
+    if badge(row, len(revs)):
+        st.warning(f"Unfaithful: {badge(row, len(revs)).strip(' ⚠')} (the table below); its IE here is not what "
+                   "removing it does.")
     per = pd.DataFrame(dict(revision=revs, decoder_norm=[row[f"dec_norm_{r}"] for r in revs],
                             IE=[row.get(f"ie_{r}", np.nan) for r in revs],
                             lo=[row.get(f"ie_{r}_lo", np.nan) for r in revs],
                             hi=[row.get(f"ie_{r}_hi", np.nan) for r in revs]))
+    x = alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs))
     c1, c2 = st.columns(2)
-    c1.altair_chart(alt.Chart(per).mark_bar().encode(x=alt.X("revision:N", sort=revs), y="decoder_norm:Q").properties(
+    c1.altair_chart(alt.Chart(per).mark_bar().encode(x=x, y="decoder_norm:Q").properties(
         title="decoder norm per revision"), width="stretch")
     if per.IE.notna().any():
-        bars = alt.Chart(per.fillna(0)).mark_bar().encode(x=alt.X("revision:N", sort=revs), y="IE:Q")
+        bars = alt.Chart(per.fillna(0)).mark_bar().encode(x=x, y="IE:Q")
         if per.lo.notna().any():
-            bars = bars + alt.Chart(per.fillna(0)).mark_rule(color="black").encode(
-                x=alt.X("revision:N", sort=revs), y="lo:Q", y2="hi:Q")
+            bars = bars + alt.Chart(per.fillna(0)).mark_rule(color="black").encode(x=x, y="lo:Q", y2="hi:Q")
         c2.altair_chart(bars.properties(title=f"IE per revision ({task}), 95% interval over pairs"), width="stretch")
     if f"exact_{revs[0]}" in row.index and pd.notna(row.get(f"exact_{revs[0]}")):
         check = pd.DataFrame({"revision": revs, "IE": [row[f"ie_{r}"] for r in revs],
@@ -334,27 +501,16 @@ def latent_detail(run: Path, cfg: dict, task: str | None, row, latent: int):
         st.markdown("**Faithfulness**: this latent's IE beside exact zero-ablation of it (error term kept) and "
                     "AtP; *disagrees* = opposite sign or more than 2× apart")
         st.dataframe(check, width="stretch", hide_index=True)
-    cos = {c[4:]: row[c] for c in row.index if c.startswith("cos_")}
-    if cos and len(revs) <= 3:
-        st.write("decoder cosine between revisions: "
-                 + ", ".join(f"{k.replace('_', ' vs ', 1)}: {v:.2f}" for k, v in cos.items()))
-    elif cos:
-        cosine_heatmap(row, revs, "decoder cosine between revisions")
+    cosine_view(row, revs, "decoder cosine between revisions")
     if task:
         eff = (json_of(run / "relie" / task / "logit_effects.json") or {}).get(str(latent))
-        ctx = (json_of(run / "relie" / task / "contexts.json") or {}).get(str(latent))
         if eff:
             st.markdown("**Logit effects** (direct path through each revision's final norm and unembedding)")
             st.dataframe(pd.DataFrame({r: dict(promoted=" ".join(t for t, _ in e["promoted"]),
                                                suppressed=" ".join(t for t, _ in e["suppressed"]))
-                                       for r, e in eff.items()}).T, width="stretch")
-        if ctx:
-            st.markdown("**Top-activating contexts** (held-out LM text, shaded by activation)")
-            for c in ctx:
-                st.markdown(f"<div style='font-family:monospace' class='cct-context'>{context_html(c)}</div>",
-                            unsafe_allow_html=True)
-        elif ctx is None:
-            st.caption("contexts and logit effects are computed by relie.py for its selected latents")
+                                       for r, e in eff.items()}).T.reindex([r for r in revs if r in eff]),
+                         width="stretch")
+        show_contexts((json_of(run / "relie" / task / "contexts.json") or {}).get(str(latent)))
     ann = measures.read_annotations(run)
     old = ann[ann.latent.astype(int) == latent]
     # keyed by run and latent: a widget's kept state would show (and save) another run's annotation
@@ -366,139 +522,6 @@ def latent_detail(run: Path, cfg: dict, task: str | None, row, latent: int):
         if st.form_submit_button("save annotation"):
             measures.save_annotation(run, latent, desc, tags)
             st.success(f"saved to {run.name}/annotations.csv")
-
-
-def log_positions(tokens) -> np.ndarray:
-    """x positions on a log token axis: step 0 (0 tokens) sits at half the first positive count; a revision
-    without a token count (main) one log-step past the last."""
-    t = pd.Series(tokens, dtype=float)
-    pos = t[t > 0]
-    first, last = (pos.min(), pos.max()) if len(pos) else (1.0, 1.0)
-    t = t.where(~(t <= 0), first / 2)
-    return t.fillna(last * 2).to_numpy()
-
-
-def cell_edges(x) -> tuple[np.ndarray, np.ndarray]:
-    """Left and right edges of a heatmap cell around each x on a log axis: midway (geometrically) to the
-    neighbours."""
-    lx = np.log(np.asarray(x, dtype=float))
-    mids = (lx[1:] + lx[:-1]) / 2
-    step = np.diff(lx).min() if len(lx) > 1 else 1.0
-    left = np.concatenate([[lx[0] - step / 2], mids])
-    right = np.concatenate([mids, [lx[-1] + step / 2]])
-    return np.exp(left), np.exp(right)
-
-
-def scan_for(scans: Path, cfg: dict) -> pd.DataFrame | None:
-    """The scan of this run's model and layer (any task), if there is one."""
-    if not scans.is_dir():
-        return None
-    stem = f"{Path(cfg['model']).name if '/' in cfg['model'] else cfg['model']}-L{cfg['layer']}-"
-    files = sorted(p for p in scans.glob(f"{stem}*.csv") if not p.name.endswith("-cos.csv"))
-    return csv_of(files[0]) if files else None
-
-
-def page_timeline(run: Path, cfg: dict, scans: Path):
-    st.header("Timeline: when does each feature form, peak and fade?")
-    revs = cfg["revisions"]
-    tokens = cfg.get("revision_tokens") or [None] * len(revs)
-    x = log_positions(tokens)
-    left, right = cell_edges(x)
-    # altair's alt.X(...).scale is a setter, not the value: keep scale and title as plain objects
-    x_scale = alt.Scale(type="log", domain=[float(left[0]), float(right[-1])])
-    x_title = "training tokens (log; step 0 at the left edge)"
-    axis = alt.X("x:Q", scale=x_scale, title=x_title)
-    scan = scan_for(scans, cfg)
-    if scan is not None:
-        acc = [c for c in scan.columns if c.startswith("acc_") and c != "acc_mean"]
-        scan = scan.assign(x=log_positions(scan["tokens"]))
-        keep = scan[(scan.x >= left[0]) & (scan.x <= right[-1])]
-        long = keep.melt(id_vars=["revision", "x"], value_vars=acc, var_name="sub-task", value_name="accuracy")
-        st.altair_chart(alt.Chart(long).mark_line(point=True).encode(
-            x=axis, y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color="sub-task:N",
-            tooltip=["revision", "sub-task", "accuracy"]).properties(title="task accuracy per sub-task", height=180),
-            width="stretch")
-    else:
-        st.info("No scan of this model and layer yet (it gives the accuracy curve): "
-                "`python cache_acts.py --scan --model …`")
-    lat = csv_of(run / "latents.csv")
-    if lat is None:
-        lat = decoder_table(str(run), _mtime(run / "crosscoder.safetensors"))
-    tasks_done = sorted(p.name for p in (run / "relie").iterdir() if (p / DONE).exists()) \
-        if (run / "relie").is_dir() else []
-    c1, c2, c3, c4 = st.columns(4)
-    task = c1.selectbox("task", tasks_done, key="tl-task") if tasks_done else None
-    sheet = csv_of(run / "relie" / task / "latents.csv") if task else None
-    sources = ["decoder norm"] + (["|IE|", "|IE| share of its revision"] if sheet is not None else [])
-    source = c2.radio("curve", sources, horizontal=True, key="tl-source")
-    scale = st.radio("colour", ["fraction of the latent's own peak", "share over revisions"], horizontal=True,
-                     key="tl-scale")
-    if source == "|IE|":
-        df = sheet.copy()
-        share_cols, cls_col, formed_col = [f"relie_{r}" for r in revs], "ie_timeline_class", "ie_formed_at"
-    elif source != "decoder norm":
-        df = sheet.copy()
-        share_cols, cls_col = [f"relie_norm_{r}" for r in revs], "ie_norm_timeline_class"
-        formed_col = "ie_norm_formed_at"
-    else:
-        df = lat.copy()
-        share_cols, cls_col, formed_col = [f"reldec_{r}" for r in revs], "timeline_class", "formed_at"
-        if sheet is not None:
-            df = df.merge(sheet[["latent"] + [c for c in sheet.columns if c.startswith("ie_")]], on="latent",
-                          how="left")
-    ann = measures.read_annotations(run)
-    df["annotated"] = df.latent.isin(ann.latent.astype(int)) if len(ann) else False
-    present = set(df[cls_col].fillna(""))   # the IE classes carry a sign (+/−)
-    classes = [c for t in measures.TIMELINE_CLASSES for c in (t, measures.PLUS + t, measures.MINUS + t) if c in present]
-    # widgets whose options depend on the run are keyed by it: a kept selection would hide new classes
-    pick = c3.multiselect("class", classes, default=classes, key=f"tl-class-{run.name}-{source}")
-    which = c4.selectbox("annotated", ["all", "annotated", "not annotated"], key="tl-ann")
-    mask = df[cls_col].isin(pick).to_numpy()
-    if which != "all":
-        mask &= (df.annotated == (which == "annotated")).to_numpy()
-    order = {r: i for i, r in enumerate(revs)}
-    view = df[mask].assign(_formed=df[mask][formed_col].map(order), _peak=df[mask][formed_col.replace(
-        "formed", "peak")].map(order))
-    view = view.sort_values(["_formed", "_peak", "latent"], kind="stable")
-    n_max = st.slider("latents shown (in formed_at order)", 10, max(10, len(view)), min(200, max(10, len(view))),
-                      key=f"tl-n-{run.name}-{source}")
-    view = view.head(n_max)
-    shares = view[share_cols].to_numpy()
-    if scale.startswith("fraction"):   # each row by its own peak: formation reads as a staircase at any M
-        shares = measures.peak_fraction(shares)
-    cells = pd.DataFrame([dict(rank=k, latent=int(l), revision=r, x=float(x[m]), x0=float(left[m]),
-                               x1=float(right[m]), share=float(shares[k, m]), cls=c)
-                          for k, (l, c) in enumerate(zip(view.latent, view[cls_col])) for m, r in enumerate(revs)])
-    if not len(cells):
-        return st.info("No latent of the chosen classes.")
-    heat = alt.Chart(cells).mark_rect().encode(
-        x=alt.X("x0:Q", scale=x_scale, title=x_title), x2="x1:Q",
-        y=alt.Y("rank:O", axis=None, title="latents by formed_at"),
-        color=alt.Color("share:Q", scale=alt.Scale(scheme="viridis"), title=f"{source}: {scale}"),
-        tooltip=["latent", "revision", alt.Tooltip("share:Q", format=".2f"), "cls"]).properties(
-        title=f"timeline: {len(view)} latents × {len(revs)} revisions, sorted by formed_at ({source})",
-        height=min(900, 4 * len(view) + 60))
-    st.altair_chart(heat, width="stretch")
-    st.caption("classes from the curve: kept (formed at the first revision, never fades), emerging (forms "
-               "later), discontinued (fades), transient (forms later and fades); formed = half the maximum")
-    latent = st.selectbox("latent", [int(i) for i in view.latent], key=f"tl-latent-{run.name}")
-    row = df[df.latent == latent].iloc[0]
-    curves = pd.DataFrame([dict(x=float(x[m]), revision=r, what="decoder norm (share of its max)",
-                                value=float(row[f"reldec_{r}"] / max(row[[f"reldec_{q}" for q in revs]].max(), 1e-12)))
-                           for m, r in enumerate(revs) if f"reldec_{r}" in row.index])
-    if f"ie_{revs[0]}" in row.index and pd.notna(row[f"ie_{revs[0]}"]):
-        top = max(abs(row[[f"ie_{q}" for q in revs]]).max(), 1e-12)
-        curves = pd.concat([curves, pd.DataFrame([dict(x=float(x[m]), revision=r, what="|IE| (share of its max)",
-                                                       value=abs(float(row[f"ie_{r}"])) / top)
-                                                  for m, r in enumerate(revs)])])
-    if scan is not None:
-        curves = pd.concat([curves, keep.assign(what="accuracy (mean of sub-tasks)", value=keep["acc_mean"])[
-            ["x", "revision", "what", "value"]]])
-    st.altair_chart(alt.Chart(curves).mark_line(point=True).encode(
-        x=axis, y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1])), color="what:N",
-        tooltip=["revision", "what", alt.Tooltip("value:Q", format=".2f")]).properties(
-        title=f"latent {latent}: its curves against the accuracy curve", height=220), width="stretch")
-    cosine_heatmap(row, revs, f"latent {latent}: decoder cosine between revisions")
 
 
 def cosine_matrix(row, revs) -> pd.DataFrame | None:
@@ -513,19 +536,310 @@ def cosine_matrix(row, revs) -> pd.DataFrame | None:
     return None if out.cos.isna().all() else out
 
 
-def cosine_heatmap(row, revs, title):
-    """A latent's decoder cosines as a revision × revision heatmap (nothing when latents.csv has none)."""
+def cosine_view(row, revs, title):
+    """A latent's decoder cosines: a line of numbers for up to 3 revisions, else a revision × revision heatmap
+    (nothing when the row holds none)."""
     cos = cosine_matrix(row, revs)
-    if cos is not None:
-        st.altair_chart(alt.Chart(cos).mark_rect().encode(
-            x=alt.X("a:N", sort=revs), y=alt.Y("b:N", sort=revs),
-            color=alt.Color("cos:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")),
-            tooltip=["a", "b", alt.Tooltip("cos:Q", format=".2f")]).properties(title=title, height=260),
-            width="content")
+    if cos is None:
+        return
+    if len(revs) <= 3:
+        st.write(f"{title}: " + ", ".join(f"{a} vs {b}: {v:.2f}" for a, b, v in zip(cos.a, cos.b, cos.cos)
+                                           if revs.index(a) < revs.index(b)))
+        return
+    st.altair_chart(alt.Chart(cos).mark_rect().encode(
+        x=alt.X("a:N", sort=revs, scale=alt.Scale(domain=revs), title=None),
+        y=alt.Y("b:N", sort=revs, scale=alt.Scale(domain=revs), title=None),
+        color=alt.Color("cos:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue"), legend=alt.Legend(title="cosine")),
+        tooltip=["a", "b", alt.Tooltip("cos:Q", format=".2f")]).properties(   # sizes hold the axes too
+        title=title, width=110 + 28 * len(revs), height=80 + 28 * len(revs)),
+        width="content")
 
 
-def page_ablation(run: Path):
+# ---------------------------------------------------------------------------------------------
+# Timeline: latents over M revisions in training order, grouped by the revision where they form
+
+# curve → (columns of its per-revision values as shares, its timeline class, its formed_at; the raw values)
+TIMELINE_SOURCES = {"decoder norm": ("reldec_", "timeline_class", "formed_at", "dec_norm_"),
+                    "|IE|": ("relie_", "ie_timeline_class", "ie_formed_at", "ie_"),
+                    "|IE| share of its revision": ("relie_norm_", "ie_norm_timeline_class", "ie_norm_formed_at", "ie_")}
+ROW_BUDGET = 1000   # heatmap rows drawn at most; a larger group is thinned to its strongest, never dropped
+
+
+def timeline_width(M: int) -> int:
+    """Pixels of every chart that shares the Timeline's x-axis: 70 a revision, within [420, 1000]."""
+    return min(1000, max(420, 70 * M))
+
+
+def scan_for(scans: Path, cfg: dict) -> pd.DataFrame | None:
+    """The scan of this run's model and layer (any task), if there is one."""
+    if not scans.is_dir():
+        return None
+    stem = f"{Path(cfg['model']).name if '/' in cfg['model'] else cfg['model']}-L{cfg['layer']}-"
+    files = sorted(p for p in scans.glob(f"{stem}*.csv") if not p.name.endswith("-cos.csv"))
+    return csv_of(files[0]) if files else None
+
+
+def group_caps(sizes: dict, budget: int) -> dict:
+    """Rows drawn per group within the budget: every group gets an equal share, a small group all of its rows
+    and what it leaves to the larger ones (so no group is ever cut to nothing)."""
+    caps, left = {}, budget
+    for n_left, (g, n) in zip(range(len(sizes), 0, -1), sorted(sizes.items(), key=lambda kv: kv[1])):
+        caps[g] = min(n, max(1, left // n_left))
+        left -= caps[g]
+    return caps
+
+
+def timeline_rows(view: pd.DataFrame, formed: str, revs, budget=ROW_BUDGET) -> tuple[pd.DataFrame, dict]:
+    """The heatmap's rows: grouped by formed_at in training order, each group by peak_at, faded_at and strength;
+    a group over its share of the budget keeps its strongest rows. Returns the rows (with `group`) and, per
+    thinned group, (rows drawn, rows in it)."""
+    order = {r: i for i, r in enumerate(revs)}
+    peak, faded = formed.replace("formed", "peak"), formed.replace("formed", "faded")
+    v = view.assign(group=view[formed], _g=view[formed].map(order), _p=view[peak].map(order),
+                    _f=view[faded].map(order).fillna(len(revs)))
+    sizes = v.group.value_counts().to_dict()
+    caps = group_caps(sizes, budget)
+    v = v.sort_values(["_g", "strength"], ascending=[True, False], kind="stable")
+    v = pd.concat([g.head(caps[name]) for name, g in v.groupby("group", sort=False)])
+    v = v.sort_values(["_g", "_p", "_f", "latent"], kind="stable").reset_index(drop=True)
+    return v, {g: (caps[g], n) for g, n in sizes.items() if caps[g] < n}
+
+
+def row_layout(group_N, label_px=16, target_px=700):
+    """Where each heatmap row sits, for rows ordered by group: (y0, y1) in row units, the total, and pixels
+    per row unit. A group shorter than its label gets taller rows, so every group and its label show."""
+    n = len(group_N)
+    px = float(np.clip(target_px / max(n, 1), 2, 12))
+    y0, y1, start = np.zeros(n), np.zeros(n), 0.0
+    for g in dict.fromkeys(group_N):
+        idx = np.flatnonzero(group_N == g)
+        extent = max(len(idx), label_px / px)
+        y0[idx] = start + extent / len(idx) * np.arange(len(idx))
+        y1[idx] = y0[idx] + extent / len(idx)
+        start += extent
+    return y0, y1, start, px
+
+
+def timeline_chart(values, px, revs, scan_rows, colour_title, what, groups_mean):
+    """Accuracy, the formation groups' mean and every drawn latent (`values`: one cell per latent and revision,
+    its rows [row, row_end) from row_layout, px pixels a row), stacked on ONE shared x scale of the revisions (a
+    band per revision, names on the axis): each column sits under its accuracy point."""
+    M, n = len(revs), values.latent.nunique()
+    width = timeline_width(M)
+    x = alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs), title="revision (training order)",
+              axis=alt.Axis(labelAngle=-40 if M > 6 else 0, labelLimit=600, orient="bottom", domain=True))
+    legend = dict(titleLimit=600, labelLimit=600)
+    charts = []
+    if scan_rows is not None and len(scan_rows):
+        charts.append(alt.Chart(scan_rows).mark_line(point=True).encode(
+            x=x, y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
+            color=alt.Color("sub-task:N", legend=alt.Legend(title="task accuracy", **legend)),
+            tooltip=["revision", "sub-task", alt.Tooltip("accuracy:Q", format=".3f"), "tokens"]).properties(
+            width=width, height=150, title="task accuracy at the run's revisions (the scan)"))
+    colour = alt.Color("value:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]),
+                       legend=alt.Legend(title=colour_title, **legend))
+    G = groups_mean.group.nunique()
+    charts.append(alt.Chart(groups_mean).mark_rect().encode(
+        x=x, y=alt.Y("label:N", sort=list(dict.fromkeys(groups_mean.label)), title="formed at · latents",
+                     axis=alt.Axis(labelLimit=600, labelOverlap=False)),
+        color=colour, tooltip=["label", "revision", alt.Tooltip("value:Q", format=".2f")]).properties(
+        width=width, height=max(40, 20 * G), title=f"mean per formation revision ({what})"))
+    bounds = values.groupby("group", sort=False).agg(top=("row", "min"), bottom=("row_end", "max"),
+                                                       size=("latent", "nunique"))
+    total = float(bounds.bottom.max())
+    mids = {float((t + b) / 2): f"{g} · {int(s)}" for g, (t, b, s) in bounds.iterrows()}
+    label = " : ".join(f"datum.value == {m!r} ? {json.dumps(t)}" for m, t in mids.items()) + " : ''"
+    y = alt.Y("row:Q", scale=alt.Scale(domain=[0, total], reverse=True, nice=False, zero=False),
+              title="latents, grouped by formed_at",
+              axis=alt.Axis(values=list(mids), labelExpr=label, grid=False, ticks=False, labelLimit=600,
+                            labelOverlap=False))
+    heat = alt.Chart(values).mark_rect().encode(
+        x=x, y=y, y2="row_end:Q", color=colour,
+        tooltip=["latent", "revision", alt.Tooltip("value:Q", format=".2f"), "group", "cls"])
+    rules = alt.Chart(pd.DataFrame({"row": bounds.top.to_numpy()[1:]})).mark_rule(
+        color="white", strokeWidth=1.5).encode(y=alt.Y("row:Q"))
+    charts.append((heat + rules).properties(width=width, height=int(max(120, min(2400, px * total))),
+                                            title=f"timeline: {n} latents × {M} revisions, grouped by formed_at "
+                                                  f"({what})"))
+    # svg: the rendered marks can be measured (the tests check that the columns sit under their points)
+    return alt.vconcat(*charts, spacing=12).resolve_scale(x="shared", color="shared").properties(
+        usermeta={"embedOptions": {"renderer": "svg", "actions": False}})
+
+
+def page_timeline(run: Path, cfg: dict, scans: Path):
+    st.header("Timeline: when does each feature form, peak and fade?")
+    revs = cfg["revisions"]
+    lat = latent_table(run)
+    tasks_done = tasks_of(run)
+    c1, c2, c3, c4 = st.columns(4)
+    task = c1.selectbox("task", tasks_done, key="tl-task") if tasks_done else None
+    sheet = attributed(run, task)
+    sources = ["decoder norm"] + (["|IE|", "|IE| share of its revision"] if sheet is not None else [])
+    source = c2.radio("curve", sources, horizontal=True, key="tl-source")
+    scale = st.radio("colour", ["fraction of the latent's own peak", "share over revisions"], horizontal=True,
+                     key="tl-scale")
+    share_prefix, cls_col, formed_col, raw = TIMELINE_SOURCES[source]
+    if source == "decoder norm":
+        df = lat.copy()
+        if sheet is not None:
+            df = df.merge(sheet[["latent", "disagree"] + [c for c in sheet.columns if c.startswith("ie_")]],
+                          on="latent", how="left")
+    else:
+        extra = [c for c in lat.columns if c.startswith(("cos_", "dec_norm_", "freq")) and c not in sheet.columns]
+        df = sheet.merge(lat[["latent"] + extra], on="latent", how="left")
+    ann = measures.read_annotations(run)
+    df["annotated"] = df.latent.isin(ann.latent.astype(int)) if len(ann) else False
+    df["strength"] = df[[f"{raw}{r}" for r in revs]].abs().max(axis=1)
+    present = set(df[cls_col].fillna(""))   # the IE classes carry a sign (+/−)
+    classes = [c for t in measures.TIMELINE_CLASSES for c in (t, measures.PLUS + t, measures.MINUS + t) if c in present]
+    # widgets whose options depend on the run are keyed by it: a kept selection would hide new classes
+    pick = c3.multiselect("class", classes, default=classes, key=f"tl-class-{run.name}-{source}")
+    which = c4.selectbox("annotated", ["all", "annotated", "not annotated"], key="tl-ann")
+    mask = df[cls_col].isin(pick).to_numpy()
+    if which != "all":
+        mask &= (df.annotated == (which == "annotated")).to_numpy()
+    if "freq" in df and (df.freq == 0).any():
+        dead = int(((df.freq == 0) & mask).sum())
+        if st.checkbox(f"hide the {dead} dead latents (never active on the held-out tokens; their decoder barely "
+                       "left its initialisation)", value=False, key=f"tl-dead-{run.name}"):
+            mask &= (df.freq > 0).to_numpy()
+    view = df[mask]
+    if not len(view):
+        return st.info("No latent of the chosen classes.")
+    rows, thinned = timeline_rows(view, formed_col, revs)
+    shares = rows[[f"{share_prefix}{r}" for r in revs]].to_numpy()
+    if scale.startswith("fraction"):   # each row by its own peak: formation reads as a staircase at any M
+        shares = measures.peak_fraction(shares)
+    y0, y1, _, px = row_layout(rows.group.to_numpy())
+    values = pd.DataFrame([dict(row=y0[k], row_end=y1[k], latent=int(l), revision=r, value=float(shares[k, m]),
+                                group=g, cls=c)
+                           for k, (l, g, c) in enumerate(zip(rows.latent, rows.group, rows[cls_col]))
+                           for m, r in enumerate(revs)])
+    every = view[[f"{share_prefix}{r}" for r in revs]].to_numpy()
+    every = measures.peak_fraction(every) if scale.startswith("fraction") else every
+    counts = view[formed_col].value_counts()
+    label = {g: f"{g} · {counts[g]}" for g in counts.index}
+    groups_mean = pd.DataFrame([dict(group=g, label=label[g], revision=r, value=float(every[(view[formed_col] == g)
+                                                                                             .to_numpy(), m].mean()))
+                                for g in revs if g in counts.index for m, r in enumerate(revs)])
+    scan = scan_for(scans, cfg)
+    scan_rows = None
+    if scan is not None:
+        acc = [c for c in scan.columns if c.startswith("acc_")]
+        scan_rows = scan[scan.revision.isin(revs)].melt(id_vars=["revision", "tokens"], value_vars=acc,
+                                                        var_name="sub-task", value_name="accuracy")
+        if not len(scan_rows):
+            st.info("The scan holds none of this run's revisions: no accuracy curve.")
+    else:
+        st.info("No scan of this model and layer yet (it gives the accuracy curve): "
+                "`python cache_acts.py --scan --model …`")
+    colour_title = "fraction of its own peak" if scale.startswith("fraction") else "share over revisions"
+    st.altair_chart(timeline_chart(values, px, revs, scan_rows, colour_title, source, groups_mean), width="content")
+    st.caption("Every latent of the chosen classes is drawn, grouped by the revision where it forms (the labels: "
+               "formed_at · count), and within a group by peak and fade. Classes: kept (formed at the first "
+               "revision, never fades), emerging (forms later), discontinued (fades), transient (forms later and "
+               "fades); formed = from where it stays at ≥ half its maximum.")
+    if thinned:
+        st.warning("Groups thinned to their strongest latents to keep the chart drawable: "
+                   + ", ".join(f"{g} {a} of {b}" for g, (a, b) in thinned.items())
+                   + ". Every latent of a group is listed below.")
+    formation_groups(run, cfg, task, view, formed_col, cls_col, sheet, scan, counts)
+
+
+def formation_groups(run, cfg, task, view, formed_col, cls_col, sheet, scan, counts):
+    """Per formation revision, its latents with class, faithfulness and top context, and one latent's curves."""
+    revs = cfg["revisions"]
+    st.subheader("Latents by formation revision")
+    groups = [r for r in revs if r in counts.index]
+    later = [i for i, g in enumerate(groups) if g != revs[0]]
+    group = st.radio("formed at", groups, index=later[0] if later else 0, horizontal=True,
+                     format_func=lambda g: f"{g} ({counts[g]})", key=f"tl-group-{run.name}-{formed_col}")
+    peak, faded = formed_col.replace("formed", "peak"), formed_col.replace("formed", "faded")
+    members = ordered(view[view[formed_col] == group].sort_values("strength", ascending=False), peak, revs)
+    contexts = (json_of(run / "relie" / task / "contexts.json") or {}) if task else {}
+    table = pd.DataFrame({"latent": members.latent.astype(int), "class": members[cls_col], "peak at": members[peak],
+                          "fades at": members[faded].fillna("")})
+    if "freq" in members:
+        table["active on"] = members.freq.map(lambda f: f"{100 * f:.2f}% of tokens")
+    if sheet is not None:
+        info = sheet.set_index("latent")
+        table["|IE| class"] = members.latent.map(info.get("ie_timeline_class", pd.Series(dtype=str))).fillna(
+            "not attributed")
+        table["faithful"] = members.latent.map(info["disagree"]).map(
+            lambda n: "" if pd.isna(n) else "yes" if n == 0 else f"⚠ no: {int(n)} of {len(revs)} revisions")
+    table["top context"] = members.latent.map(lambda i: context_text(contexts[str(i)][0])
+                                              if contexts.get(str(i)) else "")
+    st.dataframe(table, width="stretch", hide_index=True)
+    st.caption(f"{len(table)} latents form at {group}; the top context (relie.py's, for the latents it attributes) "
+               "marks the activating token ⟦so⟧ with its activation.")
+    latent = st.selectbox("latent", [int(i) for i in members.latent], key=f"tl-latent-{run.name}-{group}",
+                          format_func=lambda i: f"{i}{badge(members.set_index('latent').loc[i], len(revs))}")
+    row = view[view.latent == latent].iloc[0]
+    curves = [dict(revision=r, what="decoder norm (share of its max)", value=float(row[f"dec_norm_{r}"]))
+              for r in revs if f"dec_norm_{r}" in row.index]
+    if f"ie_{revs[0]}" in row.index and pd.notna(row[f"ie_{revs[0]}"]):
+        curves += [dict(revision=r, what="|IE| (share of its max)", value=abs(float(row[f"ie_{r}"]))) for r in revs]
+    curves = pd.DataFrame(curves)
+    if len(curves):
+        curves["value"] = curves.value / curves.groupby("what").value.transform("max").clip(lower=1e-12)
+    if scan is not None:
+        curves = pd.concat([curves, scan[scan.revision.isin(revs)].assign(what="accuracy (mean of sub-tasks)")
+                            .rename(columns={"acc_mean": "value"})[["revision", "what", "value"]]])
+    st.altair_chart(alt.Chart(curves).mark_line(point=True).encode(
+        x=alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs)),
+        y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("what:N", legend=alt.Legend(labelLimit=600, title=None)),
+        tooltip=["revision", "what", alt.Tooltip("value:Q", format=".2f")]).properties(
+        title=f"latent {latent}: its curves against the accuracy curve", height=220), width="stretch")
+    cosine_view(row, revs, f"latent {latent}: decoder cosine between revisions")
+    show_contexts(contexts.get(str(latent)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablation
+
+# The ablation folder's tables shown under its charts, in this order: (file, title, what it says). A later
+# stage's table (per class, a verdict) appears by being listed here.
+ABLATION_TABLES = (
+    ("joint.csv", "Joint ablation of each top-k set: predicted Δ against measured Δ",
+     "Each revision's top-k set ablated together. predicted: the set's summed IE (selection pairs); measured: the "
+     "logit-difference change on the test pairs, with its 95% bootstrap interval over them; single_sum: the sum of "
+     "the set's single-latent Δ (how far from additive the set is). The command line prints the same table."),
+    ("consistency.csv", "Spearman ρ of |Δ_B|/|Δ_A| with 2-way RelIE, normalised RelIE and RelDec",
+     "Single-latent ablations per pair of revisions (A before B), each ρ with its 95% interval over the test pairs; "
+     "AtP linearises exactly this ablation, so with AtP it checks the attribution more than the model."),
+)
+
+
+def in_order(df: pd.DataFrame, revs) -> pd.DataFrame:
+    """A table's revision columns (revision, selected_at, A, B) sorted in training order, rows kept otherwise."""
+    keys = [c for c in ("selected_at", "A", "B", "revision") if c in df.columns]
+    rank = {r: i for i, r in enumerate(revs)}
+    return df.sort_values(keys, key=lambda s: s.map(rank).fillna(-1), kind="stable") if keys else df
+
+
+def ablation_bars(d: pd.DataFrame, revs, top_of: str):
+    """Top-k against random-k at one selection revision, spliced into every revision: bars with intervals."""
+    sel = d[d.selected_at == top_of]
+    top = sel[sel.kind == "top"][["revision", "acc_drop", "acc_drop_lo", "acc_drop_hi"]].assign(kind="top-k")
+    rnd = sel[sel.kind == "random"].groupby("revision", as_index=False).agg(
+        acc_drop=("acc_drop", "mean"), acc_drop_lo=("acc_drop_lo", "min"), acc_drop_hi=("acc_drop_hi", "max"),
+        draws=("draw", "nunique")).assign(kind="random-k")
+    both = pd.concat([top, rnd])
+    x = alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs), title="spliced into")
+    enc = dict(x=x, xOffset=alt.XOffset("kind:N", sort=["top-k", "random-k"]))
+    bars = alt.Chart(both).mark_bar().encode(
+        y=alt.Y("acc_drop:Q", title="accuracy drop"), color=alt.Color("kind:N", sort=["top-k", "random-k"],
+                                                                      legend=alt.Legend(title=None)),
+        tooltip=["kind", "revision", alt.Tooltip("acc_drop:Q", format=".3f"),
+                 alt.Tooltip("acc_drop_lo:Q", format=".3f"), alt.Tooltip("acc_drop_hi:Q", format=".3f")], **enc)
+    ticks = alt.Chart(both).mark_rule(color="black").encode(y="acc_drop_lo:Q", y2="acc_drop_hi:Q", **enc)
+    return (bars + ticks).properties(title=f"ablating the top-k latents of {top_of} against random-k", height=300)
+
+
+def page_ablation(run: Path, cfg: dict):
     st.header("Ablation: what breaks without them?")
+    revs = cfg["revisions"]
     folder = run / "ablation"
     done = sorted(p.name for p in folder.iterdir() if (p / DONE).exists()) if folder.is_dir() else []
     if not done:
@@ -534,27 +848,46 @@ def page_ablation(run: Path):
     df = csv_of(inside(folder, name) / "ablation.csv")
     sub = st.selectbox("sub-task", list(dict.fromkeys(df.subtask)))
     d = df[df.subtask == sub]
-    sets = d[d.kind.isin(["top", "random"])].groupby(["kind", "selected_at", "revision"], as_index=False)[
-        ["delta", "acc_drop"]].mean()
-    st.altair_chart(alt.Chart(sets).mark_bar().encode(
-        x=alt.X("kind:N", title=None), y=alt.Y("acc_drop:Q", title="accuracy drop"), color="kind:N",
-        column=alt.Column("revision:N", title="spliced into"), row=alt.Row("selected_at:N", title="top-k of"),
-        tooltip=["kind", "selected_at", "revision", "acc_drop", "delta"]), width="content")
-    single = d[d.kind == "single"].pivot_table(index="latents", columns="revision", values="delta")
+    sets = d[d.kind.isin(["top", "random"])]
+    gap = sets.groupby(["selected_at", "revision", "kind"]).acc_drop.mean().unstack("kind")
+    gap = (gap["top"] - gap["random"]).rename("gap").reset_index() if {"top", "random"} <= set(gap.columns) else None
+    if gap is not None and len(gap):
+        st.altair_chart(alt.Chart(gap).mark_rect().encode(
+            x=alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs), title="spliced into"),
+            y=alt.Y("selected_at:N", sort=revs, scale=alt.Scale(domain=revs), title="top-k of"),
+            color=alt.Color("gap:Q", scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True),
+                            legend=alt.Legend(title="gap")),
+            tooltip=["selected_at", "revision", alt.Tooltip("gap:Q", format=".3f")]).properties(
+            title="accuracy drop of top-k minus random-k (gap; random-k: the mean of its draws)",
+            height=max(200, 60 + 30 * len(revs))), width="stretch")
+    chosen = [r for r in revs if r in set(sets.selected_at)]
+    top_of = st.selectbox("top-k of", chosen, index=len(chosen) - 1, key=f"abl-top-{run.name}") if chosen else None
+    if top_of:
+        st.altair_chart(ablation_bars(d, revs, top_of), width="stretch")
+        st.caption("Bars: the accuracy drop on the held-out test pairs. Top-k: its 95% bootstrap interval over the "
+                   "test pairs. Random-k: the mean over the random draws of matched frequency; its line spans the "
+                   "lowest to the highest bound of the draws' own intervals.")
+    single = d[d.kind == "single"].astype({"latents": int}).pivot_table(index="latents", columns="revision",
+                                                                        values="delta")
     st.subheader("Single-latent ablations: Δ logit difference per revision")
-    st.dataframe(single, width="stretch")
-    sp = csv_of(inside(folder, name) / "consistency.csv")
-    if sp is not None:
-        st.subheader("Spearman ρ of |Δ_B|/|Δ_A| with 2-way RelIE, normalised RelIE and RelDec")
-        st.dataframe(sp, width="stretch")
+    st.dataframe(single.reindex(columns=[r for r in revs if r in single.columns]), width="stretch")
+    for file, title, about in ABLATION_TABLES:
+        table = csv_of(inside(folder, name) / file)
+        if table is not None:
+            st.subheader(title)
+            st.dataframe(in_order(table, revs), width="stretch", hide_index=True)
+            st.caption(about)
 
 
 def main():
     st.set_page_config(page_title="crosscoding through time", layout="wide")
     runs, scans = roots()
-    names = sorted(p.name for p in runs.iterdir() if (p / "config.json").exists()) if runs.is_dir() else []
-    page = st.sidebar.radio("page", ["Checkpoints", "Training", "Latents", "Timeline", "Ablation"])
-    name = st.sidebar.selectbox("run", names) if names else None
+    names = run_names(runs)
+    page = st.sidebar.radio("page", ["Checkpoints", "Training", "Latents", "Timeline", "Ablation"], key="page")
+    # a radio shows every name whole (a selectbox cuts long ones), newest first: it opens on the latest run
+    name = st.sidebar.radio("run (newest first)", names, key="run",
+                            format_func=lambda n: n if (runs / n / DONE).exists() else f"{n} (unfinished)") \
+        if names else None
     st.sidebar.caption(f"runs: {runs}\n\nscans: {scans}")
     run = cfg = None
     if name:
@@ -575,7 +908,7 @@ def main():
     elif page == "Timeline":
         page_timeline(run, cfg, scans)
     else:
-        page_ablation(run)
+        page_ablation(run, cfg)
 
 
 if __name__ == "__main__":   # streamlit runs the script as __main__; importing it runs nothing

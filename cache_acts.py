@@ -160,16 +160,21 @@ def main(argv=None):
     model_dtype = cli.dtype(args.model_dtype, args.device)
     text = cli.given(argv, "--text")       # else the model's (the toy grammar's with --weights random)
     if args.scan:
-        revs = args.revisions.split(",") if cli.given(argv, "--revisions") else None   # else all of them
+        revs = args.revisions if cli.given(argv, "--revisions") else None   # else all of them
         csv = scan(args.model, args.layer, args.task, revs, args.scan_tokens, args.seq_len, args.heldout_tokens,
                    args.device, args.metric, args.out, model_dtype, text, args.weights)
+        chosen = suggest(csv, args.suggest) if args.suggest else []
+        table = pd.read_csv(csv)
+        if chosen:
+            table.insert(0, "", ["*" if r in chosen else "" for r in table.revision])
+        print(table.to_string(index=False))
         print(f"wrote {csv}")
-        if args.suggest:
-            print(f"suggested revisions ({args.suggest}):", ",".join(suggest(csv, args.suggest)))
+        if chosen:
+            print(f"suggested revisions ({args.suggest}, marked *):", ",".join(chosen))
         return
     if not args.revisions:
         raise UsageError(f"--revisions is required for {args.model} (no default revisions)")
-    revs = args.revisions.split(",")
+    revs = args.revisions
     out = args.out or defaults.cache_dir(args.model, args.layer, revs)
     folder = make_cache(args.model, args.layer, revs, out, args.tokens, args.seq_len, args.heldout_tokens, text,
                         args.device, args.cache_dtype, model_dtype, args.weights, overwrite=args.overwrite)

@@ -23,6 +23,7 @@ import hashlib
 import re
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -74,16 +75,24 @@ class Format:
 # Reading files: plain dicts of tensors only, every key and shape checked before anything is built
 
 def _first_line(e: Exception) -> str:
+    """What was wrong, in one line; torch's advice that comes with a refusal (load with weights_only=False,
+    allowlist the class) is never passed on: it would run the file's code."""
     text = str(e).strip()
-    m = re.search(r"Unsupported global: [^\n]*", text)   # torch's weights_only refusal names the class
-    return m.group(0) if m else (text.splitlines() or [type(e).__name__])[0][:200]
+    m = re.search(r"Unsupported global: GLOBAL \S+", text)   # torch's weights_only refusal names the class
+    if m:
+        return f"{m.group(0)}, an object and not a tensor"
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    line = m.group(1) if m else (text.splitlines() or [""])[0]
+    return type(e).__name__ if not line or "weights_only" in line else line[:200]
 
 
 def load_pt(path: Path) -> dict:
     """A .pt file as a plain dict; torch.load(weights_only=True) only: a pickled module or any other
     object is refused by torch itself, a list or a nested dict by us."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # a plain pickle's protocol note: the refusal below says all there is
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # corrupt zip, truncated pickle, a pickled class weights_only refuses
         raise UsageError(f"{path} cannot be read as a state dict of tensors ({type(e).__name__}: "
                          f"{_first_line(e)}); save model.state_dict() with torch.save") from None
@@ -623,7 +632,7 @@ def import_run(fmt: str, source: str, args):
     imp = reader(local)
     model = args.model or imp.model
     layer = args.layer if args.layer is not None else imp.layer
-    revisions = args.revisions.split(",") if args.revisions else imp.revisions
+    revisions = args.revisions or imp.revisions
     for flag, value in (("--model", model), ("--layer", layer), ("--revisions", revisions)):
         if value is None:
             raise UsageError(f"{source} ({fmt}) does not say which {flag[2:]} it was trained on: give {flag}")
@@ -706,7 +715,7 @@ def measure(run, cache_dir) -> list:
 def parse_args(argv=None):
     readable = [n for n, f in FORMATS.items() if f.read]
     writable = [n for n, f in FORMATS.items() if f.write]
-    p = cli.parser(__doc__.split("\n\n")[0], lm.resolve("toy").preset)
+    p = cli.parser(__doc__.split("\n\n")[0], None)   # no default here depends on the model
     p.add_argument("--from", dest="src", metavar="FORMAT|SOURCE",
                    help=f"import: a format ({', '.join(readable)}) followed by SOURCE, or a SOURCE alone whose "
                         "format is read from its files; SOURCE is a local path or hf:ORG/REPO[:PATH]")

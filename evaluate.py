@@ -144,6 +144,9 @@ def main(argv=None):
     with atomic_path(run.folder / "latents.csv") as tmp:
         latents.to_csv(tmp, index=False)
     print_table(summary)
+    warning = measures.fvu_warning({r: s["fvu"] for r, s in summary["revisions"].items()}, "held-out FVU")
+    if warning:
+        print(warning)
     print(f"classes by RelDec: {latents['reldec_class'].value_counts().to_dict()}; "
           f"{n_art} flagged as likely L1 artifacts (latent scaling)")
     print(f"wrote {run.folder / 'eval.json'} and {run.folder / 'latents.csv'}")

@@ -32,6 +32,7 @@ from crosscoding.common import (
     atomic_path,
     mark_done,
     positive,
+    read_json,
     run_main,
     unmark_done,
     write_json,
@@ -72,24 +73,26 @@ def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
     ie_MF, _ = mean_ie(att)
     nie_MF = measures.normalise(ie_MF)
     ie_NM, nie_NM = ie_MF[:, chosen].T, nie_MF[:, chosen].T
-    df = pd.DataFrame({"latent": chosen})
+    # the columns are gathered first and framed once: M = 10 revisions make ~400 of them (45 pairs × 6), and
+    # inserting them one by one fragments the frame (pandas warns on every insert past 100)
+    cols = {"latent": chosen}
     for m, r in enumerate(revs):
-        df[f"ie_{r}"] = ie_NM[:, m]
+        cols[f"ie_{r}"] = ie_NM[:, m]
     rd = reldec_FM[chosen]
     dominant = np.abs(ie_NM).argmax(1)
-    measures.add_shares(df, "relie", measures.rel(ie_NM), revs)
-    measures.add_shares(df, "relie_norm", measures.rel(nie_NM), revs)
-    measures.add_shares(df, "reldec", rd, revs)
+    measures.add_shares(cols, "relie", measures.rel(ie_NM), revs)
+    measures.add_shares(cols, "relie_norm", measures.rel(nie_NM), revs)
+    measures.add_shares(cols, "reldec", rd, revs)
     for name in ("relie_class", "relie_norm_class"):
-        df[name] = measures.signed(df[name], measures.sign_at(ie_NM, dominant))
+        cols[name] = measures.signed(cols[name], measures.sign_at(ie_NM, dominant))
     for a, b in measures.pairs_of(revs):
         tag = f"{revs[a]}_{revs[b]}"
         sign2 = measures.sign_at(ie_NM, np.where(np.abs(ie_NM[:, b]) >= np.abs(ie_NM[:, a]), b, a))
         for name, vals in (("relie2", ie_NM), ("relie2_norm", nie_NM), ("reldec2", rd)):
             r2 = measures.rel2(vals[:, a], vals[:, b])
-            df[f"{name}_{tag}"] = r2
+            cols[f"{name}_{tag}"] = r2
             cls = measures.classify2(r2)
-            df[f"{name}_class_{tag}"] = cls if name == "reldec2" else measures.signed(cls, sign2)
+            cols[f"{name}_class_{tag}"] = cls if name == "reldec2" else measures.signed(cls, sign2)
     tokens = run.revision_tokens
     ie_tl = measures.timeline(ie_NM, revs, tokens, prefix="ie_")
     ie_tl["ie_timeline_class"] = measures.signed(ie_tl["ie_timeline_class"],
@@ -97,20 +100,21 @@ def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
     norm_tl = measures.timeline(nie_NM, revs, tokens, prefix="ie_norm_")
     norm_tl["ie_norm_timeline_class"] = measures.signed(norm_tl["ie_norm_timeline_class"],
                                                         measures.sign_at(ie_NM, np.abs(nie_NM).argmax(1)))
-    df = pd.concat([df, measures.timeline(run.cc.decoder_norms().detach().cpu().numpy()[chosen], revs, tokens),
-                    ie_tl, norm_tl], axis=1)
+    df = pd.concat([pd.DataFrame(cols), measures.timeline(run.cc.decoder_norms().detach().cpu().numpy()[chosen],
+                                                          revs, tokens), ie_tl, norm_tl], axis=1)
     df["artifact"] = [bool(flags.get(i, False)) for i in chosen]
     df["description"] = [annotations.get(i, {}).get("description", "") for i in chosen]
     df["tags"] = [annotations.get(i, {}).get("tags", "") for i in chosen]
     return df
 
 
-def add_intervals(df, pv_PMK, revisions):
-    """Columns ie_<rev>_lo/_hi (the mean IE's 95% bootstrap interval over the selection pairs),
+def add_intervals(df, pv_PMK, revisions, groups):
+    """Columns ie_<rev>_lo/_hi (the mean IE's 95% bootstrap interval over the selection pairs' groups of
+    near-copies),
     relie_<rev>_lo/_hi (the one-vs-all RelIE's, from the same resamples), and the bootstrap agreement of
     the signed RelIE class and |IE| timeline class (relie_class_agree, ie_timeline_class_agree: the
     fraction of resamples giving the same class; the app greys classes under 0.8)."""
-    means_nMK = measures.bootstrap_means(pv_PMK)
+    means_nMK = measures.bootstrap_means(pv_PMK, groups=groups)
     ie_lo, ie_hi = measures.interval(means_nMK)
     rel_nMK = np.abs(means_nMK) / np.maximum(np.abs(means_nMK).sum(1, keepdims=True), 1e-300)
     rel_lo, rel_hi = measures.interval(rel_nMK)
@@ -163,9 +167,11 @@ def logit_effects(run, models, chosen, n=10):
 
 
 @torch.no_grad()
-def top_contexts(run, models, chosen, n_blocks=64, n=8, before=12, after=3):
+def top_contexts(run, models, chosen, n_blocks=64, n=8, before=20, after=3):
     """For each chosen latent, its n highest activations on held-out LM text, each with the window
-    of tokens around it and the latent's activation on every token of the window."""
+    of tokens around it and the latent's activation on every token of the window. `before` reaches past
+    a subject, a relative clause and its attractor ("the goose that the geese watch was"): the left context
+    agreement depends on. A window cut short by its block's start (pos = max_at + 1) shows all the model saw."""
     tok = models[-1][2]
     ids = run.heldout_blocks(n_blocks, tok)
     acts = []
@@ -187,7 +193,7 @@ def top_contexts(run, models, chosen, n_blocks=64, n=8, before=12, after=3):
             b, t = divmod(k, a.shape[1])
             lo, hi = max(1, t - before), min(a.shape[1], t + after + 1)
             ctx.append(dict(tokens=[tok.decode([x]) for x in ids[b, lo:hi].tolist()],
-                            acts=[round(x, 4) for x in a[b, lo:hi].tolist()], max_at=t - lo, max=round(v, 4)))
+                            acts=[round(x, 4) for x in a[b, lo:hi].tolist()], max_at=t - lo, max=round(v, 4), pos=t))
         out[str(i)] = ctx
     return out
 
@@ -262,23 +268,37 @@ def main(argv=None):
         relie_task(run, models, task, args, args.threshold, latents)
 
 
-def coverage(ie_MF, err_M, revisions) -> dict:
-    """Per revision, how much of the task's IE the latents carry: |Σ_i IE_i| / (|Σ_i IE_i| + |IE_error|)."""
+def coverage(ie_MF, err_M, exact_lat_M, exact_err_M, revisions, fvu=None) -> dict:
+    """Per revision, how much of the task goes through the latents rather than the error term, as shares of
+    magnitudes (a ratio of signed sums can exceed the truth when latents cancel): latents_share, from the exact
+    effects of zeroing every latent (the error kept) and of zeroing the error term (the latents kept),
+    |Δ_latents| / (|Δ_latents| + |Δ_error|); and latents_share_ie, the attribution's Σ_i |IE_i| against
+    |IE_error|. The first is the headline: a first-order attribution cannot tell a decoder of random directions
+    from a learned one (their large, cancelling IEs share as much as real ones), exact ablation can. Beside them
+    the run's FVU there (evaluate.py's eval.json, when present)."""
     out = {}
     for m, r in enumerate(revisions):
-        lat, err = float(ie_MF[m].sum()), float(err_M[m])
-        out[r] = dict(latents_ie=lat, error_ie=err,
-                      latents_share=abs(lat) / (abs(lat) + abs(err)) if abs(lat) + abs(err) > 0 else None)
+        lat, err = float(np.abs(ie_MF[m]).sum()), abs(float(err_M[m]))
+        xl, xe = abs(float(exact_lat_M[m])), abs(float(exact_err_M[m]))
+        out[r] = dict(latents_share=xl / (xl + xe) if xl + xe > 0 else None,
+                      latents_share_ie=lat / (lat + err) if lat + err > 0 else None,
+                      exact_latents_delta=float(exact_lat_M[m]), exact_error_delta=float(exact_err_M[m]),
+                      latents_abs_ie=lat, error_abs_ie=err, latents_ie=float(ie_MF[m].sum()), error_ie=float(err_M[m]),
+                      fvu=None if fvu is None else fvu.get(r))
     return out
 
 
 def warn_coverage(cov, task):
+    """A warning per revision where the error term carries more than half of the task, by either measure."""
     for r, c in cov.items():
-        if c["latents_share"] is not None and c["latents_share"] < 0.5:
-            print(f"warning: at {r} the error term carries {100 * (1 - c['latents_share']):.0f}% of {task}'s IE "
-                  "(the latents the rest): the crosscoder misses much of what the LM uses there, and findings "
-                  "about its latents at that revision cover only part of the task; try another --layer, a larger "
-                  "--dict-size or a lower --l1-coeff")
+        by = [f"{100 * (1 - c['latents_share']):.0f}% of the exact effect" if (c["latents_share"] or 1) < 0.5 else "",
+              f"{100 * (1 - c['latents_share_ie']):.0f}% of the summed |IE|" if (c["latents_share_ie"] or 1) < 0.5
+              else ""]
+        if any(by):
+            print(f"warning: at {r} the error term carries {' and '.join(b for b in by if b)} of {task} (FVU "
+                  f"{'not evaluated' if c['fvu'] is None else format(c['fvu'], '.3f')}): the crosscoder misses much of "
+                  "what the LM uses there, and findings about its latents at that revision cover only part of the "
+                  "task; try another --layer, a larger --dict-size or a lower --l1-coeff")
 
 
 def split_table(batch, sel_rows, test_rows, groups) -> pd.DataFrame:
@@ -313,7 +333,7 @@ def relie_task(run, models, task, args, threshold, latents):
                          + (" or rank by --select abs" if args.select == "positive" else ""))
     sheet = latent_sheet(run, att, chosen, analysis.reldec(run.cc), read_annotations(run.folder),
                          read_flags(run.folder))
-    add_intervals(sheet, pair_values(att, chosen), run.revisions)
+    add_intervals(sheet, pair_values(att, chosen), run.revisions, np.asarray(groups)[sel_rows])
     faith, exact_MK, atp_MK, flags_MK = faithfulness(run, models, batch, chosen, ie_MF[:, chosen], args.method,
                                                      threshold, args.pair_batch)
     for m, r in enumerate(run.revisions):
@@ -336,7 +356,10 @@ def relie_task(run, models, task, args, threshold, latents):
     ie_df = pd.DataFrame(rows, columns=["subtask", "revision", "latent", "ie", "ie_norm"])
     err_df = pd.DataFrame(erows, columns=["subtask", "revision", "ie_error", "ie_latents_sum", "ie_latents_abs",
                                           "error_share", "clean_logit_diff", "n_pairs"])
-    cov = coverage(ie_MF, err_M, run.revisions)
+    exact_lat_M, exact_err_M = analysis.exact_parts(run, models, batch, args.pair_batch)
+    ev = run.folder / "eval.json"
+    fvu = {r: v["fvu"] for r, v in read_json(ev)["revisions"].items()} if ev.exists() else None
+    cov = coverage(ie_MF, err_M, exact_lat_M, exact_err_M, run.revisions, fvu)
     how = analysis.METHODS[args.method]
     summary = dict(task=task, method=args.method, threshold=threshold, steps=att["steps"], baseline=how.baseline,
                    error_ie_by=how.error_by, select=args.select, top_k=k, n_pairs=len(batch),
@@ -348,7 +371,8 @@ def relie_task(run, models, task, args, threshold, latents):
                               max_pairs=args.max_pairs, n_selection=len(sel_rows), n_test=len(test_rows),
                               n_groups=len(set(groups)), in_sample=args.test_frac == 0),
                    intervals=dict(level=measures.BOOTSTRAP_LEVEL, resamples=measures.BOOTSTRAP_N,
-                                  over="the selection pairs (not the crosscoder's or the LM's seed: stability.py)",
+                                  over=f"the selection pairs' {measures.BOOTSTRAP_OVER} (not the crosscoder's or the "
+                                       "LM's seed: seeds.py)",
                                   seed=measures.BOOTSTRAP_SEED))
     for name, df in (("ie.csv", ie_df), ("error.csv", err_df), ("latents.csv", sheet), ("split.csv", split)):
         with atomic_path(out / name) as tmp:
@@ -358,19 +382,27 @@ def relie_task(run, models, task, args, threshold, latents):
     write_text(out / "latents.html", render_html(task, sheet, contexts, effects, run.revisions))
     write_json(out / "summary.json", summary)
     mark_done(out, task=task)                   # last: the folder is complete
+    print(f"IE by {args.method} on {len(sel_rows)} selection pairs; per-token |IE| ≤ {threshold:g} zeroed (absolute "
+          "logit units, the same at every revision, though later revisions' logits are larger)")
     print(sheet[["latent"] + [f"ie_{r}" for r in run.revisions] + ["relie_class", "relie_norm_class",
                                                                      "reldec_class"]].to_string(index=False))
     print("error-term IE per revision:", {r: round(float(v), 4) for r, v in zip(run.revisions, err_M)},
           f"({how.error_by})")
-    print("latents' share of the task's IE per revision:",
-          {r: None if c["latents_share"] is None else round(c["latents_share"], 2) for r, c in cov.items()})
+    print("coverage per revision — the latents' share of the task against the error term's: exact (the Δ of zeroing "
+          "every latent vs of zeroing the error term, |Δ_latents| / (|Δ_latents| + |Δ_error|)) and by the attribution "
+          "(Σ|IE| of the latents vs |IE| of the error term); FVU:")
+    for r, c in cov.items():
+        show = lambda v, f=".2f": "—" if v is None else format(v, f)  # noqa: E731
+        print(f"  {r:>10}: exact {show(c['latents_share'])} (Δ all latents {c['exact_latents_delta']:+.3f}, error term "
+              f"{c['exact_error_delta']:+.3f}); by IE {show(c['latents_share_ie'])}; FVU {show(c['fvu'], '.3f')}")
     warn_coverage(cov, task)
     print(f"pairs: {len(sel_rows)} for selection, {len(test_rows)} held out for ablate.py "
           f"({len(set(groups))} groups of near-copies, each on one side)" if args.test_frac > 0 else
           "pairs: no split (--test-frac 0): every finding ablate.py reports is then measured on the pairs it was "
           "selected on")
-    print(f"intervals: {100 * measures.BOOTSTRAP_LEVEL:.0f}% bootstrap over the selection pairs; the spread over "
-          "crosscoder and LM seeds is stability.py's")
+    print(f"intervals: {100 * measures.BOOTSTRAP_LEVEL:.0f}% bootstrap over the selection pairs' "
+          f"{measures.BOOTSTRAP_OVER}; the spread over "
+          "crosscoder and LM seeds is seeds.py's")
     print(f"faithfulness ({args.method} vs exact ablation of these latents): Spearman ρ {faith['rho']:.2f} "
           f"(AtP: {faith['rho_atp']:.2f}); {faith['n_flagged']} of {faith['n']} (latent, revision) disagree in "
           "sign or by more than 2×")

@@ -16,6 +16,7 @@ step; ckpt/<step>/ (weights, optimizer, schedule, RNG, the live buffer's text po
 --ckpt-every steps, so --resume continues after a kill and ends with the weights of an
 uninterrupted run.
 """
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from crosscoding import activations, cli, common, defaults, lm, training
+from crosscoding import activations, cli, common, defaults, lm, measures, training
 from crosscoding.common import UsageError, positive
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 from crosscoding.training import RunConfig
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="the crosscoder's matmuls: fp32, or bf16 autocast on a GPU (the loss sums stay fp32) "
                         "(default: %(default)s)")
+    p.add_argument("--control", choices=list(training.CONTROLS), default="none",
+                   help="a negative control (controls.py trains them): "
+                        + "; ".join(f"{k}: {v}" for k, v in training.CONTROLS.items()) + " (default: %(default)s)")
     p.add_argument("--buffer-tokens", type=positive("--buffer-tokens"), default=pre.buffer_tokens,
                    help="live buffer: token positions held on the device (default: %(default)s)")
     p.add_argument("--refill", choices=("auto", "sync", "overlap"), default="auto",
@@ -82,11 +86,13 @@ def parse_args(argv=None):
                          "--out, --overwrite starts it again")
     if args.layer is None:
         raise UsageError(f"--layer is required for {args.model}")
-    args.revisions = args.revisions.split(",") if args.revisions else []
+    args.revisions = args.revisions or []
     if len(args.revisions) < 2:
         raise UsageError(f"--revisions needs at least 2 revisions to crosscode, got {args.revisions}")
     if len(set(args.revisions)) != len(args.revisions):
         raise UsageError(f"--revisions lists a revision twice: {args.revisions}")
+    if args.control != "none" and args.revision_shards > 1:
+        raise UsageError(f"--control {args.control} trains in one process or plain DDP; drop --revision-shards")
     args.steps = args.tokens // args.batch_size
     if args.steps < 1:
         raise UsageError(f"--tokens {args.tokens} is less than one batch of {args.batch_size}")
@@ -122,6 +128,8 @@ def train(args, spec, ranks):
     if str(args.device).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls; the loss sums stay fp32
     cc = CrossCoder(cfg, revisions=ranks.revs).to(args.device)
+    if args.control == "fixed-decoder":
+        cc.W_dec_FMd.requires_grad_(False)             # Adam skips it: the decoder stays at its random init
     cc.group = ranks.data_group                        # BatchTopK selects over the global batch
     cc.grid = ranks.grid if ranks.shards > 1 else None   # the code sums over every shard's revisions
     opt = cc.make_optimizer(args.lr)
@@ -154,6 +162,8 @@ def train(args, spec, ranks):
             batches.wait(step)
             clock.lap("wait")
             x_BMd = batches.get(step) * s_M
+            if args.control == "shuffled-revisions":
+                x_BMd = training.shuffle_revisions(x_BMd, args.seed, step)
             clock.lap("copy")
             # step: loss, backward, clip, Adam, lr schedule; under DDP, every replica's buffers made one
             log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
@@ -197,6 +207,9 @@ def train(args, spec, ranks):
         print(f"run {args.out}: val FVU {[f'{v:.3f}' for v in last['val_fvu']]}, L0 {last['val_l0']:.1f}, "
               f"dead {100 * last['val_dead_frac']:.0f}%, {last['tokens_per_s']:.0f} tokens/s, "
               f"{time.time() - t0:.0f} s{times}")
+        warning = measures.fvu_warning(dict(zip(args.revisions, last["val_fvu"])), "val FVU")
+        if warning:
+            print(warning)
 
 
 def main(argv=None):
@@ -207,8 +220,16 @@ def main(argv=None):
         return None
     common.keep_freed_memory()
     ranks = training.start_ranks(args)
-    with ranks.lock(args.out):
-        train(args, spec, ranks)
+    fresh = ranks.main and not args.out.exists()
+    try:
+        with ranks.lock(args.out):
+            train(args, spec, ranks)
+    except BaseException:
+        # a run that fails before its first checkpoint has nothing to resume: leave no folder that looks
+        # like a run (a killed one keeps its folder, which --resume continues)
+        if fresh and not (args.out / "ckpt").exists():
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     training.stop_ranks(ranks)
     return args.out
 

@@ -256,6 +256,23 @@ def ie_error_exact(run, model, m, batch, x_BTd, f_BTF, r_BTd):
     return (keep - drop)[:, 0]
 
 
+def exact_parts(run, models, batch, batch_size=16):
+    """Per revision, the exact effect on the logit difference (clean − ablated, mean over pairs; positive = the
+    part supports the right answer) of zeroing every latent (the error term kept) and of zeroing the error term
+    (the latents kept): two [M] arrays. Coverage reads these beside the attribution's shares."""
+    latents = list(range(run.cc.cfg.dict_size))
+    lat, err = np.zeros(len(models)), np.zeros(len(models))
+    for i in range(0, len(batch), batch_size):
+        b = batch.slice(i, i + batch_size).to(run.device)
+        x, f_BTF, r_BTMd = pair_codes(run, models, b)
+        for m, (_, model, _) in enumerate(models):
+            ld = ablated_logit_diffs(run, model, m, b, x[:, :, m], f_BTF, r_BTMd[:, :, m], [[], latents])
+            no_err = ablated_logit_diffs(run, model, m, b, x[:, :, m], f_BTF, torch.zeros_like(r_BTMd[:, :, m]), [[]])
+            lat[m] += float((ld[:, 0] - ld[:, 1]).sum())
+            err[m] += float((ld[:, 0] - no_err[:, 0]).sum())
+    return lat / len(batch), err / len(batch)
+
+
 # ---------------------------------------------------------------------------------------------
 # Attribution over a task, and its check against exact ablation
 

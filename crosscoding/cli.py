@@ -47,13 +47,20 @@ def fraction(name):
     return parse
 
 
+def revision_list(s) -> list[str]:
+    """argparse type of --revisions: comma-separated names, spaces around them and empty entries dropped
+    ("step64, step128, step512" is step64,step128,step512)."""
+    return [r.strip() for r in s.split(",") if r.strip()]
+
+
 # name → argparse keywords (without the default, which each script sets from its preset)
 FLAGS = {
     "--model": dict(help="a model key (toy, pythia-70m … pythia-12b, olmo-1b, bloom-1b1), a Hugging Face "
                          "repo id, or a local folder of revisions (default: %(default)s)"),
     "--layer": dict(type=int, help="decoder block L whose output is crosscoded, 0-indexed; the output of "
                                    "block L is hidden_states[L+1] (default: the model's, %(default)s)"),
-    "--revisions": dict(help="comma-separated revisions in training order (default: the model's, %(default)s)"),
+    "--revisions": dict(type=revision_list, help="comma-separated revisions in training order (default: the "
+                                                 "model's, %(default)s)"),
     "--weights": dict(choices=("hub", "random"), help="hub: the revisions' trained weights; random: the "
                       "model's architecture with random weights seeded by the revision name, a stand-in "
                       "tokenizer of its vocabulary size and the toy grammar's text, offline (to check memory "
@@ -101,14 +108,37 @@ FLAGS = {
 }
 
 
-def parser(description: str, preset: defaults.Preset, epilog: str | None = None) -> ArgumentParser:
-    """The script's parser; its epilog names the preset whose values the defaults show."""
-    note = (f"Defaults are the '{preset.name}' preset's (defaults.py): "
-            + ("the toy model's, tuned for 2 CPU cores. Every Hugging Face model uses the 'paper' preset, the "
-               "paper's settings (arXiv 2509.05291, §3 and App. B); `--model pythia-1b --help` shows them."
-               if preset.name == "toy" else "the paper's settings (arXiv 2509.05291, §3 and App. B)."))
-    return ArgumentParser(description=description, epilog=" ".join(x for x in (epilog, note) if x),
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Parser(ArgumentParser):
+    """The scripts' parser: its help ends with which preset the defaults shown are, and how to see the other's."""
+    preset: defaults.Preset | None = None
+    extra: str | None = None
+
+    def format_help(self):
+        self.epilog = " ".join(x for x in (self.extra, preset_note(self.preset, self._option_string_actions)) if x)
+        return super().format_help()
+
+
+def preset_note(preset: defaults.Preset | None, flags) -> str | None:
+    """Which preset's values the help shows, and the command that shows the paper's: `--model pythia-1b`
+    where the script takes a model, a run of a Hugging Face model where it reads one (--run)."""
+    if preset is None:
+        return None
+    if preset.name != "toy":
+        return f"Defaults are the '{preset.name}' preset's (defaults.py): the paper's settings (arXiv 2509.05291, " \
+               "§3 and App. B)."
+    shows = ("`--model pythia-1b --help`" if "--model" in flags else
+             "`--run RUN --help`, RUN a run of a Hugging Face model," if "--run" in flags else None)
+    return ("Defaults are the 'toy' preset's (defaults.py): the toy model's, tuned for 2 CPU cores. Every Hugging "
+            "Face model uses the 'paper' preset, the paper's settings (arXiv 2509.05291, §3 and App. B)"
+            + (f"; {shows} shows them." if shows else "."))
+
+
+def parser(description: str, preset: defaults.Preset | None, epilog: str | None = None) -> ArgumentParser:
+    """The script's parser; its epilog names the preset whose values the defaults show (none: the script's
+    defaults do not depend on the model)."""
+    p = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.preset, p.extra = preset, epilog
+    return p
 
 
 def add(p: argparse.ArgumentParser, *names, **default_of):

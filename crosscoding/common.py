@@ -144,10 +144,11 @@ def keep_freed_memory():
 
 
 def update_results(section: str, markdown: str, path="RESULTS.md"):
-    """Replace RESULTS.md's section `section` (between its <!-- section:start/end --> markers) with
-    `markdown`, adding the section at the end if it is new: the commands that measure a result write it."""
+    """Replace the section `section` of RESULTS.md (what the tool costs) or FINDINGS.md (what it shows) — between
+    its <!-- section:start/end --> markers — with `markdown`, adding the section at the end if it is new: the
+    commands that measure a result write it."""
     path = Path(path)
-    text = path.read_text() if path.exists() else "# Results\n"
+    text = path.read_text() if path.exists() else f"# {path.stem.title()}\n"
     start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     block = f"{start}\n{markdown.strip()}\n{end}"
     if start in text and end in text:

@@ -191,8 +191,19 @@ def check_revision(spec: ModelSpec, revision: str, available: list[Revision] | N
     available = available if available is not None else revisions(spec, quiet=True)
     names = [r.name for r in available]
     if revision not in names:
-        near = difflib.get_close_matches(revision, names, n=5, cutoff=0.3) or names[:5]
-        raise UsageError(f"unknown revision {revision!r} of {spec.key}; nearest available: {', '.join(near)}")
+        raise UsageError(f"unknown revision {revision!r} of {spec.key}; nearest available: "
+                         f"{', '.join(nearest(revision, names))}")
+
+
+def nearest(revision: str, names: list[str], n=5) -> list[str]:
+    """The n names nearest to `revision`: by training step when it names one (step182 → step192, step160
+    before step512), else by spelling."""
+    step = parse_revision(revision).step
+    stepped = [(abs(r.step - step), r.step, r.name) for r in map(parse_revision, names)
+               if step is not None and r.step is not None]
+    if stepped:
+        return [name for *_, name in sorted(stepped)[:n]]
+    return difflib.get_close_matches(revision, names, n=n, cutoff=0.3) or names[:n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +217,9 @@ def load(model: str | ModelSpec, revision: str | None = None, device="cpu", dtyp
     hf_logging.disable_progress_bar()   # our own bars say what is loading; errors stay one line
     spec = resolve(model) if isinstance(model, str) else model
     if weights == "random":
-        lm, tok = random_model(spec, revision or "main", device), standin_tokenizer(spec)
+        # a local model (the toy) keeps its own tokenizer; a hub model gets a stand-in of its vocabulary (offline)
+        tok = AutoTokenizer.from_pretrained(_local_config_dir(spec)) if spec.local else standin_tokenizer(spec)
+        lm = random_model(spec, revision or "main", device)
         return lm.to(dtype=dtype or torch.float32).eval().requires_grad_(False), tok
     check_built(spec)
     if spec.local:
@@ -242,8 +255,14 @@ def default_task(spec: ModelSpec, weights="hub") -> str:
     return "toy_sva" if weights == "random" else spec.task
 
 
+def _local_config_dir(spec: ModelSpec) -> Path:
+    """A local model's first revision folder: its architecture and tokenizer, which every revision shares."""
+    check_built(spec)
+    return Path(spec.repo) / spec.revisions[0]
+
+
 def _need_arch(spec):
-    if not spec.arch:
+    if not spec.arch and not spec.local:
         with_arch = ", ".join(k for k, m in MODELS.items() if m.arch)
         raise UsageError(f"--weights random needs a model whose architecture is known: {with_arch}; "
                          f"{spec.key!r} is not one of them")
@@ -255,6 +274,8 @@ def architecture(spec: ModelSpec):
     import transformers
     from transformers import AutoModelForCausalLM
     _need_arch(spec)
+    if spec.local and not spec.arch:     # a local model's own config (the toy's), read from its folder
+        return AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(_local_config_dir(spec)))
     cls, kw = spec.arch
     return AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw))
 
@@ -352,7 +373,7 @@ def _explain_load_error(spec, revision, e):
     if isinstance(e, (LocalEntryNotFoundError, ConnectionError)) or "offline" in str(e).lower() \
             or "connect" in str(e).lower():
         cached = _cached_revisions(spec.repo)
-        near = difflib.get_close_matches(revision or "main", cached, n=5, cutoff=0.3) or cached[:5]
+        near = nearest(revision or "main", cached)
         raise EnvError(f"cannot download {spec.repo}@{revision}: no network and it is not in the local "
                        f"Hugging Face cache (cached: {', '.join(near) or 'none'}); "
                        "local folders work offline (--model path/to/folder)") from None

@@ -13,6 +13,20 @@ from crosscoding.common import atomic_path
 
 SPECIFIC, SHARED_MIN = 0.7, 0.3        # one-vs-all classes: > 0.7 specific, all ≥ 0.3 shared
 LOW, HIGH = 0.3, 0.7                   # 2-way classes: < 0.3 discontinued, > 0.7 emerging
+FVU_BAR = 0.05                         # a revision reconstructed worse than this is poorly covered (the toy's
+#                                        preset meets it at every revision: tests/test_toy_findings.py)
+
+
+def fvu_warning(fvu: dict, what: str) -> str | None:
+    """One warning line naming every revision whose FVU misses FVU_BAR (None when all meet it): train.py's
+    validation FVU, evaluate.py's held-out one, the app's Training page."""
+    miss = {r: v for r, v in fvu.items() if not v <= FVU_BAR}
+    if not miss:
+        return None
+    return (f"warning: {what} misses the bar (≤ {FVU_BAR}) at " + ", ".join(f"{r} ({v:.3f})" for r, v in miss.items())
+            + ": the crosscoder reconstructs " + ("that revision" if len(miss) == 1 else "those revisions")
+            + " poorly, so its latents there cover less of what the LM computes; train on more --tokens, with a "
+              "larger --dict-size or with less sparsity (--l1-coeff, --k)")
 
 
 def rel(values_NM) -> np.ndarray:
@@ -108,6 +122,25 @@ def timeline(values_NM, revisions, tokens=None, prefix="") -> pd.DataFrame:
     return out
 
 
+
+def formation_intervals(formed_N, revisions, times) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's formation as the interval (lo, hi] in training time: hi = the time of its formed_at revision, lo =
+    the time of the revision before it (the latent was under half its peak there, or at least not yet lasting), −inf
+    at the first revision (it formed before the window). NaN for a row with no formed_at (''). `times`: each
+    revision's place in training (tokens or steps), so that intervals compare across different sets of revisions."""
+    t = dict(zip(revisions, map(float, times)))
+    before = {r: t[revisions[m - 1]] if m else -np.inf for m, r in enumerate(revisions)}
+    formed = list(formed_N)
+    return (np.array([before.get(f, np.nan) for f in formed], dtype=float),
+            np.array([t.get(f, np.nan) for f in formed], dtype=float))
+
+
+def intervals_overlap(lo_a, hi_a, lo_b, hi_b) -> np.ndarray:
+    """Whether half-open intervals (lo, hi] share a point: two formations agree when they overlap — (64, 128] and
+    (96, 256] do, (64, 128] and (128, 256] do not. False where either is NaN."""
+    lo = np.maximum(np.asarray(lo_a, dtype=float), np.asarray(lo_b, dtype=float))
+    return lo < np.minimum(np.asarray(hi_a, dtype=float), np.asarray(hi_b, dtype=float))
+
 # ---------------------------------------------------------------------------------------------
 # Signed classes: a latent that hurts the task where it matters most is not the same finding as one
 # that helps there
@@ -146,15 +179,22 @@ def peak_fraction(values_NM) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Uncertainty: bootstrap over pairs (95%, 1000 resamples, seeded)
+# Uncertainty: bootstrap over the split's groups of near-copy pairs (95%, 1000 resamples, seeded)
 
 BOOTSTRAP_N, BOOTSTRAP_LEVEL, BOOTSTRAP_SEED = 1000, 0.95, 0
+BOOTSTRAP_OVER = "groups of near-copies (tasks.split_groups), each group drawn whole"
 
 
-def resample_counts(n_items, n=BOOTSTRAP_N, seed=BOOTSTRAP_SEED) -> np.ndarray:
-    """[n, n_items]: how often each item is drawn in each of n resamples with replacement."""
+def resample_counts(n_items, n=BOOTSTRAP_N, seed=BOOTSTRAP_SEED, groups=None) -> np.ndarray:
+    """[n, n_items]: how often each item is drawn in each of n resamples with replacement. With `groups` (a
+    group id per item) whole groups are drawn and every item gets its group's count: near-copies are
+    resampled together, as the split keeps them together, so an interval does not count them as independent."""
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n_items, np.full(n_items, 1.0 / n_items), size=n).astype(np.float64)
+    if groups is None:
+        return rng.multinomial(n_items, np.full(n_items, 1.0 / n_items), size=n).astype(np.float64)
+    _, item_group = np.unique(np.asarray(groups), return_inverse=True)
+    G = item_group.max() + 1
+    return rng.multinomial(G, np.full(G, 1.0 / G), size=n).astype(np.float64)[:, item_group]
 
 
 def interval(samples, level=BOOTSTRAP_LEVEL, axis=0):
@@ -164,23 +204,18 @@ def interval(samples, level=BOOTSTRAP_LEVEL, axis=0):
     return lo, hi
 
 
-def bootstrap_means(values_P, n=BOOTSTRAP_N, seed=BOOTSTRAP_SEED):
-    """Means of per-pair values [P, ...] over n resamples of the pairs: [n, ...]."""
+def bootstrap_means(values_P, n=BOOTSTRAP_N, seed=BOOTSTRAP_SEED, groups=None):
+    """Means of per-pair values [P, ...] over n resamples of the pairs (of their groups, when given): [n, ...]."""
     v = np.asarray(values_P, dtype=np.float64)
-    counts = resample_counts(len(v), n, seed)
-    return (counts @ v.reshape(len(v), -1)).reshape((n,) + v.shape[1:]) / len(v)
+    counts = resample_counts(len(v), n, seed, groups)
+    sums = (counts @ v.reshape(len(v), -1)).reshape((n,) + v.shape[1:])
+    return sums / counts.sum(1).reshape((n,) + (1,) * (v.ndim - 1))
 
 
-def mean_interval(values_P, n=BOOTSTRAP_N, seed=BOOTSTRAP_SEED, level=BOOTSTRAP_LEVEL):
+def mean_interval(values_P, n=BOOTSTRAP_N, seed=BOOTSTRAP_SEED, level=BOOTSTRAP_LEVEL, groups=None):
     """(mean, lo, hi) of the mean of per-pair values [P, ...] (a 95% bootstrap interval by default)."""
-    lo, hi = interval(bootstrap_means(values_P, n, seed), level)
+    lo, hi = interval(bootstrap_means(values_P, n, seed, groups), level)
     return np.asarray(values_P, dtype=np.float64).mean(0), lo, hi
-
-
-def bootstrap_stat(stat, n_items, n=BOOTSTRAP_N, seed=BOOTSTRAP_SEED):
-    """stat(idx) for n resamples idx of range(n_items), with replacement: [n, ...]."""
-    rng = np.random.default_rng(seed)
-    return np.array([stat(rng.integers(0, n_items, n_items)) for _ in range(n)], dtype=float)
 
 
 def spearman(a, b) -> float:

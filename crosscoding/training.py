@@ -1,7 +1,7 @@
 """training.py — what train.py's loop stands on: the run's defining config, memory, data, checkpoints, DDP.
 
 train.py reads top to bottom as the loop (data, step, log, checkpoint); the pieces it calls live here:
-  RunConfig            what defines a run: the CLI's training flags, the resume check, stability.py's seed
+  RunConfig            what defines a run: the CLI's training flags, the resume check, seeds.py's seed
                        runs and config.json all use this one list
   predict_memory       the peak before step 1, and refusing what cannot fit
   data_source          batches as a pure function of the step (a cache, or the live buffer)
@@ -46,7 +46,7 @@ from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 class RunConfig:
     """What defines a training run: the same RunConfig trains the same crosscoder. Each field is train.py's
     flag of that name (--dict-size for dict_size, ...). --resume refuses a command whose RunConfig differs
-    from the run's, stability.py trains its seed runs with the run's RunConfig (another seed or arch), and
+    from the run's; seeds.py, controls.py and checkpoint_sets.py train their runs from the run's RunConfig, and
     config.json records it under "run". Flags that only say where or how fast (--out, --device, --log-every,
     --ckpt-every, --compile) are not part of it."""
     model: str
@@ -69,6 +69,7 @@ class RunConfig:
     jumprelu_coeff: float
     seed: int
     precision: str
+    control: str              # none, or a negative control's change to training (CONTROLS; controls.py trains them)
 
     @classmethod
     def from_args(cls, args) -> "RunConfig":
@@ -95,6 +96,26 @@ class RunConfig:
 
 def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
+
+
+# Negative controls that change how the crosscoder trains (controls.py): each removes one thing a check credits
+# and keeps the data, the tokens and the size. Nothing else of a run depends on them.
+CONTROLS = {
+    "none": "the crosscoder as the method trains it",
+    "shuffled-revisions": "each token's M activations in a random order, drawn anew every step: no latent can be "
+                          "specific to a revision",
+    "fixed-decoder": "the decoder fixed at its random initialisation, only the encoder and biases trained: no "
+                     "learned directions",
+}
+
+
+def shuffle_revisions(x_BMd, seed, step):
+    """Each row's M revisions in a random order (seeded by the run's seed and the step, so a resumed run sees the
+    same): the 'shuffled-revisions' control."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    B, M, d = x_BMd.shape
+    perm_BM = torch.argsort(torch.rand(B, M, generator=g), dim=1).to(x_BMd.device)
+    return x_BMd.gather(1, perm_BM[..., None].expand(B, M, d))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ encoder matmul, the decoder, the dead-latent counters, schedules, files) is cros
 
     VARIANTS = {"l1": L1, "batchtopk": BatchTopK, "jumprelu": JumpReLU, "matryoshka": Matryoshka}
 
-The config checks, train.py/stability.py's --arch, bench.py and the tests read this table; adding a
+The config checks, train.py/seeds.py's --arch, bench.py and the tests read this table; adding a
 variant is one class here (or anywhere: the tests register one of their own) and one line in it.
 Nothing outside a variant's class branches on its name.
 

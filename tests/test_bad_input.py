@@ -1,5 +1,7 @@
 """Bad input, every script: exit code 2 (1 for the environment), one line on stderr naming the bad
-value and what would be valid, no traceback, and nothing written that looks complete."""
+value and what would be valid, no traceback, and nothing written that looks complete; and a newcomer's
+frictions: revision lists typed with spaces, nearest revisions, failed runs, help footers, the README's
+commands, the scan's table, a pickle that is not a state dict."""
 import json
 import runpy
 import shutil
@@ -7,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import ROOT, tiny_model, word_tokenizer
@@ -193,3 +196,133 @@ def test_top_k_larger_than_nonzero_is_capped(world, toy_run):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "--top-k 100000 capped at" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# A newcomer's frictions on the command line
+
+def test_nearest_revisions_by_step(world, toy_run, monkeypatch, capsys):
+    cwd, _ = toy_run
+    rc, err = run_cli(["cache_acts.py", "--model", "toy", "--revisions", "step64,step182", "--out", str(world["out"])],
+                      cwd, monkeypatch, capsys)
+    assert rc == 2 and err == ("error: unknown revision 'step182' of toy; nearest available: step192, step160, "
+                               "step128, step256, step96")
+
+
+def test_failed_train_leaves_no_folder(world, toy_run, monkeypatch, capsys):
+    """A train.py that fails before its first checkpoint leaves no folder behind (one that looks like a run to
+    the app and to the next train.py); the revisions are named without the spaces they were typed with."""
+    cwd, _ = toy_run
+    out = world["out"].parent / "failed run"
+    rc, err = run_cli(["train.py", "--revisions", "step64, step999", "--out", str(out)], cwd, monkeypatch, capsys)
+    assert rc == 2 and visible_lines(err)[-1].startswith("error: unknown revision 'step999' of toy"), err
+    assert not out.exists()
+    assert not (cwd / "cache" / "toy-L0-step64_step999").exists()
+
+
+def test_revision_lists_tolerate_spaces(world, toy_run, monkeypatch):
+    import cache_acts
+    import train
+    cwd, _ = toy_run
+    monkeypatch.chdir(cwd)
+    args, _ = train.parse_args(["--revisions", " step64, step128 ,step512,", "--arch", "batchtopk"])
+    assert args.revisions == ["step64", "step128", "step512"]
+    assert str(args.out) == "runs/toy-L0-step64_step128_step512-batchtopk"
+    assert cache_acts.parse_args(["--revisions", "step64, step128"])[0].revisions == ["step64", "step128"]
+    out = world["out"].parent / "spaced"
+    train.main(["--cache", str(world["cache"]), "--revisions", "step64, step128, step512", "--tokens", "2048",
+                "--dict-size", "16", "--out", str(out)])
+    assert json.loads((out / "config.json").read_text())["revisions"] == ["step64", "step128", "step512"]
+    assert (out / "DONE").exists()
+
+
+FAKE_PAPER_RUN = {"model": "pythia-70m", "layer": 3, "revisions": ["step512", "step143000"]}
+
+
+@pytest.mark.parametrize("script", ["train.py", "cache_acts.py", "evaluate.py", "relie.py", "ablate.py", "seeds.py",
+                                    "controls.py", "checkpoint_sets.py", "convert.py"])
+def test_help_footer_is_true(script, tmp_path, monkeypatch, capsys):
+    """Each script's --help says whose defaults it shows and names a command that shows the paper's; that command
+    works and shows them. convert.py has no default that depends on the model, and says nothing of presets."""
+    def help_of(*args):
+        monkeypatch.setattr(sys, "argv", [str(ROOT / script), *args, "--help"])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+        out = capsys.readouterr().out
+        assert e.value.code == 0, out
+        return " ".join(out.split())
+    run = tmp_path / "paper-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(FAKE_PAPER_RUN))
+    monkeypatch.chdir(tmp_path)
+    toy = help_of()
+    if script == "convert.py":
+        assert "preset" not in toy and "--help` shows" not in toy
+        return
+    assert "Defaults are the 'toy' preset's" in toy
+    if script in ("train.py", "cache_acts.py"):
+        assert "`--model pythia-1b --help` shows them" in toy
+        paper = help_of("--model", "pythia-1b")
+    else:
+        assert "`--run RUN --help`, RUN a run of a Hugging Face model, shows them" in toy and "--model" not in toy
+        paper = help_of("--run", str(run))
+    assert "Defaults are the 'paper' preset's" in paper
+    if script in ("relie.py", "seeds.py", "controls.py"):
+        assert "(default: 0.1" in paper and "(default: 0.0" in toy    # the IE threshold: the paper's, the toy's
+
+
+def test_readme_trains_the_run_it_converts():
+    """The README's `convert.py --to jumprelu --run R` follows, in the same block, the command that trains R."""
+    import re
+    import shlex
+
+    from crosscoding import defaults, lm
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    block = [b for b in blocks if "--to jumprelu" in b]
+    assert len(block) == 1
+    lines = [shlex.split(line.split("#")[0]) for line in block[0].splitlines() if line.strip().startswith("python")]
+    at = [i for i, a in enumerate(lines) if "--to" in a and a[a.index("--to") + 1] == "jumprelu"][0]
+    want = lines[at][lines[at].index("--run") + 1]
+    toy = lm.resolve("toy")
+    made = []
+    for a in lines[:at]:
+        if a[1] == "train.py" and "--out" not in a and "--revisions" not in a and "--model" not in a:
+            made.append(str(defaults.run_dir("toy", toy.layer, toy.revisions, a[a.index("--arch") + 1]
+                                             if "--arch" in a else defaults.ARCH)))
+    assert want in made, (want, made)
+
+
+def test_scan_prints_its_table(toy_run, monkeypatch, capsys):
+    """`cache_acts.py --scan --suggest 5` prints the accuracy per revision, the suggested ones marked, not a path
+    alone (the scan itself is toy_run's: its table is what is printed)."""
+    import cache_acts
+    cwd, _ = toy_run
+    csv = next(p for p in (cwd / "scans").glob("*.csv") if not p.name.endswith("-cos.csv"))
+    monkeypatch.setattr(cache_acts, "scan", lambda *a, **k: csv)
+    cache_acts.main(["--scan", "--model", "toy", "--suggest", "5"])
+    out = capsys.readouterr().out.splitlines()
+    table = pd.read_csv(csv)
+    chosen = cache_acts.suggest(csv, 5)
+    assert out[-1] == "suggested revisions (5, marked *): " + ",".join(chosen)
+    for r, acc in zip(table.revision, table.acc_mean):
+        row = [l.split() for l in out if r in l.split()]
+        assert len(row) == 1 and f"{acc:.4f}" in row[0] and (row[0][0] == "*") == (r in chosen), (r, row)
+
+
+def test_pickle_import_quiet_and_never_advises_unsafe_load(tmp_path):
+    """A pickle that is not a state dict: one line, exit 2, no protocol warning, and never torch's advice to load
+    with weights_only=False (or to allowlist the pickled class)."""
+    import pickle
+
+    import torch
+    pickle.dump({"W": [1.0, 2.0]}, (tmp_path / "plain.pkl").open("wb"))
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    for name, says in (("plain.pkl", "Unsupported operand"), ("module.pt", "Unsupported global: GLOBAL torch.nn")):
+        r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--from", "dictionary_learning", name,
+                            "--model", "toy", "--layer", "0", "--revisions", "step64,step128,step512", "--out", "imp"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        lines = visible_lines(r.stderr)
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0], r.stderr
+        assert "weights_only" not in r.stderr and "safe_globals" not in r.stderr and "trust" not in r.stderr
+        assert not (tmp_path / "imp").exists()

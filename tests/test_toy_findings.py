@@ -1,6 +1,6 @@
 """The toy's findings on the default pipeline's run (conftest.toy_pipeline: revisions before agreement,
 in the nearest-noun phase, last; the default attribution), and the quality bars of the toy preset.
-Each test's docstring gives the finding's range over 5 crosscoder seeds (`python stability.py`,
+Each test's docstring gives the finding's range over 5 crosscoder seeds (`python seeds.py`,
 RESULTS.md); this one run (seed 0) is a regression check, not the evidence."""
 import json
 

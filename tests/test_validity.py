@@ -99,3 +99,128 @@ def test_consistency_with_exact_ablation_is_one_by_construction(toy_run, tmp_pat
     sp = pd.read_csv(run / "ablation" / "exact" / "consistency.csv")
     assert len(sp) == 3
     np.testing.assert_allclose(sp.rho_relie, 1.0, atol=1e-9)
+
+
+def test_group_bootstrap_draws_near_copies_together():
+    """With groups, every member of a group is drawn as often as its group; an interval over 50 groups of 10
+    exact copies is as wide as one over the 50 distinct values (not √10 narrower, as a per-pair bootstrap that
+    counts copies as independent would make it)."""
+    groups = np.repeat(np.arange(50), 10)
+    counts = measures.resample_counts(len(groups), n=200, groups=groups)
+    per_group = counts.reshape(200, 50, 10)
+    assert (per_group == per_group[..., :1]).all() and (counts.sum(1) % 10 == 0).all()
+    rng = np.random.default_rng(0)
+    values = rng.normal(0, 1, 50)
+    copies = np.repeat(values, 10)
+    _, lo, hi = measures.mean_interval(copies, groups=groups)
+    _, lo1, hi1 = measures.mean_interval(values)
+    _, lo_pairs, hi_pairs = measures.mean_interval(copies)
+    assert abs((hi - lo) - (hi1 - lo1)) < 0.15 * (hi1 - lo1)
+    assert (hi_pairs - lo_pairs) < 0.5 * (hi - lo)
+    # groups of unequal size: the mean of a resample weights each pair once (a ratio of sums, not a mean of means)
+    v, g = np.array([1.0, 1.0, 1.0, 4.0]), np.array([0, 0, 0, 1])
+    c = measures.resample_counts(4, n=50, groups=g)
+    np.testing.assert_allclose(measures.bootstrap_means(v, n=50, groups=g), (c @ v) / c.sum(1))
+
+
+def test_verdict_rules():
+    """The pass rules of crosscoding/verdicts.py on the cases the validity issue names."""
+    from crosscoding import verdicts as V
+    # an LM whose top-10 cost 0.0 points more than random-10 and whose Δ excess straddles 0: fails, flagged or not
+    assert V.topk_vs_random(0.0, -1.2, 0.01, -0.05, 3.0, "ceiling")[0] == V.FAILS
+    assert V.topk_vs_random(3.0, 0.5, 0.2, 0.1, 3.0, "")[0] == V.FAILS            # < 5 points where accuracy moves
+    assert V.topk_vs_random(24.7, 19.0, 2.0, 1.7, 4.0, "ceiling")[0] == V.HOLDS
+    assert V.topk_vs_random(24.7, 19.0, 2.0, -0.1, 4.0, "")[0] == V.FAILS         # Δ's interval reaches 0
+    # at ceiling or chance a missing accuracy drop proves nothing: a large, clear Δ excess holds
+    assert V.topk_vs_random(0.5, -0.5, 0.5, 0.3, 3.0, "ceiling")[0] == V.HOLDS
+    assert V.topk_vs_random(0.5, -0.5, 0.2, 0.1, 3.0, "ceiling")[0] == V.FAILS     # under a tenth of the margin
+    assert V.topk_vs_random(0.5, -0.5, 0.5, 0.3, 3.0, "")[0] == V.FAILS
+    assert [V.accuracy_flag(a) for a in (1.0, 0.95, 0.9, 0.66, 0.65, 0.36)] == [
+        "ceiling", "ceiling", "", "", "chance", "chance"]
+    # joint: the issue's AtP cases — 0.40 predicted, 2.42 measured; wrong sign — fail; within 2× holds
+    assert V.joint(0.40, 2.42)[0] == V.FAILS and V.joint(-0.58, 0.94)[0] == V.FAILS
+    assert V.joint(1.95, 2.42)[0] == V.HOLDS and V.joint(0.0, 0.0)[0] == V.FAILS
+    assert V.above(0.01, "x")[0] == V.HOLDS and V.above(-0.01, "x")[0] == V.FAILS
+    assert V.with_control(V.HOLDS, V.HOLDS) == V.UNINFORMATIVE
+    assert V.with_control(V.HOLDS, V.FAILS) == V.HOLDS and V.with_control(V.FAILS, V.FAILS) == V.FAILS
+
+
+@pytest.mark.slow
+def test_ablation_tables_agree_with_their_own_ablations(toy_run):
+    """ablate.py's verdicts, leave-one-out, class and consistency tables recomputed from its own ablation.csv and
+    ratios.csv: the excess is top minus the mean of the random draws; a latent's carried Δ is the set's minus the
+    set-without-it's; the membership ρ is the rank correlation with where each latent was chosen."""
+    _, run = toy_run
+    out = run / "ablation" / "toy_sva"
+    abl = pd.read_csv(out / "ablation.csv")
+    abl = abl[abl.subtask == "all"]
+    ver = pd.read_csv(out / "verdicts.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    for v in ver.itertuples():
+        mine = abl[(abl.selected_at == v.revision) & (abl.revision == v.revision)]
+        top, rnd = mine[mine.kind == "top"], mine[mine.kind == "random"]
+        assert v.excess_points == pytest.approx(100 * (top.acc_drop.item() - rnd.acc_drop.mean()), abs=1e-6)
+        assert v.excess_delta == pytest.approx(top.delta.item() - rnd.delta.mean(), abs=1e-6)
+        assert v.excess_points_lo <= v.excess_points <= v.excess_points_hi
+        assert v.verdict in ("holds", "fails") and v.flag == ("ceiling" if v.acc_clean >= 0.95 else "chance"
+                                                              if v.acc_clean <= 0.65 else "")
+    loo = pd.read_csv(out / "loo.csv")
+    for r in loo.itertuples():
+        without = abl[(abl.kind == "without") & (abl.selected_at == r.selected_at) & (abl.draw == r.latent)
+                      & (abl.revision == r.revision)]
+        top = abl[(abl.kind == "top") & (abl.selected_at == r.selected_at) & (abl.revision == r.revision)]
+        assert r.carried_delta == pytest.approx(top.delta.item() - without.delta.item(), abs=1e-6)
+        assert str(r.latent) not in without.latents.item().split()
+    union = {i for s in summary["sets"].values() for i in s}
+    assert {i for c in summary["classes"].values() for i in c} == union
+    ratios = pd.read_csv(out / "ratios.csv")
+    sp = pd.read_csv(out / "consistency.csv")
+    for row in sp.itertuples():
+        g = ratios[(ratios.A == row.A) & (ratios.B == row.B)]
+        sets = summary["sets"]
+        want = [1.0 if i not in sets[row.A] else 0.0 if i not in sets[row.B] else 0.5 for i in g.latent]
+        assert g.membership.tolist() == want
+        assert row.rho_membership == pytest.approx(measures.spearman(g.ratio, g.membership), abs=1e-6) or (
+            np.isnan(row.rho_membership))
+    assert summary["ie_threshold"] == json.loads((run / "relie" / "toy_sva" / "summary.json").read_text())["threshold"]
+
+
+@pytest.mark.slow
+def test_coverage_is_low_for_a_decoder_that_carries_nothing(toy_pipeline, tmp_path):
+    """The latents' coverage share on the toy's default run against two copies whose decoder carries nothing of
+    the task: every row shrunk to 1% (the error term then holds the whole activation) and random unit directions
+    with the rows' norms (control (c)). The exact share (all latents zeroed vs the error term zeroed) is ≤ 0.2 for
+    both at the last revision, where the LM does the task, and ≥ 0.8 for the real run; the attribution's Σ|IE|
+    share is ≤ 0.2 for the shrunk decoder but cannot tell random directions (their large IEs cancel), which is
+    why the exact share is the headline."""
+    from crosscoding import analysis
+    from crosscoding.common import mark_done
+    _, base = toy_pipeline
+
+    def copy(out, decoder):                      # the run with its decoder replaced: a run folder the stages take
+        cc = CrossCoder.load(base)
+        with torch.no_grad():
+            cc.W_dec_FMd.copy_(decoder(cc.W_dec_FMd.clone()))
+        cc.save(out, extra=cc.extra)
+        mark_done(out)
+        return out
+
+    def random_directions(W_FMd):                # random unit directions, each [i, m] row keeping its norm
+        R = torch.randn(W_FMd.shape, generator=torch.Generator().manual_seed(0))
+        return R / R.norm(dim=-1, keepdim=True) * W_FMd.norm(dim=-1, keepdim=True)
+    copies = {"run": base, "tiny": copy(tmp_path / "tiny", lambda W: 0.01 * W),
+              "random": copy(tmp_path / "random", random_directions)}
+    shares = {}
+    for name, folder in copies.items():
+        run = analysis.open_run(folder)
+        models = run.load_models()
+        pairs = tasks.limit_pairs(tasks.load_task("toy_sva"), 40)
+        batch = tasks.tokenize_pairs(pairs, models[0][2], "toy_sva")
+        att = analysis.attribute(run, models, batch, "atp", 0.0, 32)
+        ie_MF, err_M = relie.mean_ie(att)
+        lat, err = analysis.exact_parts(run, models, batch, 32)
+        shares[name] = relie.coverage(ie_MF, err_M, lat, err, run.revisions)
+    last = base.name.split("-")[2].split("_")[-1]
+    assert shares["run"][last]["latents_share"] >= 0.8
+    assert shares["tiny"][last]["latents_share"] <= 0.2 and shares["random"][last]["latents_share"] <= 0.2
+    assert all(c["latents_share_ie"] <= 0.2 for c in shares["tiny"].values())

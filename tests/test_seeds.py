@@ -1,4 +1,4 @@
-"""stability.py: latents matched across seeds (one-to-one, decoder cosine ≥ 0.9), and the whole command on a
+"""seeds.py: latents matched across seeds (one-to-one, decoder cosine ≥ 0.9), and the whole command on a
 tiny run (two seeds, every stage as a subprocess) writing the JSON the findings are read from."""
 import json
 import os
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import stability
+import seeds
 from conftest import ROOT
-from crosscoding import activations
+from crosscoding import activations, matching, stages
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 
 
@@ -20,18 +20,18 @@ def test_partners_maximise_the_total_cosine_one_to_one():
     the one-to-one optimum pairs row 0 → col 0 and row 1 → col 1 (total 1.91)."""
     dec_a = torch.eye(3)
     dec_b = torch.tensor([[0.95, 0.2, 0.0], [0.97, 0.96, 0.0], [0.1, 0.3, 1.0]]).T   # cos[i, j] = row i, column j
-    p = stability.partners(dec_a, np.array([0, 1]), dec_b, np.array([0, 1, 2]))
+    p = matching.partners(dec_a, np.array([0, 1]), dec_b, np.array([0, 1, 2]))
     assert p == pytest.approx({0: 0.95, 1: 0.96})
     # more active latents in a than in b: the one left over gets −1
-    assert sorted(stability.partners(dec_a, np.array([0, 1, 2]), dec_b, np.array([2])).values()) == [-1, -1, 1.0]
+    assert sorted(matching.partners(dec_a, np.array([0, 1, 2]), dec_b, np.array([2])).values()) == [-1, -1, 1.0]
 
 
 def test_a_seed_trained_for_other_arguments_is_stale():
     """When the run is trained again with another dictionary size, its old seed runs must not be reused."""
     run = dict(revisions=["a", "b"], dict_size=256, lr=2e-3, seed=0, out="runs/x")
-    assert not stability.stale(dict(run, seed=3, out="runs/x/stability/l1-seed3"), run)
-    assert stability.stale(dict(run, dict_size=512), run)
-    assert stability.stale(dict(run, revisions=["a", "c"]), run)
+    assert not stages.stale(dict(run, seed=3, out="runs/x/stability/l1-seed3"), run)
+    assert stages.stale(dict(run, dict_size=512), run)
+    assert stages.stale(dict(run, revisions=["a", "c"]), run)
 
 
 def test_matched_fractions_and_their_null(tmp_path):
@@ -49,14 +49,14 @@ def test_matched_fractions_and_their_null(tmp_path):
     for name, cc in (("a", a), ("b", b), ("c", c)):
         cc.save(tmp_path / name)
         pd.DataFrame(dict(latent=np.arange(64), freq=freq)).to_csv(tmp_path / name / "latents.csv", index=False)
-    top, null = stability.matched_fractions([tmp_path / "a", tmp_path / "b"], [[0, 5, 9], [1, 2, 3]])
+    top, null = matching.matched_fractions([tmp_path / "a", tmp_path / "b"], [[0, 5, 9], [1, 2, 3]])
     assert top == [1.0, 1.0] and null == [1.0, 1.0]
-    top, null = stability.matched_fractions([tmp_path / "a", tmp_path / "c"], [[0, 5, 9], [1, 2, 3]])
+    top, null = matching.matched_fractions([tmp_path / "a", tmp_path / "c"], [[0, 5, 9], [1, 2, 3]])
     assert top == [0.0, 0.0] and null == [0.0, 0.0]
 
 
 @pytest.mark.slow
-def test_stability_on_a_tiny_run(local_model, tmp_path):
+def test_seeds_on_a_tiny_run(local_model, tmp_path):
     root, text, pairs = local_model
     cache = activations.make_cache(str(root), 1, ["step0", "step100"], tmp_path / "cache", n_tokens=6000, seq_len=16,
                                    heldout_tokens=2000, text=str(text), val_rows=1000)
@@ -66,10 +66,11 @@ def test_stability_on_a_tiny_run(local_model, tmp_path):
                         "step0,step100", "--cache", str(cache), "--dict-size", "64", "--batch-size", "64", "--tokens",
                         str(64 * 40), "--lr", "3e-3", "--out", str(run)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, str(ROOT / "stability.py"), "--run", str(run), "--seeds", "2", "--task",
-                        str(pairs), "--threshold", "0"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, str(ROOT / "seeds.py"), "--run", str(run), "--seeds", "2", "--task",
+                        str(pairs), "--threshold", "0", "--split-seeds", "2"], env=env, capture_output=True, text=True,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads((run / "stability" / "stability.json").read_text())
+    out = json.loads((run / "stability" / "seeds.json").read_text())
     assert out["seeds"] == [0, 1] and set(out["methods"]) == {"atp", "ig"}   # the paper's IG always beside
     f = out["findings"]
     for name in ("fvu_step0", "fvu_step100", "l0", "dead_frac", "ablation_gap_last", "faithfulness_rho",
@@ -83,6 +84,14 @@ def test_stability_on_a_tiny_run(local_model, tmp_path):
     assert 0 <= out["matched_top_k_fraction"]["mean"] <= 1 and 0 <= out["matched_random_fraction"]["mean"] <= 1
     assert set(f["joint_measured_last"]) == {"per_seed", "mean", "min", "max"}
     assert "finding" in r.stdout and "ablation_gap_last" in r.stdout
+    # the run's own crosscoder on a second split of the pairs: another held-out half, the same kind of findings
+    split = out["split_seeds"]
+    assert split["seeds"] == [0, 1] and len(split["findings"]["topk_holds_last"]["per_seed"]) == 2
+    assert (run / "relie" / f"{pairs.stem}-atp-positive-split1" / "DONE").exists()
+    s0 = json.loads((run / "relie" / f"{pairs.stem}-atp-positive" / "summary.json").read_text())["split"]
+    s1 = json.loads((run / "relie" / f"{pairs.stem}-atp-positive-split1" / "summary.json").read_text())["split"]
+    assert (s0["seed"], s1["seed"]) == (0, 1)
+    assert set(f["topk_holds_last"]["per_seed"]) <= {0.0, 1.0}
 
 
 def test_methods_side_by_side_in_the_tables():
@@ -100,12 +109,12 @@ def test_methods_side_by_side_in_the_tables():
                   findings=dict(per_method["atp"]["findings"], fvu_a=finding([0.021, 0.025])),
                   matched_top_k_fraction=per_method["atp"]["matched_top_k_fraction"],
                   matched_random_fraction=per_method["atp"]["matched_random_fraction"], methods=per_method)
-    table = stability.methods_table(result).splitlines()
+    table = seeds.methods_table(result).splitlines()
     assert table[1].split() == ["atp", "0.85", "[0.80,", "0.90]", "0.15", "[0.10,", "0.20]", "21.00", "[20.00,",
                                 "22.00]", "0.75", "[0.50,", "1.00]"]
     assert table[2].split()[:4] == ["ig", "0.35", "[0.30,", "0.40]"]
-    md = stability.results_markdown(result, "python stability.py --compare ig")
-    assert "(`python stability.py --compare ig`)" in md
+    md = seeds.results_markdown(result, "python seeds.py --compare ig")
+    assert "(`python seeds.py --compare ig`)" in md
     assert "| fvu_a | 0.023 [0.021, 0.025] | 0.021 0.025 |" in md
     assert ("| ig | 0.35 [0.30, 0.40] | 0.15 [0.10, 0.20] | 11.00 [10.00, 12.00] | 0.93 [0.90, 0.95] | "
             "0.75 [0.70, 0.80] | 0.75 [0.50, 1.00] | 0.38 [0.25, 0.50] |") in md
