@@ -102,6 +102,8 @@ def report(name, value, target=None, fmt="{:.2f}x", higher=True, note=""):
 def results_markdown(args, seconds, load0, load1) -> str:
     cmd = "python bench.py" + (" --quick" if args.quick else "") + (f" --device {args.device}" if args.device != "cpu"
                                                                     else "")
+    if set(args.only.split(",")) != set(SECTIONS):
+        cmd += f" --only {args.only}"
     rows = "\n".join(f"| {n} | {v} | {w} | {k} | {note} |" for n, v, w, k, note in LINES)
     n_fail = sum(not ok for *_, ok in RESULTS)
     return (f"## Performance (`{cmd}`)\n\nMeasured on {args.device} with {torch.get_num_threads()} threads, torch "
@@ -1036,10 +1038,11 @@ def main(argv=None):
     n_fail = sum(not ok for *_, ok in RESULTS)
     print(f"done in {time.time() - t0:.0f} s: {len(RESULTS) - n_fail} PASS, {n_fail} FAIL; "
           f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)
-    if args.results:
-        update_results("bench" if args.device == "cpu" else f"bench-{args.device}",
-                       results_markdown(args, time.time() - t0, load, os.getloadavg()[0]), HERE / "RESULTS.md")
-        print("wrote RESULTS.md", flush=True)
+    if args.results:     # a run of some sections writes a section of its own, leaving the full table as it was
+        name = "-".join(["bench"] + ([] if set(only) == set(SECTIONS) else only) + ([] if args.device == "cpu"
+                                                                                    else [str(args.device)]))
+        update_results(name, results_markdown(args, time.time() - t0, load, os.getloadavg()[0]), HERE / "RESULTS.md")
+        print(f"wrote RESULTS.md (section {name})", flush=True)
 
 
 if __name__ == "__main__":
