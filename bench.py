@@ -2,9 +2,21 @@
 
     python bench.py --quick                  # every section, fewer repeats: ≤ 3 minutes on 2 CPU cores
     python bench.py                          # every section, more repeats and a larger memory run
-    python bench.py --only step --quick      # one or more sections: step, scale, cache, data, ig, memory
+    python bench.py --only step --quick      # one or more sections: step, scale, cache, data, ig, memory, shards, live
     python bench.py --device cuda            # the same on a GPU
     python bench.py --quick --results        # … and write the table into RESULTS.md
+    python bench.py --only live --quick      # the live buffer's refills, overlapped against synchronous (~1 minute)
+
+On a GPU, the one script to run (≤ 8 minutes on one H200; offline: random weights, nothing downloaded):
+
+    HF_HUB_OFFLINE=1 python3 bench.py --paper --device cuda --results
+
+It prints, and writes into RESULTS.md (section `paper-check`): the crosscoder step at the paper's shape
+(M = 3, d = 2048, F = 16384, batch 4096, bf16 autocast; L1 and BatchTopK k = 200) against its roofline,
+the five dense bf16 matmuls of a step; the live path's tokens/s with its breakdown (section live, both
+refills); and train.py, evaluate.py, relie.py and ablate.py's wall times at the paper's shape (pythia-1b,
+layer 8, random weights), each as a process of its own. Each part runs in a try: one that fails prints
+its error and the others go on. `python bench.py --paper` without a GPU runs every part at a tiny shape.
 
 Every number is a median over repeats that alternate the two sides (same inputs, same threads), so
 a load that comes and goes hits both alike; each line prints its target and PASS/FAIL.
@@ -40,6 +52,7 @@ fires on a fraction p of tokens: L1 p = 2%; BatchTopK p = 4% with k = 2% of F (t
 half of the positive codes). Steps are timed at step 10000 (λ warmed up, k fixed, θ updating);
 no latent is dead (AuxK off on both sides, as in a healthy run). L0 is printed after timing.
 """
+import dataclasses
 import json
 import math
 import os
@@ -49,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +77,7 @@ from crosscoding.common import ArgumentParser, keep_freed_memory, mark_done, run
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
 from crosscoding.variants import VARIANTS, BatchTopK, JumpReLUFn, group_ends  # noqa: E402
 
-SECTIONS = ("step", "scale", "cache", "data", "ig", "memory", "shards")
+SECTIONS = ("step", "scale", "cache", "data", "ig", "memory", "shards", "live")
 RESULTS = []
 
 
@@ -88,6 +102,8 @@ def report(name, value, target=None, fmt="{:.2f}x", higher=True, note=""):
 def results_markdown(args, seconds, load0, load1) -> str:
     cmd = "python bench.py" + (" --quick" if args.quick else "") + (f" --device {args.device}" if args.device != "cpu"
                                                                     else "")
+    if set(args.only.split(",")) != set(SECTIONS):
+        cmd += f" --only {args.only}"
     rows = "\n".join(f"| {n} | {v} | {w} | {k} | {note} |" for n, v, w, k, note in LINES)
     n_fail = sum(not ok for *_, ok in RESULTS)
     return (f"## Performance (`{cmd}`)\n\nMeasured on {args.device} with {torch.get_num_threads()} threads, torch "
@@ -153,9 +169,9 @@ class Peer(torch.nn.Module):
         self.cfg = cc.cfg
         if hasattr(cc, "log_threshold_F"):
             self.log_threshold = torch.nn.Parameter(cc.log_threshold_F.detach().clone())
-        F = cc.cfg.dict_size
-        self.register_buffer("steps_since_active", torch.zeros(F, dtype=torch.long))
-        self.register_buffer("tokens_since_fired", torch.zeros(F, dtype=torch.long))
+        F, dev = cc.cfg.dict_size, cc.W_enc.device      # its counters live where its weights do
+        self.register_buffer("steps_since_active", torch.zeros(F, dtype=torch.long, device=dev))
+        self.register_buffer("tokens_since_fired", torch.zeros(F, dtype=torch.long, device=dev))
         self.threshold, self.threshold_start = -1.0, 1000
 
     def loss(self, x_BMd, step):
@@ -253,6 +269,11 @@ class Peer(torch.nn.Module):
         sched.step()
 
 
+def randn(*shape, seed, device):
+    """Standard normal inputs, the same numbers on every device (drawn on the CPU, then moved)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
 def trained_state(arch, M, d, F, device, fire=0.02, k_frac=0.02, calib=4096, seed=0, x_calib=None):
     """A crosscoder whose latents each fire on a fraction `fire` of the tokens of x_calib [N, M, d]
     (default: a standard normal batch, not the one timed; module docstring)."""
@@ -260,8 +281,7 @@ def trained_state(arch, M, d, F, device, fire=0.02, k_frac=0.02, calib=4096, see
     cfg = CrossCoderConfig(n_models=M, d_model=d, dict_size=F, arch=arch, k=k, k_start=k)    # k fixed
     cc = CrossCoder(cfg).to(device)
     if x_calib is None:
-        g = torch.Generator(device=device).manual_seed(seed + 1)
-        x_calib = torch.randn(calib, M, d, generator=g, device=device)
+        x_calib = randn(calib, M, d, seed=seed + 1, device=device)
     n = len(x_calib)
     with torch.no_grad():
         pre = (x_calib.reshape(n, -1) @ cc.W_enc_FMd.view(F, M * d).t()).sort(0).values
@@ -270,12 +290,12 @@ def trained_state(arch, M, d, F, device, fire=0.02, k_frac=0.02, calib=4096, see
     return cc
 
 
-def roofline_s(B, D, F, device, repeats):
+def roofline_s(B, D, F, device, repeats, dtype=torch.float32):
     """Seconds of the five plain torch.mm calls a dense step needs: encode x@W_enc, decode f@W_dec,
     dL/df = g@W_dec^T, dL/dW_dec = f^T@g, dL/dW_enc = x^T@dL/dpre (10·B·D·F FLOPs)."""
-    x, g = torch.randn(B, D, device=device), torch.randn(B, D, device=device)
-    f, W_enc = torch.randn(B, F, device=device), torch.randn(D, F, device=device)
-    W_dec = torch.randn(F, D, device=device)
+    x, g = torch.randn(B, D, device=device, dtype=dtype), torch.randn(B, D, device=device, dtype=dtype)
+    f, W_enc = torch.randn(B, F, device=device, dtype=dtype), torch.randn(D, F, device=device, dtype=dtype)
+    W_dec = torch.randn(F, D, device=device, dtype=dtype)
     calls = [lambda: x @ W_enc, lambda: f @ W_dec, lambda: g @ W_dec.t(), lambda: f.t() @ g, lambda: x.t() @ f]
     return sum(compare(calls, repeats, device))
 
@@ -345,12 +365,12 @@ def _check_same_objective(cc, x):
     assert abs(ours - (theirs + (cc.cfg.n_models - 1) * mse)) <= 1e-3 * abs(ours), (ours, theirs, mse)
 
 
-def _ours(cc, x, lr=None):
+def _ours(cc, x, lr=None, autocast=False):
     lr = TIMING_LR if lr is None else lr
     opt = cc.make_optimizer(lr)
     sched = cc.make_scheduler(opt)
     steps = iter(range(10_000, 10_000_000))
-    return lambda: cc.train_step(opt, sched, x, next(steps), metrics=False)
+    return lambda: cc.train_step(opt, sched, x, next(steps), autocast=autocast, metrics=False)
 
 
 def compare_with_peer(cc, x, repeats, dev, threads):
@@ -388,7 +408,7 @@ def bench_step(args):
           f"batch {B}, fp32, {torch.get_num_threads()} threads", flush=True)
     for name, d, F in shapes:
         repeats = 3 if args.tiny else (3 if d >= 512 else (7 if args.quick else 15))
-        x = torch.randn(B, M, d, generator=torch.Generator(device=dev).manual_seed(0), device=dev)
+        x = randn(B, M, d, seed=0, device=dev)
         big = d >= 512
         for state, arch, fire in STEP_CASES:
             if fire is None:
@@ -420,7 +440,7 @@ def bench_scale(args):
     per = {}
     for M in (3, 8, 16):
         cc = trained_state("l1", M, d, F, dev, fire=0.02)
-        x = torch.randn(B, M, d, generator=torch.Generator(device=dev).manual_seed(0), device=dev)
+        x = randn(B, M, d, seed=0, device=dev)
         per[M] = compare([_ours(cc, x)], 3 if args.tiny else 7, dev)[0] / M
         if M > 3:
             report(f"M={M}: {1e3 * per[M] * M:.1f} ms, per revision / M=3's ({1e3 * per[3] * 3:.1f} ms / 3)",
@@ -752,6 +772,231 @@ def bench_shards(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# live: train.py's live buffer (the LMs run on the text while the crosscoder trains), refilled in a producer
+# thread against the synchronous refill
+
+PAPER_TOKENS = 400_000_000
+REVISIONS = ("step512", "step2000", "step143000")
+
+
+def small_neox():
+    """A small GPT-NeoX spec (random weights, the toy text's stand-in tokenizer): the live section's CPU shape."""
+    from crosscoding import lm
+    arch = ("GPTNeoXConfig", dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                  intermediate_size=512, rotary_pct=0.25, max_position_embeddings=2048,
+                                  use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=0,
+                                  eos_token_id=0))
+    return dataclasses.replace(lm.MODELS["pythia-70m"], key="bench-neox", arch=arch, tokenizer_size=256)
+
+
+def live_shape(args):
+    """The paper's on a GPU (pythia-1b to block 8, 3 revisions, random weights, d 2048, F 16384, batch 4096,
+    1024-token blocks, its 524,288-row buffer); a small one on a CPU and with --tiny."""
+    from crosscoding import lm
+    if str(args.device).startswith("cuda") and not args.tiny:
+        return dict(name="paper shape (pythia-1b L8, d=2048, F=16384, batch 4096)", spec=lm.MODELS["pythia-1b"],
+                    layer=8, T=1024, B=4096, F=16384, buffer=defaults.PAPER.buffer_tokens, lm_batch=32,
+                    windows=3 if args.quick else 5)
+    return dict(name="small shape (GPT-NeoX 2 of 4 blocks, d=128, F=1024, batch 512)", spec=small_neox(), layer=1,
+                T=64, B=512, F=1024, buffer=4096, lm_batch=8, windows=2 if args.tiny else (4 if args.quick else 8))
+
+
+def live_models(spec, layer, device):
+    """The revisions' LMs as train.py holds them: random weights, the device's dtype (bf16 on a GPU), blocks 0..L."""
+    from crosscoding import cli, lm
+    models = [(r, *lm.load(spec, r, device=device, dtype=cli.dtype(None, device), weights="random"))
+              for r in REVISIONS]
+    for _, model, _ in models:
+        lm.keep_through(model, layer)
+    return models
+
+
+def live_run(models, shape, overlap, device):
+    """train.py's loop on a live buffer (its data, step and laps; no logging, validation or checkpoints) for
+    shape['windows'] windows after the first (filled before the clock starts, as in train.py): the phase times
+    (training.phase_times), tokens/s and the last batch."""
+    from crosscoding import activations, training
+    layer, T, B, F = shape["layer"], shape["T"], shape["B"], shape["F"]
+    gpu = str(device).startswith("cuda")
+    blocks = training.block_stream("toy", models[0][2], T, T)
+    probe = activations.LiveBuffer(models, layer, blocks, T, shape["buffer"], 10**12, 0, device)
+    steps = (shape["windows"] + 1) * probe.per_window(B)
+    buf = activations.LiveBuffer(models, layer, blocks, T, shape["buffer"], steps * B, seed=0, device=device,
+                                 lm_batch=shape["lm_batch"], overlap=overlap)
+    revs = [r for r, _, _ in models]
+    batches = training.Prefetch(lambda step: buf.batch_at(step, B), revs, device, 0, steps,
+                                ready=lambda step: buf.ready(step, B))
+    try:
+        x0 = buf.batch_at(0, B)
+        s_M = torch.tensor([activations.norm_scale(x0[:, m]) for m in range(len(models))], device=device)[:, None]
+        cc = trained_state("l1", len(models), x0.shape[-1], F, device, x_calib=x0 * s_M)
+        opt = cc.make_optimizer(TIMING_LR)
+        first = buf.per_window(B)                    # the first window's steps are not timed: the others refill
+        for step in range(first):
+            x_BMd = batches.get(step) * s_M
+            cc.train_step(opt, None, x_BMd, step, autocast=gpu, metrics=False)
+        sync(device)
+        clock, base, t0 = activations.Laps(device), dict(buf.times), time.perf_counter()
+        for step in range(first, steps):
+            batches.wait(step)
+            clock.lap("wait")
+            x_BMd = batches.get(step) * s_M
+            clock.lap("copy")
+            cc.train_step(opt, None, x_BMd, step, autocast=gpu, metrics=False)
+            clock.lap("step")
+        sync(device)
+        wall = time.perf_counter() - t0
+    finally:
+        buf.close()
+    t = training.phase_times(clock, buf, base, wall)
+    return dict(t, tokens_per_s=(steps - first) * B / wall, last=x_BMd.cpu(), steps=steps - first)
+
+
+def bench_live(args):
+    shape = live_shape(args)
+    dev = args.device
+    t0 = time.time()
+    models = live_models(shape["spec"], shape["layer"], dev)
+    attn = models[0][1].config._attn_implementation
+    print(f"live: train.py's live buffer at the {shape['name']}, 3 revisions, {shape['windows']} windows after the "
+          f"first; LMs {models[0][1].dtype} ({attn} attention, built in {time.time() - t0:.0f} s); the refill in a "
+          f"producer thread{' and CUDA stream' if str(dev).startswith('cuda') else ''} (overlap) against the "
+          "synchronous refill (sync, train.py --refill sync)", flush=True)
+    rounds = 1 if (args.tiny or shape["spec"].key == "pythia-1b") else (2 if args.quick else 3)
+    runs = {"sync": [], "overlap": []}
+    for _ in range(rounds):                  # alternating, so a load that comes and goes hits both alike
+        for mode in runs:
+            runs[mode].append(live_run(models, shape, mode == "overlap", dev))
+    same = torch.equal(runs["sync"][-1]["last"], runs["overlap"][-1]["last"])
+    res = {mode: min(rs, key=lambda r: abs(r["tokens_per_s"] - statistics.median(x["tokens_per_s"] for x in rs)))
+           for mode, rs in runs.items()}     # the median round of each
+    for mode, r in res.items():
+        w = r["wall"]
+        breakdown = (f"of {w:.1f} s: LM forward {r['lm_forward']:.1f} s, buffer shuffle/copy {r['buffer_copy']:.1f} s, "
+                     f"step {r['step']:.1f} s, wait {r['wait']:.1f} s; median of {rounds}")
+        goal = 90_000 if (mode == "overlap" and shape["spec"].key == "pythia-1b") else None
+        report(f"live {mode}: tokens/s ({r['steps']} steps)", r["tokens_per_s"], goal, fmt="{:.0f}", note=breakdown)
+        report(f"live {mode}: crosscoder step's share of the wall time", r["step"] / w, fmt="{:.1%}")
+        report(f"live {mode}: wall time waiting on the buffer", r["wait"] / w, fmt="{:.1%}")
+    paper = shape["spec"].key == "pythia-1b"
+    best = res["overlap"]["tokens_per_s"]
+    report("live: overlapped refill / synchronous, tokens/s", best / res["sync"]["tokens_per_s"],
+           note=f"the same batches: {'yes' if same else 'NO'}")
+    where = "the paper's run" if paper else "at this shape, NOT the paper's"
+    report(f"live: {PAPER_TOKENS // 10**6}M tokens, overlapped, projected", PAPER_TOKENS / best / 3600,
+           75 / 60 if paper else None, fmt="{:.2f} h", higher=False,
+           note=where + ("; the goal: ≥ 90000 tokens/s on one H200" if paper else ""))
+    if not same:
+        print("  note: the two refills served different last batches: the LMs' forwards differ between the "
+              "threads (kernels chosen per stream?); see crosscoding/activations.LiveBuffer", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# --paper: the one script a developer lent a GPU runs (≤ 8 minutes on one H200), or at a tiny shape on a CPU
+
+def paper_gpu(args):
+    return str(args.device).startswith("cuda") and not args.tiny
+
+
+def paper_step(args):
+    """The crosscoder's training step at the paper's shape (M = 3, d = 2048, F = 16384, batch 4096, bf16 autocast as
+    train.py --precision bf16), L1 and BatchTopK k = 200 in a trained state, against its roofline: the five
+    matmuls of a dense step in bf16 (fp32 and a tiny shape on a CPU)."""
+    gpu = paper_gpu(args)
+    M, d, F, B = (3, 2048, 16384, 4096) if gpu else (3, 64, 512, 256)
+    dev, repeats = args.device, (20 if gpu else 3)
+    print(f"paper step: CrossCoder.train_step, M={M}, d={d}, F={F}, batch {B}, "
+          f"{'bf16 autocast' if gpu else 'fp32'}, median of {repeats}", flush=True)
+    x = randn(B, M, d, seed=0, device=dev)
+    roof = roofline_s(B, M * d, F, dev, repeats, dtype=torch.bfloat16 if gpu else torch.float32)
+    flop = 10 * B * M * d * F
+    for arch, fire in (("l1", 0.02), ("batchtopk", 0.04)):
+        cc = trained_state(arch, M, d, F, dev, fire=fire, k_frac=(200 if gpu else 10) / F)
+        t, = compare([_ours(cc, x, autocast=gpu)], repeats, dev)
+        report(f"paper step {arch}: {1e3 * t:.2f} ms / roofline {1e3 * roof:.2f} ms", t / roof, fmt="{:.2f}x",
+               higher=False, note=f"{B / t:.0f} tokens/s, {flop / t / 1e12:.0f} TFLOP/s dense-equivalent")
+
+
+def _stage(cmd, cwd, env):
+    """Seconds a stage script took, as its users run it (a process of its own); its error when it fails."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]], cwd=cwd, env=env, capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()[-1500:]}")
+    return time.perf_counter() - t0
+
+
+def paper_stages(args):
+    """train.py, evaluate.py, relie.py and ablate.py, each as a process of its own with its defaults, on a run of
+    the paper's shape with random weights (pythia-1b, layer 8, F = 16384; 20 steps of 4096): wall times from the
+    start of the process (building the models included). On a CPU: pythia-70m at small sizes."""
+    gpu = paper_gpu(args)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if gpu:
+        model, train = "pythia-1b", ["--tokens", str(4096 * 20), "--dict-size", "16384", "--precision", "bf16",
+                                     "--heldout-tokens", "65536"]
+        later = {"evaluate.py": [], "relie.py": [], "ablate.py": []}
+    else:
+        model, train = "pythia-70m", ["--tokens", "2048", "--batch-size", "1024", "--dict-size", "1024",
+                                      "--seq-len", "64", "--heldout-tokens", "4096"]
+        later = {"evaluate.py": ["--blocks", "2"],
+                 "relie.py": ["--max-pairs", "2", "--context-blocks", "2", "--threshold", "0"],
+                 "ablate.py": ["--max-pairs", "2", "--draws", "1"]}
+    print(f"paper stages: {model} with random weights, each stage a process of its own, on {args.device}",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-paper-") as tmp:
+        run = str(Path(tmp) / "run")
+        t = _stage(["train.py", "--model", model, "--weights", "random", "--device", str(args.device), "--out", run,
+                    *train], tmp, env)
+        log = json.loads(Path(run, "log.jsonl").read_text().splitlines()[-1])
+        report(f"paper stages: train.py, {log['step']} steps (start-up included)", t, fmt="{:.0f} s", higher=False,
+               note=f"{log['tokens_per_s']:.0f} tokens/s; " + training_times(log["time"]))
+        for script, extra in later.items():
+            t = _stage([script, "--run", run, "--device", str(args.device), *extra], tmp, env)
+            target = 60 if (gpu and script == "evaluate.py") else None
+            report(f"paper stages: {script} (start-up included)", t, target, fmt="{:.0f} s", higher=False)
+
+
+def training_times(t):
+    from crosscoding import training
+    return training.format_times(t)
+
+
+PAPER_PARTS = (("step", "paper_step"), ("live", "bench_live"), ("stages", "paper_stages"))
+
+
+def paper_check(args):
+    """Every part in turn; a part that fails prints its error and the others still run. Returns the failed parts.
+    Without a GPU every part runs at its tiny shape: it shows the script runs, not how fast."""
+    if not str(args.device).startswith("cuda"):
+        args.tiny = True
+    failed = []
+    for name, fn in PAPER_PARTS:
+        try:
+            globals()[fn](args)
+        except Exception as e:     # noqa: BLE001 - one crash must not lose the other numbers
+            failed.append(f"{name}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+            print(f"  {name}: FAILED, the other parts go on ({failed[-1]})", flush=True)
+            traceback.print_exc(file=sys.stderr)
+    return failed
+
+
+def paper_markdown(args, seconds, failed) -> str:
+    gpu = torch.cuda.get_device_name(torch.device(args.device)) if str(args.device).startswith("cuda") else "CPU"
+    import transformers
+    rows = "\n".join(f"| {n} | {v} | {w} | {k} | {note} |" for n, v, w, k, note in LINES)
+    fails = "".join(f"\n- **failed** {f}" for f in failed)
+    return (f"## The paper's shape on one device (`python3 bench.py --paper --device {args.device}"
+            f"{' --tiny' if args.tiny else ''} --results`)\n\n"
+            f"Measured on {gpu}, torch {torch.__version__}, transformers {transformers.__version__}, in {seconds:.0f} s"
+            f"{'' if paper_gpu(args) else ' (a tiny shape: the numbers say only that it runs)'}. Random weights "
+            "(nothing downloaded); the step against its roofline (five dense matmuls), the live path's two refills "
+            "side by side, and each stage's wall time as a process of its own." + fails +
+            f"\n\n| measurement | value | target | | note |\n|---|---|---|---|---|\n{rows}")
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -760,7 +1005,11 @@ def main(argv=None):
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     cli.add(p, "--device", device=defaults.default_device())
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
-    p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section 'bench')")
+    p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section 'bench', "
+                   "or 'paper-check' with --paper)")
+    p.add_argument("--paper", action="store_true", help="instead of the sections: the GPU check (the step at the "
+                   "paper's shape against its roofline, the live path, each analysis stage's wall time; a tiny shape "
+                   "on a CPU)")
     args = p.parse_args(argv)
     only = args.only.split(",")
     bad = [s for s in only if s not in SECTIONS]
@@ -776,16 +1025,24 @@ def main(argv=None):
               "threads want, every parallel op waits for a core and the ratios drift: rerun on a quiet machine",
               flush=True)
     t0 = time.time()
+    if args.paper:
+        failed = paper_check(args)
+        print(f"done in {time.time() - t0:.0f} s" + (f"; FAILED: {'; '.join(failed)}" if failed else ""), flush=True)
+        if args.results:
+            update_results("paper-check", paper_markdown(args, time.time() - t0, failed), HERE / "RESULTS.md")
+            print("wrote RESULTS.md (section paper-check)", flush=True)
+        return
     for name in only:
         globals()[f"bench_{name}"](args)
         print(f"  (load average {os.getloadavg()[0]:.1f})", flush=True)
     n_fail = sum(not ok for *_, ok in RESULTS)
     print(f"done in {time.time() - t0:.0f} s: {len(RESULTS) - n_fail} PASS, {n_fail} FAIL; "
           f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)
-    if args.results:
-        update_results("bench" if args.device == "cpu" else f"bench-{args.device}",
-                       results_markdown(args, time.time() - t0, load, os.getloadavg()[0]), HERE / "RESULTS.md")
-        print("wrote RESULTS.md", flush=True)
+    if args.results:     # a run of some sections writes a section of its own, leaving the full table as it was
+        name = "-".join(["bench"] + ([] if set(only) == set(SECTIONS) else only) + ([] if args.device == "cpu"
+                                                                                    else [str(args.device)]))
+        update_results(name, results_markdown(args, time.time() - t0, load, os.getloadavg()[0]), HERE / "RESULTS.md")
+        print(f"wrote RESULTS.md (section {name})", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,37 +24,29 @@ from crosscoding import analysis, cli, defaults, lm, measures
 from crosscoding.common import atomic_path, positive, run_main, write_json
 
 ARTIFACT_NU = 0.5    # ν above this on a revision the decoder says the latent is absent from
+CE_KINDS = ("clean", "spliced", "zero")
 
 
 @torch.no_grad()
-def evaluate(run, n_blocks, batch_blocks=8):
+def evaluate(run, n_blocks, batch_blocks=8, dtype=None):
     cc, revs, M = run.cc, run.revisions, len(run.revisions)
-    models = run.load_models()
+    models = run.load_models(dtype)
     ids = run.heldout_blocks(n_blocks, models[-1][2])
     Fdim, d = cc.cfg.dict_size, cc.cfg.d_model
     s_M = cc.scales_M.float()                         # normalised space: s_m · x_m
     dec_FMd = cc.decoder()                            # decoder in the normalised space
     n, zeros = 0, lambda *shape: torch.zeros(*shape, device=run.device)   # sums stay on the device
     sum_x, sum_x2, sum_err = zeros(M, d), zeros(M), zeros(M)
-    l0_sum, freq_F, sq_F = 0.0, zeros(Fdim), zeros(Fdim)
+    l0_sum, freq_F, sq_F = torch.zeros((), dtype=torch.long, device=run.device), zeros(Fdim), zeros(Fdim)
     G_MFd, E_MFd = zeros(M, Fdim, d), zeros(M, Fdim, d)   # Σ_t f_i x_m, Σ_t f_i ε_m
-    ce = {k: torch.zeros(M) for k in ("clean", "spliced", "zero")}
+    ce = {k: zeros(M) for k in CE_KINDS}
     n_pred = 0
     for b0 in tqdm(range(0, len(ids), batch_blocks), desc="evaluate", unit="batch"):
         ids_BT = ids[b0:b0 + batch_blocks].to(run.device)
         B, T = ids_BT.shape
         targets_BT = ids_BT[:, 2:]   # next-token predictions from positions 1 … T−2 (position 0 is BOS)
-
-        def ce_sum(model, out, targets_BT=targets_BT):
-            return lm.next_token_ce(model, out.last_hidden_state[:, 1:-1], targets_BT).cpu()
-
-        xs = []
-        for m, (_, model, _) in enumerate(models):   # one full forward each: the clean CE and block L's output
-            out, x_BTd = lm.read_layer(model.base_model, run.layer, ids_BT)
-            ce["clean"][m] += ce_sum(model, out)
-            xs.append(x_BTd.float())
-        del out
-        x_BTMd = torch.stack(xs, 2)
+        own = [lm.run_to_layer(model, run.layer, ids_BT) for _, model, _ in models]   # blocks 0..L only
+        x_BTMd = torch.stack([x.float() for x in own], 2)
         x_RMd = x_BTMd[:, 1:].reshape(-1, M, d)      # R = B·(T−1) token rows: position 0 excluded
         x_hat_RMd, f_RF = cc(x_RMd)
         err_RMd = x_RMd - x_hat_RMd
@@ -62,27 +54,31 @@ def evaluate(run, n_blocks, batch_blocks=8):
         sum_x += x_RMd.sum(0)
         sum_x2 += x_RMd.pow(2).sum((0, 2))
         sum_err += err_RMd.pow(2).sum((0, 2))
-        l0_sum += (f_RF > 0).sum().item()
+        l0_sum += (f_RF > 0).sum()
         freq_F += (f_RF > 0).sum(0)
         sq_F += f_RF.pow(2).sum(0)
         G_MFd += torch.einsum("rf,rmd->mfd", f_RF, x_RMd * s_M[:, None])
         E_MFd += torch.einsum("rf,rmd->mfd", f_RF, err_RMd * s_M[:, None])
-        # CE with block L's output spliced by its reconstruction, and zero-ablated (position 0 kept)
+        # CE with block L's output as it is, spliced by its reconstruction, and zero-ablated (position 0 kept):
+        # the three stacked along the batch through the blocks above L, one forward per revision
         for m, (_, model, _) in enumerate(models):
             recon_BTd = torch.cat([x_BTMd[:, :1, m], x_hat_RMd[:, m].view(B, T - 1, d)], 1)
-            for k, new in (("spliced", recon_BTd), ("zero", torch.zeros_like(recon_BTd))):
-                out = analysis.spliced_forward(model.base_model, run.layer, ids_BT, None, x_BTMd[:, :, m], new)
-                ce[k][m] += ce_sum(model, out)
+            new_BTd = torch.cat([x_BTMd[:, :, m], recon_BTd, torch.zeros_like(recon_BTd)])
+            out = analysis.spliced_forward(model.base_model, run.layer, ids_BT.repeat(3, 1), None,
+                                           own[m].repeat(3, 1, 1), new_BTd)
+            for k, h_BTd in zip(CE_KINDS, out.last_hidden_state.chunk(3)):
+                ce[k][m] += lm.next_token_ce(model, h_BTd[:, 1:-1], targets_BT)
         n_pred += targets_BT.numel()
+    ce = {k: v.tolist() for k, v in ce.items()}
     mean_x = sum_x / n
     var_M = sum_x2 - n * mean_x.pow(2).sum(-1)
     fvu = (sum_err / var_M).tolist()
     per_rev = {}
     for m, r in enumerate(revs):
-        c, s, z = (ce[k][m].item() / n_pred for k in ("clean", "spliced", "zero"))
+        c, s, z = (ce[k][m] / n_pred for k in CE_KINDS)
         per_rev[r] = dict(fvu=fvu[m], ce_clean=c, ce_spliced=s, ce_zero=z, delta_ce=s - c,
                           ce_recovered=1 - (s - c) / (z - c) if z != c else float("nan"))
-    summary = dict(revisions=per_rev, l0=l0_sum / n, dead_frac=(freq_F == 0).float().mean().item(),
+    summary = dict(revisions=per_rev, l0=l0_sum.item() / n, dead_frac=(freq_F == 0).float().mean().item(),
                    n_tokens=n, n_blocks=len(ids), dict_size=Fdim)
     latents = latent_table(cc, revs, *(t.cpu() for t in (freq_F / n, dec_FMd, G_MFd, E_MFd, sq_F)),
                            tokens=run.revision_tokens)
@@ -136,12 +132,12 @@ def print_table(summary):
 def main(argv=None):
     run_dir, spec = cli.run_in(argv)
     p = cli.parser(__doc__.split("\n\n")[0], spec.preset)
-    cli.add(p, "--run", "--device", run=str(run_dir), device=defaults.default_device())
+    cli.add(p, "--run", "--device", "--model-dtype", run=str(run_dir), device=defaults.default_device())
     p.add_argument("--blocks", type=positive("--blocks"), default=spec.preset.eval_blocks,
                    help="held-out text blocks to evaluate on (default: %(default)s)")
     args = p.parse_args(argv)
     run = analysis.open_run(args.run, args.device)
-    summary, latents = evaluate(run, args.blocks)
+    summary, latents = evaluate(run, args.blocks, dtype=cli.dtype(args.model_dtype, args.device))
     n_art = int(latents["artifact"].sum())
     summary["artifacts"] = n_art
     write_json(run.folder / "eval.json", summary)

@@ -5,10 +5,13 @@
 #   bash pipeline.sh pythia-1b 8                  # the paper's Pythia run (GPU box with network)
 #   bash pipeline.sh pythia-160m 6 --weights random --tokens 16384 --batch-size 4096
 #                                                 # the paper's shapes, random weights, offline
-# FLAGS go to the scan and to train.py (--weights, --tokens, --batch-size, --device, …); the later
-# stages read what they need from the run folder.
+#   bash pipeline.sh toy 0 --device cuda          # the toy on a GPU box (toy.py --device cuda too)
+# FLAGS go to the scan and to train.py (--weights, --tokens, --batch-size, --device, …), --device also to
+# toy.py; the later stages read what they need from the run folder. PYTHON names the interpreter
+# (default python3).
 set -euo pipefail
 cd "$(dirname "$0")"
+python() { "${PYTHON:-python3}" "$@"; }
 MODEL=${1:-toy}
 LAYER=${2:-}
 shift $(( $# < 2 ? $# : 2 ))
@@ -16,11 +19,18 @@ FLAGS=("$@")
 L=()
 if [ -n "$LAYER" ]; then L=(--layer "$LAYER"); fi
 RANDOM_WEIGHTS=no
-for f in "${FLAGS[@]}"; do if [ "$f" = random ]; then RANDOM_WEIGHTS=yes; fi; done
+DEVICE=()
+prev=
+for f in "${FLAGS[@]}"; do
+  if [ "$f" = random ]; then RANDOM_WEIGHTS=yes; fi
+  if [ "$prev" = --device ]; then DEVICE=(--device "$f"); fi
+  case "$f" in --device=*) DEVICE=(--device "${f#--device=}");; esac
+  prev=$f
+done
 
 if [ "$MODEL" = toy ]; then
   echo "== toy: pretrain the toy LM (models/toy)"
-  python toy.py
+  python toy.py "${DEVICE[@]}"
 fi
 if [ "$RANDOM_WEIGHTS" = no ]; then
   echo "== scan: accuracy and layer similarity over revisions (scans/)"

@@ -10,10 +10,18 @@ The model first learns agreement with the nearest noun ("the key to the cabinets
 the head noun: a nearest-noun phase around step 128 sits between a random start and a correct end,
 which is what the crosscoder over step64 / step128 / step512 is meant to show.
 
+Where it trains (--device): the CPU by default, with 2 threads, so the toy is the same model on every
+machine (its default revisions step64 / step128 / step512 were chosen on it; thread counts and GPUs sum in
+other orders and train slightly other weights). `--device cuda` (or `auto`: CUDA when there is one) trains
+it on a GPU, where its phases may fall a few steps elsewhere (curve.csv says where); `--device cuda`
+without CUDA is refused in one line. The loop never waits on the device: the batches are made on the CPU
+64 steps at a time and copied in one asynchronous transfer, and nothing is read back per step.
+
 Examples:
   python toy.py                          # train into models/toy (about 20 s on 2 CPU cores)
   python toy.py --out /tmp/toy --seed 1  # another seed
   python toy.py --steps 128              # a smoke test
+  python toy.py --device cuda            # on a GPU (other weights than the CPU's, see above)
   python toy.py --write-pairs            # regenerate data/toy_sva.jsonl (deterministic)
 """
 import argparse
@@ -28,10 +36,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+if __name__ == "__main__":
+    # OpenMP's threads spin while they wait for each other; when another process holds a core, each of the
+    # thousands of small parallel ops a step makes waits out a time slice: on 2 cores shared with other
+    # processes a step took 450-1080 ms instead of 40-60 ms with passive waiting (it changes no number).
+    # libgomp reads this when torch loads it, so it goes before the first import of torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from crosscoding import cli
-from crosscoding.common import (
+import torch  # noqa: E402
+
+from crosscoding import cli  # noqa: E402
+from crosscoding.common import (  # noqa: E402
     ArgumentParser,
     UsageError,
     folder_lock,
@@ -43,7 +58,14 @@ from crosscoding.common import (
     unmark_done,
     write_text,
 )
-from crosscoding.grammar import PAIRS_PATH, SUBTASKS, make_pairs, training_sentences, vocabulary, write_pairs
+from crosscoding.grammar import (  # noqa: E402
+    PAIRS_PATH,
+    SUBTASKS,
+    make_pairs,
+    training_sentences,
+    vocabulary,
+    write_pairs,
+)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "models" / "toy"  # where lm.py looks for --model toy
@@ -131,6 +153,36 @@ def blocks(tokenizer, seed: int, context: int):
             buf = buf[context - 1:]
 
 
+def batches(tokenizer, cfg: ToyConfig, device, per_copy=64):
+    """The training batches [batch, context] on `device`, in blocks' order: made on the CPU per_copy steps at a
+    time and copied in one pinned, asynchronous transfer (a pageable copy per step would make the host wait
+    for the device every step)."""
+    data = blocks(tokenizer, cfg.seed, cfg.context)
+    while True:
+        ids_SBT = torch.tensor([[next(data) for _ in range(cfg.batch)] for _ in range(per_copy)])
+        if torch.device(device).type == "cuda":
+            ids_SBT = ids_SBT.pin_memory()
+        yield from ids_SBT.to(device, non_blocking=True)
+
+
+def optimizer(model, cfg: ToyConfig):
+    """AdamW and its schedule (warm-up, then cosine to final_lr_frac)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def train_step(model, opt, sched, ids_BT, clip):
+    """One step of next-token loss at every position; returns the loss, left on the device (reading it
+    would make the host wait for the step)."""
+    loss = model(input_ids=ids_BT, labels=ids_BT).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+    return loss.detach()
+
+
 def lr_lambda(cfg: ToyConfig):
     def f(step: int) -> float:
         if step < cfg.warmup:
@@ -164,13 +216,14 @@ def evaluate(model, tokenizer, pairs) -> dict[str, float]:
     from crosscoding.tasks import accuracy_by_subtask
     was_training = model.training
     model.eval()
-    acc = accuracy_by_subtask(model, tokenizer, pairs, device="cpu", batch_size=256)
+    acc = accuracy_by_subtask(model, tokenizer, pairs, device=next(model.parameters()).device, batch_size=256)
     model.train(was_training)
     return acc
 
 
-def train_toy(out=DEFAULT_OUT, cfg: ToyConfig | None = None, progress: bool = True) -> Path:
-    """Train the toy model, saving <out>/step<N>/ per revision, <out>/curve.csv, and <out>/DONE last."""
+def train_toy(out=DEFAULT_OUT, cfg: ToyConfig | None = None, progress: bool = True, device="cpu") -> Path:
+    """Train the toy model on `device`, saving <out>/step<N>/ per revision, <out>/curve.csv, and <out>/DONE last.
+    The weights start the same on every device (drawn on the CPU)."""
     from tqdm import tqdm
     cfg = cfg or ToyConfig()
     out = Path(out)
@@ -185,10 +238,9 @@ def train_toy(out=DEFAULT_OUT, cfg: ToyConfig | None = None, progress: bool = Tr
                 shutil.rmtree(p)
         torch.manual_seed(cfg.seed)
         tokenizer = build_tokenizer()
-        model = build_model(cfg, tokenizer)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-        data = blocks(tokenizer, cfg.seed, cfg.context)
+        model = build_model(cfg, tokenizer).to(device)
+        opt, sched = optimizer(model, cfg)
+        data = batches(tokenizer, cfg, device)
         pairs = toy_pairs()
         checkpoints = cfg.checkpoints()
         rows = []
@@ -203,19 +255,14 @@ def train_toy(out=DEFAULT_OUT, cfg: ToyConfig | None = None, progress: bool = Tr
         t0 = time.time()
         model.train()
         bar = tqdm(range(cfg.steps + 1), desc="toy", disable=not progress, mininterval=0.5)
+        loss = None
         for step in bar:
-            if step in checkpoints:
+            if step in checkpoints:     # the only points where the loop reads anything back from the device
                 checkpoint(step)
                 bar.set_postfix_str(" ".join(f"{k}={rows[-1][k]:.2f}" for k in SUBTASKS[:3]))
             if step == cfg.steps:
                 break
-            ids_BT = torch.tensor([next(data) for _ in range(cfg.batch)])
-            loss = model(input_ids=ids_BT, labels=ids_BT).loss  # next-token loss at every position
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            sched.step()
+            loss = train_step(model, opt, sched, next(data), cfg.clip)
         bar.close()
 
         buf = io.StringIO()
@@ -224,7 +271,8 @@ def train_toy(out=DEFAULT_OUT, cfg: ToyConfig | None = None, progress: bool = Tr
         writer.writerows(rows)
         write_text(out / "curve.csv", buf.getvalue())
         mark_done(out, config=asdict(cfg), revisions=[r["revision"] for r in rows], subtasks=SUBTASKS,
-                  seconds=round(time.time() - t0, 1), final_loss=round(loss.item(), 4) if cfg.steps else None)
+                  device=str(device), seconds=round(time.time() - t0, 1),
+                  final_loss=round(loss.item(), 4) if loss is not None else None)
     return out
 
 
@@ -261,23 +309,40 @@ def ensure_toy(out=DEFAULT_OUT, steps: int = 512, seed: int = 0) -> Path:
 
 # -----------------------------------------------------------------------------
 
-def main():
+def pick_device(name: str) -> str:
+    """--device: cpu, cuda[:N], or auto (cuda when there is one); cuda without CUDA is refused."""
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", name):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto (cuda when there is one), got {name!r}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: torch sees no CUDA device here; use --device cpu, or --device auto "
+                         "(CUDA when there is one)")
+    return name
+
+
+def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add(p, "--out", "--seed", out=str(DEFAULT_OUT), seed=0)
+    cli.add(p, "--out", "--seed", "--device", out=str(DEFAULT_OUT), seed=0, device="cpu")   # and auto: pick_device
     p.add_argument("--steps", type=positive("--steps"), default=None, help="training steps (default 512)")
     p.add_argument("--write-pairs", action="store_true", help=f"regenerate {PAIRS_PATH.relative_to(HERE)} and exit")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.write_pairs:
         path = write_pairs()
         print(f"wrote {len(make_pairs())} pairs to {path}")
         return
-    torch.set_num_threads(2)  # the dev machines have 2 cores; more threads only slow a model this small
+    device = pick_device(args.device)
+    torch.set_num_threads(2)  # the toy's thread count (see the docstring); more only slow a model this small
     steps = args.steps or 512
     t0 = time.time()
-    out = train_toy(args.out, ToyConfig(steps=steps, seed=args.seed))
+    out = train_toy(args.out, ToyConfig(steps=steps, seed=args.seed), device=device)
     print(format_curve(read_curve(out)))
-    print(f"saved {out}/step*/ and {out}/curve.csv in {time.time() - t0:.1f} s")
+    print(f"saved {out}/step*/ and {out}/curve.csv in {time.time() - t0:.1f} s on {device}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from crosscoding import cli, common, defaults, lm, measures, training
+from crosscoding import activations, cli, common, defaults, lm, measures, training
 from crosscoding.common import UsageError, positive
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 from crosscoding.training import RunConfig
@@ -61,6 +61,11 @@ def parse_args(argv=None):
                         + "; ".join(f"{k}: {v}" for k, v in training.CONTROLS.items()) + " (default: %(default)s)")
     p.add_argument("--buffer-tokens", type=positive("--buffer-tokens"), default=pre.buffer_tokens,
                    help="live buffer: token positions held on the device (default: %(default)s)")
+    p.add_argument("--refill", choices=("auto", "sync", "overlap"), default="auto",
+                   help="live buffer: compute the next window's chunk while the current one trains (overlap: a "
+                        "thread, on a GPU its own CUDA stream) or when the window starts (sync); the same batches "
+                        "either way. auto: overlap on a GPU, sync on a CPU, where the thread would take the step's "
+                        "cores (default: %(default)s)")
     p.add_argument("--log-every", type=positive("--log-every"), default=None, help="default: 1/20 of the steps")
     p.add_argument("--ckpt-every", type=positive("--ckpt-every"), default=None, help="default: 1/10 of the steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -137,7 +142,8 @@ def train(args, spec, ranks):
     loss_fn = training.loss_module(cc, ranks, args.compile)
     autocast = args.precision == "bf16" and str(args.device).startswith("cuda")
     wandb = training.wandb_run(args) if (args.wandb and ranks.main) else None
-    batches = training.Prefetch(batch_at, mine, args.device, start, args.steps, live=buf is not None)
+    batches = training.Prefetch(batch_at, mine, args.device, start, args.steps,
+                                ready=(lambda step: buf.ready(step, args.batch_size)) if buf else None)
     if ranks.main:
         grid = f" as {ranks.shards} revision shards × {ranks.replicas} replicas" if ranks.shards > 1 else ""
         print(f"training {cfg.n_models} revisions × d={cfg.d_model} → F={cfg.dict_size} ({cfg.arch}){grid}, "
@@ -147,24 +153,32 @@ def train(args, spec, ranks):
     # ---- the loop
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", disable=not ranks.main,
                dynamic_ncols=True)
+    # where the time goes, phase by phase (training.phase_times), without a host sync per step
+    clock, base = activations.Laps(args.device), dict(buf.times) if buf else {}
     t0, seen = time.time(), 0
     try:
         for step in bar:
             # data: this step's batch, normalised (a pure function of the step: a resumed run sees the same)
+            batches.wait(step)
+            clock.lap("wait")
             x_BMd = batches.get(step) * s_M
             if args.control == "shuffled-revisions":
                 x_BMd = training.shuffle_revisions(x_BMd, args.seed, step)
+            clock.lap("copy")
             # step: loss, backward, clip, Adam, lr schedule; under DDP, every replica's buffers made one
             log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
             out = cc.train_step(opt, sched, x_BMd, step, loss_fn=loss_fn, autocast=autocast, metrics=log_now)
             ranks.sync(cc, x_BMd.shape[0])
+            clock.lap("step")
             seen += x_BMd.shape[0] * ranks.replicas
             common.fault_point("train_step")
             # log: the whole batch's loss terms, the held-out FVU / L0 / dead, one line of log.jsonl
             if log_now:
                 out = ranks.mean(out)
             if log_now and ranks.replica == 0:
-                rec = training.log_record(step, args, out, sched, seen, time.time() - t0, cc, val_BMd, ranks)
+                wall = time.time() - t0
+                rec = training.log_record(step, args, out, sched, seen, wall, cc, val_BMd, ranks,
+                                          training.phase_times(clock, buf, base, wall))
                 if rec:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", L0=f"{rec['val_l0']:.1f}",
                                     FVU="/".join(f"{v:.3f}" for v in rec["val_fvu"]))
@@ -174,21 +188,25 @@ def train(args, spec, ranks):
             if (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
                 training.save_checkpoint(args.out, step + 1, cc, opt, sched,
                                          buf.state(step + 1, args.batch_size) if buf else None, ranks)
+            clock.lap("other")
     except BaseException:
         bar.leave = False   # an error leaves one line on the terminal, not a stale bar
         bar.close()
         raise
     finally:
         batches.close()
+        if buf:
+            buf.close()
 
     # ---- the run: the crosscoder on raw activations, config.json, DONE last
     if ranks.replica == 0:
         training.save_run(args, spec, cc, scales, desc, need, ranks)
     if ranks.main:
         last = training.last_log(args.out)
+        times = f"; time: {training.format_times(last['time'])}" if "time" in last else ""
         print(f"run {args.out}: val FVU {[f'{v:.3f}' for v in last['val_fvu']]}, L0 {last['val_l0']:.1f}, "
               f"dead {100 * last['val_dead_frac']:.0f}%, {last['tokens_per_s']:.0f} tokens/s, "
-              f"{time.time() - t0:.0f} s")
+              f"{time.time() - t0:.0f} s{times}")
         warning = measures.fvu_warning(dict(zip(args.revisions, last["val_fvu"])), "val FVU")
         if warning:
             print(warning)

@@ -9,10 +9,13 @@ disk, and read back in batches.
 - CacheBatches: seeded random batches [B, M, d] from a cache, a pure function of the step.
 - LiveBuffer: the same without a cache, running the revisions on streamed text.
 """
+import contextlib
 import hashlib
 import json
 import math
 import mmap
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,6 +221,8 @@ def make_cache(model_key, layer, revs, out, n_tokens, seq_len, heldout_tokens, t
                 n_blocks=n_train + n_val, seq_len=seq_len, tokens=n_train * (seq_len - 1), d=d, dtype=cache_dtype,
                 split=dict(train_blocks=n_train, val_blocks=n_val, heldout_tokens=heldout_tokens),
                 fingerprint=fingerprint(ids), position0="excluded")
+    if weights == "random":
+        meta["random_on"] = lm.drawn_on(weights, device)
     with folder_lock(out):
         if (out / "meta.json").exists() and not overwrite:
             old = read_json(out / "meta.json", "cache meta")
@@ -284,6 +289,48 @@ def _fill(out, models, layer, ids, d, cache_dtype, batch_blocks):
 # ---------------------------------------------------------------------------------------------
 # The live buffer: no cache, the revisions run on streamed training text
 
+def to_device(t, device):
+    """A CPU tensor on `device`; to a GPU through pinned memory, asynchronously: a copy from pageable memory
+    makes the host wait for everything queued on the stream first."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class Laps:
+    """Seconds per named phase, summed: lap(name) books the time since the previous lap (or the start) to
+    `name`. On a GPU a lap is a CUDA event on the current stream, resolved only when read, so timing adds no
+    host sync; each phase is then the stream's time between two marks, idle time included. On a CPU, the clock."""
+
+    def __init__(self, device):
+        self.gpu = torch.device(device).type == "cuda"
+        self.sums, self.pending = {}, []
+        self.last = self._mark()
+
+    def _mark(self):
+        if not self.gpu:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def lap(self, name):
+        now = self._mark()
+        if self.gpu:
+            self.pending.append((name, self.last, now))
+        else:
+            self.sums[name] = self.sums.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def read(self) -> dict:
+        """The sums so far (waits for the marks still on the GPU's queue)."""
+        for name, a, b in self.pending:
+            b.synchronize()
+            self.sums[name] = self.sums.get(name, 0.0) + a.elapsed_time(b) / 1e3
+        self.pending = []
+        return dict(self.sums)
+
+
 class LiveBuffer:
     """Batches [B, M, d] from all M revisions run on the same training blocks, mixed across fills.
 
@@ -294,10 +341,17 @@ class LiveBuffer:
     (the first n−1 chunks' early parts excepted). Only unserved parts stay resident: n(n+1)/2 parts of
     rows/n, stored in the models' dtype. batch_at(step) is a pure function of (seed, step), and a
     resumed run needs only chunks w … w+n−1, recomputed from the text position `state()` recorded.
-    When the whole run fits the buffer, one window holds all of it (n_parts = 1)."""
+    When the whole run fits the buffer, one window holds all of it (n_parts = 1).
+
+    Refills: each new window needs one new chunk, w+n−1. Synchronously (overlap=False) it is computed when
+    the window starts, and the training loop waits for it. With overlap=True a producer thread computes
+    chunk w+n (on a GPU in a CUDA stream of its own) while window w trains, so it is ready when window w+1
+    starts; it holds n more parts meanwhile. Every chunk is then computed in that thread (with the loop's
+    thread count), in the same order, on the same blocks: the batches are the same as without overlap.
+    `times` sums where a refill's time goes: the LMs' forwards and the shuffle of their rows into parts."""
 
     def __init__(self, models, layer, blocks, seq_len, buffer_tokens, run_rows, seed, device, lm_batch=8,
-                 start=None):
+                 start=None, overlap=False):
         self.models, self.layer, self.seed, self.device, self.lm_batch = models, layer, seed, device, lm_batch
         self.blocks = blocks                 # (TextPos | None) -> iterator of (block [T], TextPos)
         T1 = seq_len - 1
@@ -307,9 +361,17 @@ class LiveBuffer:
             self.n_parts = 4
             self.chunk_blocks = max(1, 2 * buffer_tokens // ((self.n_parts + 1) * T1))
         self.part = self.chunk_blocks * T1 // self.n_parts
+        self.run_rows = run_rows
         self.start = start or {"chunk": 0, "pos": None}
         self.window, self.parts, self.pos, self.it, self.peeked = None, {}, {}, None, None
         self.next_chunk = self.start["chunk"]
+        self.times = {"lm_forward": 0.0, "refill_copy": 0.0}
+        self.overlap = overlap and self.n_parts > 1      # one window for the whole run: nothing to refill
+        self.pool, self.pending, self.stream = None, None, None
+        if self.overlap:
+            self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+            if torch.device(device).type == "cuda":
+                self.stream = torch.cuda.Stream(device)
 
     def per_window(self, batch_size):
         n = self.n_parts * self.part // batch_size
@@ -325,72 +387,126 @@ class LiveBuffer:
 
     def resident_bytes(self, d) -> int:
         item = next(self.models[0][1].parameters()).element_size()
-        return self.n_parts * (self.n_parts + 1) // 2 * self.part * len(self.models) * d * item
+        parts = self.n_parts * (self.n_parts + 1) // 2 + (self.n_parts if self.overlap else 0)
+        return parts * self.part * len(self.models) * d * item
 
     def state(self, step, batch_size) -> dict:
         """What a checkpoint at `step` records: the first chunk that step's window needs, and where it starts."""
         c = step // self.per_window(batch_size)
+        if c not in self.pos and self.pending is not None:
+            self._install(self._take(self.pending[0]))   # the producer reads ahead: let it finish first
         if c not in self.pos and self.peeked is not None and c == self.next_chunk:
             self.pos[c] = self.peeked[1]   # not read yet: it starts at the block after the last one read
         return {"chunk": c, "pos": self.pos.get(c)}
 
-    def _chunk(self, c, first_window):
-        """Run every revision on chunk c's blocks; keep the parts served at windows ≥ first_window."""
+    def _chunk(self, c):
+        """Chunk c: read its blocks (the text, in chunk order), run every revision on them and shuffle the rows
+        into the parts still to be served from the window it is first needed in. (c, parts, where it starts in
+        the text, seconds of LM forwards and of shuffling)."""
         got = [self.peeked] + [next(self.it, None) for _ in range(self.chunk_blocks)]
         got, self.peeked = got[:-1], got[-1]   # one block ahead: where the next chunk starts
         if any(g is None for g in got):
             n = c * self.chunk_blocks + sum(g is not None for g in got)
             raise UsageError(f"the training text ran out after {n} blocks; this run needs more: give a longer "
                              "--text, or fewer --tokens (a checkpoint, if any, resumes with --resume)")
-        self.pos[c] = got[0][1]
         ids = torch.stack([b for b, _ in got])
         T1 = ids.shape[1] - 1
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + c)
         slot = torch.empty(len(ids) * T1, dtype=torch.long)
         slot[torch.randperm(len(slot), generator=g)] = torch.arange(len(slot))   # row → shuffled position
+        first_window = max(self.start["chunk"], c - self.n_parts + 1)
         keep = [p for p in range(self.n_parts) if c - p >= first_window]
         d = self.models[0][1].config.hidden_size
         dtype = next(self.models[0][1].parameters()).dtype
-        parts = {p: torch.empty(self.part, len(self.models), d, dtype=dtype, device=self.device) for p in keep}
-        with torch.no_grad():
+        with torch.no_grad(), (torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext()):
+            laps = Laps(self.device)
+            ids = to_device(ids, self.device)
+            parts = {p: torch.empty(self.part, len(self.models), d, dtype=dtype, device=self.device) for p in keep}
+            bad = []                         # per LM batch and revision, its rows that are not finite
             for b0 in range(0, len(ids), self.lm_batch):
                 rows = slot[b0 * T1:(b0 + self.lm_batch) * T1]
                 p_R, off_R = rows // self.part, rows % self.part
-                for m, (r, model, _) in enumerate(self.models):
+                for m, (_, model, _) in enumerate(self.models):
                     x_Rd = layer_acts(model, self.layer, ids[b0:b0 + self.lm_batch], fp32=False)
-                    check_finite(x_Rd, r, b0 * T1, T1 + 1)
+                    laps.lap("lm_forward")
+                    bad.append(~torch.isfinite(x_Rd).all(-1))
                     for p in keep:
                         sel = (p_R == p).nonzero().squeeze(1)
-                        parts[p][off_R[sel].to(self.device), m] = x_Rd[sel.to(x_Rd.device)].to(self.device)
-        for p in keep:
-            self.parts[(c, p)] = parts[p]
+                        x_Sd = x_Rd[to_device(sel, x_Rd.device)].to(self.device)
+                        parts[p][to_device(off_R[sel], self.device), m] = x_Sd
+                    laps.lap("refill_copy")
+            self._check_finite(bad, c, T1)   # one read-back per chunk
+        return c, parts, got[0][1], laps.read()
+
+    def _check_finite(self, bad, c, T1):
+        flags = torch.stack([b.any() for b in bad]).cpu()
+        if flags.any():
+            i = int(flags.nonzero()[0])
+            b0, m = (i // len(self.models)) * self.lm_batch, i % len(self.models)
+            r = c * self.chunk_blocks * T1 + b0 * T1 + int(bad[i].nonzero()[0])
+            raise UsageError(f"NaN/Inf activation in revision {self.models[m][0]} at training block {r // T1} of this "
+                             f"run's text, position {1 + r % T1}: the checkpoint is broken or --model-dtype overflows")
+
+    def _run(self, c):
+        return self.pool.submit(self._chunk, c).result() if self.overlap else self._chunk(c)
+
+    def _take(self, c):
+        """Chunk c: the producer's, when it is the one in flight (waiting for it), else computed now."""
+        if self.pending is not None and self.pending[0] == c:
+            future, self.pending = self.pending[1], None
+            return future.result()
+        return self._run(c)
+
+    def _install(self, result):
+        c, parts, pos, times = result
+        for p, t in parts.items():
+            if self.stream is not None:
+                t.record_stream(torch.cuda.current_stream(self.device))   # read on the loop's stream from now on
+            self.parts[(c, p)] = t
+        self.pos[c] = pos
+        for k, v in times.items():
+            self.times[k] += v
         self.next_chunk = c + 1
 
-    def _goto(self, w):
+    def ready(self, step, batch_size):
+        """Make `step`'s window resident: the first window's chunks, or the next window's new chunk."""
+        per = self.per_window(batch_size)
+        w = step // per
+        if w == self.window:
+            return
         if self.window is None:          # first window of this process: from the start, or a checkpoint's state
             if w != self.start["chunk"]:
                 raise ValueError(f"LiveBuffer starts at window {self.start['chunk']}, asked for {w}")
             self.it = self.blocks(self.start["pos"])
             self.peeked = next(self.it, None)
             for c in range(w, w + self.n_parts):
-                self._chunk(c, w)
+                self._install(self._run(c))
         elif w == self.window + 1:
             for k in range(self.n_parts):
                 self.parts.pop((self.window + k, k), None)
-            self._chunk(w + self.n_parts - 1, w)
-        elif w != self.window:
+            if w + self.n_parts - 1 >= self.next_chunk:          # not installed early by state()
+                self._install(self._take(w + self.n_parts - 1))
+        else:
             raise ValueError(f"LiveBuffer moves forward one window at a time ({self.window} → {w})")
         self.window = w
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + 999_983 * (w + 1))
         self.order = torch.randperm(self.n_parts * self.part, generator=g)
+        last = math.ceil(self.run_rows // batch_size / per) + self.n_parts - 2    # the run's last chunk
+        if self.overlap and w + self.n_parts <= last:
+            self.pending = (w + self.n_parts, self.pool.submit(self._chunk, w + self.n_parts))
 
     def batch_at(self, step, batch_size):
         w, j = divmod(step, self.per_window(batch_size))
-        self._goto(w)
+        self.ready(step, batch_size)
         idx = self.order[j * batch_size:(j + 1) * batch_size]
         k_B, off_B = idx // self.part, idx % self.part
         out = torch.empty(batch_size, len(self.models), self.models[0][1].config.hidden_size, device=self.device)
         for k in range(self.n_parts):
             sel = (k_B == k).nonzero().squeeze(1)
-            out[sel.to(self.device)] = self.parts[(w + k, k)][off_B[sel].to(self.device)].float()
+            out[to_device(sel, self.device)] = self.parts[(w + k, k)][to_device(off_B[sel], self.device)].float()
         return out
+
+    def close(self):
+        """Stop the producer (a chunk it is computing is finished first)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from crosscoding import defaults, lm, measures, tasks
+from crosscoding import cli, defaults, lm, measures, tasks
 from crosscoding.common import UsageError, read_json, require_done
 from crosscoding.crosscoder import CrossCoder
 from crosscoding.measures import rel
@@ -44,8 +44,15 @@ class Run:
         return [lm.parse_revision(r, self.spec.tokens_per_step).tokens for r in self.revisions]
 
     def load_models(self, dtype=None):
-        """[(revision, model, tokenizer)] for every revision of the run (random weights if it was trained so)."""
+        """[(revision, model, tokenizer)] for every revision of the run (random weights if it was trained so, drawn
+        where they were then); dtype None: bf16 on a GPU, fp32 on a CPU, as train.py's LMs."""
         weights = self.data.get("weights", "hub")
+        dtype = dtype or cli.dtype(None, self.device)
+        drawn, here = self.data.get("random_on"), lm.drawn_on(weights, self.device)
+        if drawn and drawn != here:
+            raise UsageError(f"run {self.folder} was trained on random weights drawn on {drawn}; on {here} the same "
+                             f"revision names draw other weights: run this stage on a device like the training's "
+                             f"(--device {'cpu' if drawn == 'cpu' else 'cuda'})")
         if weights == "hub":
             avail = [a.name for a in lm.revisions(self.spec, quiet=True)]
             for r in self.revisions:

@@ -219,8 +219,8 @@ def load(model: str | ModelSpec, revision: str | None = None, device="cpu", dtyp
     if weights == "random":
         # a local model (the toy) keeps its own tokenizer; a hub model gets a stand-in of its vocabulary (offline)
         tok = AutoTokenizer.from_pretrained(_local_config_dir(spec)) if spec.local else standin_tokenizer(spec)
-        lm = random_model(spec, revision or "main")
-        return lm.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False), tok
+        lm = random_model(spec, revision or "main", device)
+        return lm.to(dtype=dtype or torch.float32).eval().requires_grad_(False), tok
     check_built(spec)
     if spec.local:
         path = Path(spec.repo) / (revision or ".")
@@ -280,13 +280,26 @@ def architecture(spec: ModelSpec):
     return AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw))
 
 
-def random_model(spec: ModelSpec, revision: str):
+def random_model(spec: ModelSpec, revision: str, device="cpu"):
     """A model of spec's architecture with random weights, seeded by the revision's name, so each revision
-    is another random model and each load the same one."""
+    is another random model and each load the same one. Built and initialised on `device` (a GPU draws
+    pythia-1b's weights at once, where the CPU takes 15-20 s), by that device's generator: the weights are
+    a function of the revision's name and of where they were drawn (drawn_on: a CPU's differ from a GPU's,
+    and one GPU model's may differ from another's)."""
     import zlib
     with torch.random.fork_rng():
         torch.manual_seed(zlib.crc32(f"{spec.key}@{revision}".encode()))
-        return architecture(spec)
+        with torch.device(device):
+            return architecture(spec)
+
+
+def drawn_on(weights: str, device) -> str | None:
+    """Where --weights random draws a revision's weights on `device` (random_model): "cpu", or the GPU's name;
+    None for trained weights. A run records it, and the analysis stages draw the same weights only there."""
+    if weights != "random":
+        return None
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def keep_through(lm: nn.Module, layer: int) -> nn.Module:

@@ -245,11 +245,21 @@ def data_source(args, spec, ranks, resume_state):
                              f"revisions {','.join(args.revisions)}")
         batches = CacheBatches(cache, args.batch_size, args.seed, ranks.replica, ranks.replicas)
         desc = dict(cache=str(args.cache), fingerprint=m["fingerprint"], text=m["text"], d=m["d"],
-                    seq_len=m["seq_len"], heldout_tokens=m["split"]["heldout_tokens"], weights=m.get("weights", "hub"))
+                    seq_len=m["seq_len"], heldout_tokens=m["split"]["heldout_tokens"], weights=m.get("weights", "hub"),
+                    random_on=m.get("random_on"))
         mine = slice(revs.start, revs.stop)
         return (lambda step: batches.batch_at(step)[:, mine], cache.scales[mine],
                 cache.val(defaults.VAL_ROWS)[:, mine], desc, None)
     return live_source(args, spec, ranks, resume_state)
+
+
+def block_stream(text, tok, T, H):
+    """The live buffer's text: (a checkpoint's text position, or None for the start) → the training split's blocks
+    of T tokens from there, each with the position (a dict, as checkpoints record it) of its first token."""
+    def blocks(pos):
+        start = None if pos is None else tasks.TextPos(**pos)
+        return ((b, dataclasses.asdict(p)) for b, p in tasks.iter_blocks(text, tok, T, H, "train", start))
+    return blocks
 
 
 def live_source(args, spec, ranks, resume_state):
@@ -272,12 +282,11 @@ def live_source(args, spec, ranks, resume_state):
                            for _, m, _ in models], 1).cpu()
     scales = [norm_scale(val[:, i]) for i in range(val.shape[1])]
 
-    def blocks(pos):
-        start = None if pos is None else tasks.TextPos(**pos)
-        return ((b, dataclasses.asdict(p)) for b, p in tasks.iter_blocks(text, tok, T, H, "train", start))
-
+    blocks = block_stream(text, tok, T, H)
+    gpu = str(args.device).startswith("cuda")
     buf = LiveBuffer(models, args.layer, blocks, T, args.buffer_tokens, args.steps * args.batch_size, args.seed,
-                     args.device, lm_batch=32 if str(args.device).startswith("cuda") else 8, start=resume_state)
+                     args.device, lm_batch=32 if gpu else 8, start=resume_state,
+                     overlap=args.refill == "overlap" or (args.refill == "auto" and gpu))
     need = buf.blocks_needed(args.steps, args.batch_size)
     if resume_state is None:
         have = tasks.count_blocks(text, tok, T, H, need)
@@ -286,7 +295,7 @@ def live_source(args, spec, ranks, resume_state):
                              f"split, this run needs {need} (--tokens {args.tokens}, the live buffer's windows); "
                              "give a longer --text or fewer --tokens")
     desc = dict(cache=None, text=text, seq_len=T, heldout_tokens=H, d=val.shape[-1], buffer_tokens=args.buffer_tokens,
-                buffer_windows=buf.n_parts, weights=args.weights)
+                buffer_windows=buf.n_parts, weights=args.weights, random_on=lm.drawn_on(args.weights, args.device))
 
     def batch_at(step):
         return buf.batch_at(step, args.batch_size)[ranks.replica::ranks.replicas]
@@ -418,18 +427,34 @@ def validate(cc, val_BMd, device):
 
 
 class Prefetch:
-    """The step's raw batch, checked for NaN/Inf. On a GPU the next cache batch is read, checked and pinned in
-    a thread while this step runs, so its copy is asynchronous (batch_at is a pure function of the step:
-    resuming is unaffected); on a CPU the thread would only take cores from the step, and a live buffer's
-    batches are on the device already."""
+    """The step's raw batch. From a cache, checked for NaN/Inf; on a GPU the next cache batch is read, checked and
+    pinned in a thread while this step runs, so its copy is asynchronous (batch_at is a pure function of the step:
+    resuming is unaffected); on a CPU the thread would only take cores from the step. From a live buffer (`ready`
+    makes a step's window resident): its batches are on the device already, their rows checked when the LMs
+    computed them; the first window is filled here, before the loop."""
 
-    def __init__(self, batch_at, revisions, device, start, steps, live):
-        self.batch_at, self.revisions, self.device, self.steps = batch_at, revisions, device, steps
-        self.pin = str(device).startswith("cuda") and not live
+    def __init__(self, batch_at, revisions, device, start, steps, ready=None):
+        self.batch_at, self.revisions, self.device, self.steps, self.ready = batch_at, revisions, device, steps, ready
+        self.pin = str(device).startswith("cuda") and ready is None
         self.pool = ThreadPoolExecutor(1) if self.pin else None
-        self.next = self._submit(start) if start < steps else None   # fails here, before the bar, on bad data
+        self.next = None
+        if start < steps:                    # fails here, before the bar, on bad data
+            if ready:
+                ready(start)
+            else:
+                self.next = self._submit(start)
+
+    def wait(self, step):
+        """Until `step`'s data is at hand: the live buffer's window (a refill, or the producer finishing one), or
+        the cache read in flight."""
+        if self.ready:
+            self.ready(step)
+        else:
+            self.next.result()
 
     def get(self, step):
+        if self.ready:
+            return self.batch_at(step)
         x_BMd = self.next.result().to(self.device, non_blocking=True)
         if step + 1 < self.steps:
             self.next = self._submit(step + 1)
@@ -454,6 +479,28 @@ class Prefetch:
         return x_BMd.pin_memory() if self.pin else x_BMd
 
 
+def phase_times(clock, buf, base, wall) -> dict:
+    """Where the loop's time went, in seconds since it started (log.jsonl's "time", train.py's last line):
+    lm_forward, the LMs' forwards, and buffer_copy, the shuffle of their rows into the live buffer and of each batch
+    out of it (or a cache batch's copy to the device), wherever they ran; step, the crosscoder's training step;
+    wait, the loop standing still for its data (a synchronous refill, which holds that refill's forwards and
+    shuffle, or a producer not done yet); other: logging, validation, checkpoints; wall. clock: the loop's Laps;
+    base: buf.times when the loop started (the first window is filled before it)."""
+    laps = clock.read()
+    refill = {k: v - base.get(k, 0.0) for k, v in (buf.times if buf else {}).items()}
+    t = dict(lm_forward=refill.get("lm_forward", 0.0),
+             buffer_copy=laps.get("copy", 0.0) + refill.get("refill_copy", 0.0),
+             step=laps.get("step", 0.0), wait=laps.get("wait", 0.0), other=laps.get("other", 0.0), wall=wall)
+    return {k: round(v, 3) for k, v in t.items()}
+
+
+def format_times(t: dict) -> str:
+    w = t["wall"] or float("nan")
+    return (f"LM forward {t['lm_forward']:.1f} s, buffer shuffle/copy {t['buffer_copy']:.1f} s, crosscoder step "
+            f"{t['step']:.1f} s ({100 * t['step'] / w:.0f}% of the wall time), waiting on the buffer {t['wait']:.1f} s "
+            f"({100 * t['wait'] / w:.0f}%)")
+
+
 def check_finite(revisions, scales, val_BMd):
     for r, s, v in zip(revisions, scales, val_BMd.unbind(1)):
         if not (math.isfinite(s) and torch.isfinite(v).all()):
@@ -461,8 +508,9 @@ def check_finite(revisions, scales, val_BMd):
                              "the checkpoint is broken or the cache is corrupt")
 
 
-def log_record(step, args, out, sched, seen, seconds, cc, val_BMd, ranks) -> dict | None:
-    """One line of log.jsonl: the batch's loss terms (Ranks.mean), then validation on the held-out rows.
+def log_record(step, args, out, sched, seen, seconds, cc, val_BMd, ranks, times=None) -> dict | None:
+    """One line of log.jsonl: the batch's loss terms (Ranks.mean), then validation on the held-out rows, and where
+    the time went (phase_times).
     Every rank of data replica 0 calls it (a shard validates its own revisions, summing the code over the
     shards); rank 0 writes the line and returns it."""
     val = validate(cc, val_BMd, args.device)
@@ -473,6 +521,8 @@ def log_record(step, args, out, sched, seen, seconds, cc, val_BMd, ranks) -> dic
                l0=out["l0"].item(), fvu=out["fvu_M"].tolist(), dead_frac=out["dead_frac"].item(),
                lr=sched.get_last_lr()[0], tokens_per_s=seen / seconds)
     rec.update(val)
+    if times is not None:
+        rec["time"] = times
     with open(args.out / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
     return rec

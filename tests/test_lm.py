@@ -261,6 +261,42 @@ def test_random_weights_seeded_by_revision():
         lm.load("org/unknown", "main", weights="random")
 
 
+def test_random_weights_built_on_the_device_a_function_of_the_revision():
+    """--weights random builds and initialises a revision on the device asked for: on the meta device (the GPU's
+    stand-in) every parameter and buffer is there, none made on the CPU first. On the CPU the same revision
+    draws the same weights whatever the global RNG's state (which it leaves as it was), another revision other
+    ones, initialised as Hugging Face does (std 0.02, norms at 1); drawn_on names where, which a run records."""
+    import dataclasses
+    spec = lm.MODELS["pythia-70m"]
+    spec = dataclasses.replace(spec, arch=(spec.arch[0], dict(spec.arch[1], num_hidden_layers=2)))
+    with torch.random.fork_rng():    # the test's own draws leave the other tests' global RNG as it was
+        meta = lm.random_model(spec, "step512", device="meta")
+        assert {t.device.type for t in [*meta.parameters(), *meta.buffers()]} == {"meta"}
+        torch.manual_seed(123)
+        state = torch.get_rng_state()
+        a = lm.random_model(spec, "step512")
+        assert torch.equal(torch.get_rng_state(), state)
+        torch.rand(1000)                                  # another global RNG state: the same weights
+        a2 = lm.random_model(spec, "step512", device="cpu")
+        b = lm.random_model(spec, "step2000")
+        sa, sa2, sb = a.state_dict(), a2.state_dict(), b.state_dict()
+        assert sa.keys() == sa2.keys() and all(torch.equal(sa[k], sa2[k]) for k in sa)
+        w = "gpt_neox.layers.0.mlp.dense_h_to_4h.weight"
+        assert not torch.equal(sa[w], sb[w]) and abs(sa[w].std().item() - 0.02) < 0.001
+        assert torch.equal(sa["gpt_neox.layers.0.input_layernorm.weight"], torch.ones(512))
+    assert lm.drawn_on("random", "cpu") == "cpu" and lm.drawn_on("hub", "cpu") is None
+
+
+def test_analysis_refuses_random_weights_drawn_elsewhere(tmp_path):
+    """A run trained on random weights drawn on a GPU, analysed on the CPU, would meet other weights under the same
+    revision names: one line, exit 2, naming where they were drawn."""
+    from crosscoding import analysis
+    run = analysis.Run(tmp_path, {"data": {"weights": "random", "random_on": "NVIDIA H200"}}, None,
+                       ["step512", "step2000"], 3, lm.MODELS["pythia-70m"], "cpu")
+    with pytest.raises(UsageError, match="drawn on NVIDIA H200; on cpu the same revision names draw other weights"):
+        run.load_models()
+
+
 def test_cli_unknown_model():
     r = subprocess.run([sys.executable, "-m", "crosscoding.lm", "pythia-7"], capture_output=True, text=True,
                        cwd=ROOT)

@@ -8,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from hostsync import HostSync, HostSyncs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import toy  # noqa: E402
 from crosscoding import grammar, lm  # noqa: E402
+from crosscoding.common import UsageError  # noqa: E402
 
 NOUN_NUMBER = {w: (i, pl) for i, pair in enumerate(grammar.NOUNS) for pl, w in enumerate(pair)}
 VERB_NUMBER = {w: pl for pair in grammar.INTRANSITIVE + grammar.TRANSITIVE + grammar.BE + grammar.HAVE
@@ -196,7 +199,41 @@ def test_same_seed_same_weights(tmp_path):
 
 
 def test_cli_bad_flags_exit_2():
-    for args in (["--bogus"], ["--steps", "0"], ["--steps", "many"]):
+    for args in (["--bogus"], ["--steps", "0"], ["--steps", "many"], ["--device", "gpu"]):
         r = subprocess.run([sys.executable, str(ROOT / "toy.py"), *args], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2, (args, r.stderr)
         assert "error" in r.stderr.strip().splitlines()[-1]
+
+
+def test_training_loop_reads_nothing_back_per_step():
+    """The toy's loop (its batches, train_step: forward, backward, clip, AdamW, schedule) run on the meta device,
+    the GPU's stand-in, makes no host sync in 6 steps (on a GPU each would stall the queue of a model this small);
+    the detector is seen to catch one: reading the loss."""
+    cfg = toy.ToyConfig(steps=6)
+    tok = toy.build_tokenizer()
+    with torch.random.fork_rng():      # its init draws leave the other tests' global RNG as it was
+        model = toy.build_model(cfg, tok).to("meta")
+    opt, sched = toy.optimizer(model, cfg)
+    data = toy.batches(tok, cfg, "meta", per_copy=4)
+    with HostSyncs() as syncs:
+        for _ in range(cfg.steps):
+            loss = toy.train_step(model, opt, sched, next(data), cfg.clip)
+    assert syncs.ops == [] and loss.device.type == "meta"
+    with pytest.raises(HostSync), HostSyncs() as syncs:
+        loss.item()
+    assert syncs.ops == ["aten._local_scalar_dense.default"]
+
+
+def test_device_flag():
+    """--device cpu, cuda and auto parse; cuda without CUDA is one line and exit 2, before anything is written."""
+    assert [toy.parse_args(["--device", d]).device for d in ("cpu", "cuda", "cuda:1", "auto")] == \
+        ["cpu", "cuda", "cuda:1", "auto"]
+    assert toy.pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UsageError, match="--device must be cpu, cuda, cuda:N or auto"):
+        toy.pick_device("gpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot be seen")
+    r = subprocess.run([sys.executable, str(ROOT / "toy.py"), "--device", "cuda", "--out", "/nonexistent/toy"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--device cuda" in r.stderr and "--device cpu" in r.stderr and "Traceback" not in r.stderr

@@ -93,8 +93,10 @@ def test_run_folder_outputs(local_model, cache, tmp_path):
     assert cfg["data"]["fingerprint"] == json.loads((cache / "meta.json").read_text())["fingerprint"]
     assert cfg["run"]["dict_size"] == 64 and cfg["run"]["lr"] == 3e-3 and cfg["run"]["cache"] == str(cache)
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    assert {"val_fvu", "val_l0", "val_dead_frac", "tokens_per_s", "fvu"} <= set(log[-1])
+    assert {"val_fvu", "val_l0", "val_dead_frac", "tokens_per_s", "fvu", "time"} <= set(log[-1])
     assert len(log[-1]["val_fvu"]) == 2
+    _check_times(log, live=False)
+    assert "crosscoder step" in r.stdout and "waiting on the buffer" in r.stdout, r.stdout
     # the saved crosscoder acts on RAW activations: its FVU on raw validation rows matches the log
     from crosscoding.crosscoder import CrossCoder
     cc = CrossCoder.load(out)
@@ -103,6 +105,18 @@ def test_run_folder_outputs(local_model, cache, tmp_path):
         x_hat, _ = cc(x)
     fvu = ((x_hat - x).pow(2).sum((0, 2)) / (x - x.mean(0)).pow(2).sum((0, 2))).tolist()
     assert fvu == pytest.approx(log[-1]["val_fvu"], rel=1e-3)
+
+
+def _check_times(log, live):
+    """log.jsonl's "time": cumulative seconds per phase, the loop's laps (step, wait, copy, other) adding up to
+    its wall time; the LMs' forwards only where a live buffer runs them."""
+    for a, b in zip(log, log[1:]):
+        assert all(b["time"][k] >= a["time"][k] for k in a["time"]), (a["time"], b["time"])
+    t = log[-1]["time"]
+    assert set(t) == {"lm_forward", "buffer_copy", "step", "wait", "other", "wall"} and min(t.values()) >= 0, t
+    assert t["step"] > 0 and (t["lm_forward"] > 0) == live, t
+    laps = t["step"] + t["wait"] + t["other"] + (t["buffer_copy"] if not live else 0)
+    assert laps <= t["wall"] + 0.01 and (live or laps >= 0.9 * t["wall"] - 0.05), t
 
 
 @pytest.mark.slow
@@ -204,6 +218,7 @@ def test_live_buffer_run(local_model, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["cache"] is None and len(cfg["scales"]) == 2 and cfg["data"]["heldout_tokens"] == 9000
     assert cfg["data"]["buffer_windows"] == 4        # 1920 rows do not fit 512: windows over 4 chunks
+    _check_times([json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()], live=True)
     for rev, s in zip(["step0", "step100"], cfg["scales"]):
         model, tok = lm.load(str(root), rev)
         ids = tasks.text_blocks(str(text), tok, 64, 16, 9000, "heldout")
@@ -358,3 +373,98 @@ def test_each_rank_takes_its_own_gpu():
     from crosscoding.training import rank_device
     assert rank_device("cuda:0", 1) == "cuda:1" and rank_device("cuda", 3) == "cuda:3"
     assert rank_device("cpu", 1) == "cpu"
+
+
+def _stub_buffer(monkeypatch, overlap, run_rows=10**6, device="cpu", text_blocks=10_000, start=None):
+    """The stub LMs' buffer of test_live_buffer_windows_mix_chunks_and_serve_every_row_once, over a text of
+    text_blocks blocks."""
+    monkeypatch.setattr(activations, "layer_acts",
+                        lambda model, layer, ids, fp32=True: ids[:, 1:].reshape(-1, 1).float().expand(-1, 4))
+    T = 9
+    models = [("a", _StubLM(), None), ("b", _StubLM(), None)]
+
+    def blocks(pos):
+        j0 = 0 if pos is None else pos
+        return ((torch.arange(j * T, (j + 1) * T), j) for j in range(j0, text_blocks))
+
+    return activations.LiveBuffer(models, 0, blocks, T, buffer_tokens=160, run_rows=run_rows, seed=3, device=device,
+                                  lm_batch=3, start=start, overlap=overlap)
+
+
+def test_live_buffer_overlapped_refill_serves_the_same_batches(monkeypatch):
+    """With the refill in a producer thread (each window's new chunk computed while the window before trains),
+    every batch is the synchronous refill's, a buffer restarted from a checkpoint's state() serves the same, it
+    holds n more parts, and it reads no block past what the run needs (a text of exactly that many suffices)."""
+    B = 16
+    sync = _stub_buffer(monkeypatch, overlap=False)
+    per = sync.per_window(B)
+    steps = 9 * per + 3
+    need = sync.blocks_needed(steps, B)
+    sync = _stub_buffer(monkeypatch, overlap=False, run_rows=steps * B, text_blocks=need)
+    ref = [sync.batch_at(s, B) for s in range(steps)]
+    buf = _stub_buffer(monkeypatch, overlap=True, run_rows=steps * B, text_blocks=need)
+    assert buf.overlap and buf.resident_bytes(4) == sync.resident_bytes(4) * 14 // 10
+    try:
+        for s in range(steps):
+            assert torch.equal(buf.batch_at(s, B), ref[s]), s
+            if s == 5 * per + 1:
+                state = buf.state(s, B)
+        assert buf.pending is None                       # nothing started past the run's last chunk
+    finally:
+        buf.close()
+    again = _stub_buffer(monkeypatch, overlap=True, run_rows=steps * B, text_blocks=need, start=state)
+    try:
+        for s in range(5 * per + 1, steps):
+            assert torch.equal(again.batch_at(s, B), ref[s]), s
+    finally:
+        again.close()
+    # the refill's time is booked: the (stub) forwards and the shuffle into parts
+    assert again.times["lm_forward"] > 0 and again.times["refill_copy"] > 0
+
+
+def test_live_buffer_steps_make_no_host_sync(monkeypatch):
+    """What train.py's loop does per step to get its batch from a live buffer (Prefetch.wait, get: the window's
+    gather) makes no host sync, over three windows and two refills, on the meta device (the GPU's stand-in; a
+    refill reads back once, its rows' finiteness, which meta cannot: left out here)."""
+    from hostsync import HostSyncs
+
+    from crosscoding import training
+    monkeypatch.setattr(activations.LiveBuffer, "_check_finite", lambda *a: None)
+    B = 16
+    buf = _stub_buffer(monkeypatch, overlap=False, device="meta")
+    per = buf.per_window(B)
+    batches = training.Prefetch(lambda step: buf.batch_at(step, B), ["a", "b"], "meta", 0, 3 * per,
+                                ready=lambda step: buf.ready(step, B))
+    with HostSyncs() as syncs:
+        for step in range(3 * per):
+            batches.wait(step)
+            x = batches.get(step)
+    assert syncs.ops == [] and x.device.type == "meta" and x.shape == (B, 2, 4)
+
+
+@pytest.mark.slow
+def test_overlapped_refill_trains_the_synchronous_run_and_resumes(local_model, tmp_path):
+    """train.py --refill overlap (the producer thread) ends with the weights of --refill sync, bit for bit, and
+    so does an overlapped run killed after a checkpoint and resumed from the text position it recorded."""
+    root, text, _ = local_model
+    base = [sys.executable, str(ROOT / "train.py"), "--model", str(root), "--layer", "1", "--revisions",
+            "step0,step100", "--text", str(text), "--seq-len", "16", "--dict-size", "64", "--batch-size", "64",
+            "--tokens", str(64 * 60), "--buffer-tokens", "640", "--heldout-tokens", "2000", "--ckpt-every", "25"]
+    runs = {}
+    for name, extra, env in (("sync", ["--refill", "sync"], ENV),
+                             ("overlap", ["--refill", "overlap"], ENV),
+                             ("killed", ["--refill", "overlap"], dict(ENV, CCT_FAULT="train_step:40"))):
+        runs[name] = tmp_path / name
+        r = subprocess.run(base + extra + ["--out", str(runs[name])], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == (-signal.SIGKILL if name == "killed" else 0), r.stderr[-2000:]
+    r = subprocess.run(base + ["--refill", "overlap", "--out", str(runs["killed"]), "--resume"], env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = _weights(runs["sync"])
+    for name in ("overlap", "killed"):
+        got = _weights(runs[name])
+        for k in ref:
+            assert torch.equal(ref[k], got[k]), (name, k)
+    log = [json.loads(line) for line in (runs["overlap"] / "log.jsonl").read_text().splitlines()]
+    _check_times(log, live=True)
