@@ -1,9 +1,15 @@
 """Shared test fixtures: tiny random models of every supported architecture, built from configs."""
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Two xdist workers on 2 cores, each starting stage scripts as subprocesses with 2 torch threads: OpenMP threads
+# that spin while they wait take the cores from each other (toy.py, 128 steps on a loaded 2-core box: 150 s
+# spinning, 20 s passive, the same weights). Set before torch loads; the subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -31,7 +31,7 @@ def test_every_check_runs_on_every_control(toy_run):
     cwd, run = toy_run
     run_args = json.loads((run / "run_args.json").read_text())
     ctl = controls.controls(run, "toy_sva", run_args, cwd, other_seed=1)
-    folders = {k: [cwd / f if not str(f).startswith("/") else f for f in v] for k, v in ctl["folders"].items()}
+    folders = {k: [cwd / f for f in v] for k, v in ctl["folders"].items()}   # relative to the cwd, or absolute
     fixed = CrossCoder.load(folders["fixed-decoder"][0])
     fresh = CrossCoder(fixed.cfg)        # the same config and seed: the initialisation the run started from
     torch.testing.assert_close(fixed.decoder(), fresh.W_dec_FMd, rtol=1e-5, atol=1e-6)
