@@ -3,6 +3,7 @@ value and what would be valid, no traceback, and nothing written that looks comp
 frictions: revision lists typed with spaces, nearest revisions, failed runs, help footers, the README's
 commands, the scan's table, a pickle that is not a state dict."""
 import json
+import re
 import runpy
 import shutil
 import subprocess
@@ -265,7 +266,7 @@ def test_help_footer_is_true(script, tmp_path, monkeypatch, capsys):
         assert "`--model pythia-1b --help` shows them" in toy
         paper = help_of("--model", "pythia-1b")
     else:
-        assert "`--run RUN --help`, RUN a run of a Hugging Face model, shows them" in toy and "--model" not in toy
+        assert "`--run RUN --help`, RUN a run of a Hugging Face model, shows them" in toy and not re.search(r"--model\b(?!-)", toy)
         paper = help_of("--run", str(run))
     assert "Defaults are the 'paper' preset's" in paper
     if script in ("relie.py", "seeds.py", "controls.py"):
