@@ -210,7 +210,7 @@ def inference_l0(planted: Planted, cc, seed=0) -> float:
         return float((cc.encode(sample(planted, 4096, g)) > 0).sum(1).float().mean())
 
 
-def sized_jumprelu(planted: Planted, steps, seed, size_kw=SIZE_KW, **kw):
+def sized_jumprelu(planted: Planted, steps, seed, size_kw=SIZE_KW):
     """JumpReLU's penalty sized to the data as k is for BatchTopK. Its coefficient is per unit of L0 in units
     of E‖x‖² and has no width rule that carries over from the toy it was chosen on (at its default this data
     trains to L0 ≈ 47, twelve times the ~4 features on per token), so it is read off the data: the default
@@ -219,7 +219,7 @@ def sized_jumprelu(planted: Planted, steps, seed, size_kw=SIZE_KW, **kw):
     from crosscoding.crosscoder import CrossCoderConfig
     coeff, tried, target_l0 = CrossCoderConfig.jumprelu_coeff, [], size_kw["k"]
     for _ in range(8):
-        cc = train(planted, "jumprelu", steps=steps, seed=seed, **size_kw, **kw, jumprelu_coeff=coeff)
+        cc = train(planted, "jumprelu", steps=steps, seed=seed, **size_kw, jumprelu_coeff=coeff)
         l0 = inference_l0(planted, cc, seed)
         tried.append((abs(np.log(l0 / target_l0)), coeff, cc))
         if l0 <= target_l0:
@@ -231,14 +231,16 @@ def sized_jumprelu(planted: Planted, steps, seed, size_kw=SIZE_KW, **kw):
 
 def trained(planted: Planted, arch, steps, seed, size_kw=SIZE_KW, **kw):
     """A crosscoder of variant `arch` trained on `planted` with its sparsity sized to the data (size_kw;
-    JumpReLU's coefficient by L0), on one thread; returns it and what was chosen for it."""
+    JumpReLU's coefficient by L0), on one thread; `kw`: config fields over size_kw's. Returns it and what was
+    chosen for it."""
+    kw = size_kw | kw
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         if arch == "jumprelu":
-            cc, coeff = sized_jumprelu(planted, steps, seed, size_kw, **kw)
+            cc, coeff = sized_jumprelu(planted, steps, seed, kw)
             return cc, {"jumprelu_coeff": coeff}
-        return train(planted, arch, steps=steps, seed=seed, **size_kw, **kw), {}
+        return train(planted, arch, steps=steps, seed=seed, **kw), {}
     finally:
         torch.set_num_threads(threads)
 
@@ -297,16 +299,24 @@ def _recovery_row(label, rs) -> str:
             + f" | {_spread(flat, 'one_to_one')} | {_spread(flat, 'l0', '.1f')} |")
 
 
-# Matryoshka, one change at a time (`--matryoshka-causes`): the config fields its recovery was tested against.
-MATRYOSHKA_CAUSES = {
-    "prefixes: one (the whole dictionary; = BatchTopK)": dict(matryoshka_groups=(1.0,)),
-    "prefixes: 1/4, 1/4, 1/2 (the smallest holds 128 ≥ 120 features)": dict(matryoshka_groups=(0.25, 0.25, 0.5)),
-    "prefixes: 1/16, 15/16 (only the smallest, 32 latents, kept)": dict(matryoshka_groups=(1 / 16, 15 / 16)),
-    "AuxK off (auxk_alpha 0)": dict(auxk_alpha=0.0),
-    "AuxK × 5 (auxk_alpha 5/32)": dict(auxk_alpha=5 / 32),
-    "no k anneal (k_anneal_steps 0)": dict(k_anneal_steps=0),
-    "k = 16": dict(k=16),
-}
+# Matryoshka, one change at a time (`--matryoshka-causes`): (label, variant, config fields changed). Under the
+# default mean over prefixes, the paper's sum is the same loss × G (G = 5 prefixes) with auxk_alpha / G; the
+# factor reaches only the gradient clipping.
+MATRYOSHKA_CAUSES = [
+    ("matryoshka: the paper's sum over prefixes (auxk_alpha 1/160)", "matryoshka", dict(auxk_alpha=1 / 160)),
+    ("matryoshka: AuxK off (auxk_alpha 0)", "matryoshka", dict(auxk_alpha=0.0)),
+    ("matryoshka: AuxK × 5 (auxk_alpha 5/32)", "matryoshka", dict(auxk_alpha=5 / 32)),
+    ("matryoshka: one prefix (the whole dictionary: BatchTopK's loss)", "matryoshka",
+     dict(matryoshka_groups=(1.0,))),
+    ("matryoshka: prefixes 1/4, 1/4, 1/2 (the smallest: 128 latents ≥ 120 features)", "matryoshka",
+     dict(matryoshka_groups=(0.25, 0.25, 0.5))),
+    ("matryoshka: prefixes 1/16, 15/16 (only the smallest, 32 latents)", "matryoshka",
+     dict(matryoshka_groups=(1 / 16, 15 / 16))),
+    ("matryoshka: no k anneal (k_anneal_steps 0)", "matryoshka", dict(k_anneal_steps=0)),
+    ("matryoshka: k = 6 (the features on per token)", "matryoshka", dict(k=6)),
+    ("matryoshka: k = 16", "matryoshka", dict(k=16)),
+    ("batchtopk: k = 16 (the control for k)", "batchtopk", dict(k=16)),
+]
 
 
 def recovery_main(args):
@@ -314,17 +324,17 @@ def recovery_main(args):
     from crosscoding.crosscoder import ARCHS, CrossCoder, CrossCoderConfig
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     groups = list(GROUPS)
-    print(f"{'run':<40} {'seed':>4} {'all':>5} " + " ".join(f"{g:>10}" for g in groups)
+    print(f"{'run':<60} {'seed':>4} {'all':>5} " + " ".join(f"{g:>10}" for g in groups)
           + f" {'1-to-1':>6} {'L0':>5} {'s':>4}")
     runs = [(arch, arch, {}) for arch in ([args.arch] if args.arch else ARCHS)]
     if args.matryoshka_causes:
-        runs += [("matryoshka: " + label, "matryoshka", kw) for label, kw in MATRYOSHKA_CAUSES.items()]
+        runs += MATRYOSHKA_CAUSES
     rows = []
     for label, arch, kw in runs:
         rs = []
         for seed in seeds:
             r = run_recovery(arch, args.steps, seed, **kw)
-            print(f"{label[:40]:<40} {seed:4d} {r['best']:5.2f} "
+            print(f"{label[:60]:<60} {seed:4d} {r['best']:5.2f} "
                   + " ".join(f"{r['best_groups'][g]:10.2f}" for g in groups)
                   + f" {r['one_to_one']:6.2f} {r['l0']:5.1f} {r['seconds']:4.0f}", flush=True)
             rs.append(r)
@@ -372,7 +382,7 @@ def main(argv=None):
     p.add_argument("--recovery", action="store_true", help="the recovery of planted birth/death groups (M = 3) "
                    "per variant instead of the timelines (RESULTS.md section `planted-recovery`)")
     p.add_argument("--matryoshka-causes", action="store_true", help="with --recovery: also Matryoshka with one "
-                   "config field changed at a time (MATRYOSHKA_CAUSES)")
+                   "config field changed at a time, and BatchTopK at the largest k tried (MATRYOSHKA_CAUSES)")
     p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section `planted`, "
                    "or `planted-recovery`)")
     args = p.parse_args(argv)
