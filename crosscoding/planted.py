@@ -5,6 +5,7 @@ scored against the truth.
     python -m crosscoding.planted                  # every variant in crosscoder.ARCHS, 3 seeds (10–45 s each)
     python -m crosscoding.planted --arch l1 --steps 800
     python -m crosscoding.planted --results        # the table into RESULTS.md (section `planted`)
+    python -m crosscoding.planted --recovery --matryoshka-causes --results   # section `planted-recovery`
 
 The generator (`planted_timelines`): N features per class — kept (alive at every revision), emerging
 (born at a later revision, alive to the end), discontinued (alive from the first, dead after an inner
@@ -19,6 +20,12 @@ over revisions, normalised space, unit norm) has the largest cosine with its pla
 decoder norms over revisions go through measures.timeline, and formed_at / faded_at / the class are
 compared with the truth: the exact-revision rate, the mean absolute error in revisions (faded_at over
 the features that fade in both), the class accuracy.
+
+Recovery (`--recovery`; `planted_groups`, `recovery`): 120 features in five fixed birth/death groups over
+M = 3 revisions (GROUPS: alive on all three, the first only, the first two, the last two, the last only),
+~6 on per token, F = 512; the fraction of planted features a latent's decoder matches at cosine ≥ 0.9, per
+group, to its best latent and one-to-one; `--matryoshka-causes` adds Matryoshka with one config field
+changed at a time (MATRYOSHKA_CAUSES).
 
 Sparsity is sized to the generator's ~4 features on per token: k = 4 for BatchTopK and Matryoshka, λ = 0.5
 for L1 (the paper's λ = 2 is for d = 2048), and for JumpReLU a coefficient read off the data by its L0
@@ -47,6 +54,7 @@ class Planted:
     kinds: list              # the class each feature was drawn as (the truth must agree: a test checks)
     noise: float             # std of the isotropic noise per coordinate
     p_on: float              # chance that a feature is on at a token
+    groups: list             # the group each feature was planted in (planted_timelines: its class)
 
     @property
     def revisions(self) -> list:
@@ -69,8 +77,29 @@ def planted_timelines(M=10, d=32, n_per_class=8, drift=0.2, wobble=0.3, noise=0.
             row[born:dies] = 1
             alive_NM.append(row)
             kinds.append(cls)
-    alive_NM = np.array(alive_NM)
-    N = len(alive_NM)
+    return _plant(np.array(alive_NM), kinds, d, drift, wobble, noise, 4 / len(kinds) if p_on is None else p_on, rng,
+                  kinds=kinds)
+
+
+# The recovery setup's five birth/death groups over M = 3 revisions: on which revisions a feature is alive.
+GROUPS = {"all three": (1, 1, 1), "first only": (1, 0, 0), "first two": (1, 1, 0), "last two": (0, 1, 1),
+          "last only": (0, 0, 1)}
+
+
+def planted_groups(groups=None, n_per_group=24, d=32, on=6, drift=0.2, wobble=0.3, noise=0.05, seed=0) -> Planted:
+    """Features planted in fixed birth/death groups (`groups`: name → alive pattern over the revisions,
+    default GROUPS: M = 3, five groups), `n_per_group` each, ~`on` features on per token; directions, size
+    drift and noise as planted_timelines draws them."""
+    groups = GROUPS if groups is None else groups
+    alive_NM = np.array([pattern for pattern in groups.values() for _ in range(n_per_group)], dtype=float)
+    names = [name for name in groups for _ in range(n_per_group)]
+    return _plant(alive_NM, names, d, drift, wobble, noise, on / len(alive_NM), np.random.default_rng(seed))
+
+
+def _plant(alive_NM, groups, d, drift, wobble, noise, p_on, rng, kinds=None) -> Planted:
+    """Sizes, directions and the truth for features alive where alive_NM is 1 (module docstring); `kinds`: the
+    class each was drawn as (None: the one the truth reads off its pattern)."""
+    N, M = alive_NM.shape
     size_NM = np.exp(np.cumsum(rng.normal(0, drift, (N, M)), 1))     # a random walk of the feature's size
     size_NM /= size_NM.max(1, keepdims=True)
     size_NM = alive_NM * (0.6 + 0.4 * size_NM)                       # alive: between 0.6 and 1 of its largest
@@ -80,12 +109,14 @@ def planted_timelines(M=10, d=32, n_per_class=8, drift=0.2, wobble=0.3, noise=0.
     D_NMd = torch.tensor(dirs_NMd * size_NM[..., None], dtype=torch.float32)
     tl = measures.timeline(size_NM, [f"r{m}" for m in range(M)])
     idx = {f"r{m}": m for m in range(M)} | {"": -1}
-    return Planted(D_NMd, tl.formed_at.map(idx).to_numpy(), tl.faded_at.map(idx).to_numpy(),
-                   tl.timeline_class.tolist(), kinds, noise, 4 / N if p_on is None else p_on)
+    classes = tl.timeline_class.tolist()
+    return Planted(D_NMd, tl.formed_at.map(idx).to_numpy(), tl.faded_at.map(idx).to_numpy(), classes,
+                   list(classes if kinds is None else kinds), noise, p_on, list(groups))
 
 
 def sample(planted: Planted, B, g) -> torch.Tensor:
-    """B tokens [B, M, d]: ~4 features on per token with coefficients in [0.5, 1.5], plus noise."""
+    """B tokens [B, M, d]: each feature on with chance p_on (~4 on per token in planted_timelines, ~6 in
+    planted_groups), its coefficient in [0.5, 1.5], plus noise."""
     N = planted.D_NMd.shape[0]
     on = torch.rand(B, N, generator=g) < planted.p_on
     c_BN = on * (0.5 + torch.rand(B, N, generator=g))
@@ -111,21 +142,33 @@ def train(planted: Planted, arch, steps=1500, batch=512, dict_size=128, lr=3e-3,
     return cc.fold_scales(s_M).eval().requires_grad_(False)
 
 
-def score(planted: Planted, cc) -> dict:
-    """The learned timelines against the truth (module docstring); also per feature, for reading."""
+def cosines(planted: Planted, cc) -> np.ndarray:
+    """[N, F]: the cosine of each planted feature's decoder with each latent's, both concatenated over the
+    revisions, in the normalised space the crosscoder was trained in (its folded scales restored)."""
     with torch.no_grad():
         s_M = cc.scales_M
         truth = torch.nn.functional.normalize((planted.D_NMd * s_M[None, :, None]).flatten(1), dim=1)
         learned = torch.nn.functional.normalize(cc.decoder().flatten(1), dim=1)
-        cos_N, match_N = (truth @ learned.T).max(1)
-        norms_NM = cc.decoder_norms()[match_N].numpy()
+        return (truth @ learned.T).numpy()
+
+
+RECOVERED_AT = 0.9     # a planted feature is recovered when a latent's decoder has at least this cosine with it
+
+
+def score(planted: Planted, cc) -> dict:
+    """The learned timelines against the truth (module docstring); also per feature, for reading."""
+    C_NF = cosines(planted, cc)
+    match_N = C_NF.argmax(1)
+    cos_N = C_NF[np.arange(len(C_NF)), match_N]
+    with torch.no_grad():
+        norms_NM = cc.decoder_norms()[torch.as_tensor(match_N)].numpy()
     tl = measures.timeline(measures.rel(norms_NM), planted.revisions)
     idx = {r: m for m, r in enumerate(planted.revisions)} | {"": -1}
     formed, faded = tl.formed_at.map(idx).to_numpy(), tl.faded_at.map(idx).to_numpy()
     both = (faded >= 0) & (planted.faded_N >= 0)
     return dict(
         n=len(formed), matched_cos_mean=float(cos_N.mean()), matched_cos_min=float(cos_N.min()),
-        missed=int((cos_N < 0.9).sum()),
+        missed=int((cos_N < RECOVERED_AT).sum()),
         formed_exact=float((formed == planted.formed_N).mean()),
         formed_mae=float(np.abs(formed - planted.formed_N).mean()),
         faded_exact=float((faded == planted.faded_N).mean()),
@@ -135,6 +178,24 @@ def score(planted: Planted, cc) -> dict:
                    for c in CLASSES},
         features=dict(formed=formed.tolist(), faded=faded.tolist(), classes=tl.timeline_class.tolist(),
                       cos=cos_N.tolist()))
+
+
+def recovery(planted: Planted, cc, at=RECOVERED_AT) -> dict:
+    """The fraction of planted features recovered (cosine ≥ `at`), over all and per planted group: `best`
+    matches each feature to its best latent (two features may share one), `one_to_one` to distinct latents
+    (the assignment of largest total cosine; a feature left without a latent, when F < N, is not recovered)."""
+    from scipy.optimize import linear_sum_assignment
+    C_NF = cosines(planted, cc)
+    best_N = C_NF.max(1)
+    rows, cols = linear_sum_assignment(C_NF, maximize=True)
+    one_N = np.full(len(C_NF), -1.0)
+    one_N[rows] = C_NF[rows, cols]
+    groups = np.array(planted.groups)
+    out = {"n": len(C_NF)}
+    for name, cos_N in (("best", best_N), ("one_to_one", one_N)):
+        out[name] = float((cos_N >= at).mean())
+        out[name + "_groups"] = {g: float((cos_N[groups == g] >= at).mean()) for g in dict.fromkeys(planted.groups)}
+    return out
 
 
 # Sizes for d = 32 (the paper's λ = 2 goes with d = 2048; k with ~4 features on per token), given to every
@@ -149,16 +210,16 @@ def inference_l0(planted: Planted, cc, seed=0) -> float:
         return float((cc.encode(sample(planted, 4096, g)) > 0).sum(1).float().mean())
 
 
-def sized_jumprelu(planted: Planted, steps, seed, target_l0):
+def sized_jumprelu(planted: Planted, steps, seed, size_kw=SIZE_KW):
     """JumpReLU's penalty sized to the data as k is for BatchTopK. Its coefficient is per unit of L0 in units
     of E‖x‖² and has no width rule that carries over from the toy it was chosen on (at its default this data
     trains to L0 ≈ 47, twelve times the ~4 features on per token), so it is read off the data: the default
-    × 4^j, j = 0, 1, …, trained in turn until the inference L0 falls to the target; of the last two, the one
-    whose L0 is nearer the target in ratio. Chosen by L0 on fresh draws, never by the score."""
+    × 4^j, j = 0, 1, …, trained in turn until the inference L0 falls to the target (size_kw's k); of the last
+    two, the one whose L0 is nearer the target in ratio. Chosen by L0 on fresh draws, never by the score."""
     from crosscoding.crosscoder import CrossCoderConfig
-    coeff, tried = CrossCoderConfig.jumprelu_coeff, []
+    coeff, tried, target_l0 = CrossCoderConfig.jumprelu_coeff, [], size_kw["k"]
     for _ in range(8):
-        cc = train(planted, "jumprelu", steps=steps, seed=seed, **SIZE_KW, jumprelu_coeff=coeff)
+        cc = train(planted, "jumprelu", steps=steps, seed=seed, **size_kw, jumprelu_coeff=coeff)
         l0 = inference_l0(planted, cc, seed)
         tried.append((abs(np.log(l0 / target_l0)), coeff, cc))
         if l0 <= target_l0:
@@ -168,20 +229,45 @@ def sized_jumprelu(planted: Planted, steps, seed, target_l0):
     return cc, coeff
 
 
+def trained(planted: Planted, arch, steps, seed, size_kw=SIZE_KW, **kw):
+    """A crosscoder of variant `arch` trained on `planted` with its sparsity sized to the data (size_kw;
+    JumpReLU's coefficient by L0), on one thread; `kw`: config fields over size_kw's. Returns it and what was
+    chosen for it."""
+    kw = size_kw | kw
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if arch == "jumprelu":
+            cc, coeff = sized_jumprelu(planted, steps, seed, kw)
+            return cc, {"jumprelu_coeff": coeff}
+        return train(planted, arch, steps=steps, seed=seed, **kw), {}
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_arch(arch, steps=1500, seed=0) -> dict:
     planted = planted_timelines(seed=seed)
     t0 = time.time()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    extra = {}
-    try:
-        if arch == "jumprelu":
-            cc, extra["jumprelu_coeff"] = sized_jumprelu(planted, steps, seed, target_l0=SIZE_KW["k"])
-        else:
-            cc = train(planted, arch, steps=steps, seed=seed, **SIZE_KW)
-    finally:
-        torch.set_num_threads(threads)
+    cc, extra = trained(planted, arch, steps, seed)
     out = score(planted, cc) | extra
+    out["l0"] = inference_l0(planted, cc, seed)
+    out["seconds"] = time.time() - t0
+    return out
+
+
+# The recovery setup (`--recovery`): M = 3 revisions, 24 features in each of the five GROUPS (120), ~6 on per
+# token, F = 512 latents, k = 8 (L1's λ as above; JumpReLU sized to L0 8 as above).
+RECOVERY_KW = SIZE_KW | dict(k=8)
+RECOVERY_F = 512
+
+
+def run_recovery(arch, steps=1500, seed=0, **kw) -> dict:
+    """One variant's recovery of the planted groups (planted_groups, seed `seed`: the draw and the init);
+    `kw`: config fields that change the variant (e.g. matryoshka_groups)."""
+    planted = planted_groups(seed=seed)
+    t0 = time.time()
+    cc, extra = trained(planted, arch, steps, seed, RECOVERY_KW, dict_size=RECOVERY_F, **kw)
+    out = recovery(planted, cc) | extra
     out["l0"] = inference_l0(planted, cc, seed)
     out["seconds"] = time.time() - t0
     return out
@@ -205,23 +291,115 @@ def _row(label, rs) -> str:
             + (_spread(rs, "l0", ".1f") if "l0" in rs[0] else "—") + " |")
 
 
+def _recovery_row(label, rs) -> str:
+    groups = list(rs[0]["best_groups"])
+    flat = [{"best": r["best"], "one_to_one": r["one_to_one"], "l0": r["l0"]}
+            | {g: r["best_groups"][g] for g in groups} for r in rs]
+    return (f"| {label} | {_spread(flat, 'best')} | " + " | ".join(_spread(flat, g) for g in groups)
+            + f" | {_spread(flat, 'one_to_one')} | {_spread(flat, 'l0', '.1f')} |")
+
+
+# Matryoshka, one change at a time (`--matryoshka-causes`): (label, variant, config fields changed). Under the
+# default mean over prefixes, the paper's sum is the same loss × G (G = 5 prefixes) with auxk_alpha / G; the
+# factor reaches only the gradient clipping.
+MATRYOSHKA_CAUSES = [
+    ("matryoshka: the paper's sum over prefixes (auxk_alpha 1/160)", "matryoshka", dict(auxk_alpha=1 / 160)),
+    ("matryoshka: AuxK off (auxk_alpha 0)", "matryoshka", dict(auxk_alpha=0.0)),
+    ("matryoshka: AuxK × 5 (auxk_alpha 5/32)", "matryoshka", dict(auxk_alpha=5 / 32)),
+    ("matryoshka: one prefix (the whole dictionary: BatchTopK's loss)", "matryoshka",
+     dict(matryoshka_groups=(1.0,))),
+    ("matryoshka: prefixes 1/4, 1/4, 1/2 (the smallest: 128 latents ≥ 120 features)", "matryoshka",
+     dict(matryoshka_groups=(0.25, 0.25, 0.5))),
+    ("matryoshka: prefixes 1/16, 15/16 (only the smallest, 32 latents)", "matryoshka",
+     dict(matryoshka_groups=(1 / 16, 15 / 16))),
+    ("matryoshka: no k anneal (k_anneal_steps 0)", "matryoshka", dict(k_anneal_steps=0)),
+    ("matryoshka: k = 6 (the features on per token)", "matryoshka", dict(k=6)),
+    ("matryoshka: k = 16", "matryoshka", dict(k=16)),
+    ("batchtopk: k = 16 (the control for k)", "batchtopk", dict(k=16)),
+]
+
+
+def recovery_main(args):
+    """--recovery: every variant's recovery of the planted groups (RESULTS.md `planted-recovery`)."""
+    from crosscoding.crosscoder import ARCHS, CrossCoder, CrossCoderConfig
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    groups = list(GROUPS)
+    print(f"{'run':<60} {'seed':>4} {'all':>5} " + " ".join(f"{g:>10}" for g in groups)
+          + f" {'1-to-1':>6} {'L0':>5} {'s':>4}")
+    runs = [(arch, arch, {}) for arch in ([args.arch] if args.arch else ARCHS)]
+    if args.matryoshka_causes:
+        runs += MATRYOSHKA_CAUSES
+    rows = []
+    for label, arch, kw in runs:
+        rs = []
+        for seed in seeds:
+            r = run_recovery(arch, args.steps, seed, **kw)
+            print(f"{label[:60]:<60} {seed:4d} {r['best']:5.2f} "
+                  + " ".join(f"{r['best_groups'][g]:10.2f}" for g in groups)
+                  + f" {r['one_to_one']:6.2f} {r['l0']:5.1f} {r['seconds']:4.0f}", flush=True)
+            rs.append(r)
+        sized = (" (coefficient " + ", ".join(f"{r['jumprelu_coeff']:.3g}" for r in rs) + ", sized to L0)"
+                 if "jumprelu_coeff" in rs[0] else "")
+        rows.append(_recovery_row(label + sized, rs))
+    untrained = []
+    for seed in seeds:
+        planted = planted_groups(seed=seed)
+        cc = CrossCoder(CrossCoderConfig(n_models=3, d_model=planted.D_NMd.shape[2], dict_size=RECOVERY_F, seed=seed))
+        untrained.append(recovery(planted, cc) | {"l0": float("nan")})
+    print(f"untrained crosscoder (the measure's negative control): recovered {_spread(untrained, 'best')}")
+    if args.results:
+        command = ("python -m crosscoding.planted --recovery" + (f" --arch {args.arch}" if args.arch else "")
+                   + (" --matryoshka-causes" if args.matryoshka_causes else "")
+                   + (f" --steps {args.steps}" if args.steps != 1500 else "")
+                   + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
+                   + (f" --first-seed {args.first_seed}" if args.first_seed else ""))
+        head = "| run | recovered | " + " | ".join(groups) + " | one-to-one | L0 |\n|" + "---|" * (len(groups) + 4)
+        update_results("planted-recovery", (
+            f"## Planted recovery per birth/death group (`{command}`)\n\n"
+            f"120 independent planted features over 3 revisions, 24 in each of five groups by the revisions they "
+            f"are alive on ({', '.join(f'{g} {GROUPS[g]}' for g in groups)}), ~6 on per token (coefficients in "
+            f"[0.5, 1.5]; d = 32, direction wobble and size drift as in `planted`, noise), a crosscoder of "
+            f"{RECOVERY_F} latents trained {args.steps} steps of 512 tokens through the public API: BatchTopK and "
+            f"Matryoshka k = 8, L1 λ = 0.5, JumpReLU's coefficient sized to L0 8 as in `planted`, every other field "
+            f"its CrossCoderConfig default. A planted feature is recovered when a latent's decoder (concatenated "
+            f"over the revisions, normalised space) has cosine ≥ {RECOVERED_AT} with it: its best latent (per group "
+            f"and over all), and one-to-one (distinct latents, the assignment of largest total cosine). L0: the "
+            f"inference rule's on fresh draws. Mean [min, max] over seeds {seeds.start}–{seeds.stop - 1}, each a new "
+            f"generator draw and crosscoder initialisation.\n\n" + head + "\n" + "\n".join(rows) + "\n"
+            + _recovery_row("untrained (negative control)", untrained)),
+            Path(__file__).resolve().parent.parent / "RESULTS.md")
+
+
 def main(argv=None):
     from crosscoding.crosscoder import ARCHS, CrossCoder, CrossCoderConfig
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=ARCHS, default=None, help="one variant (default: every one)")
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--seeds", type=int, default=3, help="generator and crosscoder seeds 0..N-1: each number is "
+    p.add_argument("--seeds", type=int, default=3, help="generator and crosscoder seeds: each number is "
                    "reported as mean [min, max] over them (default: %(default)s)")
-    p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section `planted`)")
+    p.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed, first-seed + 1, … "
+                   "(default: %(default)s)")
+    p.add_argument("--recovery", action="store_true", help="the recovery of planted birth/death groups (M = 3) "
+                   "per variant instead of the timelines (RESULTS.md section `planted-recovery`)")
+    p.add_argument("--matryoshka-causes", action="store_true", help="with --recovery: also Matryoshka with one "
+                   "config field changed at a time, and BatchTopK at the largest k tried (MATRYOSHKA_CAUSES)")
+    p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section `planted`, "
+                   "or `planted-recovery`)")
     args = p.parse_args(argv)
-    if args.seeds < 1 or args.steps < 1:
-        p.error(f"--seeds and --steps must be ≥ 1, got {args.seeds} and {args.steps}")
+    if args.seeds < 1 or args.steps < 1 or args.first_seed < 0:
+        p.error(f"--seeds and --steps must be ≥ 1 and --first-seed ≥ 0, got {args.seeds}, {args.steps} and "
+                f"{args.first_seed}")
+    if args.matryoshka_causes and not args.recovery:
+        p.error("--matryoshka-causes goes with --recovery")
+    if args.recovery:
+        return recovery_main(args)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     print(f"{'arch':<12} {'seed':>4} {'class acc':>9} {'formed exact':>12} {'formed MAE':>10} {'faded exact':>11} "
           f"{'faded MAE':>9} {'cos min':>7} {'L0':>5} {'s':>5}")
     rows = []
     for arch in [args.arch] if args.arch else ARCHS:
         rs = []
-        for seed in range(args.seeds):
+        for seed in seeds:
             r = run_arch(arch, args.steps, seed)
             print(f"{arch:<12} {seed:4d} {r['class_accuracy']:9.2f} {r['formed_exact']:12.2f} {r['formed_mae']:10.2f} "
                   f"{r['faded_exact']:11.2f} {r['faded_mae']:9.2f} {r['matched_cos_min']:7.2f} {r['l0']:5.1f} "
@@ -232,13 +410,14 @@ def main(argv=None):
         rows.append(_row(arch + sized, rs))
     untrained = [score(planted_timelines(seed=seed), CrossCoder(CrossCoderConfig(n_models=10, d_model=32,
                                                                                  dict_size=128, seed=seed)))
-                 for seed in range(args.seeds)]
+                 for seed in seeds]
     print("untrained crosscoder (the score's negative control): class accuracy "
           f"{_spread(untrained, 'class_accuracy')}, formed_at exact {_spread(untrained, 'formed_exact')}")
     if args.results:
         command = ("python -m crosscoding.planted" + (f" --arch {args.arch}" if args.arch else "")
                    + (f" --steps {args.steps}" if args.steps != 1500 else "")
-                   + (f" --seeds {args.seeds}" if args.seeds != 3 else ""))
+                   + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
+                   + (f" --first-seed {args.first_seed}" if args.first_seed else ""))
         update_results("planted", (
             f"## Planted timelines (`{command}`)\n\n32 planted features over 10 revisions (8 each kept, emerging, "
             f"discontinued, transient; size drifting ±20% a revision, noise), a crosscoder of 128 latents trained "

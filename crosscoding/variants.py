@@ -257,10 +257,12 @@ def group_ends(cfg):
 class Matryoshka(BatchTopK):
     """BatchTopK's selection, θ, inference and AuxK, with the Matryoshka loss: the latents are split into
     nested prefixes 0:e_1 ⊂ 0:e_2 ⊂ … ⊂ 0:F (matryoshka_groups, fractions of F) and EACH prefix alone must
-    reconstruct x: recon = Σ_g mean_b Σ_m ‖x_m − b_dec[m] − Σ_{i<e_g} f_i W_dec[i,m]‖². The paper's Eq. 2 sums
-    the prefixes' errors (dictionary_learning's trainer averages them, a constant factor that Adam ignores
-    but that would weaken AuxK by the number of groups): the sum, as the paper. The last prefix is the
-    whole dictionary, so its term is BatchTopK's mse; "mse" in the logs stays that one (comparable)."""
+    reconstruct x: recon = (1/G) Σ_g mean_b Σ_m ‖x_m − b_dec[m] − Σ_{i<e_g} f_i W_dec[i,m]‖² over the G prefixes.
+    The mean, as Bussmann et al.'s and dictionary_learning's trainers take it (the paper's Eq. 2 writes the sum,
+    a constant factor Adam ignores): AuxK is weighed against ONE reconstruction term, as in BatchTopK, so
+    auxk_alpha means the same in both; the sum weakens it G times, which on planted features leaves more of
+    them merged into the small prefixes' latents (RESULTS.md `planted-recovery`). The last prefix is the whole
+    dictionary, so its term is BatchTopK's mse; "mse" in the logs stays that one (comparable)."""
     name = "matryoshka"
 
     @staticmethod
@@ -282,12 +284,13 @@ class Matryoshka(BatchTopK):
     def recon(self, cc, x_BMd, t, mse):
         B = x_BMd.shape[0]
         r_BD = (x_BMd - cc.b_dec_Md).flatten(1)     # what the codes must reconstruct
+        ends = group_ends(self.cfg)
         total, start = 0.0, 0
-        for end in group_ends(self.cfg)[:-1]:
+        for end in ends[:-1]:
             r_BD = r_BD - t.decode_cols(start, end)  # the residual after prefix 0:end
             total = total + _wide(r_BD).pow(2).sum() / B
             start = end
-        return total + mse                           # the last prefix: the whole dictionary
+        return (total + mse) / len(ends)             # the last prefix: the whole dictionary
 
 
 # -----------------------------------------------------------------------------

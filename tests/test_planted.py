@@ -74,3 +74,68 @@ def test_the_command_reports_each_seed_and_the_spread(capsys, tmp_path, monkeypa
     assert "| 0.5 [0.0, 1.0] |" in row                          # missed: one feature under 0.9 in seed 0
     with pytest.raises(SystemExit):
         planted.main(["--seeds", "0"])
+
+
+def _with_decoder(p, rows_NMd, F=160, seed=0):
+    """A crosscoder (M, d of `p`, F latents) whose first decoder rows are rows_NMd, the rest its random init."""
+    cc = CrossCoder(CrossCoderConfig(n_models=p.D_NMd.shape[1], d_model=p.D_NMd.shape[2], dict_size=F, seed=seed))
+    with torch.no_grad():
+        cc.W_dec_FMd[:len(rows_NMd)] = rows_NMd
+    return cc
+
+
+def test_recovery_is_measured_per_group():
+    """The recovery groups: five birth/death patterns over M = 3, 24 features each, ~6 on per token. A decoder that
+    IS the planted dictionary recovers every feature of every group; one that lacks one group's features misses
+    exactly that group; a random one recovers none."""
+    p = planted.planted_groups(seed=0)
+    assert p.D_NMd.shape == (120, 3, 32) and abs(p.p_on * 120 - 6) < 1e-9
+    groups = np.array(p.groups)
+    assert {g: int((groups == g).sum()) for g in planted.GROUPS} == {g: 24 for g in planted.GROUPS}
+    alive = (p.D_NMd.norm(dim=-1) > 0).numpy().astype(int)
+    for g, pattern in planted.GROUPS.items():
+        assert (alive[groups == g] == pattern).all()
+    r = planted.recovery(p, _with_decoder(p, p.D_NMd))
+    assert r["n"] == 120 and r["best"] == r["one_to_one"] == 1.0
+    assert r["best_groups"] == r["one_to_one_groups"] == {g: 1.0 for g in planted.GROUPS}
+    noise = torch.randn(p.D_NMd.shape, generator=torch.Generator().manual_seed(1))
+    lacking = torch.where(torch.as_tensor(groups == "first two")[:, None, None], noise, p.D_NMd)
+    r = planted.recovery(p, _with_decoder(p, lacking))
+    assert r["best_groups"] == {g: float(g != "first two") for g in planted.GROUPS}
+    assert r["best"] == r["one_to_one"] == 0.8
+    r = planted.recovery(p, CrossCoder(CrossCoderConfig(n_models=3, d_model=32, dict_size=512)))
+    assert r["best"] == r["one_to_one"] == 0.0
+
+
+def test_recovery_one_to_one_gives_a_latent_to_one_feature_only():
+    """Two planted features with the same decoder and one latent for both: the best-latent count takes both, the
+    one-to-one count one. The cosine is taken in the space the crosscoder was trained in (its folded scales
+    restored): read there, the raw dictionary misses the features of several revisions, not those of one."""
+    p = planted.planted_groups(seed=0)
+    p.D_NMd[1] = p.D_NMd[0]                            # two 'all three' features, one direction
+    rows = p.D_NMd.clone()
+    rows[1] = torch.randn(3, 32, generator=torch.Generator().manual_seed(2))
+    s_M = torch.tensor([0.25, 1.0, 4.0])
+    cc = _with_decoder(p, rows * s_M[None, :, None]).fold_scales(s_M)     # trained on s_m x_m, then folded
+    r = planted.recovery(p, cc)
+    assert r["best_groups"]["all three"] == 1.0 and r["one_to_one_groups"]["all three"] == 23 / 24
+    assert r["best"] == 1.0 and r["one_to_one"] == 119 / 120
+    unfolded = _with_decoder(p, rows).fold_scales(s_M)                   # the raw dictionary, read normalised
+    r = planted.recovery(p, unfolded)["best_groups"]
+    assert r["first only"] == r["last only"] == 1.0 and r["all three"] == 0.0
+
+
+def test_the_recovery_command(capsys):
+    """python -m crosscoding.planted --recovery: a line per variant and seed with every group, the untrained
+    control; the markdown row gives mean [min, max] per group over the seeds."""
+    planted.main(["--recovery", "--arch", "batchtopk", "--steps", "30", "--seeds", "2", "--first-seed", "5"])
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines() if line.startswith("batchtopk ")]
+    assert [line[1] for line in lines] == ["5", "6"] and all(len(line) == 2 + 1 + 5 + 3 for line in lines)
+    assert "recovered 0.00 [0.00, 0.00]" in out                # the untrained control, both seeds
+    rs = [dict(best=b, one_to_one=o, l0=8.0, best_groups={"a": b, "b": 1.0}) for b, o in ((0.5, 0.4), (1.0, 1.0))]
+    assert planted._recovery_row("x", rs) == ("| x | 0.75 [0.50, 1.00] | 0.75 [0.50, 1.00] | 1.00 [1.00, 1.00] | "
+                                              "0.70 [0.40, 1.00] | 8.0 [8.0, 8.0] |")
+    for bad in (["--matryoshka-causes"], ["--recovery", "--first-seed", "-1"]):
+        with pytest.raises(SystemExit):
+            planted.main(bad)

@@ -86,7 +86,7 @@ def test_jumprelu_applies_theta_once_and_its_ste():
     assert torch.allclose(th.grad, (-(theta / eps) * band * g).sum(0))
 
 
-def test_matryoshka_loss_sums_its_prefixes():
+def test_matryoshka_loss_averages_its_prefixes():
     cc, x = _setup("matryoshka", F=64, matryoshka_groups=[0.25, 0.25, 0.5])
     assert group_ends(cc.cfg) == [16, 32, 64] and cc.cfg.matryoshka_groups == (0.25, 0.25, 0.5)
     out = cc.loss(x, step=7)
@@ -95,7 +95,7 @@ def test_matryoshka_loss_sums_its_prefixes():
     want = 0
     for end in (16, 32, 64):
         x_hat = torch.einsum("bf,fmd->bmd", f[:, :end], cc.W_dec_FMd[:end]) + cc.b_dec_Md
-        want = want + (x - x_hat).pow(2).sum() / len(x)
+        want = want + (x - x_hat).pow(2).sum() / len(x) / 3
     assert torch.allclose(out["loss"] - aux, want, rtol=1e-5)
     assert torch.allclose(out["mse"], (x - x_hat).pow(2).sum() / len(x), rtol=1e-5)   # the whole dictionary's
 
