@@ -33,18 +33,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from crosscoding import cli, defaults, lm, tasks
+from crosscoding import cli, common, defaults, lm, tasks
 from crosscoding.analysis import METHODS
-from crosscoding.common import (
-    UsageError,
-    positive,
-    read_json,
-    require_done,
-    run_main,
-    update_results,
-    write_json,
-    write_text,
-)
+from crosscoding.common import UsageError, read_json, require_done, write_json
 from crosscoding.findings import fmt, num, summarise
 from crosscoding.stages import ROOT, seed_run, took
 from crosscoding.training import last_log
@@ -113,7 +104,7 @@ def selection_task(run_args, task, max_pairs, out, run) -> dict:
     if path.exists() and path.read_text() != text:
         raise UsageError(f"{path} holds other pairs than the selection half of {task} with --max-pairs {max_pairs} "
                          f"(made with another task or --max-pairs); delete {out} or give another --out")
-    write_text(path, text)
+    common.write_text(path, text)
     return dict(file=str(path), task=task, max_pairs=max_pairs, test_frac=defaults.TEST_FRAC, split_seed=SPLIT_SEED,
                 n_selection=len(sel), n_test_never_read=len(test), checked_against_relie_split=checked)
 
@@ -220,7 +211,7 @@ def parse_args(argv=None):
     cli.add(p, "--run", "--task", "--threshold", "--max-pairs", run=str(run_dir), task=spec.task,
             threshold=spec.preset.ie_threshold)
     g = GRID
-    p.add_argument("--dict-sizes", type=parse_list("--dict-sizes", positive("--dict-sizes")),
+    p.add_argument("--dict-sizes", type=parse_list("--dict-sizes", common.positive("--dict-sizes")),
                    default=list(g["dict_sizes"]), help="stage 1's F (default: %(default)s)")
     p.add_argument("--l1-coeffs", type=parse_list("--l1-coeffs", cli.finite_positive("--l1-coeffs")),
                    default=list(g["l1_coeffs"]), help="stage 1's λ (default: %(default)s)")
@@ -228,7 +219,7 @@ def parse_args(argv=None):
                    help="stage 2's rankings (default: %(default)s)")
     p.add_argument("--methods", type=parse_list("--methods", str, tuple(METHODS)), default=list(g["methods"]),
                    help="stage 2's attribution methods (default: %(default)s)")
-    p.add_argument("--seeds", type=positive("--seeds"), default=2, help="crosscoder seeds 0 … N−1 per candidate "
+    p.add_argument("--seeds", type=common.positive("--seeds"), default=2, help="crosscoder seeds 0 … N−1 per candidate "
                    "(default: %(default)s)")
     cli.add(p, "--out", out=str(Path(run_dir) / "tune"))
     p.add_argument("--results", action="store_true", help="write the tables into RESULTS.md (section `tuning`)")
@@ -279,7 +270,7 @@ def main(argv=None):
     print(summary_text(result))
     if args.results:
         command = " ".join(["python tune.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
-        update_results("tuning", results_markdown(result, command), ROOT / "RESULTS.md")
+        common.update_results("tuning", results_markdown(result, command), ROOT / "RESULTS.md")
     print(f"wrote {path}")
 
 
@@ -369,4 +360,4 @@ def spread_sentence(result) -> str:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    common.run_main(main)

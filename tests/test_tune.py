@@ -150,7 +150,7 @@ def test_both_stages_and_the_record(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "selection_task", lambda *a: dict(file="sel.jsonl", task="toy_sva", max_pairs=None,
                                                                 test_frac=0.5, split_seed=0, n_selection=5,
                                                                 n_test_never_read=5))
-    monkeypatch.setattr(tune, "update_results", lambda name, md, path: written.update({name: md}))
+    monkeypatch.setattr(tune.common, "update_results", lambda name, md, path: written.update({name: md}))
     tune.main(["--run", str(run), "--out", str(tmp_path / "out"), "--l1-coeffs", "1,2", "--results"])
     stage1 = {(c[1], c[2]) for c in calls if (c[5], c[6]) == ("atp", "positive")}
     assert stage1 == {(f, lam) for f in (128, 256, 512) for lam in (1.0, 2.0)}
