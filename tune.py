@@ -50,7 +50,7 @@ CRITERION = ("the mean over crosscoder seeds of the last revision's top-k minus 
              "the inner test half of the selection pairs (ablate.py's verdicts.csv, excess_points)")
 BARS_RULE = (f"every seed keeps the toy's quality bars on train.py's last validation line: FVU ≤ {BARS['fvu']:g} at "
              f"every revision, L0 ≤ {BARS['l0']:g}, dead ≤ {100 * BARS['dead']:g}%")
-TIE_RULE = ("ties (means within 1e-9 points) go to the higher minimum over seeds, then to the current default, then "
+TIE_RULE = ("a tie (means within 1e-9 points) goes to the higher minimum over seeds, then to the current default, then "
             "to the first candidate in the grid's order")
 
 
@@ -117,12 +117,15 @@ def keeps_bars(val_fvu, val_l0, val_dead) -> bool:
 
 
 def measured(folder, name, revisions) -> dict:
-    """A finished candidate's numbers: the criterion (the last revision's verdict row), the bars (train.py's
-    last validation line) and evaluate.py's FVU, L0 and dead beside them."""
+    """A finished candidate's numbers: the criterion (the last revision's verdict row, with its 95% interval over
+    the inner test pairs' groups), the bars (train.py's last validation line), evaluate.py's FVU, L0 and dead
+    beside them, and the sizes of relie.py's inner split."""
     v = pd.read_csv(folder / "ablation" / name / "verdicts.csv").set_index("revision").loc[revisions[-1]]
     val = last_log(folder)
     ev = read_json(folder / "eval.json", "evaluation")
-    return dict(folder=str(folder), excess_points=float(v.excess_points), excess_points_lo=float(v.excess_points_lo),
+    inner = read_json(folder / "relie" / name / "summary.json", "attribution summary")["split"]
+    return dict(folder=str(folder), inner_selection_pairs=inner["n_selection"], inner_test_pairs=inner["n_test"],
+                excess_points=float(v.excess_points), excess_points_lo=float(v.excess_points_lo),
                 excess_points_hi=float(v.excess_points_hi), verdict=v.verdict, val_fvu=val["val_fvu"],
                 val_l0=val["val_l0"], val_dead_frac=val["val_dead_frac"],
                 keeps_bars=keeps_bars(val["val_fvu"], val["val_l0"], val["val_dead_frac"]),
@@ -295,7 +298,7 @@ def summary_text(result) -> str:
     p = result["pairs"]
     out = [f"tuning on the selection half of {p['task']} ({p['n_selection']} pairs; relie.py splits them again, "
            f"ablate.py scores on the inner test half; the {p['n_test_never_read']} test pairs were not read)",
-           f"criterion: {result['criterion']}", f"bars: {result['bars']['rule']}", f"ties: {result['tie_rule']}",
+           f"criterion: {result['criterion']}", f"bars: {result['bars']['rule']}", result["tie_rule"],
            "\nstage 1 (ranked by positive IE, attribution atp):",
            stage_table(result["stage1"]["candidates"], ("dict_size", "l1_coeff"), last)]
     if result["stage2"]["candidates"]:
@@ -326,10 +329,11 @@ def results_markdown(result, command="python tune.py") -> str:
             f"test_frac {p['test_frac']:g}, split seed {p['split_seed']}"
             + (f", --max-pairs {p['max_pairs']}" if p["max_pairs"] else "")
             + f"), written to a task file; relie.py splits it again and ablate.py scores each candidate on that inner "
-            f"test half. The {p['n_test_never_read']} test pairs every reported finding is measured on were not read. "
-            f"Every candidate: an {result['arch']} crosscoder on the run's own data and tokens, "
-            f"{len(result['seeds'])} crosscoder seeds. The criterion, fixed before looking: {result['criterion']}, "
-            f"among the candidates where {result['bars']['rule']}; {result['tie_rule']}. Coordinate-wise: stage 1 "
+            f"test half ({inner_sizes(result)}). The {p['n_test_never_read']} test pairs every reported finding is "
+            f"measured on were not read. Every candidate: an {result['arch']} crosscoder on the run's own data and "
+            f"tokens, crosscoder seeds {', '.join(map(str, result['seeds']))}. The criterion, fixed before looking: "
+            f"{result['criterion']}, among the candidates where {result['bars']['rule']}; {result['tie_rule']}. "
+            "Coordinate-wise: stage 1 "
             "varies F and λ (AtP, latents ranked by positive IE), stage 2 the ranking and the method at stage 1's "
             f"choice.{took(result.get('seconds'))}\n\n"
             f"Stage 1:\n\n| F | λ | {cols}\n|---|---|---|---|---|---|---|---|\n"
@@ -341,6 +345,11 @@ def results_markdown(result, command="python tune.py") -> str:
                  f"{_md_rows(result['stage2']['candidates'], ('select', 'method'))}\n")
     text += "\n" + choice_sentence(result) + spread_sentence(result)
     return text
+
+
+def inner_sizes(result) -> str:
+    p = result["stage1"]["candidates"][0]["per_seed"][0]
+    return f"{p['inner_selection_pairs']} inner selection and {p['inner_test_pairs']} inner test pairs"
 
 
 def spread_sentence(result) -> str:

@@ -141,8 +141,9 @@ def test_both_stages_and_the_record(tmp_path, monkeypatch):
         method, select = name.split("-")[1:]
         v = gap.get((f, lam), 10.0) + (5.0 if (select, method) == ("abs", "ig") else 0.0)
         v += 0.5 * int(folder.name[-1])     # seed 1 a little higher
-        return dict(folder=str(folder), excess_points=v, val_fvu=[0.2 if lam == 1.0 else 0.03], val_l0=20.0,
-                    val_dead_frac=0.1, keeps_bars=lam != 1.0)     # λ = 1 misses the FVU bar
+        return dict(folder=str(folder), inner_selection_pairs=3, inner_test_pairs=2, excess_points=v,
+                    val_fvu=[0.2 if lam == 1.0 else 0.03], val_l0=20.0, val_dead_frac=0.1,
+                    keeps_bars=lam != 1.0)     # λ = 1 misses the FVU bar
 
     written = {}
     monkeypatch.setattr(tune, "seed_run", fake_seed_run)
@@ -169,6 +170,7 @@ def test_both_stages_and_the_record(tmp_path, monkeypatch):
     assert "`python tune.py --run" in md and "| 128 | 1 | 30.25 [30.00, 30.50] | 30.0 30.5 |" in md
     assert "**no** |" in md and "| abs | ig | 30.25 [30.00, 30.50] |" in md
     assert "differs from the current defaults" in md and "defaults.py is unchanged" in md
+    assert "(3 inner selection and 2 inner test pairs)" in md and "crosscoder seeds 0, 1." in md
 
 
 @pytest.mark.slow
@@ -199,6 +201,8 @@ def test_tune_on_a_tiny_grid(toy_run, tmp_path):
     summary = json.loads((folder / "relie" / "selection-atp-positive" / "summary.json").read_text())
     assert summary["task"].endswith("selection.jsonl") and summary["split"]["n_selection"] + summary["split"][
         "n_test"] == len(sel)
+    assert (c1["per_seed"][0]["inner_selection_pairs"], c1["per_seed"][0]["inner_test_pairs"]) == (
+        summary["split"]["n_selection"], summary["split"]["n_test"])
     inner = pd.read_csv(folder / "relie" / "selection-atp-positive" / "split.csv")
     assert set(inner.prefix) <= {p.prefix for p in sel}
     assert json.loads((folder / "config.json").read_text())["dict_size"] == 64
