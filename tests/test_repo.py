@@ -32,7 +32,7 @@ def test_torch_load_always_weights_only_and_no_remote_code():
 
 LIBRARY = {p.stem for p in (ROOT / "crosscoding").glob("*.py")} - {"__init__"}   # the package
 STAGES = {"cache_acts", "train", "evaluate", "relie", "ablate", "bench", "app", "seeds", "controls", "checkpoint_sets",
-          "convert", "toy"}
+          "convert", "toy", "tune"}
 
 
 def _imports(path):
