@@ -864,7 +864,8 @@ def flags_of(df: pd.DataFrame) -> dict:
 def revision_x(revs, flags: dict, title) -> alt.X:
     """The revisions on x in training order, each label carrying its accuracy flag: 'step512 (ceiling)'."""
     expr = "".join(f"datum.value == {json.dumps(r)} ? {json.dumps(f'{r} ({f})')} : " for r, f in flags.items() if f)
-    axis = alt.Axis(labelExpr=expr + "datum.value", labelLimit=600, labelAngle=-40 if len(revs) > 6 else 0)
+    axis = alt.Axis(labelExpr=expr + "datum.value", labelLimit=600, labelAngle=-90 if len(revs) > 6 else 0,
+                    labelOverlap=False)
     return alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs), title=title, axis=axis)
 
 
@@ -1090,8 +1091,7 @@ def ablation_bars(d: pd.DataFrame, revs, top_of: str, flags: dict, value="acc_dr
         y=alt.Y(f"{value}:Q", title=what), color=alt.Color("kind:N", sort=["top-k", "random-k"],
                                                           legend=alt.Legend(title=None)), tooltip=tip, **enc)
     ticks = alt.Chart(both).mark_rule(color="black").encode(y=f"{cols[1]}:Q", y2=f"{cols[2]}:Q", **enc)
-    return (bars + ticks).properties(title=f"ablating the top-k latents of {top_of} against random-k: {what}",
-                                     height=300)
+    return (bars + ticks).properties(title=f"top-k of {top_of} vs random-k: {what}", height=300)
 
 
 def gap_heatmaps(sets: pd.DataFrame, revs, flags: dict):
@@ -1106,7 +1106,8 @@ def gap_heatmaps(sets: pd.DataFrame, revs, flags: dict):
     for where, value, title in zip(st.columns(2), ("points", "delta"), titles):
         where.altair_chart(alt.Chart(gap).mark_rect().encode(
             x=revision_x(revs, flags, "spliced into"),
-            y=alt.Y("selected_at:N", sort=revs, scale=alt.Scale(domain=revs), title="top-k of"),
+            y=alt.Y("selected_at:N", sort=revs, scale=alt.Scale(domain=revs), title="top-k of",
+                    axis=alt.Axis(labelOverlap=False)),
             color=alt.Color(f"{value}:Q", scale=diverging(gap[value]),
                             legend=alt.Legend(title=None)),
             tooltip=["selected_at", "revision", alt.Tooltip("points:Q", format="+.1f"),
@@ -1350,6 +1351,16 @@ def findings_frame(f: dict, keys=None) -> pd.DataFrame:
                           "per seed": " ".join(num(x) for x in v.get("per_seed") or [])} for k, v in rows])
 
 
+def findings_tables(f: dict, over: str):
+    """The headline findings (mean [min, max], per seed) and, folded, every finding."""
+    if f:
+        head = findings_frame(f, SEED_HEADLINES)
+        if len(head):
+            st.dataframe(head, width="stretch", hide_index=True)
+        with st.expander(f"every finding over {over} ({len(f)})"):
+            st.dataframe(findings_frame(f), width="stretch", hide_index=True)
+
+
 SEED_HEADLINES = ("ablation_gap_last", "top_drop_last", "excess_delta_last", "joint_predicted_last",
                   "joint_measured_last", "latents_share_last", "latents_share_min", "rho_relie_mean", "rho_reldec_mean",
                   "rho_membership_mean", "faithfulness_rho", "l0", "dead_frac")
@@ -1371,10 +1382,7 @@ def show_seeds(name: str, res: dict):
                  f"{res.get('method', '')})")
     f = res.get("findings") or {}
     verdict_lines(holds_lines(f, revs, f"seeds {', '.join(map(str, seeds))}"))
-    if f:
-        st.dataframe(findings_frame(f, SEED_HEADLINES), width="stretch", hide_index=True)
-        with st.expander(f"every finding over the seeds ({len(f)})"):
-            st.dataframe(findings_frame(f), width="stretch", hide_index=True)
+    findings_tables(f, "the seeds")
     m, n = res.get("matched_top_k_fraction") or {}, res.get("matched_random_fraction") or {}
     if m.get("mean") is not None:
         st.caption(f"Top-k latents matched one-to-one in every other seed: {fmt(m)}; random active latents of matched "
@@ -1385,7 +1393,7 @@ def show_seeds(name: str, res: dict):
         st.markdown(f"**Over split seeds {esc(split.get('seeds'))} of the pairs** (relie.py --split-seed; the run's "
                     "own crosscoder attributed and ablated on each split)")
         verdict_lines(holds_lines(split.get("findings") or {}, revs, "split seeds"))
-        st.dataframe(findings_frame(split.get("findings") or {}), width="stretch", hide_index=True)
+        findings_tables(split.get("findings") or {}, "the split seeds")
     lm = res.get("lm_seeds")
     if isinstance(lm, dict):
         st.markdown(f"**Over LM seeds {esc(lm.get('seeds'))}** (the toy LM pretrained with each seed, each crosscoded "
@@ -1401,7 +1409,7 @@ def show_seeds(name: str, res: dict):
                 text += f" — <b>{NOT_HOLD}</b>"
             lines.append((verdict_badge(v.get("verdict"), verdicts.TOPK_RULE), text))
         verdict_lines(lines)
-        st.dataframe(findings_frame(lm.get("findings") or {}), width="stretch", hide_index=True)
+        findings_tables(lm.get("findings") or {}, "the LM seeds")
     methods = res.get("methods") or {}
     if len(methods) > 1:
         st.markdown("**Attribution methods on the same seeds**")

@@ -156,13 +156,13 @@ def toy_model():
 @pytest.fixture(scope="session")
 def toy_run(tmp_path_factory):
     """A small, fast toy run through every stage (a 20k-token cache, 60 steps of a 128-latent
-    crosscoder, 10 pairs per sub-task), each stage in this process: what the app and the bad-input tests read. The
-    findings of the default run are conftest.toy_pipeline's (slow)."""
+    crosscoder validated 3 times, 10 pairs per sub-task), each stage in this process: what the app and the bad-input
+    tests read. The findings of the default run are conftest.toy_pipeline's (slow)."""
     cwd = tmp_path_factory.mktemp("toyrun")
     run_stage(["cache_acts.py", "--scan", "--model", "toy", "--scan-tokens", "512"], cwd)
     run_stage(["cache_acts.py", "--model", "toy", "--tokens", "20000"], cwd)
     run = cwd / "runs" / "toy-small"
-    run_stage(["train.py", "--dict-size", "128", "--tokens", str(1024 * 60), "--out", str(run),
+    run_stage(["train.py", "--dict-size", "128", "--tokens", str(1024 * 60), "--log-every", "20", "--out", str(run),
                "--cache", str(next((cwd / "cache").iterdir()))], cwd)
     run_stage(["evaluate.py", "--run", str(run), "--blocks", "32"], cwd)
     run_stage(["relie.py", "--run", str(run), "--max-pairs", "10", "--context-blocks", "4"], cwd)
