@@ -6,8 +6,10 @@ which checkpoint, what they respond to, and what breaks without them.
 
 Pages: Checkpoints (scans/), Training (the run's config, log.jsonl, eval.json), Latents (the emergence map,
 coverage, faithfulness, contexts, logit effects, annotations), Timeline (every latent over the revisions in
-training order, grouped by where it forms, under the accuracy curve; each formation revision's latents),
-Ablation (top-k against random-k with intervals, the joint table). Runs are listed newest first. The app
+training order, grouped by where it forms, under the accuracy curve; each formation revision's latents with their
+verdicts), Ablation (each revision's top-k verdict; top-k against random-k, accuracy drops beside Δ, with
+intervals and ceiling/chance flags; leave-one-out, overlaps, classes, the joint and consistency tables with their
+verdicts), Checks (the verdicts of controls.py, checkpoint_sets.py and seeds.py). Runs are listed newest first. The app
 reads only inside its runs and scans roots, loads no
 pickles, escapes every text it renders as HTML, and (by Streamlit's config here) listens on
 127.0.0.1. Annotations go to runs/<name>/annotations.csv, which relie.py's exports pick up.
@@ -27,8 +29,9 @@ import streamlit as st
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from crosscoding import measures  # noqa: E402  (numpy/pandas only: the viewer loads no torch)
+from crosscoding import measures, verdicts  # noqa: E402  (numpy/pandas only: the viewer loads no torch)
 from crosscoding.common import DONE  # noqa: E402
+from crosscoding.findings import fmt, num, span  # noqa: E402
 
 
 def roots():
@@ -477,6 +480,9 @@ def latent_detail(run: Path, cfg: dict, task: str | None, row, latent: int):
     revs = cfg["revisions"]
     flagged = " — flagged: likely L1 artifact (latent scaling)" if row.get("artifact") is True else ""
     st.subheader(f"Latent {latent}{flagged}")
+    checks = latent_verdicts(run, task, revs, attributed(run, task))
+    if checks is not None and latent in checks.index:
+        st.markdown(" · ".join(f"**{c}**: {v}" for c, v in checks.loc[latent].items() if isinstance(v, str) and v))
     if badge(row, len(revs)):
         st.warning(f"Unfaithful: {badge(row, len(revs)).strip(' ⚠')} (the table below); its IE here is not what "
                    "removing it does.")
@@ -767,11 +773,25 @@ def formation_groups(run, cfg, task, view, formed_col, cls_col, sheet, scan, cou
             "not attributed")
         table["faithful"] = members.latent.map(info["disagree"]).map(
             lambda n: "" if pd.isna(n) else "yes" if n == 0 else f"⚠ no: {int(n)} of {len(revs)} revisions")
+    checks = latent_verdicts(run, task, revs, sheet)
+    if checks is not None:
+        for c in checks.columns:
+            table[c] = members.latent.map(checks[c]).fillna("")
+        held = table["in top-k set of (its verdict)"].str.contains(verdicts.HOLDS).sum()
+        st.markdown(f"{held} of these {len(table)} latents are in a top-k set whose revision's verdict holds "
+                    f"(ablate.py).")
     table["top context"] = members.latent.map(lambda i: context_text(contexts[str(i)][0])
                                               if contexts.get(str(i)) else "")
-    st.dataframe(table, width="stretch", hide_index=True)
+    wide = {c: st.column_config.TextColumn(width="large") for c in table.columns if checks is not None
+            and c in checks.columns}
+    st.dataframe(table, width="stretch", hide_index=True, column_config=wide)
     st.caption(f"{len(table)} latents form at {group}; the top context (relie.py's, for the latents it attributes) "
-               "marks the activating token ⟦so⟧ with its activation.")
+               "marks the activating token ⟦so⟧ with its activation."
+               + (" In top-k set of: the revisions whose top-k set holds the latent, each with that revision's verdict "
+                  "(its top-k set against random-k on the test pairs). Its RelIE class ablated: the class's latents "
+                  "zeroed together at the revision the class names (else where the latent's |IE| peaks), their excess "
+                  "accuracy drop and Δ over random sets of its size with 95% intervals; ✔ / ✘ by the top-k rule."
+                  if checks is not None else ""))
     latent = st.selectbox("latent", [int(i) for i in members.latent], key=f"tl-latent-{run.name}-{group}",
                           format_func=lambda i: f"{i}{badge(members.set_index('latent').loc[i], len(revs))}")
     row = view[view.latent == latent].iloc[0]
@@ -796,19 +816,248 @@ def formation_groups(run, cfg, task, view, formed_col, cls_col, sheet, scan, cou
 
 
 # ---------------------------------------------------------------------------------------------
-# Ablation
+# Verdicts: each check's holds / fails / uninformative as the stage that applied its rule wrote it
 
-# The ablation folder's tables shown under its charts, in this order: (file, title, what it says). A later
-# stage's table (per class, a verdict) appears by being listed here.
+# verdict → (mark, text colour, background); "mixed": a finding that holds in some seeds and not in others
+VERDICT_STYLE = {verdicts.HOLDS: ("✔", "#116329", "#dafbe1"), verdicts.FAILS: ("✘", "#a40e26", "#ffebe9"),
+                 verdicts.UNINFORMATIVE: ("?", "#7d4e00", "#fff8c5"), "mixed": ("◐", "#7d4e00", "#fff1e5")}
+NOT_HOLD = "the latent-level finding does not hold at this revision"
+
+
+def verdict_badge(verdict, rule: str = "", label: str | None = None) -> str:
+    """A verdict as a coloured badge (HTML, escaped), the rule it applied as its hover text."""
+    v = verdict if isinstance(verdict, str) and verdict else "no verdict"
+    mark, fg, bg = VERDICT_STYLE.get(v, ("·", "#57606a", "#f6f8fa"))
+    return (f"<span class='cct-verdict' title='{html.escape(str(rule or ''), quote=True)}' style='display:inline-block;"
+            f"padding:0 7px;border-radius:9px;font-weight:600;white-space:nowrap;color:{fg};background:{bg};"
+            f"border:1px solid {fg}'>{mark} {html.escape(label or v)}</span>")
+
+
+def verdict_lines(lines, where=st):
+    """(badge, text) pairs as one block of lines; text is HTML whose data parts the caller escaped."""
+    if lines:
+        where.markdown("".join(f"<div class='cct-verdict-row' style='margin:4px 0'>{b} {t}</div>" for b, t in lines),
+                       unsafe_allow_html=True)
+
+
+def esc(x) -> str:
+    return html.escape(str(x))
+
+
+def ci(v, lo, hi, f="+.1f") -> str:
+    """A value with its interval: '+26.0 [+21.6, +30.6]'."""
+    return f"{v:{f}} [{lo:{f}}, {hi:{f}}]"
+
+
+def flag_of(x) -> str:
+    """A revision's accuracy flag (ablate.py: 'ceiling', 'chance'); '' where none (read back from CSV as NaN)."""
+    return x if isinstance(x, str) else ""
+
+
+def flags_of(df: pd.DataFrame) -> dict:
+    """revision → accuracy flag, from a table with `revision` and `flag` columns (none when it has no flags)."""
+    if df is None or "flag" not in df:
+        return {}
+    return {r: flag_of(f) for r, f in df.groupby("revision", sort=False).flag.first().items()}
+
+
+def revision_x(revs, flags: dict, title) -> alt.X:
+    """The revisions on x in training order, each label carrying its accuracy flag: 'step512 (ceiling)'."""
+    expr = "".join(f"datum.value == {json.dumps(r)} ? {json.dumps(f'{r} ({f})')} : " for r, f in flags.items() if f)
+    axis = alt.Axis(labelExpr=expr + "datum.value", labelLimit=600, labelAngle=-90 if len(revs) > 6 else 0,
+                    labelOverlap=False)
+    return alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs), title=title, axis=axis)
+
+
+def diverging(values) -> alt.Scale:
+    """Red for a positive effect, blue for a negative one, white at 0, equally deep for equal sizes."""
+    lim = float(np.nanmax(np.abs(values))) if len(values) and np.isfinite(values).any() else 1.0
+    return alt.Scale(scheme="redblue", reverse=True, domain=[-lim, lim] if lim > 0 else [-1, 1])
+
+
+def topk_verdict_lines(ver: pd.DataFrame, revs) -> list:
+    """ablate.py's verdicts.csv, one line per revision: its own top-k set against random-k sets there."""
+    lines = []
+    for r in in_order(ver, revs).itertuples():
+        flag = flag_of(r.flag)
+        acc = f"clean accuracy {r.acc_clean:.2f}" + (f" (at {flag}: accuracy can hardly move there; Δ decides)"
+                                                     if flag else "")
+        text = (f"<b>{esc(r.revision)}</b> — {acc}; its top-k set against random-k sets: excess accuracy drop "
+                f"{ci(r.excess_points, r.excess_points_lo, r.excess_points_hi)} points, excess Δ "
+                f"{ci(r.excess_delta, r.excess_delta_lo, r.excess_delta_hi, '+.3f')}")
+        if r.verdict != verdicts.HOLDS:
+            text += f" — <b>{NOT_HOLD}</b>"
+        lines.append((verdict_badge(r.verdict, r.rule), text))
+    return lines
+
+
+def show_topk_verdicts(ver: pd.DataFrame, revs, summary: dict):
+    held = [r for r, v in zip(ver.revision, ver.verdict) if v == verdicts.HOLDS]
+    st.subheader(f"Verdict per revision: its top-k latents carry the task at {len(held)} of {len(ver)} revisions")
+    verdict_lines(topk_verdict_lines(ver, revs))
+    rules = summary.get("rules") or {}
+    st.caption("Each revision's own top-k set ablated against random-k sets of matched activation frequency, on the "
+               "held-out test pairs; excess = top − random, 95% intervals over the test pairs' groups of near-copies. "
+               f"Rule (ablate.py): {rules.get('top_k', verdicts.TOPK_RULE)}; "
+               f"{rules.get('top_k_flagged', verdicts.TOPK_FLAGGED_RULE)}. Hover a badge for the rule as applied.")
+
+
+def class_mark(row, revision: str, margin: dict, flags: dict) -> str:
+    """✔ / ✘: a class's set (a row of classes.csv) judged at a revision by the top-k rule (verdicts.topk_vs_random)
+    against random sets of its size; '' where the revision's margin is unknown."""
+    if revision not in margin:
+        return ""
+    v, _ = verdicts.topk_vs_random(row.excess_points, row.excess_points_lo, row.excess_delta, row.excess_delta_lo,
+                                   margin[revision], flags.get(revision, ""))
+    return VERDICT_STYLE[v][0]
+
+
+def class_cell(row, revision: str, margin: dict, flags: dict) -> str:
+    return (f"{ci(row.excess_points, row.excess_points_lo, row.excess_points_hi)} pts · Δ "
+            f"{ci(row.excess_delta, row.excess_delta_lo, row.excess_delta_hi, '+.3f')} "
+            f"{class_mark(row, revision, margin, flags)}").strip()
+
+
+def latent_verdicts(run: Path, task: str | None, revs, sheet: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Per latent of ablate.py's sets: the revisions whose top-k set holds it, each with that revision's verdict
+    (verdicts.csv), and its RelIE class ablated as a set (classes.csv) at the revision the class names, else where
+    the latent's |IE| peaks. None where the task has no finished ablation."""
+    folder = run / "ablation" / task if task else None
+    if folder is None or not (folder / DONE).exists():
+        return None
+    summary = json_of(folder / "summary.json") or {}
+    ver = csv_of(folder / "verdicts.csv")
+    verdict_at = dict(zip(ver.revision, ver.verdict)) if ver is not None else {}
+    member = {}
+    for r in revs:
+        for i in (summary.get("sets") or {}).get(r, []):
+            v = verdict_at.get(r, "no verdict")
+            member.setdefault(int(i), []).append(f"{r} {VERDICT_STYLE.get(v, ('·',))[0]} {v}")
+    out = pd.DataFrame({"in top-k set of (its verdict)": {i: "; ".join(v) for i, v in member.items()}}, dtype=object)
+    cls = csv_of(folder / "classes.csv")
+    if cls is None or not len(cls):
+        return out
+    margin = dict(zip(ver.revision, ver.margin)) if ver is not None and "margin" in ver else {}
+    flags = flags_of(ver)
+    peak = (sheet.set_index("latent")["ie_peak_at"] if sheet is not None and "ie_peak_at" in sheet
+            else pd.Series(dtype=object))
+    by = cls.set_index(["relie_class", "revision"])
+    text = {}
+    for c, latents in cls.drop_duplicates("relie_class").set_index("relie_class").latents.items():
+        named = measures.unsigned(c).partition(":")[2]
+        for i in map(int, str(latents).split()):
+            at = named if named in revs else peak.get(i) if isinstance(peak.get(i), str) and peak.get(i) else revs[-1]
+            if (c, at) in by.index:
+                row = by.loc[(c, at)]
+                text[i] = f"{c} ({int(row.n)}) at {at}: {class_cell(row, at, margin, flags)}"
+    return out.join(pd.Series(text, name="its RelIE class ablated", dtype=object), how="outer")
+
+
+def class_order(names, revs) -> list:
+    """RelIE classes ordered by the revision they name (training order), then the others."""
+    rank = {r: i for i, r in enumerate(revs)}
+    return sorted(names, key=lambda c: (rank.get(measures.unsigned(c).partition(":")[2], len(revs)),
+                                        measures.unsigned(c), c))
+
+
+def show_classes(cls: pd.DataFrame, revs, margin: dict, flags: dict):
+    st.subheader("Each RelIE class ablated as a set, against random sets of its size")
+    order = class_order(list(dict.fromkeys(cls.relie_class)), revs)
+    heat = cls.assign(label=[f"{c} ({n})" for c, n in zip(cls.relie_class, cls.n)])
+    labels = list(dict.fromkeys(heat.set_index("relie_class").loc[order].label))
+    st.altair_chart(alt.Chart(heat).mark_rect().encode(
+        x=revision_x(revs, flags, "ablated at"),
+        y=alt.Y("label:N", sort=labels, title="RelIE class (latents)", axis=alt.Axis(labelLimit=600)),
+        color=alt.Color("excess_points:Q", scale=diverging(heat.excess_points),
+                        legend=alt.Legend(title="excess accuracy drop (points)", titleLimit=600)),
+        tooltip=["relie_class", "n", "latents", "revision", alt.Tooltip("excess_points:Q", format="+.1f"),
+                 alt.Tooltip("excess_points_lo:Q", format="+.1f"), alt.Tooltip("excess_points_hi:Q", format="+.1f"),
+                 alt.Tooltip("excess_delta:Q", format="+.3f"), alt.Tooltip("excess_delta_lo:Q", format="+.3f"),
+                 alt.Tooltip("excess_delta_hi:Q", format="+.3f")]).properties(
+        height=max(220, 80 + 28 * len(labels)), title="excess accuracy drop of each class's set over random sets"),
+        width="stretch")
+    table = pd.DataFrame({r: {c: class_cell(row, r, margin, flags)
+                              for c, row in cls[cls.revision == r].set_index("relie_class").iterrows()}
+                          for r in revs if r in set(cls.revision)}).reindex(order)
+    table.insert(0, "latents", cls.drop_duplicates("relie_class").set_index("relie_class").latents.reindex(order))
+    st.dataframe(table, width="stretch")
+    st.caption("Each class of relie.py's sheet (over the latents of the top-k sets) zeroed together at every revision, "
+               "on the test pairs, against random sets of its size and matched frequency: excess accuracy drop "
+               "(points) and excess Δ, each with its 95% interval. ✔ / ✘: the class's set passes / fails the top-k "
+               "rule at that revision. A class is read here by its latents, not by where a set was chosen.")
+
+
+def show_carriers(loo: pd.DataFrame, top_of: str, revs):
+    sel = loo[loo.selected_at == top_of]
+    if not len(sel):
+        return
+    st.subheader(f"Which latents carry the top-k set of {top_of} (leave-one-out)")
+    cols = [r for r in revs if r in set(sel.revision)]
+    whole = sel.drop_duplicates("revision").set_index("revision")
+    c1, c2 = st.columns(2)
+    for where, value, total, title in ((c1, "carried_delta", "set_delta", "Δ lost without the latent"),
+                                       (c2, "carried_points", "set_points", "accuracy points lost without it")):
+        t = sel.pivot_table(index="latent", columns="revision", values=value).reindex(columns=cols)
+        t = t.sort_values(top_of, ascending=False) if top_of in t else t
+        t.index = [f"latent {int(i)}" for i in t.index]
+        t.loc["whole set"] = whole[total].reindex(cols)
+        where.markdown(f"**{title}**")
+        where.dataframe(t.round(3), width="stretch")
+    st.caption(f"Per latent of {top_of}'s top-k set and revision: the set's Δ (accuracy drop) minus the Δ of the set "
+               "without that latent, on the test pairs. One latent that carries most of a set's effect elsewhere "
+               "makes the set's off-diagonal drops a statement about that latent.")
+
+
+def joint_lines(joint: pd.DataFrame, revs) -> list:
+    """Each top-k set at its own revision: the Δ its summed IE (and its summed exact single ablations) predicts
+    against the measured Δ, each prediction with its verdict."""
+    lines = []
+    for r in in_order(joint[joint.selected_at == joint.revision], revs).itertuples():
+        exact = (f"; by its summed exact single ablations {r.predicted_exact:+.3f} "
+                 f"{verdict_badge(r.verdict_exact, verdicts.JOINT_RULE)}"
+                 if isinstance(getattr(r, "verdict_exact", None), str) and r.verdict_exact else "")
+        lines.append((verdict_badge(r.verdict, verdicts.JOINT_RULE),
+                      f"<b>top-k of {esc(r.revision)}</b>: measured Δ "
+                      f"{ci(r.measured, r.measured_lo, r.measured_hi, '+.3f')}"
+                      f", predicted by its summed IE {r.predicted:+.3f}{exact}"))
+    return lines
+
+
+def consistency_lines(sp: pd.DataFrame, revs) -> list:
+    """Per pair of revisions: ρ with RelIE against ρ with set membership alone, and the verdict on the difference."""
+    lines = []
+    for r in in_order(sp, revs).itertuples():
+        diff = ci(r.rho_diff_membership, r.rho_diff_membership_lo, r.rho_diff_membership_hi, '+.2f')
+        lines.append((verdict_badge(r.verdict, "holds when the interval of ρ(RelIE) − ρ(membership) lies above 0"),
+                      f"<b>{esc(r.A)} → {esc(r.B)}</b> ({r.n} latents): ρ(RelIE) "
+                      f"{ci(r.rho_relie, r.rho_relie_lo, r.rho_relie_hi, '.2f')}, ρ(RelDec) "
+                      f"{ci(r.rho_reldec, r.rho_reldec_lo, r.rho_reldec_hi, '.2f')}, ρ(membership) "
+                      f"{ci(r.rho_membership, r.rho_membership_lo, r.rho_membership_hi, '.2f')}; ρ(RelIE) − "
+                      f"ρ(membership) {diff}"))
+    return lines
+
+
+# The ablation folder's tables shown under its charts, in this order: (file, title, what it says, the columns shown
+# first, its verdict lines or None). A later stage's table appears by being listed here.
 ABLATION_TABLES = (
     ("joint.csv", "Joint ablation of each top-k set: predicted Δ against measured Δ",
-     "Each revision's top-k set ablated together. predicted: the set's summed IE (selection pairs); measured: the "
-     "logit-difference change on the test pairs, with its 95% bootstrap interval over them; single_sum: the sum of "
-     "the set's single-latent Δ (how far from additive the set is). The command line prints the same table."),
-    ("consistency.csv", "Spearman ρ of |Δ_B|/|Δ_A| with 2-way RelIE, normalised RelIE and RelDec",
-     "Single-latent ablations per pair of revisions (A before B), each ρ with its 95% interval over the test pairs; "
-     "AtP linearises exactly this ablation, so with AtP it checks the attribution more than the model."),
+     "Each revision's top-k set ablated together. predicted: the set's summed IE; predicted_exact: the sum of its "
+     "latents' exact single ablations (both on the selection pairs); measured: the logit-difference change on the test "
+     "pairs, with its 95% bootstrap interval over their groups; single_sum: the sum of the set's single-latent Δ (how "
+     "far from additive the set is). verdict / verdict_exact: " + verdicts.JOINT_RULE + ". The command line prints "
+     "the same table.",
+     ("selected_at", "revision", "k", "verdict", "verdict_exact", "predicted", "predicted_exact", "measured",
+      "measured_lo", "measured_hi"), joint_lines),
+    ("consistency.csv", "Spearman ρ of |Δ_B|/|Δ_A| with RelIE, RelDec and set membership alone",
+     "Single-latent ablations per pair of revisions (A before B), each ρ with its 95% interval over the test pairs' "
+     "groups. ρ(membership): what a plain indicator of where a latent was chosen (at B only / both / A only) already "
+     "reaches; the verdict holds when ρ(RelIE) − ρ(membership) has its interval above 0. AtP linearises exactly this "
+     "ablation, so with AtP it checks the attribution more than the model.",
+     ("A", "B", "n", "verdict", "rho_relie", "rho_relie_lo", "rho_relie_hi", "rho_membership", "rho_membership_lo",
+      "rho_membership_hi", "rho_diff_membership", "rho_diff_membership_lo", "rho_diff_membership_hi", "rho_reldec",
+      "rho_reldec_lo", "rho_reldec_hi"), consistency_lines),
 )
+MANY_LINES = 12   # more verdict lines than this (45 pairs of revisions at M = 10) fold into an expander
 
 
 def in_order(df: pd.DataFrame, revs) -> pd.DataFrame:
@@ -818,23 +1067,52 @@ def in_order(df: pd.DataFrame, revs) -> pd.DataFrame:
     return df.sort_values(keys, key=lambda s: s.map(rank).fillna(-1), kind="stable") if keys else df
 
 
-def ablation_bars(d: pd.DataFrame, revs, top_of: str):
-    """Top-k against random-k at one selection revision, spliced into every revision: bars with intervals."""
+def front(df: pd.DataFrame, first) -> pd.DataFrame:
+    """The columns `first` (those present) first, then the rest in their order."""
+    head = [c for c in first if c in df.columns]
+    return df[head + [c for c in df.columns if c not in head]]
+
+
+def ablation_bars(d: pd.DataFrame, revs, top_of: str, flags: dict, value="acc_drop"):
+    """Top-k against random-k at one selection revision, spliced into every revision: bars with intervals, the
+    accuracy drop (points) or Δ."""
+    scale, what = (100, "accuracy drop (points)") if value == "acc_drop" else (1, "Δ logit difference")
+    cols = [value, f"{value}_lo", f"{value}_hi"]
     sel = d[d.selected_at == top_of]
-    top = sel[sel.kind == "top"][["revision", "acc_drop", "acc_drop_lo", "acc_drop_hi"]].assign(kind="top-k")
+    top = sel[sel.kind == "top"][["revision"] + cols].assign(kind="top-k")
     rnd = sel[sel.kind == "random"].groupby("revision", as_index=False).agg(
-        acc_drop=("acc_drop", "mean"), acc_drop_lo=("acc_drop_lo", "min"), acc_drop_hi=("acc_drop_hi", "max"),
-        draws=("draw", "nunique")).assign(kind="random-k")
+        **{value: (value, "mean"), cols[1]: (cols[1], "min"), cols[2]: (cols[2], "max")}).assign(kind="random-k")
     both = pd.concat([top, rnd])
-    x = alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs), title="spliced into")
+    both[cols] = both[cols] * scale
+    x = revision_x(revs, flags, "spliced into")
     enc = dict(x=x, xOffset=alt.XOffset("kind:N", sort=["top-k", "random-k"]))
+    tip = ["kind", "revision"] + [alt.Tooltip(f"{c}:Q", format=".3f") for c in cols]
     bars = alt.Chart(both).mark_bar().encode(
-        y=alt.Y("acc_drop:Q", title="accuracy drop"), color=alt.Color("kind:N", sort=["top-k", "random-k"],
-                                                                      legend=alt.Legend(title=None)),
-        tooltip=["kind", "revision", alt.Tooltip("acc_drop:Q", format=".3f"),
-                 alt.Tooltip("acc_drop_lo:Q", format=".3f"), alt.Tooltip("acc_drop_hi:Q", format=".3f")], **enc)
-    ticks = alt.Chart(both).mark_rule(color="black").encode(y="acc_drop_lo:Q", y2="acc_drop_hi:Q", **enc)
-    return (bars + ticks).properties(title=f"ablating the top-k latents of {top_of} against random-k", height=300)
+        y=alt.Y(f"{value}:Q", title=what), color=alt.Color("kind:N", sort=["top-k", "random-k"],
+                                                          legend=alt.Legend(title=None)), tooltip=tip, **enc)
+    ticks = alt.Chart(both).mark_rule(color="black").encode(y=f"{cols[1]}:Q", y2=f"{cols[2]}:Q", **enc)
+    return (bars + ticks).properties(title=f"top-k of {top_of} vs random-k: {what}", height=300)
+
+
+def gap_heatmaps(sets: pd.DataFrame, revs, flags: dict):
+    """Top-k minus random-k (the mean of its draws) for every selection revision × revision spliced into: the
+    accuracy drop in points beside Δ."""
+    g = sets.groupby(["selected_at", "revision", "kind"])[["acc_drop", "delta"]].mean().unstack("kind")
+    if ("acc_drop", "top") not in g or ("acc_drop", "random") not in g:
+        return
+    gap = pd.DataFrame({"points": 100 * (g["acc_drop", "top"] - g["acc_drop", "random"]),
+                        "delta": g["delta", "top"] - g["delta", "random"]}).reset_index()
+    titles = ("accuracy drop (points)", "Δ logit difference")
+    for where, value, title in zip(st.columns(2), ("points", "delta"), titles):
+        where.altair_chart(alt.Chart(gap).mark_rect().encode(
+            x=revision_x(revs, flags, "spliced into"),
+            y=alt.Y("selected_at:N", sort=revs, scale=alt.Scale(domain=revs), title="top-k of",
+                    axis=alt.Axis(labelOverlap=False)),
+            color=alt.Color(f"{value}:Q", scale=diverging(gap[value]),
+                            legend=alt.Legend(title=None)),
+            tooltip=["selected_at", "revision", alt.Tooltip("points:Q", format="+.1f"),
+                     alt.Tooltip("delta:Q", format="+.3f")]).properties(
+            title=f"top-k minus random-k: {title}", height=max(200, 60 + 30 * len(revs))), width="stretch")
 
 
 def page_ablation(run: Path, cfg: dict):
@@ -845,45 +1123,337 @@ def page_ablation(run: Path, cfg: dict):
     if not done:
         return missing("ablations", f"python ablate.py --run {run}")
     name = st.selectbox("task", done)
-    df = csv_of(inside(folder, name) / "ablation.csv")
+    here = inside(folder, name)
+    summary = json_of(here / "summary.json") or {}
+    if summary.get("in_sample"):
+        st.warning("These ablations are in-sample: relie.py ran with --test-frac 0, so the latents were selected on "
+                   "the very pairs they are tested on.")
+    ver = csv_of(here / "verdicts.csv")
+    if ver is not None:
+        show_topk_verdicts(ver, revs, summary)
+    else:
+        st.info(f"No verdicts.csv in {name}: this ablation predates the verdicts; run ablate.py again.")
+    df = csv_of(here / "ablation.csv")
     sub = st.selectbox("sub-task", list(dict.fromkeys(df.subtask)))
     d = df[df.subtask == sub]
+    flags = flags_of(d)
+    if any(flags.values()):
+        st.caption("Clean accuracy on these pairs: " + ", ".join(
+            f"{r} {a:.2f}" + (f" ({flags[r]})" if flags.get(r) else "")
+            for r, a in d.groupby("revision").acc_clean.first().reindex(revs).dropna().items())
+            + ". At ceiling or near chance accuracy can hardly move: read Δ there (axes mark those revisions).")
     sets = d[d.kind.isin(["top", "random"])]
-    gap = sets.groupby(["selected_at", "revision", "kind"]).acc_drop.mean().unstack("kind")
-    gap = (gap["top"] - gap["random"]).rename("gap").reset_index() if {"top", "random"} <= set(gap.columns) else None
-    if gap is not None and len(gap):
-        st.altair_chart(alt.Chart(gap).mark_rect().encode(
-            x=alt.X("revision:N", sort=revs, scale=alt.Scale(domain=revs), title="spliced into"),
-            y=alt.Y("selected_at:N", sort=revs, scale=alt.Scale(domain=revs), title="top-k of"),
-            color=alt.Color("gap:Q", scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True),
-                            legend=alt.Legend(title="gap")),
-            tooltip=["selected_at", "revision", alt.Tooltip("gap:Q", format=".3f")]).properties(
-            title="accuracy drop of top-k minus random-k (gap; random-k: the mean of its draws)",
-            height=max(200, 60 + 30 * len(revs))), width="stretch")
+    gap_heatmaps(sets, revs, flags)
     chosen = [r for r in revs if r in set(sets.selected_at)]
     top_of = st.selectbox("top-k of", chosen, index=len(chosen) - 1, key=f"abl-top-{run.name}") if chosen else None
     if top_of:
-        st.altair_chart(ablation_bars(d, revs, top_of), width="stretch")
-        st.caption("Bars: the accuracy drop on the held-out test pairs. Top-k: its 95% bootstrap interval over the "
-                   "test pairs. Random-k: the mean over the random draws of matched frequency; its line spans the "
-                   "lowest to the highest bound of the draws' own intervals.")
+        c1, c2 = st.columns(2)
+        c1.altair_chart(ablation_bars(d, revs, top_of, flags), width="stretch")
+        if "delta_lo" in d:
+            c2.altair_chart(ablation_bars(d, revs, top_of, flags, "delta"), width="stretch")
+        st.caption("Bars: on the held-out test pairs, the accuracy drop (left) and the change of the logit "
+                   "difference Δ (right). Top-k: its 95% bootstrap interval over the test pairs' groups. Random-k: the "
+                   "mean over the random draws of matched frequency; its line spans the lowest to the highest bound "
+                   "of the draws' own intervals.")
+        loo = csv_of(here / "loo.csv")
+        if loo is not None:
+            show_carriers(loo, top_of, revs)
+    overlap = summary.get("overlap")
+    if overlap:
+        st.subheader("Overlap of the top-k sets (latents in common)")
+        table = pd.DataFrame(overlap).T.reindex(index=[r for r in revs if r in overlap],
+                                                columns=[r for r in revs if r in overlap])
+        st.dataframe(table.rename_axis("top-k of"), width="stretch")
+    cls = csv_of(here / "classes.csv")
+    if cls is not None and len(cls):
+        margin = dict(zip(ver.revision, ver.margin)) if ver is not None and "margin" in ver else {}
+        show_classes(cls, revs, margin, flags_of(ver))
+    for file, title, about, first, lines in ABLATION_TABLES:
+        table = csv_of(here / file)
+        if table is None:
+            continue
+        st.subheader(title)
+        if lines is not None and "verdict" in table:
+            found = lines(table, revs)
+            if len(found) > MANY_LINES:
+                held = sum(verdicts.HOLDS in b for b, _ in found)
+                st.markdown(f"**{held} of {len(found)} hold.**")
+                verdict_lines(found, st.expander(f"all {len(found)} verdicts"))
+            else:
+                verdict_lines(found)
+        st.dataframe(front(in_order(table, revs), first), width="stretch", hide_index=True)
+        st.caption(about)
     single = d[d.kind == "single"].astype({"latents": int}).pivot_table(index="latents", columns="revision",
                                                                         values="delta")
     st.subheader("Single-latent ablations: Δ logit difference per revision")
     st.dataframe(single.reindex(columns=[r for r in revs if r in single.columns]), width="stretch")
-    for file, title, about in ABLATION_TABLES:
-        table = csv_of(inside(folder, name) / file)
-        if table is not None:
-            st.subheader(title)
-            st.dataframe(in_order(table, revs), width="stretch", hide_index=True)
-            st.caption(about)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: every finding's verdict beside the checks that could have failed (controls.py, checkpoint_sets.py,
+# seeds.py), each file read defensively (a stage's json may gain or rename keys)
+
+def ablation_verdicts(run: Path, revs):
+    """Every ablated task's per-revision verdicts, one line each."""
+    folder = run / "ablation"
+    done = sorted(p.name for p in folder.iterdir() if (p / DONE).exists()) if folder.is_dir() else []
+    lines = []
+    for name in done:
+        ver = csv_of(folder / name / "verdicts.csv")
+        if ver is None:
+            continue
+        ver = in_order(ver, revs)
+        badges = " ".join(verdict_badge(v, rule, f"{r}: {v}")
+                          for r, v, rule in zip(ver.revision, ver.verdict, ver.rule))
+        held = int((ver.verdict == verdicts.HOLDS).sum())
+        lines.append(("", f"<b>{esc(name)}</b> — its top-k latents carry the task at {held} of {len(ver)} revisions: "
+                          f"{badges}"))
+    if lines:
+        st.subheader("Top-k against random-k, per revision (ablate.py; the Ablation page has the numbers)")
+        verdict_lines(lines)
+
+
+def show_controls(ctl: dict, revs):
+    st.subheader("Negative controls (controls.py)")
+    names = list(ctl.get("controls") or {})
+    st.caption("The run's crosscoder trained again with one thing removed: " + "; ".join(
+        f"{c}: {d}" for c, d in (ctl.get("controls") or {}).items()) + ". A check holds by its own rule and is "
+        "uninformative when a control that removes what it credits (*) holds too. " + str(ctl.get("note", "")))
+    lines, rows = [], []
+    for r in ctl.get("rows") or []:
+        by = r.get("uninformative_by") or []
+        ctrl = r.get("controls") or {}
+        text = (f"<b>{esc(r.get('check'))}</b> — run {esc(num(r.get('real')))} ({esc(r.get('real_verdict'))} by its "
+                "own rule); " + "; ".join(f"{esc(c)} {esc(num(v.get('value')))} {esc(v.get('verdict'))}"
+                                          f"{'*' if v.get('designated') else ''}" for c, v in ctrl.items()))
+        if by:
+            text += f" — <b>uninformative</b>: its control {esc(', '.join(by))} holds too"
+        lines.append((verdict_badge(r.get("verdict"), (ctl.get("rules") or {}).get("control", "")),
+                      text + f"<br><span style='color:#57606a;font-size:90%'>{esc(r.get('about', ''))}</span>"))
+        rows.append(dict(check=r.get("check"), verdict=r.get("verdict"),
+                         run=f"{num(r.get('real'))} {r.get('real_verdict')}",
+                         **{c: f"{num(v.get('value'))} {v.get('verdict')}" + ("*" if v.get("designated") else "")
+                            for c, v in ctrl.items()}, uninformative_by=", ".join(by)))
+    verdict_lines(lines)
+    if rows:
+        st.dataframe(pd.DataFrame(rows), width="stretch", hide_index=True)
+    rec = ctl.get("reconstruction") or {}
+    if rec:
+        table = []
+        for k in ["run"] + [c for c in names if c in rec]:
+            fvu = rec[k].get("fvu") or []
+            named = len(fvu) == len(revs)
+            row = dict(crosscoder=k, **{(revs[m] if named else f"FVU {m}"): v for m, v in enumerate(fvu)},
+                       L0=rec[k].get("l0"), dead=rec[k].get("dead"))
+            row["reconstruction kept"] = "—" if k == "run" else ("yes" if rec[k].get("matched") else "NO")
+            table.append(row)
+        st.markdown(f"**Reconstruction of each control** (held-out FVU per revision, L0, dead fraction): a control "
+                    f"must keep it, within {ctl.get('factor', '?')}× of the run's, to fail for the right reason")
+        st.dataframe(pd.DataFrame(table).set_index("crosscoder"), width="stretch")
+
+
+def _ci_of(c) -> str:
+    """A {top, lo, hi} comparison (checkpoint_sets.py) as 'top [lo, hi]'."""
+    c = c or {}
+    vals = [c.get(k) for k in ("top", "lo", "hi")]
+    ok = all(isinstance(v, (int, float)) and np.isfinite(v) for v in vals)
+    return f"{vals[0]:.2f} [{vals[1]:.2f}, {vals[2]:.2f}]" if ok else "—"
+
+
+def _null_of(c) -> str:
+    c = c or {}
+    vals = [c.get(k) for k in ("null_mean", "null_lo", "null_hi")]
+    ok = all(isinstance(v, (int, float)) and np.isfinite(v) for v in vals)
+    return f"{vals[0]:.2f} [{vals[1]:.2f}, {vals[2]:.2f}]" if ok else "—"
+
+
+def _fate(v: dict, cos: str) -> str:
+    """A top latent's fate in one variant: kept, cannot tell, or why not."""
+    kept = (v.get("kept") or {}).get(cos, v.get("survives"))
+    if kept is None:
+        return "cannot tell" if "kept" in v else "—"
+    if kept:
+        return "kept"
+    if v.get("cos", 1.0) < float(cos or 0):
+        return f"unmatched {v.get('cos', float('nan')):.2f}"
+    if v.get("class_variant") != v.get("class_shared"):
+        return f"→ {v.get('class_variant')}"
+    return f"formed {v.get('formed_variant')}"
+
+
+def show_checkpoint_sets(rs: dict):
+    st.subheader("Robust to the checkpoints chosen (checkpoint_sets.py)")
+    vd = rs.get("verdict")
+    if isinstance(vd, dict):
+        finding = vd.get("finding", "the top latents' timelines are robust to the checkpoints chosen")
+        verdict_lines([(verdict_badge(vd.get("verdict"), vd.get("rule", "")),
+                        f"<b>{esc(finding)}</b> (decoder cosine ≥ {esc(vd.get('cos', rs.get('match_cos')))}): "
+                        f"{esc(vd.get('why', ''))}")])
+        st.caption(f"Rule: {vd.get('rule', '')}")
+    else:
+        st.info("This checkpoint_sets.json carries no verdict (made before graded survival): its conjunction 'kept in "
+                "every variant' has little power; run checkpoint_sets.py again.")
+    h = f"{rs.get('match_cos', 0.9):g}"
+    for key, title in (("graded", "drop / add variants"), ("shifts", "shifts, on their own")):
+        g = rs.get(key)
+        if isinstance(g, dict) and g.get("by_cos"):
+            st.markdown(f"**Graded survival over the {title}** ({esc(', '.join(g.get('variants', [])))}): per top "
+                        "latent, the fraction of the variants that can tell in which it is kept, averaged; beside the "
+                        "null (random active latents of the same timeline class and matched frequency)")
+            st.dataframe(pd.DataFrame([{"decoder cosine ≥": c, "top latents kept [95%]": _ci_of(x),
+                                        "null [95%]": _null_of(x), "verdict": x.get("verdict", ""),
+                                        "why": x.get("why", ""), "top matched": _ci_of(x.get("matched")),
+                                        "null matched": _null_of(x.get("matched"))}
+                                       for c, x in g["by_cos"].items()]), width="stretch", hide_index=True)
+    rows = []
+    for v in rs.get("variants") or []:
+        row = {"variant": v.get("name"), "revisions": ", ".join(v.get("revisions") or [])}
+        if isinstance(v.get("by_cos"), dict):
+            row.update({"n": v.get("n"), "matched": (v["by_cos"].get(h) or {}).get("matched"),
+                        "class kept": v.get("class_kept"), "formed agrees": v.get("formed_agrees")})
+            for c, x in v["by_cos"].items():
+                row[f"kept @{c}"], row[f"null @{c}"] = _ci_of(x), _null_of(x)
+        else:   # one rate per variant beside its null's range
+            row.update({"matched": v.get("matched"), "null matched": span(v.get("matched_null") or []),
+                        "survives": v.get("survives"), "null survives": span(v.get("survives_null") or [])})
+        rows.append(row)
+    if rows:
+        st.markdown("**Per variant**")
+        st.dataframe(pd.DataFrame(rows), width="stretch", hide_index=True)
+    every = rs.get("every") or ({"top": rs["survive_all"], **{f"null_{k}": v for k, v in
+                                                              (rs.get("survive_all_null") or {}).items()}}
+                                if "survive_all" in rs else None)
+    if every:
+        top = every.get("top")
+        st.caption(f"Kept in every variant (a conjunction: little power over many variants): top "
+                   f"{'—' if top is None else format(top, '.2f')}, null {_null_of(every)}.")
+    lat = rs.get("latents") or []
+    if lat:
+        names = [v.get("name") for v in rs.get("variants") or []]
+        st.markdown(f"**Per top latent** (decoder cosine ≥ {h})")
+        st.dataframe(pd.DataFrame([{"latent": r.get("latent"), "class": r.get("timeline_class"),
+                                    "formed_at": r.get("formed_at"),
+                                    **{n: _fate((r.get("variants") or {}).get(n) or {}, h) for n in names}}
+                                   for r in lat]), width="stretch", hide_index=True)
+
+
+def holds_badge(v: dict, rule: str = "") -> str:
+    """A verdict over seeds (per seed 1 holds, 0 fails): holds / fails in every seed, else mixed."""
+    per = [x for x in (v.get("per_seed") or []) if x is not None]
+    k = int(sum(x == 1 for x in per))
+    verdict = verdicts.HOLDS if per and k == len(per) else verdicts.FAILS if k == 0 else "mixed"
+    return verdict_badge(verdict, rule, f"holds in {k} of {len(per)}")
+
+
+def findings_frame(f: dict, keys=None) -> pd.DataFrame:
+    rows = [(k, v) for k, v in f.items() if isinstance(v, dict) and (keys is None or k in keys)]
+    return pd.DataFrame([{"finding": k, "mean [min, max]": fmt(v),
+                          "per seed": " ".join(num(x) for x in v.get("per_seed") or [])} for k, v in rows])
+
+
+def findings_tables(f: dict, over: str):
+    """The headline findings (mean [min, max], per seed) and, folded, every finding."""
+    if f:
+        head = findings_frame(f, SEED_HEADLINES)
+        if len(head):
+            st.dataframe(head, width="stretch", hide_index=True)
+        with st.expander(f"every finding over {over} ({len(f)})"):
+            st.dataframe(findings_frame(f), width="stretch", hide_index=True)
+
+
+SEED_HEADLINES = ("ablation_gap_last", "top_drop_last", "excess_delta_last", "joint_predicted_last",
+                  "joint_measured_last", "latents_share_last", "latents_share_min", "rho_relie_mean", "rho_reldec_mean",
+                  "rho_membership_mean", "faithfulness_rho", "l0", "dead_frac")
+
+
+def holds_lines(f: dict, revs, what: str) -> list:
+    """A line per verdict-valued finding (topk_holds_<rev>, joint_holds_last, consistency_holds) over seeds."""
+    about = {**{f"topk_holds_{r}": f"the top-k set of {r} against random-k there" for r in revs},
+             "topk_holds_last": "the last revision's top-k set against random-k there",
+             "joint_holds_last": "the last revision's joint ablation predicted by its summed IE",
+             "consistency_holds": "consistency ρ(RelIE) beyond set membership, every pair of revisions"}
+    return [(holds_badge(f[k]), f"{esc(about[k])} ({what})") for k in about if isinstance(f.get(k), dict)]
+
+
+def show_seeds(name: str, res: dict):
+    revs = res.get("revisions") or []
+    seeds = res.get("seeds") or []
+    st.subheader(f"Over {len(seeds)} crosscoder seeds ({name}: seeds.py, {res.get('arch', '')}, attribution "
+                 f"{res.get('method', '')})")
+    f = res.get("findings") or {}
+    verdict_lines(holds_lines(f, revs, f"seeds {', '.join(map(str, seeds))}"))
+    findings_tables(f, "the seeds")
+    m, n = res.get("matched_top_k_fraction") or {}, res.get("matched_random_fraction") or {}
+    if m.get("mean") is not None:
+        st.caption(f"Top-k latents matched one-to-one in every other seed: {fmt(m)}; random active latents of matched "
+                   f"frequency (the null): {fmt(n) if n.get('mean') is not None else '—'}. "
+                   + str(res.get("pairs", "")))
+    split = res.get("split_seeds")
+    if isinstance(split, dict):
+        st.markdown(f"**Over split seeds {esc(split.get('seeds'))} of the pairs** (relie.py --split-seed; the run's "
+                    "own crosscoder attributed and ablated on each split)")
+        verdict_lines(holds_lines(split.get("findings") or {}, revs, "split seeds"))
+        findings_tables(split.get("findings") or {}, "the split seeds")
+    lm = res.get("lm_seeds")
+    if isinstance(lm, dict):
+        st.markdown(f"**Over LM seeds {esc(lm.get('seeds'))}** (the toy LM pretrained with each seed, each crosscoded "
+                    "on the revisions its own scan suggests): per LM, the last revision's top-k set against random-k")
+        lines = []
+        for v in lm.get("verdicts") or []:
+            flag = flag_of(v.get("flag"))
+            text = (f"<b>LM seed {esc(v.get('seed'))}</b>, {esc(v.get('revision'))}: clean accuracy "
+                    f"{v.get('acc_clean', float('nan')):.2f}{f' ({esc(flag)})' if flag else ''}; excess accuracy drop "
+                    f"{ci(v['excess_points'], v['excess_points_lo'], v['excess_points_hi'])} points, excess Δ "
+                    f"{ci(v['excess_delta'], v['excess_delta_lo'], v['excess_delta_hi'], '+.3f')}")
+            if v.get("verdict") != verdicts.HOLDS:
+                text += f" — <b>{NOT_HOLD}</b>"
+            lines.append((verdict_badge(v.get("verdict"), verdicts.TOPK_RULE), text))
+        verdict_lines(lines)
+        findings_tables(lm.get("findings") or {}, "the LM seeds")
+    methods = res.get("methods") or {}
+    if len(methods) > 1:
+        st.markdown("**Attribution methods on the same seeds**")
+        keys = ("faithfulness_rho", "ablation_gap_last", "rho_relie_mean", "rho_reldec_mean")
+        st.dataframe(pd.DataFrame([{"method": k, **{c: fmt(v["findings"][c]) for c in keys
+                                                    if c in v.get("findings", {})},
+                                    "top-k matched": fmt(v["matched_top_k_fraction"])
+                                    if v.get("matched_top_k_fraction") else "—"}
+                                   for k, v in methods.items()]), width="stretch", hide_index=True)
+
+
+def page_checks(run: Path, cfg: dict):
+    st.header("Checks: does each finding hold, and could its check have failed?")
+    st.caption("Every finding with the verdict its stage printed — holds, fails, or uninformative (a negative control "
+               "that removes what the check credits holds too) — and the rule it applied (crosscoding/verdicts.py). "
+               "Each section shows only when its file exists.")
+    revs = cfg["revisions"]
+    ablation_verdicts(run, revs)
+    stab = run / "stability"
+    ctl = json_of(stab / "controls.json")
+    if ctl:
+        show_controls(ctl, revs)
+    else:
+        missing("negative controls", f"python controls.py --run {run}")
+    rs = json_of(stab / "checkpoint_sets.json")
+    if rs:
+        show_checkpoint_sets(rs)
+    else:
+        missing("checkpoint-set robustness", f"python checkpoint_sets.py --run {run}")
+    files = sorted(stab.glob("seeds*.json"), key=lambda p: (p.name != "seeds.json", p.name)) if stab.is_dir() else []
+    for path in files:
+        show_seeds(path.name, json_of(path) or {})
+    if not files:
+        missing("seed spreads", f"python seeds.py --run {run}")
+
+
+PAGES = ["Checkpoints", "Training", "Latents", "Timeline", "Ablation", "Checks"]
 
 
 def main():
     st.set_page_config(page_title="crosscoding through time", layout="wide")
     runs, scans = roots()
     names = run_names(runs)
-    page = st.sidebar.radio("page", ["Checkpoints", "Training", "Latents", "Timeline", "Ablation"], key="page")
+    page = st.sidebar.radio("page", PAGES, key="page")
     # a radio shows every name whole (a selectbox cuts long ones), newest first: it opens on the latest run
     name = st.sidebar.radio("run (newest first)", names, key="run",
                             format_func=lambda n: n if (runs / n / DONE).exists() else f"{n} (unfinished)") \
@@ -907,8 +1477,10 @@ def main():
         page_latents(run, cfg)
     elif page == "Timeline":
         page_timeline(run, cfg, scans)
-    else:
+    elif page == "Ablation":
         page_ablation(run, cfg)
+    else:
+        page_checks(run, cfg)
 
 
 if __name__ == "__main__":   # streamlit runs the script as __main__; importing it runs nothing

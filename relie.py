@@ -113,22 +113,32 @@ def add_intervals(df, pv_PMK, revisions, groups):
     near-copies),
     relie_<rev>_lo/_hi (the one-vs-all RelIE's, from the same resamples), and the bootstrap agreement of
     the signed RelIE class and |IE| timeline class (relie_class_agree, ie_timeline_class_agree: the
-    fraction of resamples giving the same class; the app greys classes under 0.8)."""
+    fraction of resamples giving the same class; the app greys classes under 0.8). Returns the sheet with them,
+    added at once (one by one, M = 32 revisions' 130 columns fragment the frame: pandas warns on every insert)."""
     means_nMK = measures.bootstrap_means(pv_PMK, groups=groups)
     ie_lo, ie_hi = measures.interval(means_nMK)
     rel_nMK = np.abs(means_nMK) / np.maximum(np.abs(means_nMK).sum(1, keepdims=True), 1e-300)
     rel_lo, rel_hi = measures.interval(rel_nMK)
+    cols = {}
     for m, r in enumerate(revisions):
-        df[f"ie_{r}_lo"], df[f"ie_{r}_hi"] = ie_lo[m], ie_hi[m]
-        df[f"relie_{r}_lo"], df[f"relie_{r}_hi"] = rel_lo[m], rel_hi[m]
+        cols[f"ie_{r}_lo"], cols[f"ie_{r}_hi"] = ie_lo[m], ie_hi[m]
+        cols[f"relie_{r}_lo"], cols[f"relie_{r}_hi"] = rel_lo[m], rel_hi[m]
     n, M, K = means_nMK.shape
     ie_nKM = means_nMK.transpose(0, 2, 1).reshape(n * K, M)
     dominant = np.abs(ie_nKM).argmax(1)
     rel_cls = measures.signed(measures.classify(measures.rel(ie_nKM), revisions),
                               measures.sign_at(ie_nKM, dominant))
     tl_cls = measures.signed(measures.timeline(ie_nKM, revisions)["timeline_class"], measures.sign_at(ie_nKM, dominant))
-    df["relie_class_agree"] = measures.agreement(df["relie_class"], np.reshape(rel_cls, (n, K)))
-    df["ie_timeline_class_agree"] = measures.agreement(df["ie_timeline_class"], np.reshape(tl_cls, (n, K)))
+    cols["relie_class_agree"] = measures.agreement(df["relie_class"], np.reshape(rel_cls, (n, K)))
+    cols["ie_timeline_class_agree"] = measures.agreement(df["ie_timeline_class"], np.reshape(tl_cls, (n, K)))
+    return pd.concat([df, pd.DataFrame(cols, index=df.index)], axis=1)
+
+
+def with_faithfulness(df, revisions, exact_MK, atp_MK, flags_MK):
+    """The sheet with exact_<rev>, atp_<rev> and unfaithful_<rev> per revision, added at once."""
+    cols = {f"{name}_{r}": v[m] for m, r in enumerate(revisions)
+            for name, v in (("exact", exact_MK), ("atp", atp_MK), ("unfaithful", flags_MK))}
+    return pd.concat([df, pd.DataFrame(cols, index=df.index)], axis=1)
 
 
 def read_annotations(folder) -> dict:
@@ -333,11 +343,10 @@ def relie_task(run, models, task, args, threshold, latents):
                          + (" or rank by --select abs" if args.select == "positive" else ""))
     sheet = latent_sheet(run, att, chosen, analysis.reldec(run.cc), read_annotations(run.folder),
                          read_flags(run.folder))
-    add_intervals(sheet, pair_values(att, chosen), run.revisions, np.asarray(groups)[sel_rows])
+    sheet = add_intervals(sheet, pair_values(att, chosen), run.revisions, np.asarray(groups)[sel_rows])
     faith, exact_MK, atp_MK, flags_MK = faithfulness(run, models, batch, chosen, ie_MF[:, chosen], args.method,
                                                      threshold, args.pair_batch)
-    for m, r in enumerate(run.revisions):
-        sheet[f"exact_{r}"], sheet[f"atp_{r}"], sheet[f"unfaithful_{r}"] = exact_MK[m], atp_MK[m], flags_MK[m]
+    sheet = with_faithfulness(sheet, run.revisions, exact_MK, atp_MK, flags_MK)
     effects = logit_effects(run, models, chosen)
     contexts = top_contexts(run, models, chosen, args.context_blocks)
     # long tables: IE per sub-task / revision / latent, and the error term

@@ -125,6 +125,33 @@ def run_script(args, cwd, timeout=600, check=True):
     return r
 
 
+def run_stage(args, cwd):
+    """Run one of the project's stage scripts in this process, as `python <script> <args>` would in `cwd`, with
+    imports kept warm (no interpreter start-up, and torch and transformers imported once a worker). Returns its
+    stdout, its stderr and the Python warnings it raised, filtered as a fresh interpreter filters them."""
+    import contextlib
+    import importlib
+    import io
+    import os
+    import types
+    import warnings
+    main = importlib.import_module(Path(args[0]).stem).main
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            warnings.simplefilter("default")
+            for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", quiet)
+            main([str(a) for a in args[1:]])
+    finally:
+        os.chdir(here)
+    return types.SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue(),
+                                 warnings=[f"{w.category.__name__}: {w.message}" for w in caught])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def toy_model():
     """The toy model (models/toy), built once if missing: every `--model toy` command reads it."""
@@ -135,17 +162,17 @@ def toy_model():
 @pytest.fixture(scope="session")
 def toy_run(tmp_path_factory):
     """A small, fast toy run through every stage (a 20k-token cache, 60 steps of a 128-latent
-    crosscoder, 10 pairs per sub-task): what the app and the bad-input tests read. The findings of the
-    default run are conftest.toy_pipeline's (slow)."""
+    crosscoder validated 3 times, 10 pairs per sub-task), each stage in this process: what the app and the bad-input
+    tests read. The findings of the default run are conftest.toy_pipeline's (slow)."""
     cwd = tmp_path_factory.mktemp("toyrun")
-    run_script(["cache_acts.py", "--scan", "--model", "toy", "--scan-tokens", "512"], cwd)
-    run_script(["cache_acts.py", "--model", "toy", "--tokens", "20000"], cwd)
+    run_stage(["cache_acts.py", "--scan", "--model", "toy", "--scan-tokens", "512"], cwd)
+    run_stage(["cache_acts.py", "--model", "toy", "--tokens", "20000"], cwd)
     run = cwd / "runs" / "toy-small"
-    run_script(["train.py", "--dict-size", "128", "--tokens", str(1024 * 60), "--out", str(run),
-                "--cache", str(next((cwd / "cache").iterdir()))], cwd)
-    run_script(["evaluate.py", "--run", str(run), "--blocks", "32"], cwd)
-    run_script(["relie.py", "--run", str(run), "--max-pairs", "10", "--context-blocks", "4"], cwd)
-    run_script(["ablate.py", "--run", str(run), "--max-pairs", "10", "--draws", "2"], cwd)
+    run_stage(["train.py", "--dict-size", "128", "--tokens", str(1024 * 60), "--log-every", "20", "--out", str(run),
+               "--cache", str(next((cwd / "cache").iterdir()))], cwd)
+    run_stage(["evaluate.py", "--run", str(run), "--blocks", "32"], cwd)
+    run_stage(["relie.py", "--run", str(run), "--max-pairs", "10", "--context-blocks", "4"], cwd)
+    run_stage(["ablate.py", "--run", str(run), "--max-pairs", "10", "--draws", "2"], cwd)
     return cwd, run
 
 
