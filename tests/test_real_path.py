@@ -130,6 +130,7 @@ def test_relie_reports_its_faithfulness_and_intervals(toy_run):
     assert sheet.loc[sheet[[f"unfaithful_{r}" for r in summary["revisions"]]].any(axis=1), "latent"].isin(
         [f["latent"] for f in faith["flagged"]]).all()
     sp = pd.read_csv(run / "ablation" / "toy_sva" / "consistency.csv")
-    assert {"rho_relie_lo", "rho_relie_hi", "rho_diff_membership", "rho_diff_membership_lo", "rho_diff_membership_hi", "verdict"} <= set(sp.columns)
+    assert {"rho_relie_lo", "rho_relie_hi", "rho_diff_membership", "rho_diff_membership_lo",
+            "rho_diff_membership_hi", "verdict"} <= set(sp.columns)
     ab = pd.read_csv(run / "ablation" / "toy_sva" / "ablation.csv")
     assert (ab.acc_drop_lo <= ab.acc_drop + 1e-9).all() and (ab.acc_drop <= ab.acc_drop_hi + 1e-9).all()
