@@ -56,6 +56,7 @@ from crosscoding.common import (  # noqa: E402
     read_json,
     run_main,
     unmark_done,
+    update_results,
     write_text,
 )
 from crosscoding.grammar import (  # noqa: E402
@@ -324,7 +325,7 @@ def pick_device(name: str) -> str:
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add(p, "--out", "--seed", "--device", out=str(DEFAULT_OUT), seed=0, device="cpu")   # and auto: pick_device
+    cli.add(p, "--out", "--seed", "--device", "--results", out=str(DEFAULT_OUT), seed=0, device="cpu")  # and auto
     p.add_argument("--steps", type=positive("--steps"), default=None, help="training steps (default 512)")
     p.add_argument("--write-pairs", action="store_true", help=f"regenerate {PAIRS_PATH.relative_to(HERE)} and exit")
     return p.parse_args(argv)
@@ -341,8 +342,16 @@ def main(argv=None):
     steps = args.steps or 512
     t0 = time.time()
     out = train_toy(args.out, ToyConfig(steps=steps, seed=args.seed), device=device)
-    print(format_curve(read_curve(out)))
+    curve = read_curve(out)
+    print(format_curve(curve))
     print(f"saved {out}/step*/ and {out}/curve.csv in {time.time() - t0:.1f} s on {device}")
+    if args.results:
+        cols = list(curve[0])
+        head = f"## The toy LM's agreement accuracy per revision and sub-task (`{cli.command('toy.py', argv)}`)"
+        update_results("toy", head + f"\n\nLM seed {args.seed}, {steps} steps, {time.time() - t0:.0f} s on {device} "
+                       f"(`{Path(out) / 'curve.csv'}`):\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+                       + "\n".join("| " + " | ".join(str(r[c]) for c in cols) + " |" for r in curve),
+                       HERE / "FINDINGS.md")
 
 
 if __name__ == "__main__":

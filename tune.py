@@ -1,7 +1,7 @@
 """tune.py — the toy's defaults (F, λ, how latents are ranked, the attribution method) chosen again on the
 selection half of the pairs only, so that no default is tuned on the pairs its findings are reported on.
 
-    python tune.py --results                 # the toy's default run's data, both stages (RESULTS.md `tuning`)
+    python tune.py --results                 # the toy's default run's data, both stages (FINDINGS.md `tuning`)
     python tune.py --dict-sizes 64 --l1-coeffs 2 --seeds 1 --max-pairs 20   # a tiny grid
 
 The pairs. relie.py splits the task into a selection and a test half (tasks.split_pairs, defaults.TEST_FRAC,
@@ -23,7 +23,7 @@ higher minimum over seeds, then to the current default, then to the first candid
 Each candidate's crosscoder is OUT/F<F>-lambda<λ>-seed<s>/, made by the stages as subprocesses
 (crosscoding/stages.py); a finished stage is kept, so a killed command resumes. Writes OUT/tune.json (every
 candidate's numbers per seed, each stage's choice, the final choice and whether it equals the current
-defaults); --results writes RESULTS.md `tuning`. defaults.py is never changed here: the choice is reported.
+defaults); --results writes FINDINGS.md `tuning`. defaults.py is never changed here: the choice is reported.
 """
 import json
 import math
@@ -225,7 +225,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=common.positive("--seeds"), default=2, help="crosscoder seeds 0 … N−1 per candidate "
                    "(default: %(default)s)")
     cli.add(p, "--out", out=str(Path(run_dir) / "tune"))
-    p.add_argument("--results", action="store_true", help="write the tables into RESULTS.md (section `tuning`)")
+    p.add_argument("--results", action="store_true", help="write the tables into FINDINGS.md (section `tuning`)")
     args = p.parse_args(argv)
     args.out = Path(args.out)
     return args, spec
@@ -273,7 +273,7 @@ def main(argv=None):
     print(summary_text(result))
     if args.results:
         command = " ".join(["python tune.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
-        common.update_results("tuning", results_markdown(result, command), ROOT / "RESULTS.md")
+        common.update_results("tuning", results_markdown(result, command), ROOT / "FINDINGS.md")
     print(f"wrote {path}")
 
 

@@ -4,7 +4,7 @@ scored against the truth.
 
     python -m crosscoding.planted                  # every variant in crosscoder.ARCHS, 3 seeds (10–45 s each)
     python -m crosscoding.planted --arch l1 --steps 800
-    python -m crosscoding.planted --results        # the table into RESULTS.md (section `planted`)
+    python -m crosscoding.planted --results        # the table into FINDINGS.md (section `planted`)
     python -m crosscoding.planted --recovery --matryoshka-causes --results   # section `planted-recovery`
 
 The generator (`planted_timelines`): N features per class — kept (alive at every revision), emerging
@@ -320,7 +320,7 @@ MATRYOSHKA_CAUSES = [
 
 
 def recovery_main(args):
-    """--recovery: every variant's recovery of the planted groups (RESULTS.md `planted-recovery`)."""
+    """--recovery: every variant's recovery of the planted groups (FINDINGS.md `planted-recovery`)."""
     from crosscoding.crosscoder import ARCHS, CrossCoder, CrossCoderConfig
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     groups = list(GROUPS)
@@ -367,7 +367,7 @@ def recovery_main(args):
             f"inference rule's on fresh draws. Mean [min, max] over seeds {seeds.start}–{seeds.stop - 1}, each a new "
             f"generator draw and crosscoder initialisation.\n\n" + head + "\n" + "\n".join(rows) + "\n"
             + _recovery_row("untrained (negative control)", untrained)),
-            Path(__file__).resolve().parent.parent / "RESULTS.md")
+            Path(__file__).resolve().parent.parent / "FINDINGS.md")
 
 
 def main(argv=None):
@@ -380,10 +380,10 @@ def main(argv=None):
     p.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed, first-seed + 1, … "
                    "(default: %(default)s)")
     p.add_argument("--recovery", action="store_true", help="the recovery of planted birth/death groups (M = 3) "
-                   "per variant instead of the timelines (RESULTS.md section `planted-recovery`)")
+                   "per variant instead of the timelines (FINDINGS.md section `planted-recovery`)")
     p.add_argument("--matryoshka-causes", action="store_true", help="with --recovery: also Matryoshka with one "
                    "config field changed at a time, and BatchTopK at the largest k tried (MATRYOSHKA_CAUSES)")
-    p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section `planted`, "
+    p.add_argument("--results", action="store_true", help="write the table into FINDINGS.md (section `planted`, "
                    "or `planted-recovery`)")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1 or args.first_seed < 0:
@@ -432,7 +432,7 @@ def main(argv=None):
             "\n\n| arch | class accuracy | formed_at exact | formed_at MAE | faded_at exact | faded_at MAE | "
             f"matched cosine | missed | L0 |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
             + "\n" + _row("untrained (negative control)", untrained)),
-            Path(__file__).resolve().parent.parent / "RESULTS.md")
+            Path(__file__).resolve().parent.parent / "FINDINGS.md")
 
 
 if __name__ == "__main__":

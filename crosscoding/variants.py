@@ -261,7 +261,7 @@ class Matryoshka(BatchTopK):
     The mean, as Bussmann et al.'s and dictionary_learning's trainers take it (the paper's Eq. 2 writes the sum,
     a constant factor Adam ignores): AuxK is weighed against ONE reconstruction term, as in BatchTopK, so
     auxk_alpha means the same in both; the sum weakens it G times, which on planted features leaves more of
-    them merged into the small prefixes' latents (RESULTS.md `planted-recovery`). The last prefix is the whole
+    them merged into the small prefixes' latents (FINDINGS.md `planted-recovery`). The last prefix is the whole
     dictionary, so its term is BatchTopK's mse; "mse" in the logs stays that one (comparable)."""
     name = "matryoshka"
 
