@@ -274,13 +274,13 @@ def test_help_footer_is_true(script, tmp_path, monkeypatch, capsys):
         assert "(default: 0.1" in paper and "(default: 0.0" in toy    # the IE threshold: the paper's, the toy's
 
 
-def test_readme_trains_the_run_it_converts():
-    """The README's `convert.py --to jumprelu --run R` follows, in the same block, the command that trains R."""
+def test_interop_doc_trains_the_run_it_converts():
+    """docs/interop.md's `convert.py --to jumprelu --run R` follows, in the same block, the command that trains R."""
     import re
     import shlex
 
     from crosscoding import defaults, lm
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "docs" / "interop.md").read_text(), re.S)
     block = [b for b in blocks if "--to jumprelu" in b]
     assert len(block) == 1
     lines = [shlex.split(line.split("#")[0]) for line in block[0].splitlines() if line.strip().startswith("python")]
