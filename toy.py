@@ -347,11 +347,12 @@ def main(argv=None):
     print(f"saved {out}/step*/ and {out}/curve.csv in {time.time() - t0:.1f} s on {device}")
     if args.results:
         cols = list(curve[0])
-        head = f"## The toy LM's agreement accuracy per revision and sub-task (`{cli.command('toy.py', argv)}`)"
-        update_results("toy", head + f"\n\nLM seed {args.seed}, {steps} steps, {time.time() - t0:.0f} s on {device} "
-                       f"(`{Path(out) / 'curve.csv'}`):\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-                       + "\n".join("| " + " | ".join(str(r[c]) for c in cols) + " |" for r in curve),
-                       HERE / "FINDINGS.md")
+        table = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                          + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in curve])
+        update_results("toy", f"## The toy LM's agreement accuracy per revision and sub-task "
+                       f"(`{cli.command('toy.py', argv)}`)\n\nLM seed {args.seed}, {steps} steps, "
+                       f"{time.time() - t0:.0f} s on {device} (`{os.path.relpath(Path(out) / 'curve.csv', HERE)}`):"
+                       f"\n\n{table}", HERE / "FINDINGS.md")
 
 
 if __name__ == "__main__":

@@ -136,3 +136,21 @@ def test_train_help_shows_the_defaults_in_force():
     for want in ("(default: 16384)", "(default: 4096)", "(default: 400000000)", "(default: 5e-05)",
                  "(default: the model's, step512,step2000,step143000)", "(default: the model's, 8)"):
         assert want in flat, want
+
+
+def test_every_generated_section_names_the_command_that_writes_it():
+    """FINDINGS.md and RESULTS.md hold only sections a command writes (common.update_results): each heading
+    names `python <script> …` (or `python -m crosscoding.<module> …`), and that script writes into that file."""
+    for doc in ("FINDINGS.md", "RESULTS.md"):
+        text = (ROOT / doc).read_text()
+        names = re.findall(r"<!-- ([\w-]+):start -->", text)
+        assert names and names == re.findall(r"<!-- ([\w-]+):end -->", text), doc
+        for name in names:
+            body = text[text.index(f"<!-- {name}:start -->"):text.index(f"<!-- {name}:end -->")]
+            head = body.splitlines()[1]
+            m = re.search(r"`(?:HF_HUB_OFFLINE=1 )?python3? (-m crosscoding\.)?([\w.]+)", head)
+            assert head.startswith("## ") and m, f"{doc} section {name}: its heading names no command: {head!r}"
+            path = ROOT / "crosscoding" / f"{m.group(2)}.py" if m.group(1) else ROOT / m.group(2)
+            assert path.is_file(), f"{doc} section {name}: {path.name} does not exist"
+            src = path.read_text()
+            assert "update_results" in src and doc in src, f"{doc} section {name}: {path.name} does not write {doc}"
