@@ -147,20 +147,6 @@ def test_threshold_zeroes_small_token_effects(run, models, batch):
     torch.testing.assert_close(a["err"], b["err"])   # the error term is reported in full
 
 
-def test_rel_and_classes_hand_made():
-    ie = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [-4.0, 1.0, 0.0], [0.35, 0.33, 0.32]])
-    r = measures.rel(ie)
-    np.testing.assert_allclose(r[0], [1 / 3] * 3)
-    np.testing.assert_allclose(r[3], [0.8, 0.2, 0.0])
-    revs = ["a", "b", "c"]
-    assert measures.classify(r, revs) == ["shared", "specific:a", "others", "specific:a", "shared"]
-    r2 = measures.rel2([0.0, 1.0, 1.0, 2.0], [0.0, 0.0, 9.0, 2.0])
-    np.testing.assert_allclose(r2, [0.5, 0.0, 0.9, 0.5])
-    assert measures.classify2(r2) == ["maintained", "discontinued", "emerging", "maintained"]
-    two = measures.rel(np.array([[0.0, 0.0], [3.0, 1.0]]))
-    assert measures.classify(two, ["a", "b"]) == ["shared", "specific:a"]
-
-
 def test_select_union_and_normalise():
     ie = np.array([[0.5, -0.9, 0.1, 0.0], [0.0, 0.2, 0.0, 0.3]])
     assert relie.select(ie, 1, "abs") == [1, 3]
@@ -247,44 +233,6 @@ def test_one_word_prefix_is_attributed_on_every_revision(run, models):
         assert att["ie"][0, m].abs().sum() > 0 and att["err"][0, m].abs() > 0, m
         ld = analysis.ablated_logit_diffs(run, model, m, batch, x[:, :, m], f, r[:, :, m], [[], list(range(48))])
         assert (ld[:, 0] - ld[:, 1]).abs().min() > 0, m
-
-
-def test_random_k_draws_break_ties_at_random_and_avoid_every_top_set():
-    """Matched-frequency random latents: among equal frequencies (dead latents, say) the draw changes from
-    one draw to the next, and never picks a latent of any revision's top-k set."""
-    freq = np.zeros(200)
-    freq[:10] = np.linspace(0.1, 0.2, 10)
-    rng = np.random.default_rng(0)
-    exclude = set(range(10)) | {50, 51, 52}
-    draws = [tuple(measures.matched_random(freq, [150, 160, 170], rng, exclude)) for _ in range(6)]
-    assert len(set(draws)) > 1
-    assert not {i for d in draws for i in d} & exclude
-    near = measures.matched_random(freq, [3], rng, {3})[0]
-    assert near in range(10) and near != 3           # the nearest frequencies, not a dead latent
-
-
-def test_bootstrap_intervals_have_the_known_answers():
-    """Identical values: a zero-width interval; a large normal sample: the interval of its mean covers the
-    population mean with about ±1.96 σ/√n; ρ per resample equals the plain ρ."""
-    lo, hi = measures.interval(measures.bootstrap_means(np.full((50, 3), 2.5)))
-    np.testing.assert_array_equal(lo, 2.5)
-    np.testing.assert_array_equal(hi, 2.5)
-    rng = np.random.default_rng(1)
-    x = rng.normal(1.0, 1.0, 4000)
-    mean, lo, hi = measures.mean_interval(x)
-    assert lo < 1.0 < hi and abs((hi - lo) - 2 * 1.96 / np.sqrt(4000)) < 0.01, (lo, hi)
-    a = measures.mean_interval(x, seed=3)
-    assert a[1] != lo                            # another seed, another (equally valid) interval
-    assert measures.mean_interval(x)[1] == lo    # the same seed, the same interval
-    X, y = rng.normal(size=(20, 15)), rng.normal(size=15)
-    np.testing.assert_allclose(measures.spearman_rows(X, y), [measures.spearman(row, y) for row in X], atol=1e-12)
-
-
-def test_disagreement_flags():
-    ie = np.array([1.0, -1.0, 1.0, 1.0, 1e-6, 0.5])
-    exact = np.array([0.9, 1.0, 3.0, 0.4, -1e-6, 0.5])
-    # same / opposite sign / 3× / 2.5× / both negligible / same
-    assert measures.disagree(ie, exact).tolist() == [False, True, True, True, False, False]
 
 
 def test_faithfulness_flags_what_ablation_contradicts(run, models, batch, monkeypatch):
