@@ -31,7 +31,7 @@ def test_bench_tiny_prints_ratio_lines():
     lines = [l for l in out.splitlines() if "target" in l]
     assert len(lines) >= 6, out
     for l in lines:     # timings are not tested; that each verdict follows from its own numbers is
-        m = re.search(r"(-?[\d.]+)(x|%| ms| s)?\s+target ([≥≤]) (-?[\d.]+)\S*\s+(PASS|FAIL)", l)
+        m = re.search(r"(-?[\d.]+)(x|%| ms| s| h)?\s+target ([≥≤]) (-?[\d.]+)\S*\s+(PASS|FAIL)", l)
         assert m, l
         value, target = float(m.group(1)), float(m.group(4))
         if abs(value - target) > 0.011 * max(1.0, abs(target)):      # printed values are rounded
