@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import evaluate
-import relie
 from crosscoding import activations, analysis, lm, measures, tasks
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 
@@ -145,24 +144,6 @@ def test_threshold_zeroes_small_token_effects(run, models, batch):
     b = analysis.attribute(run, models, batch, "ig", threshold=1e9, batch_size=32)
     assert a["ie"].abs().sum() > 0 and b["ie"].abs().sum() == 0
     torch.testing.assert_close(a["err"], b["err"])   # the error term is reported in full
-
-
-def test_select_union_and_normalise():
-    ie = np.array([[0.5, -0.9, 0.1, 0.0], [0.0, 0.2, 0.0, 0.3]])
-    assert relie.select(ie, 1, "abs") == [1, 3]
-    assert relie.select(ie, 2, "positive") == [0, 2, 3, 1]
-    np.testing.assert_allclose(np.abs(measures.normalise(ie)).sum(1), [1, 1])
-
-
-def test_html_escapes_everything():
-    import pandas as pd
-    sheet = pd.DataFrame([dict(latent=3, ie_a=0.1, relie_a=1.0, reldec_a=1.0, relie_class="<b>x</b>",
-                               relie_norm_class="shared", reldec_class="shared", artifact=False,
-                               description="<script>alert(1)</script>")])
-    ctx = {"3": [dict(tokens=["<script>", "ok"], acts=[1.0, 0.0], max_at=0, max=1.0)]}
-    eff = {"3": {"a": dict(promoted=[["<img src=x>", 1.0]], suppressed=[])}}
-    page = relie.render_html("t<i>", sheet, ctx, eff, ["a"])
-    assert "<script>" not in page and "&lt;script&gt;" in page and "<img" not in page and "<b>x" not in page
 
 
 def test_evaluate_ce_and_scaling(run, models):
