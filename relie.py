@@ -40,9 +40,6 @@ from crosscoding.common import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# Indirect effects
-
-# ---------------------------------------------------------------------------------------------
 # From IE to RelIE, classes and the annotation sheet
 
 def mean_ie(att, subtasks=None):
@@ -72,34 +69,34 @@ def latent_sheet(run, att, chosen, reldec_FM, annotations, flags):
     revs = run.revisions
     ie_MF, _ = mean_ie(att)
     nie_MF = measures.normalise(ie_MF)
-    ie_NM, nie_NM = ie_MF[:, chosen].T, nie_MF[:, chosen].T
+    ie_KM, nie_KM = ie_MF[:, chosen].T, nie_MF[:, chosen].T
     # the columns are gathered first and framed once: M = 10 revisions make ~400 of them (45 pairs × 6), and
     # inserting them one by one fragments the frame (pandas warns on every insert past 100)
     cols = {"latent": chosen}
     for m, r in enumerate(revs):
-        cols[f"ie_{r}"] = ie_NM[:, m]
+        cols[f"ie_{r}"] = ie_KM[:, m]
     rd = reldec_FM[chosen]
-    dominant = np.abs(ie_NM).argmax(1)
-    measures.add_shares(cols, "relie", measures.rel(ie_NM), revs)
-    measures.add_shares(cols, "relie_norm", measures.rel(nie_NM), revs)
+    dominant = np.abs(ie_KM).argmax(1)
+    measures.add_shares(cols, "relie", measures.rel(ie_KM), revs)
+    measures.add_shares(cols, "relie_norm", measures.rel(nie_KM), revs)
     measures.add_shares(cols, "reldec", rd, revs)
     for name in ("relie_class", "relie_norm_class"):
-        cols[name] = measures.signed(cols[name], measures.sign_at(ie_NM, dominant))
+        cols[name] = measures.signed(cols[name], measures.sign_at(ie_KM, dominant))
     for a, b in measures.pairs_of(revs):
         tag = f"{revs[a]}_{revs[b]}"
-        sign2 = measures.sign_at(ie_NM, np.where(np.abs(ie_NM[:, b]) >= np.abs(ie_NM[:, a]), b, a))
-        for name, vals in (("relie2", ie_NM), ("relie2_norm", nie_NM), ("reldec2", rd)):
+        sign2 = measures.sign_at(ie_KM, np.where(np.abs(ie_KM[:, b]) >= np.abs(ie_KM[:, a]), b, a))
+        for name, vals in (("relie2", ie_KM), ("relie2_norm", nie_KM), ("reldec2", rd)):
             r2 = measures.rel2(vals[:, a], vals[:, b])
             cols[f"{name}_{tag}"] = r2
             cls = measures.classify2(r2)
             cols[f"{name}_class_{tag}"] = cls if name == "reldec2" else measures.signed(cls, sign2)
     tokens = run.revision_tokens
-    ie_tl = measures.timeline(ie_NM, revs, tokens, prefix="ie_")
+    ie_tl = measures.timeline(ie_KM, revs, tokens, prefix="ie_")
     ie_tl["ie_timeline_class"] = measures.signed(ie_tl["ie_timeline_class"],
-                                                 measures.sign_at(ie_NM, np.abs(ie_NM).argmax(1)))
-    norm_tl = measures.timeline(nie_NM, revs, tokens, prefix="ie_norm_")
+                                                 measures.sign_at(ie_KM, np.abs(ie_KM).argmax(1)))
+    norm_tl = measures.timeline(nie_KM, revs, tokens, prefix="ie_norm_")
     norm_tl["ie_norm_timeline_class"] = measures.signed(norm_tl["ie_norm_timeline_class"],
-                                                        measures.sign_at(ie_NM, np.abs(nie_NM).argmax(1)))
+                                                        measures.sign_at(ie_KM, np.abs(nie_KM).argmax(1)))
     df = pd.concat([pd.DataFrame(cols), measures.timeline(run.cc.decoder_norms().detach().cpu().numpy()[chosen],
                                                           revs, tokens), ie_tl, norm_tl], axis=1)
     df["artifact"] = [bool(flags.get(i, False)) for i in chosen]
@@ -191,10 +188,10 @@ def top_contexts(run, models, chosen, n_blocks=64, n=8, before=20, after=3):
         f = run.cc.encode(x.view(B * T, M, d)).view(B, T, -1)[..., chosen]
         f[:, 0] = 0            # position 0 is excluded everywhere
         acts.append(f.cpu())
-    f_BTN = torch.cat(acts)
+    f_BTK = torch.cat(acts)
     out = {}
     for j, i in enumerate(chosen):
-        a = f_BTN[..., j]
+        a = f_BTK[..., j]
         vals, flat = a.flatten().topk(min(n, a.numel()))
         ctx = []
         for v, k in zip(vals.tolist(), flat.tolist()):

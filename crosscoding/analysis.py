@@ -147,8 +147,8 @@ def pair_codes(run, models, batch):
     with torch.no_grad():
         x_BTMd = run_acts(models, run.layer, batch.ids_BT, batch.mask_BT)
         B, T, M, d = x_BTMd.shape
-        x_hat_NMd, f_NF = run.cc(x_BTMd.view(B * T, M, d))
-    return x_BTMd, f_NF.view(B, T, -1), (x_BTMd - x_hat_NMd.view(B, T, M, d))
+        x_hat_RMd, f_RF = run.cc(x_BTMd.view(B * T, M, d))
+    return x_BTMd, f_RF.view(B, T, -1), (x_BTMd - x_hat_RMd.view(B, T, M, d))
 
 
 @dataclass(frozen=True)
