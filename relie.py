@@ -162,10 +162,10 @@ def logit_effects(run, models, chosen, n=10):
     out = {}
     for m, (r, model, tok) in enumerate(models):
         norm, W_U = lm.final_norm(model), model.get_output_embeddings().weight.float()
-        d_Nd = run.cc.W_dec_FMd[chosen, m].to(model.dtype)       # the norm runs in the LM's dtype (bf16 on a GPU)
-        eff_NV = (norm(d_Nd) - norm(torch.zeros_like(d_Nd))).float() @ W_U.T
+        d_Kd = run.cc.W_dec_FMd[chosen, m].to(model.dtype)       # the norm runs in the LM's dtype (bf16 on a GPU)
+        eff_KV = (norm(d_Kd) - norm(torch.zeros_like(d_Kd))).float() @ W_U.T
         for j, i in enumerate(chosen):
-            up, down = eff_NV[j].topk(n), (-eff_NV[j]).topk(n)
+            up, down = eff_KV[j].topk(n), (-eff_KV[j]).topk(n)
             out.setdefault(str(i), {})[r] = dict(
                 promoted=[[tok.decode([t]), round(v, 3)] for t, v in zip(up.indices.tolist(), up.values.tolist())],
                 suppressed=[[tok.decode([t]), round(-v, 3)]
