@@ -1005,8 +1005,7 @@ def main(argv=None):
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     cli.add(p, "--device", device=defaults.default_device())
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
-    p.add_argument("--results", action="store_true", help="write the table into RESULTS.md (section 'bench', "
-                   "or 'paper-check' with --paper)")
+    cli.add(p, "--results")     # RESULTS.md: section bench, bench-<sections> with --only, paper-check with --paper
     p.add_argument("--paper", action="store_true", help="instead of the sections: the GPU check (the step at the "
                    "paper's shape against its roofline, the live path, each analysis stage's wall time; a tiny shape "
                    "on a CPU)")

@@ -224,8 +224,7 @@ def parse_args(argv=None):
                    help="stage 2's attribution methods (default: %(default)s)")
     p.add_argument("--seeds", type=common.positive("--seeds"), default=2, help="crosscoder seeds 0 … N−1 per candidate "
                    "(default: %(default)s)")
-    cli.add(p, "--out", out=str(Path(run_dir) / "tune"))
-    p.add_argument("--results", action="store_true", help="write the tables into FINDINGS.md (section `tuning`)")
+    cli.add(p, "--out", "--results", out=str(Path(run_dir) / "tune"))
     args = p.parse_args(argv)
     args.out = Path(args.out)
     return args, spec
@@ -272,7 +271,7 @@ def main(argv=None):
     write_json(path, result)       # written whole and renamed into place: present means finished
     print(summary_text(result))
     if args.results:
-        command = " ".join(["python tune.py"] + [a for a in (argv or sys.argv[1:]) if a != "--results"])
+        command = cli.command("tune.py", argv)
         common.update_results("tuning", results_markdown(result, command), ROOT / "FINDINGS.md")
     print(f"wrote {path}")
 
