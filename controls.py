@@ -218,10 +218,14 @@ def controls_markdown(ctl, command, seconds=None) -> str:
     return (f"## Negative controls (`{command}`)\n\nThe run's crosscoder trained again with one thing removed — "
             + "; ".join(f"{c}: {d}" for c, d in ctl["controls"].items())
             + f" — and every headline check run on each through the normal stages (attribution `{ctl['attribution']}`"
-            f", each control with its own top-k, ablations on the held-out test pairs). A check holds by its own rule "
+            f", each control with its own top-k and its own null, ablations on the held-out test pairs; the null shown "
+            f"is the run's). A check holds by its own rule "
             f"(crosscoding/verdicts.py) and is uninformative when a control marked * (one that removes what the check "
             f"credits) holds too. A control keeps reconstruction when its FVU and L0 are within {ctl['factor']:g}× of "
-            "the run's." + took(seconds) + "\n\n| crosscoder | FVU per revision | L0 | dead | reconstruction kept |\n"
+            "the run's; one that does not may fail a check for the wrong reason (it breaks more than the check "
+            "credits), so its `fails` weighs less: a fixed random decoder, for one, cannot reconstruct at the run's "
+            "sparsity."
+            + took(seconds) + "\n\n| crosscoder | FVU per revision | L0 | dead | reconstruction kept |\n"
             f"|---|---|---|---|---|\n{recon}\n\n| check | run | " + " | ".join(names) + " | verdict | value |\n|"
             + "---|" * (4 + len(names)) + f"\n{rows}")
 
