@@ -9,8 +9,9 @@ from pathlib import Path
 
 from crosscoding import lm
 from crosscoding.activations import make_cache, open_cache
+from crosscoding.cli import flag
 from crosscoding.common import UsageError, is_done, mark_done, read_json, require_done, write_json
-from crosscoding.training import RunConfig, flag
+from crosscoding.training import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent     # where the stage scripts are
 VARIED = ("arch", "seed")     # what a seed run changes of the run's RunConfig
