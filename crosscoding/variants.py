@@ -120,13 +120,16 @@ class Variant:
     when this variant is the arch.
     What other code asks of a variant (class attributes, never its name):
         fast_path, decode_active_only, state_names       (crosscoder.py, convert.py --to jumprelu)
-        interop: the formats that can hold its codes (convert.py): "dictionary_learning", "ctt-paper"
-        selects_k: its code keeps k latents per token (BatchTopK's): planted.py sizes it by k, convert.py writes k
+        formats: the peers' formats that hold its crosscoder as it is (convert.py --to/--from)
+        keeps_top_k: its codes are BatchTopK's selection, k latents per token (θ, the buffer `threshold`, at
+            inference): convert.py writes k and θ, planted.py sizes it by k, bench.py's reference selects so
     """
     name = None                  # register() sets both
     Settings = Settings          # its settings' dataclass; this base's has none
     fast_path = True
     decode_active_only = False   # decode()'s default: sum only the active rows of W_dec
+    formats = ()
+    keeps_top_k = False
     state_names = ()             # the tensors add_state registers (a conversion to another variant drops them)
 
     def __init__(self, cfg):
@@ -192,6 +195,7 @@ class L1Settings(Settings):
 class L1(Variant):
     """The paper's: f = ReLU(pre), penalty lambda(t) * mean_b Σ_i f_i n_i, lambda warmed up linearly.
     Summing per-revision norms (not one joint norm) is what lets a latent live in one revision only."""
+    formats = ("dictionary_learning", "ctt-paper")      # their plain CrossCoder: no k, no θ
 
     def sparsity(self, cc, x_BMd, x_hat_BMd, t, step, out):
         coeff = l1_coeff_at(self.cfg, step)
@@ -243,6 +247,8 @@ class BatchTopK(Variant):
     (EMA of the smallest kept score, the buffer `threshold`); AuxK revives dead latents."""
     decode_active_only = True
     state_names = ("threshold",)
+    formats = ("dictionary_learning", "ctt-paper")      # their BatchTopK crosscoder: k and θ
+    keeps_top_k = True
 
     @staticmethod
     def check_chosen(cfg, bad):
@@ -360,6 +366,7 @@ class Matryoshka(BatchTopK):
     auxk_alpha means the same in both; the sum weakens it G times, which on planted features leaves more of
     them merged into the small prefixes' latents (FINDINGS.md `planted-recovery`). The last prefix is the whole
     dictionary, so its term is BatchTopK's mse; "mse" in the logs stays that one (comparable)."""
+    formats = ()        # a peer would read it back as BatchTopK, trained otherwise
 
     @staticmethod
     def check_chosen(cfg, bad):
@@ -503,23 +510,25 @@ VARIANTS = {}    # name -> the variant's class (its settings: the class's Settin
 
 
 def register(name, variant, settings=Settings):
-    """Add a variant to the table: its class and its settings' dataclass (a Settings subclass)."""
+    """Add a variant to the table: its class and its settings' dataclass (a Settings subclass). A setting's name
+    means one thing: a name another variant declares must be that same field (Matryoshka's k is BatchTopK's)."""
+    known = settings_fields()
+    for f in fields(settings):
+        if f.name in known and known[f.name] is not f:
+            owner = next(n for n, cls in VARIANTS.items() if f.name in {g.name for g in fields(cls.Settings)})
+            raise ValueError(f"variant {name!r} declares setting {f.name!r}, which {owner!r} declares too: give it "
+                             "another name")
     variant.name, variant.Settings = name, settings
     VARIANTS[name] = variant
-    settings_fields()      # a setting's name means one thing: refuse a clash now
 
 
 def settings_fields() -> dict:
     """name -> dataclasses.Field of every registered variant's settings, each once (Matryoshka's repeat
-    BatchTopK's, which they inherit). Two variants declaring the same name differently are refused."""
-    out, owner = {}, {}
-    for name, cls in VARIANTS.items():
+    BatchTopK's, which they inherit)."""
+    out = {}
+    for cls in VARIANTS.values():
         for f in fields(cls.Settings):
-            if f.name in out and out[f.name] is not f:
-                raise ValueError(f"variant {name!r} declares setting {f.name!r}, which {owner[f.name]!r} declares "
-                                 "too: give it another name")
             out.setdefault(f.name, f)
-            owner.setdefault(f.name, name)
     return out
 
 
