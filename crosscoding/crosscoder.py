@@ -26,6 +26,7 @@ config fields plus whatever the caller adds). Nothing is pickled.
 import copy
 import json
 import os
+from dataclasses import fields
 
 import torch
 import torch.nn as nn
@@ -39,6 +40,7 @@ from crosscoding.variants import VARIANTS, _wide, batch_topk_mask, k_at, l1_coef
 ARCHS = tuple(VARIANTS)   # the built-in variants; the table itself (VARIANTS) is what the checks read
 WEIGHTS_FILE = "crosscoder.safetensors"
 CONFIG_FILE = "config.json"
+ARCH_SETTINGS = "arch_settings"   # config.json's table of the settings the run's variant reads: name -> help
 
 # -----------------------------------------------------------------------------
 # config and schedules
@@ -420,10 +422,13 @@ class CrossCoder(nn.Module):
     # ---- files
 
     def save(self, run_dir, extra=None):
-        """Write run_dir/crosscoder.safetensors and run_dir/config.json (config fields + extra), each to a
-        temporary name first, fsynced and renamed into place (common.atomic_path)."""
+        """Write run_dir/crosscoder.safetensors and run_dir/config.json (config fields + ARCH_SETTINGS + extra),
+        each to a temporary name first, fsynced and renamed into place (common.atomic_path)."""
         extra = dict(extra or {})
         meta = self.cfg.to_dict()
+        # which settings this run's variant reads, each with its help: a plain table for readers without the
+        # package (app.py imports no torch)
+        meta[ARCH_SETTINGS] = {f.name: f.metadata["help"] for f in fields(self.variant.Settings)}
         clash = sorted(set(extra) & set(meta))
         if clash:
             raise ValueError(f"extra keys {clash} collide with CrossCoderConfig fields")
@@ -463,5 +468,5 @@ class CrossCoder(nn.Module):
         if unexpected:
             raise ValueError(f"{path}: unexpected tensors {unexpected}")
         cc.load_state_dict(tensors, assign=True)
-        cc.extra = {k: v for k, v in meta.items() if k not in names}
+        cc.extra = {k: v for k, v in meta.items() if k not in names and k != ARCH_SETTINGS}
         return cc

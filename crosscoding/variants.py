@@ -122,7 +122,10 @@ class Variant:
         fast_path, decode_active_only, state_names       (crosscoder.py, convert.py --to jumprelu)
         formats: the peers' formats that hold its crosscoder as it is (convert.py --to/--from)
         keeps_top_k: its codes are BatchTopK's selection, k latents per token (θ, the buffer `threshold`, at
-            inference): convert.py writes k and θ, planted.py sizes it by k, bench.py's reference selects so
+            inference): convert.py writes k and θ, bench.py's reference selects so
+        peer: the published trainer its training step is timed against (bench.Peer writes each out plainly)
+        sized_by_l0: the setting with no rule that carries across data (a penalty's coefficient per unit of L0):
+            planted.py sizes it to the L0 its data wants, from its default up
     """
     name = None                  # register() sets both
     Settings = Settings          # its settings' dataclass; this base's has none
@@ -130,6 +133,8 @@ class Variant:
     decode_active_only = False   # decode()'s default: sum only the active rows of W_dec
     formats = ()
     keeps_top_k = False
+    peer = None
+    sized_by_l0 = None
     state_names = ()             # the tensors add_state registers (a conversion to another variant drops them)
 
     def __init__(self, cfg):
@@ -196,6 +201,7 @@ class L1(Variant):
     """The paper's: f = ReLU(pre), penalty lambda(t) * mean_b Σ_i f_i n_i, lambda warmed up linearly.
     Summing per-revision norms (not one joint norm) is what lets a latent live in one revision only."""
     formats = ("dictionary_learning", "ctt-paper")      # their plain CrossCoder: no k, no θ
+    peer = "dictionary_learning CrossCoderTrainer"
 
     def sparsity(self, cc, x_BMd, x_hat_BMd, t, step, out):
         coeff = l1_coeff_at(self.cfg, step)
@@ -249,6 +255,7 @@ class BatchTopK(Variant):
     state_names = ("threshold",)
     formats = ("dictionary_learning", "ctt-paper")      # their BatchTopK crosscoder: k and θ
     keeps_top_k = True
+    peer = "dictionary_learning BatchTopKCrossCoderTrainer"
 
     @staticmethod
     def check_chosen(cfg, bad):
@@ -367,6 +374,7 @@ class Matryoshka(BatchTopK):
     them merged into the small prefixes' latents (FINDINGS.md `planted-recovery`). The last prefix is the whole
     dictionary, so its term is BatchTopK's mse; "mse" in the logs stays that one (comparable)."""
     formats = ()        # a peer would read it back as BatchTopK, trained otherwise
+    peer = "dictionary_learning MatryoshkaBatchTopKTrainer"
 
     @staticmethod
     def check_chosen(cfg, bad):
@@ -456,6 +464,8 @@ class JumpReLU(Variant):
     whose f is 0 but whose θ-gradient is not)."""
     decode_active_only = True
     state_names = ("log_threshold_F",)
+    sized_by_l0 = "jumprelu_coeff"
+    peer = "dictionary_learning JumpReluTrainer"
 
     def add_state(self, cc):
         F = self.cfg.dict_size
