@@ -424,7 +424,9 @@ class CrossCoder(nn.Module):
     def save(self, run_dir, extra=None):
         """Write run_dir/crosscoder.safetensors and run_dir/config.json (config fields + ARCH_SETTINGS + extra),
         each to a temporary name first, fsynced and renamed into place (common.atomic_path)."""
-        extra = dict(extra or {})
+        # ARCH_SETTINGS is made from this crosscoder's variant, never copied (a converted run's config.json holds
+        # the variant it was made from)
+        extra = {k: v for k, v in (extra or {}).items() if k != ARCH_SETTINGS}
         meta = self.cfg.to_dict()
         # which settings this run's variant reads, each with its help: a plain table for readers without the
         # package (app.py imports no torch)

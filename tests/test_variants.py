@@ -346,6 +346,7 @@ def test_convert_to_jumprelu_writes_a_run_every_stage_opens(tmp_path):
     convert.main(["--to", "jumprelu", "--run", str(src), "--out", str(out)])
     run = analysis.open_run(out)
     assert run.cc.cfg.arch == "jumprelu" and run.config["converted"]["from_arch"] == "batchtopk"
+    assert set(run.config["arch_settings"]) == {f for f in variants.settings_fields() if f.startswith("jumprelu_")}
     assert run.revisions == ["a", "b", "c"] and common.is_done(out)
     assert torch.equal(run.cc.encode(x), cc.encode(x))
     with pytest.raises(common.UsageError, match="already exists"):
