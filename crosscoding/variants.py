@@ -40,18 +40,16 @@ def setting(default, help, parse=None):
 
 @dataclass
 class Settings:
-    """A variant's settings (none here). A subclass adds fields (each `setting(...)`) and may override:
-        fill(cfg)        sets the fields whose default follows the run (None: from total_steps, dict_size …)
-        check(cfg, bad)  validates its fields, whatever the arch (bad(name, what would be valid) raises)
-    Both read and write the flat config (cfg.k), where every registered variant's settings live."""
-
-    @staticmethod
-    def fill(cfg):
-        pass
+    """A variant's settings (none here). A subclass adds fields (each `setting(...)`, its name unique over the
+    table: it is also the config.json key and the flag) and may override
+        check(cfg, bad)  fills its fields left None to follow the run (from total_steps, dict_size …), then
+                         validates them (bad(name, what would be valid) raises); run on every config,
+                         whatever the arch, on the flat config (cfg.k) where every variant's settings live."""
 
     @staticmethod
     def check(cfg, bad):
         pass
+
 
 # -----------------------------------------------------------------------------
 # schedules and selections shared by several variants
