@@ -136,9 +136,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _setting_type(flag, f):
-    """argparse type of a setting's flag: its declared parse, else its default's type (a tuple: comma-separated
-    numbers, as a list); text that does not parse is a one-line error naming the flag."""
+_WHAT = {int: "an integer", float: "a number"}     # what a setting's flag must be, by its type
+
+
+def _setting_type(name, f):
+    """argparse type of a setting's flag `name`: its declared parse, else its default's type (a tuple:
+    comma-separated numbers, as a list); text that does not parse is a one-line error naming the flag."""
     from crosscoding.common import UsageError
     parse = f.metadata.get("parse") or (
         (lambda s: [float(v) for v in s.split(",") if v.strip()]) if isinstance(f.default, tuple) else type(f.default))
@@ -147,11 +150,8 @@ def _setting_type(flag, f):
         try:
             return parse(s)
         except ValueError:
-            raise UsageError(f"{flag} must be {_WHAT.get(parse, 'comma-separated numbers')}, got {s!r}") from None
+            raise UsageError(f"{name} must be {_WHAT.get(parse, 'comma-separated numbers')}, got {s!r}") from None
     return read
-
-
-_WHAT = {int: "an integer", float: "a number"}
 
 
 class _Parser(ArgumentParser):
