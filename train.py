@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from crosscoding import activations, cli, common, defaults, lm, measures, training
 from crosscoding.common import UsageError, positive
-from crosscoding.crosscoder import CrossCoder
+from crosscoding.crosscoder import ConfigError, CrossCoder
 from crosscoding.training import RunConfig
 
 
@@ -100,8 +100,9 @@ def parse_args(argv=None):
     args.out = Path(args.out or defaults.run_dir(spec.key, args.layer, args.revisions, args.arch))
     try:    # the config's and the variant's own checks (BatchTopK's k ≤ F, Matryoshka's groups …), before any load
         RunConfig.from_args(args).crosscoder(len(args.revisions), 1)
-    except ValueError as e:
-        raise UsageError(f"--arch {args.arch}: {e}") from None
+    except ConfigError as e:     # named by its flag where it has one (--k), else by the field (from --tokens …)
+        what = f"{cli.flag(e.field)} {getattr(args, e.field)!r}" if e.field in RunConfig.names() else str(e)
+        raise UsageError(f"--arch {args.arch}: {what} is invalid: {str(e).split('is invalid: ')[-1]}") from None
     return args, spec
 
 

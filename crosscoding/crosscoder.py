@@ -61,6 +61,13 @@ SHARED = dict(
 )
 
 
+class ConfigError(ValueError):
+    """A config field's value is invalid; .field names it (train.py names its flag)."""
+    def __init__(self, field, message):
+        super().__init__(message)
+        self.field = field
+
+
 class CrossCoderConfig:
     """The crosscoder's config, every field a plain attribute: n_models (M, revisions crosscoded together),
     d_model (d, hidden size at the layer), the SHARED fields above, and every registered variant's own settings
@@ -96,7 +103,7 @@ class CrossCoderConfig:
 
     def _check(self):
         def bad(name, valid):
-            raise ValueError(f"CrossCoderConfig.{name}={getattr(self, name)!r} is invalid: {valid}")
+            raise ConfigError(name, f"CrossCoderConfig.{name}={getattr(self, name)!r} is invalid: {valid}")
         for name in ("n_models", "d_model", "dict_size", "total_steps", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
