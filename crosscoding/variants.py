@@ -369,8 +369,11 @@ class Matryoshka(BatchTopK):
     The mean, as Bussmann et al.'s and dictionary_learning's trainers take it (the paper's Eq. 2 writes the sum,
     a constant factor Adam ignores): AuxK is weighed against ONE reconstruction term, as in BatchTopK, so
     auxk_alpha means the same in both; the sum weakens it G times, which on planted features leaves more of
-    them merged into the small prefixes' latents (FINDINGS.md `planted-recovery`). The last prefix is the whole
-    dictionary, so its term is BatchTopK's mse; "mse" in the logs stays that one (comparable)."""
+    them merged into the small prefixes' latents. The larger cause is the prefixes' sizes: a prefix with fewer
+    latents than the data has features must merge them to reconstruct, and the default's smallest is F/16; with
+    every prefix at least as large as the features planted, recovery nears BatchTopK's (FINDINGS.md
+    `planted-recovery`, which measures each cause). The last prefix is the whole dictionary, so its term is
+    BatchTopK's mse; "mse" in the logs stays that one (comparable)."""
     formats = ()        # a peer would read it back as BatchTopK, trained otherwise
     peer = "dictionary_learning MatryoshkaBatchTopKTrainer"
 
