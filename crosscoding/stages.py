@@ -32,7 +32,7 @@ def train_args(run_args, arch, seed, out):
     cmd = ["train.py", "--arch", arch, "--seed", seed, "--out", out, "--device", run_args["device"]]
     for k, v in RunConfig.known(run_args).items():
         if k not in VARIED and v is not None:        # None: left to train.py (an LM seed's own cache)
-            cmd += [flag(k), ",".join(v) if isinstance(v, list) else v]
+            cmd += [flag(k), ",".join(map(str, v)) if isinstance(v, list) else v]
     return cmd
 
 
