@@ -188,17 +188,16 @@ def page_checkpoints(scans: Path, run: Path | None, cfg: dict | None):
 
 
 def config_table(cfg: dict) -> pd.DataFrame:
-    """What defines the run, one row each: the sparsity knob of each variant says whether this run uses it."""
-    arch = cfg.get("arch", "l1")
+    """What defines the run, one row each: the settings its variant reads are the ones config.json's
+    arch_settings names (name -> help, written with the run)."""
     data = cfg.get("data") or {}
+    own = cfg.get("arch_settings")
+    settings = ([(f"{help} (--{name.replace('_', '-')})", cfg.get(name)) for name, help in own.items()]
+                if own is not None else [("the variant's settings", "not listed (config.json has no arch_settings)")])
     rows = [("model", cfg.get("model")), ("layer", cfg.get("layer")),
             ("revisions", f"{len(cfg.get('revisions', []))}: {', '.join(cfg.get('revisions', []))}"),
-            ("architecture (--arch)", arch), ("F, latents (--dict-size)", cfg.get("dict_size")),
-            ("λ, L1 penalty (--l1-coeff)", f"{cfg.get('l1_coeff')}" + ("" if arch == "l1" else f" (unused by {arch})")),
-            ("k, latents per token (--k)", f"{cfg.get('k')}" + ("" if arch in ("batchtopk", "matryoshka")
-                                                                 else f" (unused by {arch})")),
-            ("JumpReLU coefficient", f"{cfg.get('jumprelu_coeff')}" + ("" if arch == "jumprelu"
-                                                                        else f" (unused by {arch})")),
+            ("architecture (--arch)", cfg.get("arch", "l1")), ("F, latents (--dict-size)", cfg.get("dict_size")),
+            *settings,
             ("training tokens (--tokens)", cfg.get("tokens")), ("steps × batch", f"{cfg.get('steps')} × "
                                                                                   f"{cfg.get('batch_size')}"),
             ("lr", cfg.get("lr")), ("seed", cfg.get("seed")),

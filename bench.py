@@ -73,9 +73,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from crosscoding import cli, defaults  # noqa: E402
-from crosscoding.common import ArgumentParser, keep_freed_memory, mark_done, run_main, update_results  # noqa: E402
+from crosscoding.common import (  # noqa: E402
+    ArgumentParser,
+    UsageError,
+    keep_freed_memory,
+    mark_done,
+    run_main,
+    update_results,
+)
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
-from crosscoding.variants import VARIANTS, BatchTopK, JumpReLUFn, group_ends  # noqa: E402
+from crosscoding.variants import VARIANTS, JumpReLUFn, group_ends  # noqa: E402
 
 SECTIONS = ("step", "scale", "cache", "data", "ig", "memory", "shards", "live")
 RESULTS = []
@@ -156,8 +163,13 @@ class Peer(torch.nn.Module):
     [B, F] code, the rectangle kernel, log-threshold parameter), crosscoded: the einsum encoder and decoder
     above, and our tanh-L0 penalty (variants.JumpReLU) on the dense code; matryoshka as its
     MatryoshkaBatchTopKTrainer: the BatchTopK above, then per group a dense slice f[:, :end] @ W_dec[:, :end]
-    and the sum of the prefixes' squared errors. (This reference branches on the variant's name: it is a
-    second, plain implementation to time ours against, not part of the toolkit.)"""
+    and the sum of the prefixes' squared errors. Each variant names the trainer it is timed against (its class's
+    `peer`); a variant that names none of STEPS' is refused (a second, plain implementation to time ours
+    against, not part of the toolkit)."""
+    STEPS = {"dictionary_learning CrossCoderTrainer": "_l1_loss",
+             "dictionary_learning BatchTopKCrossCoderTrainer": "_batchtopk_loss",
+             "dictionary_learning JumpReluTrainer": "_jumprelu_loss",
+             "dictionary_learning MatryoshkaBatchTopKTrainer": "_matryoshka_loss"}
 
     def __init__(self, cc):
         super().__init__()
@@ -165,32 +177,45 @@ class Peer(torch.nn.Module):
         self.b_enc = torch.nn.Parameter(cc.b_enc_F.detach().clone())
         self.W_dec = torch.nn.Parameter(cc.W_dec_FMd.detach().permute(1, 0, 2).contiguous())  # [M, F, d]
         self.b_dec = torch.nn.Parameter(cc.b_dec_Md.detach().clone())
-        self.arch, self.l1_coeff, self.k = cc.cfg.arch, cc.cfg.l1_coeff, cc.cfg.k
-        self.cfg = cc.cfg
+        self._setup(cc.cfg)
         if hasattr(cc, "log_threshold_F"):
             self.log_threshold = torch.nn.Parameter(cc.log_threshold_F.detach().clone())
         F, dev = cc.cfg.dict_size, cc.W_enc.device      # its counters live where its weights do
         self.register_buffer("steps_since_active", torch.zeros(F, dtype=torch.long, device=dev))
         self.register_buffer("tokens_since_fired", torch.zeros(F, dtype=torch.long, device=dev))
+
+    def _setup(self, cfg):
+        """The trainer the variant names (its step: self.step) and the settings the steps read."""
+        self.trainer = VARIANTS[cfg.arch].peer
+        if self.trainer not in self.STEPS:
+            raise UsageError(f"bench.py has no reference step for variant {cfg.arch!r}: its class names no trainer "
+                             f"that bench.Peer writes out (peer = {self.trainer!r}; it has {', '.join(self.STEPS)})")
+        self.step = getattr(self, self.STEPS[self.trainer])
+        self.l1_coeff, self.k, self.cfg = cfg.l1_coeff, cfg.k, cfg
         self.threshold, self.threshold_start = -1.0, 1000
 
     def loss(self, x_BMd, step):
-        B = x_BMd.shape[0]
         f_BF = torch.relu(einsum(x_BMd, self.W_enc, "b m d, m d f -> b m f").sum(1) + self.b_enc)
+        return self.step(x_BMd, f_BF, step)
+
+    def _l1_loss(self, x_BMd, f_BF, step):
+        """dictionary_learning's CrossCoderTrainer step (use_mse_loss): the decoder-norm-weighted L1."""
         norm_1F = self.W_dec.norm(dim=2).sum(0, keepdim=True)
-        if self.arch == "l1":
-            x_hat = einsum(f_BF, self.W_dec, "b f, m f d -> b m d") + self.b_dec
-            torch.linalg.norm(x_BMd - x_hat, dim=-1).mean()        # its l2_loss, computed for the log
-            mse = (x_BMd - x_hat).pow(2).sum(-1).mean()
-            f_scaled = f_BF * norm_1F
-            l1 = f_scaled.norm(p=1, dim=-1).mean()
-            with torch.no_grad():
-                deads = (f_scaled <= 1e-4).all(dim=0)
-                self.steps_since_active[deads] += 1
-                self.steps_since_active[~deads] = 0
-            return mse + self.l1_coeff * l1
-        if self.arch == "jumprelu":
-            return self._jumprelu_loss(x_BMd, f_BF)
+        x_hat = einsum(f_BF, self.W_dec, "b f, m f d -> b m d") + self.b_dec
+        torch.linalg.norm(x_BMd - x_hat, dim=-1).mean()        # its l2_loss, computed for the log
+        mse = (x_BMd - x_hat).pow(2).sum(-1).mean()
+        f_scaled = f_BF * norm_1F
+        l1 = f_scaled.norm(p=1, dim=-1).mean()
+        with torch.no_grad():
+            deads = (f_scaled <= 1e-4).all(dim=0)
+            self.steps_since_active[deads] += 1
+            self.steps_since_active[~deads] = 0
+        return mse + self.l1_coeff * l1
+
+    def _batchtopk_code(self, f_BF, step):
+        """One top-k over the B·F scores and a scatter, then the threshold EMA."""
+        B = f_BF.shape[0]
+        norm_1F = self.W_dec.norm(dim=2).sum(0, keepdim=True)
         scaled_BF = f_BF * norm_1F
         top = scaled_BF.flatten().topk(self.k * B, sorted=False)
         f_BF = torch.zeros_like(scaled_BF.flatten()).scatter_(-1, top.indices, f_BF.flatten()[top.indices])
@@ -199,8 +224,12 @@ class Peer(torch.nn.Module):
             active = (f_BF * norm_1F)[f_BF * norm_1F > 0]
             smallest = active.min().detach().float() if len(active) else 0.0
             self.threshold = smallest if self.threshold < 0 else 0.999 * self.threshold + 0.001 * smallest
-        if self.arch == "matryoshka":
-            return self._matryoshka_loss(x_BMd, f_BF)
+        return f_BF
+
+    def _batchtopk_loss(self, x_BMd, f_BF, step):
+        """dictionary_learning's BatchTopKCrossCoderTrainer step: the selection, its L2 reconstruction, AuxK."""
+        B = x_BMd.shape[0]
+        f_BF = self._batchtopk_code(f_BF, step)
         x_hat = einsum(f_BF, self.W_dec, "b f, m f d -> b m d") + self.b_dec
         e = x_BMd - x_hat
         with torch.no_grad():
@@ -214,7 +243,7 @@ class Peer(torch.nn.Module):
         auxk = torch.zeros((), device=x_BMd.device) if dead.sum() == 0 else None   # no dead latents here
         return l2 + auxk / 32
 
-    def _jumprelu_loss(self, x_BMd, z_BF):
+    def _jumprelu_loss(self, x_BMd, z_BF, step):
         """dictionary_learning's JumpReluTrainer step on the dense code: f = JumpReLU(z, θ) with its
         rectangle-kernel STE, the dense decoder, the squared error, the penalty on every [B, F] entry."""
         cfg = self.cfg
@@ -225,15 +254,11 @@ class Peer(torch.nn.Module):
         norm_F = self.W_dec.norm(dim=2).sum(0)
         return mse + coeff * torch.tanh(cfg.jumprelu_tanh_c * f_BF * norm_F).sum(-1).mean()
 
-    def _matryoshka_loss(self, x_BMd, f_BF):
+    def _matryoshka_loss(self, x_BMd, f_BF, step):
         """dictionary_learning's MatryoshkaBatchTopKTrainer step: BatchTopK (one top-k over the B·F scores, a
         scatter), then per group the dense slice of the code and decoder added to the running reconstruction."""
         B = x_BMd.shape[0]
-        norm_1F = self.W_dec.norm(dim=2).sum(0, keepdim=True)
-        scaled_BF = f_BF * norm_1F
-        top = scaled_BF.flatten().topk(self.k * B, sorted=False)
-        f_BF = torch.zeros_like(scaled_BF.flatten()).scatter_(-1, top.indices, f_BF.flatten()[top.indices])
-        f_BF = f_BF.reshape(scaled_BF.shape)
+        f_BF = self._batchtopk_code(f_BF, step)
         x_rec, loss, start = self.b_dec.expand_as(x_BMd), 0.0, 0
         for end in group_ends(self.cfg):
             x_rec = x_rec + einsum(f_BF[:, start:end], self.W_dec[:, start:end], "b f, m f d -> b m d")
@@ -247,7 +272,6 @@ class Peer(torch.nn.Module):
 
     @classmethod
     def from_state(cls, state, cfg):
-        arch, l1_coeff, k = cfg.arch, cfg.l1_coeff, cfg.k
         self = cls.__new__(cls)
         torch.nn.Module.__init__(self)
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "log_threshold"):
@@ -255,8 +279,7 @@ class Peer(torch.nn.Module):
                 setattr(self, name, torch.nn.Parameter(state[name].clone()))
         for name in ("steps_since_active", "tokens_since_fired"):
             self.register_buffer(name, state[name].clone())
-        self.arch, self.l1_coeff, self.k, self.cfg = arch, l1_coeff, k, cfg
-        self.threshold, self.threshold_start = -1.0, 1000
+        self._setup(cfg)
         return self
 
     def make_optimizer(self, lr):
@@ -305,9 +328,11 @@ STEP_SHAPES = [("d=64", 64, 512), ("d=128", 128, 2048), ("d=512", 512, 8192)]
 # the table trained (BatchTopK-selecting ones fire on 4% with k = 2% of F, as BatchTopK: the selection halves
 # it). The paper's two keep their targets against dictionary_learning; the others must at least beat the
 # plain dense reference (target 1.0).
-PAPER_ARCHS = ("l1", "batchtopk")
 STEP_CASES = [("init", "l1", None), ("trained", "l1", 0.02)] + [
-    ("trained", a, 0.04 if issubclass(v, BatchTopK) else 0.02) for a, v in VARIANTS.items() if a != "l1"]
+    ("trained", a, 0.04 if v.keeps_top_k else 0.02) for a, v in VARIANTS.items() if a != "l1"]
+# peer / ours to reach, (d ≥ 512, smaller d); a case not named here: 1.0
+STEP_TARGETS = {("trained", "l1"): (4.0, 1.5), ("trained", "batchtopk"): (3.0, 1.5)}
+ROOFLINE_CASE = ("trained", "l1")     # also timed against the matmul roofline
 # Timed steps do all the work of a step (Adam included) at an lr too small to move the weights, so the
 # hundreds of steps timed all see the state the bench built (a trained code stays ~2% dense).
 TIMING_LR = 1e-12
@@ -376,7 +401,8 @@ def _ours(cc, x, lr=None, autocast=False):
 def compare_with_peer(cc, x, repeats, dev, threads):
     """Median seconds of our step (here) and the peer's (in its own process, on the same state and
     batch), alternating; on a GPU both run here."""
-    if cc.cfg.arch == "l1":
+    peer = Peer(cc)
+    if peer.step == peer._l1_loss:         # the objective that agrees with ours at the same weights
         _check_same_objective(cc, x)
     ours = _ours(cc, x)
     if str(dev).startswith("cuda"):
@@ -418,11 +444,10 @@ def bench_step(args):
             t_ours, t_peer = compare_with_peer(cc, x, repeats, dev, args.threads)
             with torch.no_grad():
                 l0 = cc.loss(x, step=10_000)["l0"].item()
-            target = 1.0 if state == "init" or arch not in PAPER_ARCHS else ((4.0 if arch == "l1" else 3.0) if big
-                                                                           else 1.5)
+            target = STEP_TARGETS.get((state, arch), (1.0, 1.0))[0 if big else 1]
             report(f"{name} {arch} {state}: peer {1e3 * t_peer:.1f} ms / ours {1e3 * t_ours:.1f} ms",
                    t_peer / t_ours, target, note=f"L0 {100 * l0 / F:.1f}% of F")
-            if state == "trained" and arch == "l1":
+            if (state, arch) == ROOFLINE_CASE:
                 roof = roofline_s(B, M * d, F, dev, repeats)
                 report(f"{name} l1 trained: our step / the matmul roofline ({1e3 * roof:.1f} ms of torch.mm)",
                        t_ours / roof, None if big else 1.3, higher=False,

@@ -25,7 +25,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from crosscoding import analysis, cli, common, defaults, lm
 from crosscoding.activations import open_cache
 from crosscoding.common import EnvError, UsageError, atomic_path, write_json
 from crosscoding.crosscoder import CONFIG_FILE, WEIGHTS_FILE, CrossCoder, CrossCoderConfig
-from crosscoding.variants import batchtopk_to_jumprelu
+from crosscoding.variants import VARIANTS, batchtopk_to_jumprelu
 
 # dictionary_learning's CodeNormalization enum (dictionary.py, values from enum.auto()): how a latent's
 # decoder weights scale its activation in the sparsity penalty and, for BatchTopK, in the selection.
@@ -154,13 +154,20 @@ def check_state(sd: dict, required: dict, optional: dict, where, integer=()) -> 
     return dims
 
 
-def build(W_enc_MdF, b_enc_F, W_dec_FMd, b_dec_Md, k=None, threshold=None, scales_M=None, mean_Md=None):
+def peer_variant(fmt: str, top_k: bool) -> str:
+    """The registered variant a peer's crosscoder in format `fmt` is, as it is: the one that format holds (its
+    `formats`) with BatchTopK's k and θ when the file has them (top_k), without when not (variants.py)."""
+    return next(name for name, cls in VARIANTS.items() if fmt in cls.formats and cls.keeps_top_k == top_k)
+
+
+def build(fmt, W_enc_MdF, b_enc_F, W_dec_FMd, b_dec_Md, k=None, threshold=None, scales_M=None, mean_Md=None):
     """Our crosscoder on RAW activations from weights that act on normalised ones, x' = s_m·(x_m − mean_m)
-    (scales_M, mean_Md None: x' = x). k given: BatchTopK with θ = threshold. With y = s·x the normalised input
+    (scales_M, mean_Md None: x' = x), of the variant the format `fmt` holds (peer_variant). k given: BatchTopK's
+    selection with θ = threshold. With y = s·x the normalised input
     is y − s·mean, so the mean moves into the biases (b_enc − Σ_m s_m mean_m W_enc[m], b_dec + s·mean) and then
     fold_scales bakes s in, as it does for a run of our own. No arithmetic touches what needs none."""
     M, d, F = W_enc_MdF.shape
-    arch = "l1" if k is None else "batchtopk"
+    arch = peer_variant(fmt, k is not None)
     try:
         cfg = CrossCoderConfig(n_models=M, d_model=d, dict_size=F, arch=arch, **({} if k is None else {"k": int(k)}))
     except ValueError as e:
@@ -171,7 +178,7 @@ def build(W_enc_MdF, b_enc_F, W_dec_FMd, b_dec_Md, k=None, threshold=None, scale
         cc.b_enc_F.copy_(b_enc_F)
         cc.W_dec_FMd.copy_(W_dec_FMd)
         cc.b_dec_Md.copy_(b_dec_Md)
-        if k is not None:       # θ is BatchTopK's state (variants.BatchTopK)
+        if k is not None:       # θ is the state of BatchTopK's selection (variants.BatchTopK)
             cc.threshold.fill_(-1.0 if threshold is None else float(threshold))
         if mean_Md is not None and bool((mean_Md != 0).any()):
             sm_Md = mean_Md.float() * (torch.ones(M) if scales_M is None else scales_M.float())[:, None]
@@ -236,8 +243,8 @@ def read_dictionary_learning(path: Path) -> Imported:
         if not torch.isfinite(sd["activation_mean"]).all() or "activation_global_scale" not in sd:
             raise UsageError(f"{file}: activation_mean is partly NaN or has no activation_global_scale beside it")
         mean, scales = sd["activation_mean"], sd["activation_global_scale"].double()
-    cc = build(sd["encoder.weight"], sd["encoder.bias"], sd["decoder.weight"].permute(1, 0, 2), sd["decoder.bias"],
-               k=sd.get("k"), threshold=sd.get("threshold"), scales_M=scales, mean_Md=mean)
+    cc = build("dictionary_learning", sd["encoder.weight"], sd["encoder.bias"], sd["decoder.weight"].permute(1, 0, 2),
+               sd["decoder.bias"], k=sd.get("k"), threshold=sd.get("threshold"), scales_M=scales, mean_Md=mean)
     notes = {"code_normalization": CODE_NORMS[norm]}
     if norm != CROSSCODER_NORM:
         notes["code_normalization_note"] = ("trained with another sparsity penalty than this toolkit's; encode and "
@@ -265,7 +272,7 @@ def dl_state(cc: CrossCoder) -> dict:
         "decoder.bias": n.b_dec_Md,
         "code_normalization_id": torch.tensor(CROSSCODER_NORM),
     }
-    if cc.cfg.arch == "batchtopk":
+    if cc.variant.keeps_top_k:
         sd["k"] = torch.tensor(cc.cfg.k, dtype=torch.int32)
         sd["threshold"] = n.threshold.detach().clone().float()
     return {k: v.detach().contiguous().clone() for k, v in sd.items()}
@@ -280,7 +287,7 @@ def write_dictionary_learning(cc: CrossCoder, run_cfg: dict, out: Path) -> list:
     # the hub-mixin layout: from_pretrained(folder, from_hub=True) builds cls(**config.json), loads model.safetensors
     config = dict(activation_dim=cc.cfg.d_model, dict_size=cc.cfg.dict_size, num_layers=cc.cfg.n_models,
                   code_normalization=CODE_NORMS[CROSSCODER_NORM])
-    if cc.cfg.arch == "batchtopk":
+    if cc.variant.keeps_top_k:
         config["k"] = cc.cfg.k
     with atomic_path(out / DL_HUB_WEIGHTS) as tmp:
         save_file(sd, str(tmp))
@@ -329,7 +336,7 @@ def read_ctt(path: Path) -> Imported:
     scales = cfg.get("estimated_act_norm_list")
     if scales is not None and (not isinstance(scales, list) or len(scales) != M):
         raise UsageError(f"{cfg_file}: estimated_act_norm_list must be a list of {M} numbers, got {scales!r}")
-    imp = Imported(build(sd["W_enc"], sd["b_enc"], sd["W_dec"], sd["b_dec"], k=sd.get("k"),
+    imp = Imported(build("ctt-paper", sd["W_enc"], sd["b_enc"], sd["W_dec"], sd["b_dec"], k=sd.get("k"),
                          threshold=sd.get("threshold"),
                          scales_M=None if scales is None else torch.tensor(scales, dtype=torch.float64)), file)
     if scales is None:
@@ -348,7 +355,7 @@ def read_ctt(path: Path) -> Imported:
 def write_ctt(cc: CrossCoder, run_cfg: dict, out: Path) -> list:
     n, scales = normalised(cc)
     sd = {"W_enc": n.W_enc, "W_dec": n.W_dec_FMd, "b_enc": n.b_enc_F, "b_dec": n.b_dec_Md}
-    btk = cc.cfg.arch == "batchtopk"
+    btk = cc.variant.keeps_top_k
     if btk:
         sd.update(k=torch.tensor(cc.cfg.k, dtype=torch.int32), threshold=n.threshold.float())
     sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
@@ -464,7 +471,7 @@ def write_jumprelu(cc: CrossCoder, run_cfg: dict, out: Path) -> list:
         new = batchtopk_to_jumprelu(cc)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    names = {f.name for f in fields(CrossCoderConfig)}
+    names = set(CrossCoderConfig.names())
     extra = {k: v for k, v in run_cfg.items() if k not in names and k != "converted"}
     extra["converted"] = dict(to="jumprelu", from_arch=cc.cfg.arch, threshold=float(cc.threshold),
                               rule="theta_i = theta / sum_m ||W_dec[i,m]|| (normalised space)")
@@ -671,8 +678,9 @@ def export_run(fmt: str, args):
     if args.out is None:
         raise UsageError(f"--to {fmt} needs --out ({'a folder' if fmt == 'saelens' else 'a .pt file or a folder'})")
     run = analysis.open_run(args.run)
-    if fmt in ("dictionary_learning", "ctt-paper") and run.cc.cfg.arch not in ("l1", "batchtopk"):
-        raise UsageError(f"--to {fmt} holds L1 and BatchTopK crosscoders; {args.run} is {run.cc.cfg.arch} "
+    peers = [name for name, cls in VARIANTS.items() if fmt in cls.formats]
+    if peers and fmt not in run.cc.variant.formats:
+        raise UsageError(f"--to {fmt} holds {' and '.join(peers)} crosscoders; {args.run} is {run.cc.cfg.arch} "
                          "(--to saelens writes any variant's per-revision slices)")
     out = Path(args.out)
     if fmt == "saelens" and out.suffix:
@@ -689,7 +697,7 @@ def export_run(fmt: str, args):
     else:
         if args.acts:
             raise UsageError("--acts only applies to --to saelens")
-        if run.cc.cfg.arch == "batchtopk" and run.cc.threshold < 0:
+        if fmt in run.cc.variant.formats and run.cc.variant.keeps_top_k and run.cc.threshold < 0:
             print(f"note: θ is unset (−1): this crosscoder keeps the top k·B of each batch, {fmt}'s eval mode "
                   "would keep every positive latent", file=sys.stderr)
         files = writer(run.cc, run.config, out)

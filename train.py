@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from crosscoding import activations, cli, common, defaults, lm, measures, training
 from crosscoding.common import UsageError, positive
-from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
+from crosscoding.crosscoder import ConfigError, CrossCoder
 from crosscoding.training import RunConfig
 
 
@@ -45,17 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--dict-size", type=positive("--dict-size"), default=pre.dict_size,
                    help="latents F (default: %(default)s)")
     p.add_argument("--lr", type=cli.finite_positive("--lr"), default=pre.lr, help="Adam's lr (default: %(default)s)")
-    p.add_argument("--l1-coeff", type=cli.finite_nonnegative("--l1-coeff"), default=pre.l1_coeff,
-                   help="λ, the L1 penalty's weight after its warm-up (default: %(default)s)")
-    p.add_argument("--k", type=positive("--k"), default=pre.k,
-                   help="BatchTopK: latents per token (default: %(default)s)")
-    p.add_argument("--jumprelu-coeff", type=cli.finite_nonnegative("--jumprelu-coeff"),
-                   default=CrossCoderConfig.jumprelu_coeff,
-                   help="JumpReLU: the tanh-L0 penalty's weight per unit of M·d, chosen on the toy; other data may "
-                        "need another (size it by the L0 it trains to) (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="the crosscoder's matmuls: fp32, or bf16 autocast on a GPU (the loss sums stay fp32) "
                         "(default: %(default)s)")
+    cli.add_settings(p, pre)     # the variants' own: --l1-coeff, --k, --jumprelu-coeff, … (variants.py)
     p.add_argument("--control", choices=list(training.CONTROLS), default="none",
                    help="a negative control (controls.py trains them): "
                         + "; ".join(f"{k}: {v}" for k, v in training.CONTROLS.items()) + " (default: %(default)s)")
@@ -107,8 +100,9 @@ def parse_args(argv=None):
     args.out = Path(args.out or defaults.run_dir(spec.key, args.layer, args.revisions, args.arch))
     try:    # the config's and the variant's own checks (BatchTopK's k ≤ F, Matryoshka's groups …), before any load
         RunConfig.from_args(args).crosscoder(len(args.revisions), 1)
-    except ValueError as e:
-        raise UsageError(f"--arch {args.arch}: {e}") from None
+    except ConfigError as e:     # named by its flag where it has one (--k), else by the field (from --tokens …)
+        what = f"{cli.flag(e.field)} {getattr(args, e.field)!r}" if e.field in RunConfig.names() else str(e)
+        raise UsageError(f"--arch {args.arch}: {what} is invalid: {str(e).split('is invalid: ')[-1]}") from None
     return args, spec
 
 

@@ -8,6 +8,7 @@ would use: `python train.py --help` the toy's, `python train.py --model pythia-1
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from crosscoding import defaults
@@ -99,15 +100,58 @@ FLAGS = {
                                                              "ranks (default: %(default)s)"),
     "--seed": dict(type=int, help="random seed of what this command trains (train.py: the crosscoder's init and "
                                   "batch order; toy.py: the toy LM's init and data) (default: %(default)s)"),
-    # choices: the variants' table itself (a dict: argparse tests membership), so a variant registered there,
-    # even after import, is a valid --arch everywhere
-    "--arch": dict(choices=VARIANTS, help="crosscoder sparsity variant (crosscoding/variants.py): l1 (the "
-                                          "paper's), batchtopk, jumprelu, matryoshka (default: %(default)s)"),
+    # choices: the variants' table itself (a dict: argparse tests membership, and --help lists its keys when it
+    # prints), so a variant registered there, even after import, is a valid --arch everywhere
+    "--arch": dict(choices=VARIANTS, help="crosscoder sparsity variant, one of crosscoding/variants.py's table: "
+                                          "%(choices)s; l1 is the paper's (default: %(default)s)"),
     "--out": dict(help="output folder (default: %(default)s)"),
     "--name": dict(help="the attribution's folder in the run: relie/<name>/ (relie.py writes it, ablate.py reads it "
                         "and writes ablation/<name>/) (default: the task's name)"),
     "--overwrite": dict(action="store_true", help="replace what the output folder holds"),
 }
+
+
+def add_settings(p: argparse.ArgumentParser, preset: defaults.Preset):
+    """Every registered variant's settings (variants.settings_fields) as flags, --k for k, one group per variant
+    in --help. A default is the preset's where it has that field (k, l1_coeff), else the setting's."""
+    from crosscoding.variants import settings_fields
+    users = {}     # setting -> the variants that read it
+    for name, cls in VARIANTS.items():
+        for f in fields(cls.Settings):
+            users.setdefault(f.name, []).append(name)
+    groups = {}
+    for name, f in settings_fields().items():
+        owner, *others = users[name]
+        if owner not in groups:
+            groups[owner] = p.add_argument_group(f"--arch {owner}" + (f" (and {', '.join(others)})" if others else ""))
+        default = getattr(preset, name) if name in defaults.PRESET_FIELDS else f.default
+        text = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = "" if default is None else f" (default: {text})"
+        groups[owner].add_argument(flag(name), type=_setting_type(flag(name), f), default=default,
+                                   help=(f.metadata["help"] + shown).replace("%", "%%"))
+
+
+def flag(name: str) -> str:
+    """A field's flag: --jumprelu-coeff for jumprelu_coeff."""
+    return "--" + name.replace("_", "-")
+
+
+_WHAT = {int: "an integer", float: "a number"}     # what a setting's flag must be, by its type
+
+
+def _setting_type(name, f):
+    """argparse type of a setting's flag `name`: its declared parse, else its default's type (a tuple:
+    comma-separated numbers, as a list); text that does not parse is a one-line error naming the flag."""
+    from crosscoding.common import UsageError
+    parse = f.metadata.get("parse") or (
+        (lambda s: [float(v) for v in s.split(",") if v.strip()]) if isinstance(f.default, tuple) else type(f.default))
+
+    def read(s):
+        try:
+            return parse(s)
+        except ValueError:
+            raise UsageError(f"{name} must be {_WHAT.get(parse, 'comma-separated numbers')}, got {s!r}") from None
+    return read
 
 
 class _Parser(ArgumentParser):

@@ -26,96 +26,103 @@ config fields plus whatever the caller adds). Nothing is pickled.
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
-from crosscoding import defaults, shards, sparse
+from crosscoding import defaults, shards, sparse, variants
 from crosscoding.common import atomic_path
 from crosscoding.variants import VARIANTS, _wide, batch_topk_mask, k_at, l1_coeff_at  # noqa: F401 (re-exported)
 
 ARCHS = tuple(VARIANTS)   # the built-in variants; the table itself (VARIANTS) is what the checks read
 WEIGHTS_FILE = "crosscoder.safetensors"
 CONFIG_FILE = "config.json"
+ARCH_SETTINGS = "arch_settings"   # config.json's table of the settings the run's variant reads: name -> help
 
 # -----------------------------------------------------------------------------
 # config and schedules
 
-@dataclass
-class CrossCoderConfig:
-    """Every field's default is the paper's; the schedules given as None follow the run's length as the
-    paper's do (its run: 97,656 steps of 4096 tokens)."""
-    n_models: int                  # M: revisions crosscoded together
-    d_model: int                   # d: hidden size at the layer
-    dict_size: int = defaults.PAPER.dict_size   # F: number of latents
-    arch: str = "l1"               # a key of variants.VARIANTS: "l1", "batchtopk", "jumprelu", "matryoshka"
-    l1_coeff: float = defaults.PAPER.l1_coeff   # lambda, the L1 penalty's final weight
-    l1_warmup_frac: float = 0.05   # lambda goes 0 -> l1_coeff over this fraction of total_steps
-    lr: float = defaults.PAPER.lr
-    total_steps: int = defaults.PAPER.tokens // defaults.PAPER.batch_size
-    batch_size: int = defaults.PAPER.batch_size  # tokens per step (sets dead_tokens' default)
-    decay_start_frac: float = 0.8  # lr flat until here, then linear to 0
-    dec_init_norm: float = 0.08    # norm of every W_dec[i, m] row at init
-    k: int = defaults.PAPER.k      # BatchTopK: final mean number of latents per token
-    k_start: int | None = None     # ... annealed linearly from k_start to k; None: 5k (the paper's 1000), ≤ F
-    k_anneal_steps: int | None = None        # None: 5.12% of total_steps (the paper's 5000)
-    threshold_start_step: int | None = None  # theta's EMA starts here; None: 1.024% of total_steps (1000)
-    threshold_beta: float = 0.999
-    auxk_alpha: float = 1 / 32
-    dead_tokens: int | None = None  # silent this many tokens = dead (AuxK); None: 2.5% of the run (10M)
-    aux_k: int = 512               # AuxK reconstructs the error from this many dead latents per token
-    # JumpReLU (variants.JumpReLU): f = z H(z - theta), theta = exp(log_threshold_F) learned
-    jumprelu_coeff: float = 4e-4          # lambda_J / (M*d): the tanh-L0 penalty's weight, warmed up as lambda
-    jumprelu_tanh_c: float = 1.0          # c in tanh(c * f_i * sum_m ||W_dec[i,m]||)
-    jumprelu_bandwidth: float = 1e-3      # epsilon: the straight-through estimator's rectangle kernel width
-    jumprelu_threshold_init: float = 1e-3  # theta at init, every latent (Rajamanoharan et al.'s, dictionary_learning's)
-    # Matryoshka BatchTopK (variants.Matryoshka): nested prefixes, each a fraction of F; they sum to 1
-    matryoshka_groups: tuple = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
-    seed: int = 0
+# The fields every variant shares, with their defaults (the paper's). A variant's own settings (BatchTopK's k,
+# JumpReLU's jumprelu_coeff, …) are declared with the variant (variants.py) and join these in CrossCoderConfig.
+SHARED = dict(
+    dict_size=defaults.PAPER.dict_size,   # F: number of latents
+    arch="l1",                  # a key of variants.VARIANTS: "l1", "batchtopk", "jumprelu", "matryoshka", …
+    l1_warmup_frac=0.05,        # the sparsity penalties (L1's λ, JumpReLU's λ_J) warm up 0 -> 1 over this fraction
+    lr=defaults.PAPER.lr,
+    total_steps=defaults.PAPER.tokens // defaults.PAPER.batch_size,
+    batch_size=defaults.PAPER.batch_size,   # tokens per step (sets dead_tokens' default)
+    decay_start_frac=0.8,       # lr flat until here, then linear to 0
+    dec_init_norm=0.08,         # norm of every W_dec[i, m] row at init
+    dead_tokens=None,           # silent this many tokens = dead (logs, AuxK); None: 2.5% of the run (10M)
+    seed=0,
+)
 
-    def __post_init__(self):
+
+class ConfigError(ValueError):
+    """A config field's value is invalid; .field names it (train.py names its flag)."""
+    def __init__(self, field, message):
+        super().__init__(message)
+        self.field = field
+
+
+class CrossCoderConfig:
+    """The crosscoder's config, every field a plain attribute: n_models (M, revisions crosscoded together),
+    d_model (d, hidden size at the layer), the SHARED fields above, and every registered variant's own settings
+    (variants.settings_fields(): cfg.k, cfg.jumprelu_coeff, …; a variant reads its own). The schedules given
+    as None follow the run's length as the paper's do (its run: 97,656 steps of 4096 tokens). config.json
+    holds the fields flat, one key each (to_dict)."""
+
+    def __init__(self, n_models, d_model, **given):
+        own = {name: f.default for name, f in variants.settings_fields().items()}
+        unknown = sorted(set(given) - set(SHARED) - set(own))
+        if unknown:
+            raise TypeError(f"CrossCoderConfig has no fields {unknown}")
+        self.n_models, self.d_model = n_models, d_model
+        for name, default in {**SHARED, **own}.items():
+            setattr(self, name, given.get(name, default))
+        self._check()
+
+    @staticmethod
+    def names() -> list:
+        return ["n_models", "d_model", *SHARED, *variants.settings_fields()]
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+    def replace(self, **changes) -> "CrossCoderConfig":
+        return CrossCoderConfig(**{**vars(self), **changes})
+
+    def __eq__(self, other):
+        return isinstance(other, CrossCoderConfig) and vars(self) == vars(other)
+
+    def __repr__(self):
+        return f"CrossCoderConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+    def _check(self):
         def bad(name, valid):
-            raise ValueError(f"CrossCoderConfig.{name}={getattr(self, name)!r} is invalid: {valid}")
-        for name in ("n_models", "d_model", "dict_size", "total_steps", "batch_size", "k", "aux_k"):
+            raise ConfigError(name, f"CrossCoderConfig.{name}={getattr(self, name)!r} is invalid: {valid}")
+        for name in ("n_models", "d_model", "dict_size", "total_steps", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, "must be an integer > 0")
-        if self.k_start is None:
-            self.k_start = min(5 * self.k, self.dict_size)
-        if self.k_anneal_steps is None:
-            self.k_anneal_steps = round(0.0512 * self.total_steps)
-        if self.threshold_start_step is None:
-            self.threshold_start_step = round(0.01024 * self.total_steps)
         if self.dead_tokens is None:
             self.dead_tokens = max(self.batch_size, round(0.025 * self.total_steps * self.batch_size))
-        for name in ("k_start", "dead_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                bad(name, "must be an integer > 0")
-        for name in ("k_anneal_steps", "threshold_start_step"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                bad(name, "must be an integer >= 0")
+        v = self.dead_tokens
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            bad("dead_tokens", "must be an integer > 0")
         if self.arch not in VARIANTS:
             bad("arch", f"must be one of {tuple(VARIANTS)}")
         for name in ("l1_warmup_frac", "decay_start_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 bad(name, "must be in [0, 1]")
-        if not 0.0 <= self.threshold_beta < 1.0:
-            bad("threshold_beta", "must be in [0, 1)")
         for name in ("lr", "dec_init_norm"):
             if not getattr(self, name) > 0:
                 bad(name, "must be > 0")
-        for name in ("l1_coeff", "auxk_alpha"):
-            if not getattr(self, name) >= 0:
-                bad(name, "must be >= 0")
-        if isinstance(self.matryoshka_groups, list):    # as config.json holds it
-            self.matryoshka_groups = tuple(self.matryoshka_groups)
-        for variant in VARIANTS.values():              # each variant checks its own fields, whatever the arch
-            variant.check(self, bad)
+        for settings in variants.settings_classes():   # each variant's settings, whatever the arch
+            settings.check(self, bad)
         VARIANTS[self.arch].check_chosen(self, bad)
 
 
@@ -422,10 +429,15 @@ class CrossCoder(nn.Module):
     # ---- files
 
     def save(self, run_dir, extra=None):
-        """Write run_dir/crosscoder.safetensors and run_dir/config.json (config fields + extra), each to a
-        temporary name first, fsynced and renamed into place (common.atomic_path)."""
-        extra = dict(extra or {})
-        meta = asdict(self.cfg)
+        """Write run_dir/crosscoder.safetensors and run_dir/config.json (config fields + ARCH_SETTINGS + extra),
+        each to a temporary name first, fsynced and renamed into place (common.atomic_path)."""
+        # ARCH_SETTINGS is made from this crosscoder's variant, never copied (a converted run's config.json holds
+        # the variant it was made from)
+        extra = {k: v for k, v in (extra or {}).items() if k != ARCH_SETTINGS}
+        meta = self.cfg.to_dict()
+        # which settings this run's variant reads, each with its help: a plain table for readers without the
+        # package (app.py imports no torch)
+        meta[ARCH_SETTINGS] = {f.name: f.metadata["help"] for f in fields(self.variant.Settings)}
         clash = sorted(set(extra) & set(meta))
         if clash:
             raise ValueError(f"extra keys {clash} collide with CrossCoderConfig fields")
@@ -442,7 +454,7 @@ class CrossCoder(nn.Module):
         """Read a run folder written by save(). Tensor shapes are checked against config.json."""
         with open(os.path.join(run_dir, CONFIG_FILE)) as fh:
             meta = json.load(fh)
-        names = {f.name for f in fields(CrossCoderConfig)}
+        names = set(CrossCoderConfig.names())
         cfg = CrossCoderConfig(**{k: v for k, v in meta.items() if k in names})
         with torch.device("meta"):  # no memory, no init: every tensor is replaced by the file's
             cc = cls(cfg, init=False)
@@ -465,5 +477,5 @@ class CrossCoder(nn.Module):
         if unexpected:
             raise ValueError(f"{path}: unexpected tensors {unexpected}")
         cc.load_state_dict(tensors, assign=True)
-        cc.extra = {k: v for k, v in meta.items() if k not in names}
+        cc.extra = {k: v for k, v in meta.items() if k not in names and k != ARCH_SETTINGS}
         return cc

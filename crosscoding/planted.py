@@ -29,7 +29,7 @@ changed at a time (MATRYOSHKA_CAUSES).
 
 Sparsity is sized to the generator's ~4 features on per token: k = 4 for BatchTopK and Matryoshka, λ = 0.5
 for L1 (the paper's λ = 2 is for d = 2048), and for JumpReLU a coefficient read off the data by its L0
-(`sized_jumprelu`), since its default, chosen on the toy, trains this data to L0 ≈ 47.
+(`sized_by_l0`, the setting its variant names), since its default, chosen on the toy, trains this data to L0 ≈ 47.
 """
 import argparse
 import time
@@ -41,6 +41,7 @@ import torch
 
 from crosscoding import measures
 from crosscoding.common import update_results
+from crosscoding.variants import VARIANTS
 
 CLASSES = measures.TIMELINE_CLASSES    # kept, emerging, discontinued, transient
 
@@ -210,16 +211,17 @@ def inference_l0(planted: Planted, cc, seed=0) -> float:
         return float((cc.encode(sample(planted, 4096, g)) > 0).sum(1).float().mean())
 
 
-def sized_jumprelu(planted: Planted, steps, seed, size_kw=SIZE_KW):
-    """JumpReLU's penalty sized to the data as k is for BatchTopK. Its coefficient is per unit of L0 in units
-    of E‖x‖² and has no width rule that carries over from the toy it was chosen on (at its default this data
-    trains to L0 ≈ 47, twelve times the ~4 features on per token), so it is read off the data: the default
-    × 4^j, j = 0, 1, …, trained in turn until the inference L0 falls to the target (size_kw's k); of the last
-    two, the one whose L0 is nearer the target in ratio. Chosen by L0 on fresh draws, never by the score."""
-    from crosscoding.crosscoder import CrossCoderConfig
-    coeff, tried, target_l0 = CrossCoderConfig.jumprelu_coeff, [], size_kw["k"]
+def sized_by_l0(planted: Planted, arch, steps, seed, size_kw=SIZE_KW):
+    """A variant's penalty sized to the data as k is for BatchTopK: the setting it names (sized_by_l0; JumpReLU's
+    coefficient, per unit of L0 in units of E‖x‖², has no width rule that carries over from the toy it was
+    chosen on: at its default this data trains to L0 ≈ 47, twelve times the ~4 features on per token) is read
+    off the data: its default × 4^j, j = 0, 1, …, trained in turn until the inference L0 falls to the target
+    (size_kw's k); of the last two, the one whose L0 is nearer the target in ratio. Chosen by L0 on fresh
+    draws, never by the score. Returns the crosscoder and the value chosen."""
+    knob = VARIANTS[arch].sized_by_l0
+    coeff, tried, target_l0 = getattr(VARIANTS[arch].Settings, knob), [], size_kw["k"]
     for _ in range(8):
-        cc = train(planted, "jumprelu", steps=steps, seed=seed, **size_kw, jumprelu_coeff=coeff)
+        cc = train(planted, arch, steps=steps, seed=seed, **size_kw | {knob: coeff})
         l0 = inference_l0(planted, cc, seed)
         tried.append((abs(np.log(l0 / target_l0)), coeff, cc))
         if l0 <= target_l0:
@@ -230,16 +232,17 @@ def sized_jumprelu(planted: Planted, steps, seed, size_kw=SIZE_KW):
 
 
 def trained(planted: Planted, arch, steps, seed, size_kw=SIZE_KW, **kw):
-    """A crosscoder of variant `arch` trained on `planted` with its sparsity sized to the data (size_kw;
-    JumpReLU's coefficient by L0), on one thread; `kw`: config fields over size_kw's. Returns it and what was
-    chosen for it."""
+    """A crosscoder of variant `arch` trained on `planted` with its sparsity sized to the data (size_kw; the
+    setting its variant names sized_by_l0, JumpReLU's coefficient, by L0), on one thread; `kw`: config fields
+    over size_kw's. Returns it and what was chosen for it."""
     kw = size_kw | kw
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if arch == "jumprelu":
-            cc, coeff = sized_jumprelu(planted, steps, seed, kw)
-            return cc, {"jumprelu_coeff": coeff}
+        knob = VARIANTS[arch].sized_by_l0
+        if knob:
+            cc, coeff = sized_by_l0(planted, arch, steps, seed, kw)
+            return cc, {knob: coeff}
         return train(planted, arch, steps=steps, seed=seed, **kw), {}
     finally:
         torch.set_num_threads(threads)
@@ -280,6 +283,12 @@ def _spread(rs, key, fmt=".2f") -> str:
     if not len(v):
         return "—"
     return f"{v.mean():{fmt}}" if len(v) == 1 else f"{v.mean():{fmt}} [{v.min():{fmt}}, {v.max():{fmt}}]"
+
+
+def _sized(arch, rs) -> str:
+    """What sized_by_l0 chose for each seed, for a row's label ("" for a variant sized by its settings alone)."""
+    knob = VARIANTS[arch].sized_by_l0
+    return " (coefficient " + ", ".join(f"{r[knob]:.3g}" for r in rs) + ", sized to L0)" if knob else ""
 
 
 def _row(label, rs) -> str:
@@ -338,9 +347,7 @@ def recovery_main(args):
                   + " ".join(f"{r['best_groups'][g]:10.2f}" for g in groups)
                   + f" {r['one_to_one']:6.2f} {r['l0']:5.1f} {r['seconds']:4.0f}", flush=True)
             rs.append(r)
-        sized = (" (coefficient " + ", ".join(f"{r['jumprelu_coeff']:.3g}" for r in rs) + ", sized to L0)"
-                 if "jumprelu_coeff" in rs[0] else "")
-        rows.append(_recovery_row(label + sized, rs))
+        rows.append(_recovery_row(label + _sized(arch, rs), rs))
     untrained = []
     for seed in seeds:
         planted = planted_groups(seed=seed)
@@ -405,9 +412,7 @@ def main(argv=None):
                   f"{r['faded_exact']:11.2f} {r['faded_mae']:9.2f} {r['matched_cos_min']:7.2f} {r['l0']:5.1f} "
                   f"{r['seconds']:5.0f}", flush=True)
             rs.append(r)
-        sized = (" (coefficient " + ", ".join(f"{r['jumprelu_coeff']:.3g}" for r in rs) + ", sized to L0)"
-                 if "jumprelu_coeff" in rs[0] else "")
-        rows.append(_row(arch + sized, rs))
+        rows.append(_row(arch + _sized(arch, rs), rs))
     untrained = [score(planted_timelines(seed=seed), CrossCoder(CrossCoderConfig(n_models=10, d_model=32,
                                                                                  dict_size=128, seed=seed)))
                  for seed in seeds]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from crosscoding import lm
 from crosscoding.activations import make_cache, open_cache
+from crosscoding.cli import flag
 from crosscoding.common import UsageError, is_done, mark_done, read_json, require_done, write_json
-from crosscoding.training import RunConfig, flag
+from crosscoding.training import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent     # where the stage scripts are
 VARIED = ("arch", "seed")     # what a seed run changes of the run's RunConfig
@@ -31,7 +32,7 @@ def train_args(run_args, arch, seed, out):
     cmd = ["train.py", "--arch", arch, "--seed", seed, "--out", out, "--device", run_args["device"]]
     for k, v in RunConfig.known(run_args).items():
         if k not in VARIED and v is not None:        # None: left to train.py (an LM seed's own cache)
-            cmd += [flag(k), ",".join(v) if isinstance(v, list) else v]
+            cmd += [flag(k), ",".join(map(str, v)) if isinstance(v, list) else v]
     return cmd
 
 

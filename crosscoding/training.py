@@ -37,6 +37,7 @@ from crosscoding.activations import (
 )
 from crosscoding.common import UsageError
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
+from crosscoding.variants import settings_fields
 
 # ---------------------------------------------------------------------------------------------
 # The run's defining config
@@ -48,7 +49,9 @@ class RunConfig:
     flag of that name (--dict-size for dict_size, ...). --resume refuses a command whose RunConfig differs
     from the run's; seeds.py, controls.py and checkpoint_sets.py train their runs from the run's RunConfig, and
     config.json records it under "run". Flags that only say where or how fast (--out, --device, --log-every,
-    --ckpt-every, --compile) are not part of it."""
+    --ckpt-every, --compile) are not part of it. The variants' own settings (k, jumprelu_coeff, …: every registered
+    variant's, variants.settings_fields()) are `settings`, a dict; as_dict() gives every field flat, as config.json
+    records it."""
     model: str
     layer: int
     revisions: list
@@ -64,38 +67,41 @@ class RunConfig:
     batch_size: int
     tokens: int
     lr: float
-    l1_coeff: float
-    k: int
-    jumprelu_coeff: float
     seed: int
     precision: str
     control: str              # none, or a negative control's change to training (CONTROLS; controls.py trains them)
+    settings: dict            # the variants' settings by name: {"l1_coeff": 2.0, "k": 32, …}
+
+    @staticmethod
+    def names() -> list:
+        """Every field's name, the settings' flat: each is train.py's flag of that name."""
+        return [f.name for f in dataclasses.fields(RunConfig) if f.name != "settings"] + list(settings_fields())
 
     @classmethod
     def from_args(cls, args) -> "RunConfig":
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "settings"},
+                   settings={name: getattr(args, name) for name in settings_fields()})
+
+    def as_dict(self) -> dict:
+        mine = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "settings"}
+        return _jsonable({**mine, **self.settings})
 
     @classmethod
     def known(cls, saved: dict) -> dict:
         """The RunConfig fields a saved run records (a run written before a field existed lacks it)."""
-        return {f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved}
+        return {name: saved[name] for name in cls.names() if name in saved}
 
     def changed(self, saved: dict) -> list:
         """[(field, saved value, this value)] where a saved run's config differs from this one."""
-        mine = _jsonable(dataclasses.asdict(self))
+        mine = self.as_dict()
         return [(k, v, mine[k]) for k, v in self.known(saved).items() if str(v) != str(mine[k])]
 
     def crosscoder(self, M, d) -> CrossCoderConfig:
         """The paper's crosscoder; its schedules (λ warm-up, k anneal, θ, dead after 2.5% of the run) follow
         the run's length as the paper's do (CrossCoderConfig)."""
-        return CrossCoderConfig(n_models=M, d_model=d, dict_size=self.dict_size, arch=self.arch,
-                                l1_coeff=self.l1_coeff, lr=self.lr, total_steps=self.tokens // self.batch_size,
-                                batch_size=self.batch_size, k=self.k, jumprelu_coeff=self.jumprelu_coeff,
-                                seed=self.seed)
-
-
-def flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
+        return CrossCoderConfig(n_models=M, d_model=d, dict_size=self.dict_size, arch=self.arch, lr=self.lr,
+                                total_steps=self.tokens // self.batch_size, batch_size=self.batch_size,
+                                seed=self.seed, **self.settings)
 
 
 # Negative controls that change how the crosscoder trains (controls.py): each removes one thing a check credits
@@ -395,8 +401,8 @@ def prepare_out(args, rank):
     if args.resume and (out / "run_args.json").exists():
         old = common.read_json(out / "run_args.json", "run arguments")
         for k, was, now in RunConfig.from_args(args).changed(old)[:1]:
-            raise UsageError(f"--resume: {out} was started with {flag(k)} {was}, this command has {flag(k)} {now}; "
-                             "resume with the run's value, or --overwrite to train it again")
+            raise UsageError(f"--resume: {out} was started with {cli.flag(k)} {was}, this command has "
+                             f"{cli.flag(k)} {now}; resume with the run's value, or --overwrite to train it again")
     if args.overwrite:
         for f in ("config.json", "crosscoder.safetensors", "log.jsonl", "DONE", "run_args.json", "eval.json",
                   "latents.csv"):
@@ -545,7 +551,7 @@ def save_run(args, spec, cc, scales, desc, need, ranks):
         model=spec.key, repo=spec.repo, revisions=args.revisions, layer=args.layer, scales=scales,
         revision_tokens=[lm.parse_revision(r, spec.tokens_per_step).tokens for r in args.revisions],
         data=desc, steps=args.steps, tokens=args.tokens, memory=dict(predicted=need, measured_gpu_peak=peak),
-        run=_jsonable(dataclasses.asdict(RunConfig.from_args(args))), args=_jsonable(vars(args)),
+        run=RunConfig.from_args(args).as_dict(), args=_jsonable(vars(args)),
         versions=_versions(), activations="raw (scales folded in)"))
     common.fault_point("train_final")              # killed here: weights saved, run not marked done
     common.mark_done(args.out, step=args.steps)
@@ -685,7 +691,8 @@ def rank_device(device, local_rank) -> str:
 
 
 def _jsonable(d: dict) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+    """As JSON holds it: paths as text, tuples as lists (so a saved value compares equal to a fresh one)."""
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
 def last_log(folder) -> dict:

@@ -7,21 +7,49 @@ its inference rule, its own state (registered on the crosscoder, so it is saved,
 and folded with the weights) and how that state is kept equal across DDP ranks. Everything else (the
 encoder matmul, the decoder, the dead-latent counters, schedules, files) is crosscoder.py's, shared.
 
-    VARIANTS = {"l1": L1, "batchtopk": BatchTopK, "jumprelu": JumpReLU, "matryoshka": Matryoshka}
+    register("jumprelu", JumpReLU, JumpReLUSettings)    # name, the class, its settings' dataclass
 
-The config checks, train.py/seeds.py's --arch, bench.py and the tests read this table; adding a
-variant is one class here (or anywhere: the tests register one of their own) and one line in it.
-Nothing outside a variant's class branches on its name.
+A variant's settings (JumpReLU's jumprelu_coeff, BatchTopK's k, …) are a small dataclass of its own, each field
+made by `setting(default, help)`; crosscoder.CrossCoderConfig, training.RunConfig, train.py's flags (with their
+--help) and config.json's keys are made from the registered ones, so a new hyperparameter is one line here. A
+field's name is its config.json key and its flag (jumprelu_coeff: --jumprelu-coeff), one meaning per name.
+The config checks, train.py/seeds.py's --arch, bench.py and the tests read this table; adding a variant is one
+class (or anywhere: the tests register one of their own), its settings and one register() line. Nothing outside
+a variant's class branches on its name: what others need of a variant is an attribute of its class.
 
 Shapes as in crosscoder.py: B tokens, M revisions, d hidden size, F latents; n_F = Σ_m ‖W_dec[i,m]‖ in
 the normalised space (the decoder norm sum every variant weighs codes by).
 """
 import math
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 
-from crosscoding import sparse
+from crosscoding import defaults, sparse
+
+# -----------------------------------------------------------------------------
+# settings: each variant's own hyperparameters
+
+
+def setting(default, help, parse=None):
+    """One of a variant's settings: its default, the line train.py --help shows for it, and how train.py reads
+    the flag's text (parse; default: the default's type, or comma-separated numbers for a tuple)."""
+    return field(default=default, metadata=dict(help=help, parse=parse))
+
+
+@dataclass
+class Settings:
+    """A variant's settings (none here). A subclass adds fields (each `setting(...)`, its name unique over the
+    table: it is also the config.json key and the flag) and may override
+        check(cfg, bad)  fills its fields left None to follow the run (from total_steps, dict_size …), then
+                         validates them (bad(name, what would be valid) raises); run on every config,
+                         whatever the arch, on the flat config (cfg.k) where every variant's settings live."""
+
+    @staticmethod
+    def check(cfg, bad):
+        pass
+
 
 # -----------------------------------------------------------------------------
 # schedules and selections shared by several variants
@@ -86,20 +114,29 @@ class Variant:
         update(cc, t, step)                    its buffers, after the loss (training mode, a step given)
     Inference: infer(cc, f_BF) -> the code from f_BF = ReLU(pre) (no grad needed through the selection)
     State: add_state(cc) registers buffers/parameters on the crosscoder; sync(cc, group) after each DDP step.
-    Config: check(cfg, bad) validates the variant's own fields (called for every variant, whatever the arch);
-    check_chosen(cfg, bad) what the config must hold when this variant is the arch.
+    Config: Settings, its own fields (register() sets it); check_chosen(cfg, bad) what the config must hold
+    when this variant is the arch.
+    What other code asks of a variant (class attributes, never its name):
+        fast_path, decode_active_only, state_names       (crosscoder.py, convert.py --to jumprelu)
+        formats: the peers' formats that hold its crosscoder as it is (convert.py --to/--from)
+        keeps_top_k: its codes are BatchTopK's selection, k latents per token (θ, the buffer `threshold`, at
+            inference): convert.py writes k and θ, bench.py's reference selects so
+        peer: the published trainer its training step is timed against (bench.Peer writes each out plainly)
+        sized_by_l0: the setting with no rule that carries across data (a penalty's coefficient per unit of L0):
+            planted.py sizes it to the L0 its data wants, from its default up
     """
-    name = None
+    name = None                  # register() sets both
+    Settings = Settings          # its settings' dataclass; this base's has none
     fast_path = True
     decode_active_only = False   # decode()'s default: sum only the active rows of W_dec
+    formats = ()
+    keeps_top_k = False
+    peer = None
+    sized_by_l0 = None
     state_names = ()             # the tensors add_state registers (a conversion to another variant drops them)
 
     def __init__(self, cfg):
         self.cfg = cfg
-
-    @staticmethod
-    def check(cfg, bad):
-        pass
 
     @staticmethod
     def check_chosen(cfg, bad):
@@ -148,10 +185,21 @@ class Variant:
 # the paper's two
 
 
+@dataclass
+class L1Settings(Settings):
+    l1_coeff: float = setting(defaults.PAPER.l1_coeff, "λ, the L1 penalty's weight after its warm-up")
+
+    @staticmethod
+    def check(cfg, bad):
+        if not cfg.l1_coeff >= 0:
+            bad("l1_coeff", "must be >= 0")
+
+
 class L1(Variant):
     """The paper's: f = ReLU(pre), penalty lambda(t) * mean_b Σ_i f_i n_i, lambda warmed up linearly.
     Summing per-revision norms (not one joint norm) is what lets a latent live in one revision only."""
-    name = "l1"
+    formats = ("dictionary_learning", "ctt-paper")      # their plain CrossCoder: no k, no θ
+    peer = "dictionary_learning CrossCoderTrainer"
 
     def sparsity(self, cc, x_BMd, x_hat_BMd, t, step, out):
         coeff = l1_coeff_at(self.cfg, step)
@@ -159,12 +207,53 @@ class L1(Variant):
         return coeff * t.l1_sum / x_BMd.shape[0]
 
 
+def _check_int(cfg, bad, name, low):
+    v = getattr(cfg, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        bad(name, f"must be an integer > {low - 1}" if low == 1 else f"must be an integer >= {low}")
+
+
+@dataclass
+class BatchTopKSettings(Settings):
+    k: int = setting(defaults.PAPER.k, "latents kept per token on average, at the end of the anneal")
+    k_start: int | None = setting(None, "k at step 0, annealed linearly to k (default: 5k, at most F; the paper's "
+                                        "1000)", parse=int)
+    k_anneal_steps: int | None = setting(None, "steps of k's anneal (default: 5.12% of the run, the paper's 5000)",
+                                         parse=int)
+    threshold_start_step: int | None = setting(None, "θ's EMA starts at this step (default: 1.024% of the run, "
+                                                     "the paper's 1000)", parse=int)
+    threshold_beta: float = setting(0.999, "θ's EMA decay: θ ← β θ + (1 − β) · the smallest kept score")
+    auxk_alpha: float = setting(1 / 32, "AuxK's weight (its loss is an FVU of the error it reconstructs)")
+    aux_k: int = setting(512, "AuxK reconstructs the error from this many dead latents per token")
+
+    @staticmethod
+    def check(cfg, bad):
+        """The schedules given as None follow the run's length as the paper's do (97,656 steps of 4096 tokens)."""
+        for name in ("k", "aux_k"):
+            _check_int(cfg, bad, name, 1)
+        if cfg.k_start is None:
+            cfg.k_start = min(5 * cfg.k, cfg.dict_size)
+        if cfg.k_anneal_steps is None:
+            cfg.k_anneal_steps = round(0.0512 * cfg.total_steps)
+        if cfg.threshold_start_step is None:
+            cfg.threshold_start_step = round(0.01024 * cfg.total_steps)
+        _check_int(cfg, bad, "k_start", 1)
+        for name in ("k_anneal_steps", "threshold_start_step"):
+            _check_int(cfg, bad, name, 0)
+        if not 0.0 <= cfg.threshold_beta < 1.0:
+            bad("threshold_beta", "must be in [0, 1)")
+        if not cfg.auxk_alpha >= 0:
+            bad("auxk_alpha", "must be >= 0")
+
+
 class BatchTopK(Variant):
     """Keep the k*B largest scores f_i * n_i of the batch (k annealed); at inference keep scores above θ
     (EMA of the smallest kept score, the buffer `threshold`); AuxK revives dead latents."""
-    name = "batchtopk"
     decode_active_only = True
     state_names = ("threshold",)
+    formats = ("dictionary_learning", "ctt-paper")      # their BatchTopK crosscoder: k and θ
+    keeps_top_k = True
+    peer = "dictionary_learning BatchTopKCrossCoderTrainer"
 
     @staticmethod
     def check_chosen(cfg, bad):
@@ -254,6 +343,25 @@ def group_ends(cfg):
     return ends
 
 
+@dataclass
+class MatryoshkaSettings(BatchTopKSettings):
+    """BatchTopK's settings (Matryoshka selects as BatchTopK does) and the nested prefixes."""
+    matryoshka_groups: tuple = setting((1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2),
+                                       "the nested prefixes of the dictionary, comma-separated fractions of F "
+                                       "summing to 1")
+
+    @staticmethod
+    def check(cfg, bad):
+        BatchTopKSettings.check(cfg, bad)
+        if isinstance(cfg.matryoshka_groups, list):    # as config.json and the flag hold it
+            cfg.matryoshka_groups = tuple(cfg.matryoshka_groups)
+        g = cfg.matryoshka_groups
+        if (not isinstance(g, tuple) or not g or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         and v > 0 for v in g)
+                or abs(sum(g) - 1.0) > 1e-6):
+            bad("matryoshka_groups", "must be a non-empty list of fractions of dict_size, each > 0, summing to 1")
+
+
 class Matryoshka(BatchTopK):
     """BatchTopK's selection, θ, inference and AuxK, with the Matryoshka loss: the latents are split into
     nested prefixes 0:e_1 ⊂ 0:e_2 ⊂ … ⊂ 0:F (matryoshka_groups, fractions of F) and EACH prefix alone must
@@ -261,17 +369,13 @@ class Matryoshka(BatchTopK):
     The mean, as Bussmann et al.'s and dictionary_learning's trainers take it (the paper's Eq. 2 writes the sum,
     a constant factor Adam ignores): AuxK is weighed against ONE reconstruction term, as in BatchTopK, so
     auxk_alpha means the same in both; the sum weakens it G times, which on planted features leaves more of
-    them merged into the small prefixes' latents (FINDINGS.md `planted-recovery`). The last prefix is the whole
-    dictionary, so its term is BatchTopK's mse; "mse" in the logs stays that one (comparable)."""
-    name = "matryoshka"
-
-    @staticmethod
-    def check(cfg, bad):
-        g = cfg.matryoshka_groups
-        if (not isinstance(g, tuple) or not g or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                         and v > 0 for v in g)
-                or abs(sum(g) - 1.0) > 1e-6):
-            bad("matryoshka_groups", "must be a non-empty list of fractions of dict_size, each > 0, summing to 1")
+    them merged into the small prefixes' latents. The larger cause is the prefixes' sizes: a prefix with fewer
+    latents than the data has features must merge them to reconstruct, and the default's smallest is F/16; with
+    every prefix at least as large as the features planted, recovery nears BatchTopK's (FINDINGS.md
+    `planted-recovery`, which measures each cause). The last prefix is the whole dictionary, so its term is
+    BatchTopK's mse; "mse" in the logs stays that one (comparable)."""
+    formats = ()        # a peer would read it back as BatchTopK, trained otherwise
+    peer = "dictionary_learning MatryoshkaBatchTopKTrainer"
 
     @staticmethod
     def check_chosen(cfg, bad):
@@ -324,6 +428,27 @@ class JumpReLUFn(torch.autograd.Function):
         return g_z, g_theta, None
 
 
+@dataclass
+class JumpReLUSettings(Settings):
+    jumprelu_coeff: float = setting(4e-4, "the tanh-L0 penalty's weight per unit of M·d (λ_J / (M·d)), warmed up as λ; "
+                                          "chosen on the toy, other data may need another (size it by the L0 it "
+                                          "trains to)")
+    jumprelu_tanh_c: float = setting(1.0, "c in tanh(c · f_i · Σ_m ‖W_dec[i,m]‖)")
+    jumprelu_bandwidth: float = setting(1e-3, "ε, the straight-through estimator's rectangle kernel width")
+    jumprelu_threshold_init: float = setting(1e-3, "θ at init, every latent (Rajamanoharan et al.'s, "
+                                                   "dictionary_learning's)")
+
+    @staticmethod
+    def check(cfg, bad):
+        for name in ("jumprelu_bandwidth", "jumprelu_threshold_init", "jumprelu_tanh_c"):
+            v = getattr(cfg, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                bad(name, "must be a finite number > 0")
+        v = cfg.jumprelu_coeff
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            bad("jumprelu_coeff", "must be a finite number >= 0")
+
+
 class JumpReLU(Variant):
     """f_i = z_i · H(z_i − θ_i), z = ReLU(pre), θ_i = exp(log_threshold_F[i]) learned (a parameter: DDP
     averages its gradient like any weight's, so every rank keeps the same θ). θ is applied once, in the code
@@ -338,19 +463,10 @@ class JumpReLU(Variant):
     normalised space), so one value serves every width; warmed up over l1_warmup_frac as lambda is.
     The fast path holds the entries with z > θ − ε/2 (the active ones and those in the STE's band below θ,
     whose f is 0 but whose θ-gradient is not)."""
-    name = "jumprelu"
     decode_active_only = True
     state_names = ("log_threshold_F",)
-
-    @staticmethod
-    def check(cfg, bad):
-        for name in ("jumprelu_bandwidth", "jumprelu_threshold_init", "jumprelu_tanh_c"):
-            v = getattr(cfg, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                bad(name, "must be a finite number > 0")
-        v = cfg.jumprelu_coeff
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            bad("jumprelu_coeff", "must be a finite number >= 0")
+    sized_by_l0 = "jumprelu_coeff"
+    peer = "dictionary_learning JumpReluTrainer"
 
     def add_state(self, cc):
         F = self.cfg.dict_size
@@ -401,7 +517,41 @@ class JumpReLU(Variant):
 # -----------------------------------------------------------------------------
 # the table
 
-VARIANTS = {cls.name: cls for cls in (L1, BatchTopK, JumpReLU, Matryoshka)}
+VARIANTS = {}    # name -> the variant's class (its settings: the class's Settings)
+
+
+def register(name, variant, settings=Settings):
+    """Add a variant to the table: its class and its settings' dataclass (a Settings subclass). A setting's name
+    means one thing: a name another variant declares must be that same field (Matryoshka's k is BatchTopK's)."""
+    known = settings_fields()
+    for f in fields(settings):
+        if f.name in known and known[f.name] is not f:
+            owner = next(n for n, cls in VARIANTS.items() if f.name in {g.name for g in fields(cls.Settings)})
+            raise ValueError(f"variant {name!r} declares setting {f.name!r}, which {owner!r} declares too: give it "
+                             "another name")
+    variant.name, variant.Settings = name, settings
+    VARIANTS[name] = variant
+
+
+def settings_fields() -> dict:
+    """name -> dataclasses.Field of every registered variant's settings, each once (Matryoshka's repeat
+    BatchTopK's, which they inherit)."""
+    out = {}
+    for cls in VARIANTS.values():
+        for f in fields(cls.Settings):
+            out.setdefault(f.name, f)
+    return out
+
+
+def settings_classes() -> list:
+    """Every registered variant's Settings class, once each (their check() hooks run on every config)."""
+    return list(dict.fromkeys(cls.Settings for cls in VARIANTS.values()))
+
+
+register("l1", L1, L1Settings)
+register("batchtopk", BatchTopK, BatchTopKSettings)
+register("jumprelu", JumpReLU, JumpReLUSettings)
+register("matryoshka", Matryoshka, MatryoshkaSettings)
 
 
 # -----------------------------------------------------------------------------
@@ -420,8 +570,7 @@ def batchtopk_to_jumprelu(cc):
     if not isinstance(cc.variant, BatchTopK):
         raise ValueError(f"only a BatchTopK-selecting crosscoder converts to JumpReLU, this one is {cc.cfg.arch!r}")
     theta_F = cc.variant.pre_threshold(cc)
-    from dataclasses import replace
-    cfg = replace(cc.cfg, arch=JumpReLU.name)
+    cfg = cc.cfg.replace(arch=JumpReLU.name)
     new = type(cc)(cfg, init=False).to(cc.W_enc_FMd.device)
     state = {k: v for k, v in cc.state_dict().items() if k not in cc.variant.state_names}
     state["log_threshold_F"] = theta_F.log().to(cc.W_enc_FMd.dtype)

@@ -125,3 +125,21 @@ def test_bench_tensors_follow_the_device():
     assert bench.randn(8, M, d, seed=0, device="meta").device.type == "meta"
     # the same numbers on every device: drawn on the CPU, then moved
     assert torch.equal(bench.randn(8, M, d, seed=0, device="cpu"), bench.randn(8, M, d, seed=0, device="cpu"))
+
+
+def test_peer_refuses_a_variant_it_has_no_reference_for(monkeypatch):
+    """bench.Peer times a variant against the trainer its class names (`peer`); one that names none it writes out
+    is refused in one line, never timed against another variant's reference."""
+    from crosscoding import variants
+    from crosscoding.common import UsageError
+
+    class Plain(variants.Variant):
+        pass
+    monkeypatch.setitem(variants.VARIANTS, "plain", Plain)
+    cc = CrossCoder(CrossCoderConfig(n_models=2, d_model=4, dict_size=8, arch="plain"))
+    with pytest.raises(UsageError, match="bench.py has no reference step for variant 'plain'"):
+        bench.Peer(cc)
+    for arch, cls in variants.VARIANTS.items():     # every built-in variant names one
+        if arch != "plain":
+            cc = CrossCoder(CrossCoderConfig(n_models=2, d_model=4, dict_size=32, arch=arch, k=2))
+            assert bench.Peer(cc).trainer == cls.peer

@@ -143,12 +143,12 @@ def test_resume_refuses_a_changed_run_config(local_model, cache, tmp_path):
 def test_run_config_is_train_py_flags():
     """RunConfig is the one list of what defines a run: each field is a train.py flag of that name, and the
     finished run's config.json records it (test_resume_refuses_a_changed_run_config: --resume checks it)."""
-    import dataclasses
-
-    from crosscoding.training import RunConfig, flag
+    from crosscoding.cli import flag
+    from crosscoding.training import RunConfig
     helptext = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True).stdout
-    for f in dataclasses.fields(RunConfig):
-        assert flag(f.name) + " " in helptext or flag(f.name) + "\n" in helptext, f.name
+    assert {"k", "jumprelu_coeff", "matryoshka_groups"} <= set(RunConfig.names())     # the variants' settings too
+    for name in RunConfig.names():
+        assert flag(name) + " " in helptext or flag(name) + "\n" in helptext, name
 
 
 @pytest.mark.parametrize("extra,msg", [

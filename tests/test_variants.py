@@ -5,12 +5,13 @@ codes, the config fields (validation, round trip, old run folders), and a FIFTH 
 The planted-feature acceptance test of every variant is in test_crosscoder.py."""
 import json
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 from test_crosscoder import naive, rand_x, small_cc, trained_cc
 
-from crosscoding import sparse, variants
+from crosscoding import common, defaults, sparse, variants
 from crosscoding.crosscoder import CrossCoder, CrossCoderConfig
 from crosscoding.variants import VARIANTS, JumpReLUFn, Variant, batchtopk_to_jumprelu, group_ends
 
@@ -247,6 +248,77 @@ def test_a_fifth_variant_trains_through_train_py(local_model, small_cache, tmp_p
     assert "gated" in variants.VARIANTS        # the table itself, no copy of it, is what train.py read
 
 
+# a sixth, with a hyperparameter of its own: its settings' dataclass and one register() line, nothing else
+
+
+@dataclass
+class TunedGateSettings(variants.Settings):
+    gate_init: float = variants.setting(0.01, "the gate's value at init, every latent")
+
+
+class TunedGated(Gated):
+    """Gated, its gate starting at gate_init; the value it read is kept in a buffer, so the saved run shows it."""
+
+    def add_state(self, cc):
+        super().add_state(cc)
+        cc.gate_F.data.fill_(self.cfg.gate_init)
+        cc.register_buffer("gate_init_read", torch.tensor(self.cfg.gate_init))
+
+
+@pytest.fixture
+def tuned_gate():
+    variants.register("tuned-gate", TunedGated, TunedGateSettings)
+    yield
+    del VARIANTS["tuned-gate"]
+
+
+def test_a_variant_setting_is_one_line_and_a_train_py_flag(tuned_gate, local_model, small_cache, tmp_path, capsys):
+    """The setting a variant declares (here, in this file alone) is train.py's flag --gate-init, in its --help under
+    the variant's name, reaches the variant that trains, config.json (flat, as every field) and the run's RunConfig;
+    the other variants' settings keep their defaults; once unregistered, no config or flag holds it."""
+    import train
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    helptext = capsys.readouterr().out
+    assert "--arch tuned-gate:" in helptext and "--gate-init GATE_INIT" in helptext and "tuned-gate" in helptext
+    assert "the gate's value at init, every latent (default: 0.01)" in " ".join(helptext.split())
+    out = tmp_path / "run"
+    argv = [a if a != "gated" else "tuned-gate" for a in _gated_argv(local_model, small_cache, out)]
+    train.main(argv + ["--gate-init", "0.0625"])
+    cc = CrossCoder.load(out)
+    assert type(cc.variant) is TunedGated and cc.cfg.gate_init == 0.0625
+    assert float(cc.gate_init_read) == 0.0625      # what the variant read when it was built for training
+    config = json.loads((out / "config.json").read_text())
+    assert config["gate_init"] == 0.0625 and config["run"]["gate_init"] == 0.0625
+    assert config["jumprelu_coeff"] == variants.JumpReLUSettings.jumprelu_coeff and config["k"] == defaults.PAPER.k
+    with pytest.raises(common.UsageError, match="--gate-init must be a number, got 'wide'"):
+        train.parse_args(argv + ["--gate-init", "wide"])
+    assert CrossCoderConfig(n_models=2, d_model=4).gate_init == 0.01
+
+
+def test_unregistered_setting_is_gone():
+    """No variant, no setting: the config refuses the field, train.py has no flag for it."""
+    import train
+    assert "gate_init" not in variants.settings_fields()
+    with pytest.raises(TypeError, match="no fields.*gate_init"):
+        CrossCoderConfig(n_models=2, d_model=4, gate_init=0.5)
+    with pytest.raises(common.UsageError, match="unrecognized arguments: --gate-init"):
+        train.parse_args(["--gate-init", "0.5"])
+
+
+def test_settings_names_clash_is_refused():
+    """A setting's name means one thing: a variant declaring another's name is refused when it registers."""
+    @dataclass
+    class Clash(variants.Settings):
+        k: int = variants.setting(3, "another k")
+
+    class ClashGated(Gated):
+        pass
+    with pytest.raises(ValueError, match="variant 'clash' declares setting 'k', which 'batchtopk' declares too"):
+        variants.register("clash", ClashGated, Clash)
+    assert "clash" not in VARIANTS and variants.settings_fields()["k"].default == variants.BatchTopKSettings.k
+
+
 def test_jumprelu_coeff_is_a_train_py_flag(local_model, small_cache, tmp_path):
     """--jumprelu-coeff (its default fits the toy, not every dataset) reaches the saved crosscoder's config,
     the penalty the training log reports (λ_J = coeff · M·d after the warm-up), and the run's RunConfig."""
@@ -274,11 +346,13 @@ def test_convert_to_jumprelu_writes_a_run_every_stage_opens(tmp_path):
     convert.main(["--to", "jumprelu", "--run", str(src), "--out", str(out)])
     run = analysis.open_run(out)
     assert run.cc.cfg.arch == "jumprelu" and run.config["converted"]["from_arch"] == "batchtopk"
+    assert set(run.config["arch_settings"]) == {f for f in variants.settings_fields() if f.startswith("jumprelu_")}
     assert run.revisions == ["a", "b", "c"] and common.is_done(out)
     assert torch.equal(run.cc.encode(x), cc.encode(x))
     with pytest.raises(common.UsageError, match="already exists"):
         convert.main(["--to", "jumprelu", "--run", str(src), "--out", str(out)])
-    with pytest.raises(common.UsageError, match="--to dictionary_learning holds L1 and BatchTopK"):
+    with pytest.raises(common.UsageError, match="--to dictionary_learning holds l1 and batchtopk "
+                                                       "crosscoders; .* is jumprelu"):
         convert.main(["--to", "dictionary_learning", "--run", str(out), "--out", str(tmp_path / "x.pt")])
 
 
