@@ -22,9 +22,9 @@ VOCAB = 128
 # The longest test files first (minutes each: whole stages run as subprocesses), the rest in their own order:
 # with `-n 2 --dist loadfile` the two workers then end together, instead of one running the last long file
 # alone while the other idles.
-LONGEST_FIRST = ("test_train.py", "test_toy_findings.py", "test_real_path.py", "test_faults.py", "test_seeds.py",
-                 "test_app.py", "test_bad_input.py", "test_controls.py", "test_shards.py", "test_convert.py",
-                 "test_planted.py")
+LONGEST_FIRST = ("test_faults.py", "test_train.py", "test_controls.py", "test_seeds.py", "test_bench.py",
+                 "test_planted.py", "test_real_path.py", "test_toy_findings.py", "test_app.py", "test_convert.py",
+                 "test_shards.py", "test_tune.py", "test_bad_input.py", "test_ablate.py")
 
 
 def pytest_collection_modifyitems(config, items):
