@@ -745,8 +745,8 @@ def _shards_rank(rank, world, mode, shape, steps, port, device, out):
         return real(t, *a, **kw)
     dist.all_reduce = counting
     cfg = CrossCoderConfig(n_models=M, d_model=d, dict_size=F, total_steps=10**6, batch_size=B)
-    cc = CrossCoder(cfg, revisions=ranks.revs).to(dev)
-    cc.group, cc.grid = ranks.data_group, (grid if grid.shards > 1 else None)
+    cc = (shards.ShardedCrossCoder(cfg, grid) if grid.shards > 1 else CrossCoder(cfg)).to(dev)
+    cc.group = ranks.data_group
     opt, loss_fn = cc.make_optimizer(), training.loss_module(cc, ranks)
     x = torch.randn(B // grid.replicas, len(ranks.revs), d, generator=torch.Generator().manual_seed(rank)).to(dev)
     times = []

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from crosscoding import activations, cli, common, defaults, lm, measures, training
 from crosscoding.common import UsageError, positive
 from crosscoding.crosscoder import ConfigError, CrossCoder
+from crosscoding.shards import ShardedCrossCoder
 from crosscoding.training import RunConfig
 
 
@@ -121,11 +122,11 @@ def train(args, spec, ranks):
     torch.manual_seed(args.seed)
     if str(args.device).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls; the loss sums stay fp32
-    cc = CrossCoder(cfg, revisions=ranks.revs).to(args.device)
+    # one process or DDP: the crosscoder; revision shards: this shard's (shards.py)
+    cc = (ShardedCrossCoder(cfg, ranks.grid) if ranks.shards > 1 else CrossCoder(cfg)).to(args.device)
     if args.control == "fixed-decoder":
         cc.W_dec_FMd.requires_grad_(False)             # Adam skips it: the decoder stays at its random init
     cc.group = ranks.data_group                        # BatchTopK selects over the global batch
-    cc.grid = ranks.grid if ranks.shards > 1 else None   # the code sums over every shard's revisions
     opt = cc.make_optimizer(args.lr)
     sched = cc.make_scheduler(opt)
     start = training.load_checkpoint(args.out, cc, opt, sched, args.device, ranks) if args.resume else 0

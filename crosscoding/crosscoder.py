@@ -17,8 +17,10 @@ norms (RelDec, the BatchTopK score, the L1 penalty) are still measured in the no
 which makes folding an exact change of units.
 
 The file reads top to bottom: config, schedules, the model, its loss, the training step, save/load.
-The loss's math is the dense code below (_dense_terms and loss: the readable loss); sparse.py computes
-the same numbers faster on a CPU (sparse.active_terms), picked once per step in _terms.
+The loss's math is the dense code below (loss and terms: the readable loss). Two seams, each chosen once,
+keep the rest out of this file: sparse.py's FastPath (held as self.fast when the variant has fast-path hooks)
+computes the same numbers faster on a CPU, and shards.ShardedCrossCoder (train.py --revision-shards) splits
+the revisions over processes, overriding the few methods that sum over revisions.
 Files: a run folder holds crosscoder.safetensors (parameters and buffers) and config.json (the
 config fields plus whatever the caller adds). Nothing is pickled.
 """
@@ -26,14 +28,14 @@ config fields plus whatever the caller adds). Nothing is pickled.
 import copy
 import json
 import os
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 from safetensors.torch import load_file, save_file
 
-from crosscoding import defaults, shards, sparse, variants
+from crosscoding import defaults, sparse, variants
 from crosscoding.common import atomic_path
 from crosscoding.variants import VARIANTS, _wide, batch_topk_mask, k_at, l1_coeff_at  # noqa: F401 (re-exported)
 
@@ -152,10 +154,41 @@ def clip_grad_norm(params, max_norm, total=None):
 # -----------------------------------------------------------------------------
 # the model
 
+@dataclass
+class Terms:
+    """What CrossCoder.loss needs of a batch's code, however it was computed (terms() below, or the fast path's
+    sparse.active_terms); the variants' loss hooks read it."""
+    x_hat_BD: torch.Tensor        # f W_dec, flattened over revisions (b_dec not added)
+    l1_sum: torch.Tensor          # Σ_b Σ_i f[b,i] Σ_m ‖W_dec[i,m]‖
+    fired_F: torch.Tensor         # [F] bool: the latent was active on some token
+    n_active: object              # number of active entries (f > 0)
+    info: dict                    # the variant's by-products of the selection (BatchTopK: "smallest" kept score)
+    pre_BF: torch.Tensor          # pre-activations, detached (AuxK ranks dead latents by them)
+    values_at: Callable           # ActiveSet -> ReLU(pre) there, differentiable (AuxK's codes)
+    score_sum: Callable           # fn -> Σ_b Σ_i fn(f[b,i] n_i), fn(0) = 0, differentiable (JumpReLU's tanh-L0)
+    decode_cols: Callable         # (lo, hi) -> Σ_{lo ≤ i < hi} f[:, i] W_dec[i]: [B, M*d] (Matryoshka's prefixes)
+
+
+class NormSum(torch.autograd.Function):
+    """sum_m s_m ||W_dec[i, m]|| as [F]: decoder_norms().sum(1) with a backward of one pass over W_dec."""
+
+    @staticmethod
+    def forward(ctx, W_FMd, s_M):
+        norms_FM = W_FMd.norm(dim=-1)
+        ctx.save_for_backward(W_FMd, norms_FM, s_M)
+        return (norms_FM * s_M).sum(1)
+
+    @staticmethod
+    def backward(ctx, g_F):
+        W_FMd, norms_FM, s_M = ctx.saved_tensors
+        coef_FM = torch.where(norms_FM > 0, g_F[:, None] * s_M / norms_FM, 0.0)  # as torch: 0 at a zero row
+        return W_FMd * coef_FM[..., None].to(W_FMd.dtype), None
+
+
 class CrossCoder(nn.Module):
 
     def __init__(self, cfg: CrossCoderConfig, init: bool = True, revisions: range | None = None):
-        """`revisions`: the ones this module holds (a revision shard, shards.py); default all M."""
+        """`revisions`: the ones this module holds (a revision shard's: shards.ShardedCrossCoder); default all M."""
         super().__init__()
         self.cfg = cfg
         self.revisions = range(cfg.n_models) if revisions is None else revisions
@@ -170,11 +203,12 @@ class CrossCoder(nn.Module):
         self.register_buffer("scales_M", torch.ones(M))
         self.extra = {}  # the non-config entries of config.json, filled by load()
         self.group = None  # under DDP, the process group BatchTopK selects over (train.py sets it)
-        self.grid = None   # revision shards (shards.Grid): sums over the shards' revisions (train.py sets it)
         # the sparsity variant: its activation, losses, inference rule; its state is registered here, on
         # the module, so it is saved, loaded, checkpointed, folded and moved with the weights
         self.variant = VARIANTS[cfg.arch](cfg)
         self.variant.add_state(self)
+        # the loss's fast path (sparse.py: the same numbers on a CPU, from the variant's fast-path hooks)
+        self.fast = sparse.FastPath() if self.variant.fast_path else None
         if init:
             # a local generator: construction is deterministic and leaves the global RNG alone; a revision
             # shard draws the whole [F, M, d] and keeps its slice, so it starts where one process does
@@ -201,24 +235,20 @@ class CrossCoder(nn.Module):
         return norms_FM if raw else norms_FM * self.scales_M
 
     def norm_sum(self):
-        """n_F = Σ_m ‖W_dec[i, m]‖ over every revision (a shard's own, summed over the shards), normalised."""
-        return self.over_shards(self.decoder_norms().sum(1))
+        """n_F = Σ_m ‖W_dec[i, m]‖ over every revision, in the normalised space; differentiable (NormSum)."""
+        return self.over_revisions(NormSum.apply(self.W_dec_FMd, self.scales_M.to(self.W_dec_FMd.dtype)))
 
-    def over_shards(self, t):
-        """Σ over the revision shards of a per-shard partial sum (shards.SumOverShards); t itself in one process."""
-        if self.grid is None or self.grid.shards == 1:
-            return t
-        return shards.SumOverShards.apply(t, self.grid.shard_group)
+    def over_revisions(self, t):
+        """A sum over revisions of per-revision partial sums: t itself, as this module holds every revision
+        (a revision shard's are summed over the shards: shards.ShardedCrossCoder)."""
+        return t
 
     # ---- encode / decode
 
     def pre_acts(self, x_BMd):
-        """sum_m x_m W_enc[m] + b_enc as one [B, M*d] @ [M*d, F] matmul (a shard's partial sums, summed)."""
-        B = x_BMd.shape[0]
+        """sum_m x_m W_enc[m] + b_enc as one [B, M*d] @ [M*d, F] matmul."""
         W_FD = self.W_enc_FMd.view(self.cfg.dict_size, -1)
-        if self.grid is not None and self.grid.shards > 1:
-            return self.over_shards(x_BMd.reshape(B, -1) @ W_FD.t()) + self.b_enc_F
-        return torch.addmm(self.b_enc_F, x_BMd.reshape(B, -1), W_FD.t())
+        return torch.addmm(self.b_enc_F, x_BMd.reshape(x_BMd.shape[0], -1), W_FD.t())
 
     def encode(self, x_BMd):
         """Inference code: the variant's rule on ReLU(pre) (BatchTopK: score > theta once theta is set, else the
@@ -255,18 +285,19 @@ class CrossCoder(nn.Module):
         cfg, variant = self.cfg, self.variant
         update = step is not None and self.training
         B = x_BMd.shape[0]
-        t = self._terms(rearrange(x_BMd, "b m d -> b (m d)"), step)
+        # the code and what the loss needs of it: on a CPU the fast path's where the variant has one (sparse.py, the
+        # same numbers; None where it does not pay), else the dense terms below (GPUs always)
+        fast = self.fast is not None and x_BMd.device.type in sparse.ACTIVE_SET_DEVICES
+        t = self.fast.terms(self, x_BMd, step) if fast else None
+        if t is None:
+            t = self.terms(self.pre_acts(x_BMd), step)
         x_hat_BMd = t.x_hat_BD.view_as(x_BMd) + self.b_dec_Md
 
         out = {}
         sq_BMd = _wide(x_hat_BMd - x_BMd).pow(2)
         mse = sq_BMd.sum() / B
         recon = variant.recon(self, x_BMd, t, mse)
-        sparsity = variant.sparsity(self, x_BMd, x_hat_BMd, t, step, out)
-        if self.grid is not None:
-            # a revision shard's loss: its own revisions' reconstruction + its share of the sparsity term,
-            # which every shard computes whole (from the summed code and norms): Σ over shards is the loss
-            sparsity = sparsity / self.grid.shards
+        sparsity = self.sparsity(x_BMd, x_hat_BMd, t, step, out)
 
         # the buffers move after the loss: AuxK's dead set is the one this step started with (so DDP
         # ranks, whose counters are synced between steps, all use the same one)
@@ -282,41 +313,26 @@ class CrossCoder(nn.Module):
         out.update(loss=recon + sparsity, mse=mse.detach(), sparsity=sparsity.detach())
         return out
 
-    def _terms(self, x_BD, step) -> "sparse.Terms":
-        """The code and what the loss needs of it: the fast path (sparse.active_terms) where it pays (a CPU,
-        fp32/fp64, no autocast, a variant that has one, a code at most ACTIVE_MAX_DENSITY dense), else the
-        readable dense one. Picked here, once per step, from this batch's pre-activations."""
-        F = self.cfg.dict_size
-        W_enc_FD, W_dec_FD = self.W_enc_FMd.view(F, -1), self.W_dec_FMd.view(F, -1)
-        norms_F = sparse.NormSum.apply(self.W_dec_FMd, self.scales_M.to(self.W_dec_FMd.dtype))  # Σ_m ‖W_dec[i,m]‖
-        if self.grid is not None and self.grid.shards > 1:    # revision shards: both sums over every revision
-            pre_BF = self.over_shards(x_BD @ W_enc_FD.t()) + self.b_enc_F
-            return self._dense_terms(pre_BF, W_dec_FD, self.over_shards(norms_F), step)
-        if not (self.variant.fast_path and sparse.active_set_device(x_BD)):
-            return self._dense_terms(torch.addmm(self.b_enc_F, x_BD, W_enc_FD.t()), W_dec_FD, norms_F, step)
-        with torch.no_grad():
-            pre_BF = torch.addmm(self.b_enc_F, x_BD, W_enc_FD.t())   # the one matmul both paths need
-        positive_BF = pre_BF > 0
-        if self.variant.n_active_bound(self, pre_BF, positive_BF, step) <= sparse.ACTIVE_MAX_DENSITY * pre_BF.numel():
-            return sparse.active_terms(self, x_BD, W_enc_FD, W_dec_FD, norms_F, step, pre_BF, positive_BF)
-        pre_BF = sparse.PreDense.apply(x_BD, W_enc_FD, self.b_enc_F, pre_BF)
-        return self._dense_terms(pre_BF, W_dec_FD, norms_F, step)
-
-    def _dense_terms(self, pre_BF, W_dec_FD, norms_F, step) -> "sparse.Terms":
+    def terms(self, pre_BF, step) -> Terms:
         """The readable loss's code, dense, straight from the formulas (GPUs, half precision, autocast, the
         first, dense steps of L1 training, and every variant without a fast path):
             f_BF   = the variant's code of pre_BF (ReLU; BatchTopK's selection; JumpReLU's jump)
             x_hat  = f_BF @ W_dec                          (b_dec added by loss)
             l1_sum = Σ_b Σ_i f[b,i] n_i,  n_i = Σ_m ‖W_dec[i,m]‖"""
+        W_dec_FD, norms_F = self.W_dec_FMd.view(self.cfg.dict_size, -1), self.norm_sum()
         f_BF, info = self.variant.code(self, pre_BF, norms_F, step)
         post_BF = torch.relu(pre_BF)
         active_BF = f_BF > 0
-        return sparse.Terms(
+        return Terms(
             x_hat_BD=f_BF @ W_dec_FD, l1_sum=_wide(f_BF @ norms_F).sum(), fired_F=active_BF.any(0),
             n_active=active_BF.sum(), info=info, pre_BF=pre_BF.detach(),
             values_at=lambda act: post_BF.reshape(-1)[act.flat],
             score_sum=lambda fn: _wide(fn(f_BF * norms_F)).sum(),
             decode_cols=lambda lo, hi: f_BF[:, lo:hi] @ W_dec_FD[lo:hi])
+
+    def sparsity(self, x_BMd, x_hat_BMd, t, step, out):
+        """The variant's sparsity / auxiliary loss (a revision shard takes its share: shards.ShardedCrossCoder)."""
+        return self.variant.sparsity(self, x_BMd, x_hat_BMd, t, step, out)
 
     @torch.no_grad()
     def sync_buffers(self, world, B_local, group=None):
@@ -357,8 +373,7 @@ class CrossCoder(nn.Module):
     def _auxk_fvu(self, x_BMd, x_hat_BMd, a_N, act):
         e_BMd = (x_BMd - x_hat_BMd).detach()
         e_hat_BD = sparse.Decode.apply(a_N, self.W_dec_FMd.view(self.cfg.dict_size, -1), act)
-        # sums over revisions: a revision shard's own, summed over the shards (over_shards)
-        num = self.over_shards(_wide(e_hat_BD.view_as(e_BMd) - e_BMd).pow(2).sum((1, 2)).mean())
+        num = self.over_revisions(_wide(e_hat_BD.view_as(e_BMd) - e_BMd).pow(2).sum((1, 2)).mean())
         e = _wide(e_BMd)
         if self.group is None:
             den = (e - e.mean(0)).pow(2).sum((1, 2)).mean()
@@ -367,7 +382,7 @@ class CrossCoder(nn.Module):
             torch.distributed.all_reduce(stats, group=self.group)
             n = stats[-1]
             den = (stats[-2] - stats[:-2].pow(2).sum() / n) / n
-        return (num / self.over_shards(den)).nan_to_num(0.0)
+        return (num / self.over_revisions(den)).nan_to_num(0.0)
 
     def make_optimizer(self, lr=None):
         """Adam, betas (0.9, 0.999); the fused kernel where the device has one, else foreach."""
@@ -390,16 +405,16 @@ class CrossCoder(nn.Module):
             out = (loss_fn or self.loss)(x_BMd, step, metrics)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        total = None
-        if self.grid is not None:       # revision shards: whole parameters' gradients summed, replicas averaged
-            shards.sum_whole_grads(self, self.grid)
-            shards.average_over_replicas(self, self.grid)
-            total = shards.grad_norm(self, self.grid)
-        clip_grad_norm(self.parameters(), 1.0, total)
+        self.clip_grads(1.0)
         opt.step()
         if sched is not None:
             sched.step()
         return out
+
+    def clip_grads(self, max_norm):
+        """The gradients' norm clipped to max_norm (a revision shard first completes its gradients:
+        shards.ShardedCrossCoder)."""
+        clip_grad_norm(self.parameters(), max_norm)
 
     # ---- units
 
@@ -410,11 +425,11 @@ class CrossCoder(nn.Module):
         s_M = torch.as_tensor(scales_M, dtype=self.W_enc_FMd.dtype, device=self.W_enc_FMd.device)
         if s_M.shape != (len(self.revisions),) or not bool((s_M > 0).all()):
             raise ValueError(f"scales_M must be {len(self.revisions)} positive numbers, got {scales_M!r}")
-        group, grid, self.group, self.grid = self.group, self.grid, None, None   # process groups cannot be copied
+        group, self.group = self.group, None   # a process group cannot be copied
         try:
             new = copy.deepcopy(self)
         finally:
-            self.group, self.grid = group, grid
+            self.group = group
         new.W_enc_FMd.mul_(s_M[None, :, None])
         new.W_dec_FMd.div_(s_M[None, :, None])
         new.b_dec_Md.div_(s_M[:, None])

@@ -17,6 +17,9 @@ Backward through an all-reduce is an all-reduce of the gradients (SumOverShards.
 gets ∂L/∂slice. A parameter every shard holds whole (b_enc, JumpReLU's thresholds) gets ∂L_r/∂θ on shard
 r; one more all-reduce sums them (sum_whole_grads). Adam is elementwise, so each shard stepping its own
 slices takes the one-process step; the grad-norm clip sums squared norms over the shards (grad_norm).
+ShardedCrossCoder is that crosscoder: CrossCoder with the sums above (pre-activations, norms, AuxK's sums
+over revisions), the sparsity term's share and the gradients' completion overridden; train.py builds it for
+--revision-shards R > 1. It takes the dense terms (crosscoder.CrossCoder.terms), never sparse.py's fast path.
 
 With D data replicas (the 2-D grid R × D, world rank = replica·R + shard), each replica reads its share
 of the batch; gradients are then averaged over the replicas of a shard (as DDP would), BatchTopK selects
@@ -31,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from crosscoding.common import UsageError
+from crosscoding.crosscoder import CrossCoder, clip_grad_norm
 
 
 @dataclass
@@ -95,6 +99,44 @@ class SumOverShards(torch.autograd.Function):
         g = g.clone()
         dist.all_reduce(g, group=ctx.group)
         return g, None
+
+
+class ShardedCrossCoder(CrossCoder):
+    """One revision shard's crosscoder: its revisions' slices (grid.revisions), every sum over revisions
+    summed over the shards, so its code is the one-process code and Σ_shards of its losses the one-process loss."""
+
+    def __init__(self, cfg, grid: Grid, init: bool = True):
+        super().__init__(cfg, init, revisions=grid.revisions(cfg.n_models))
+        self.grid = grid
+        self.fast = None    # the shards' sums are in the dense terms only
+
+    def over_revisions(self, t):
+        return SumOverShards.apply(t, self.grid.shard_group)
+
+    def pre_acts(self, x_BMd):
+        W_FD = self.W_enc_FMd.view(self.cfg.dict_size, -1)
+        return self.over_revisions(x_BMd.reshape(x_BMd.shape[0], -1) @ W_FD.t()) + self.b_enc_F
+
+    def sparsity(self, x_BMd, x_hat_BMd, t, step, out):
+        # every shard computes the sparsity term whole (from the summed code and norms): its share of it
+        return super().sparsity(x_BMd, x_hat_BMd, t, step, out) / self.grid.shards
+
+    def clip_grads(self, max_norm):
+        """Whole parameters' gradients summed over the shards, every gradient averaged over the replicas, then
+        the clip by the norm over the whole crosscoder."""
+        sum_whole_grads(self, self.grid)
+        average_over_replicas(self, self.grid)
+        clip_grad_norm(self.parameters(), max_norm, grad_norm(self, self.grid))
+
+    def fold_scales(self, scales_M):
+        """CrossCoder.fold_scales, the copy on the same grid (its process groups cannot be copied)."""
+        grid, self.grid = self.grid, None
+        try:
+            new = super().fold_scales(scales_M)
+        finally:
+            self.grid = grid
+        new.grid = grid
+        return new
 
 
 def revision_axis(name: str) -> int | None:

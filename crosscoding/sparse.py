@@ -1,15 +1,14 @@
 """sparse.py — the training step's fast path: a crosscoder's code as its active entries.
 
-crosscoder.py holds the math (CrossCoder.loss, dense, straight from the formulas); this module only
-makes the same numbers cheaper on a CPU, and tests/test_crosscoder.py checks it against the dense
-math and a naive per-revision loop. CrossCoder.loss calls `active_terms` where it pays (fp32/fp64 on
-a CPU, no autocast, codes at most ACTIVE_MAX_DENSITY dense). Which entries are active, and the code's
-value there, is the variant's to say (variants.py: its active() and values()); nothing here knows
-one variant from another.
+crosscoder.py holds the math (CrossCoder.loss and terms, dense, straight from the formulas); this module
+only makes the same numbers cheaper on a CPU, and tests/test_crosscoder.py checks it against the dense
+math and a naive per-revision loop. A crosscoder whose variant has fast-path hooks holds a FastPath
+(the seam, at the end of this file), which CrossCoder.loss asks first: it takes `active_terms` where it
+pays (fp32/fp64 on a CPU, no autocast, codes at most ACTIVE_MAX_DENSITY dense). Which entries are active,
+and the code's value there, is the variant's to say (variants.py: its fast-path hooks active() and
+values()); nothing here knows one variant from another.
 """
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,12 +26,12 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 # selection (not kept) cuts it anyway. Nothing of size [nnz, M*d] is ever gathered. Where codes are
 # dense (early L1 training: the sparse kernels lose beyond ~12% active on 2 cores), the same
 # functions use dense matmuls; both give the same numbers up to float rounding. On GPUs (cuBLAS in
-# bf16/TF32 beats sparse kernels there), in half precision and under autocast, loss() takes its
-# plain dense branch instead. At M=3, d=512, F=8192, batch 1024 on 2 cores: 2.7x (L1) and 3x
+# bf16/TF32 beats sparse kernels there), in half precision and under autocast, loss() takes the
+# readable dense terms instead. At M=3, d=512, F=8192, batch 1024 on 2 cores: 2.7x (L1) and 3x
 # (BatchTopK) a dense einsum step (bench.py).
 
 SPARSE_MAX_DENSITY = 0.1        # sparse kernels up to this fraction of active entries (CPU, fp32/fp64)
-ACTIVE_SET_DEVICES = ("cpu",)   # where loss() may take the active-set path (fp32/fp64, no autocast) ...
+ACTIVE_SET_DEVICES = ("cpu",)   # where FastPath may take the active-set path (fp32/fp64, no autocast) ...
 ACTIVE_MAX_DENSITY = 0.1        # ... for a batch whose code has at most this fraction of active entries:
 # every trained crosscoder (1-6% at the toy's shape and the paper's), not the first steps of L1 (codes ~50%
 # dense at init, where dense matmuls win). The choice is made per step from this batch's pre-activations,
@@ -157,22 +156,6 @@ class Decode(torch.autograd.Function):
         return g_v, g_W, None
 
 
-class NormSum(torch.autograd.Function):
-    """sum_m s_m ||W_dec[i, m]|| as [F]: decoder_norms().sum(1) with a backward of one pass over W_dec."""
-
-    @staticmethod
-    def forward(ctx, W_FMd, s_M):
-        norms_FM = W_FMd.norm(dim=-1)
-        ctx.save_for_backward(W_FMd, norms_FM, s_M)
-        return (norms_FM * s_M).sum(1)
-
-    @staticmethod
-    def backward(ctx, g_F):
-        W_FMd, norms_FM, s_M = ctx.saved_tensors
-        coef_FM = torch.where(norms_FM > 0, g_F[:, None] * s_M / norms_FM, 0.0)  # as torch: 0 at a zero row
-        return W_FMd * coef_FM[..., None].to(W_FMd.dtype), None
-
-
 def topk_cut(v_N, n, group):
     """The n-th largest value over every rank's v_N (group: a torch.distributed process group), -inf when
     all ranks together hold fewer than n: under DDP, BatchTopK keeps the k·B largest scores of the GLOBAL
@@ -221,20 +204,6 @@ class TakeAt(torch.autograd.Function):
         return g_N.new_zeros(ctx.n).index_add_(0, idx_N, g_N), None
 
 
-@dataclass
-class Terms:
-    """What CrossCoder.loss needs of a batch's code, however it was computed."""
-    x_hat_BD: torch.Tensor        # f W_dec, flattened over revisions (b_dec not added)
-    l1_sum: torch.Tensor          # Σ_b Σ_i f[b,i] Σ_m ‖W_dec[i,m]‖
-    fired_F: torch.Tensor         # [F] bool: the latent was active on some token
-    n_active: object              # number of active entries (f > 0)
-    info: dict                    # the variant's by-products of the selection (BatchTopK: "smallest" kept score)
-    pre_BF: torch.Tensor          # pre-activations, detached (AuxK ranks dead latents by them)
-    values_at: Callable           # ActiveSet -> ReLU(pre) there, differentiable (AuxK's codes)
-    score_sum: Callable           # fn -> Σ_b Σ_i fn(f[b,i] n_i), fn(0) = 0, differentiable (JumpReLU's tanh-L0)
-    decode_cols: Callable         # (lo, hi) -> Σ_{lo ≤ i < hi} f[:, i] W_dec[i]: [B, M*d] (Matryoshka's prefixes)
-
-
 def active_set_device(x_BD) -> bool:
     """Where the active-set path may run: on a CPU in fp32/fp64 without autocast."""
     dev = x_BD.device.type
@@ -259,9 +228,29 @@ class PreDense(torch.autograd.Function):
                 g_BF.sum(0) if need[2] else None, None)
 
 
-def active_terms(cc, x_BD, W_enc_FD, W_dec_FD, norms_F, step, pre_BF, positive_BF) -> Terms:
-    """The code as its active entries, values f_N at act.flat: one dense matmul (pre_BF, computed by the
-    caller without autograd, with its mask positive_BF = pre_BF > 0), the rest sparse. The variant
+class FastPath:
+    """The crosscoder's fast path: CrossCoder.loss asks it for the batch's terms first (the crosscoder holds one
+    when its variant has fast-path hooks, variants.Variant.fast_path). terms() is None where the readable dense
+    terms run instead (GPUs, half precision, autocast); on a CPU it computes the pre-activations once and takes
+    the active set where the variant's bound says the code is sparse enough, else the dense terms on them."""
+
+    def terms(self, cc, x_BMd, step):
+        x_BD = x_BMd.reshape(x_BMd.shape[0], -1)
+        if not active_set_device(x_BD):
+            return None
+        F = cc.cfg.dict_size
+        W_enc_FD, W_dec_FD = cc.W_enc_FMd.view(F, -1), cc.W_dec_FMd.view(F, -1)
+        with torch.no_grad():
+            pre_BF = torch.addmm(cc.b_enc_F, x_BD, W_enc_FD.t())   # the one matmul both paths need
+        positive_BF = pre_BF > 0
+        if cc.variant.n_active_bound(cc, pre_BF, positive_BF, step) > ACTIVE_MAX_DENSITY * pre_BF.numel():
+            return cc.terms(PreDense.apply(x_BD, W_enc_FD, cc.b_enc_F, pre_BF), step)
+        return active_terms(cc, x_BD, W_enc_FD, W_dec_FD, cc.norm_sum(), step, pre_BF, positive_BF)
+
+
+def active_terms(cc, x_BD, W_enc_FD, W_dec_FD, norms_F, step, pre_BF, positive_BF):
+    """crosscoder.Terms from the code as its active entries, values f_N at act.flat: one dense matmul (pre_BF,
+    computed by the caller without autograd, with its mask positive_BF = pre_BF > 0), the rest sparse. The variant
     (cc.variant) says which entries (its active()) and the code there (its values() of z = ReLU(pre))."""
     F, variant, b_enc_F = W_enc_FD.shape[0], cc.variant, cc.b_enc_F
     with torch.no_grad():
@@ -281,6 +270,7 @@ def active_terms(cc, x_BD, W_enc_FD, W_dec_FD, norms_F, step, pre_BF, positive_B
         sub = ActiveSet(act.flat[keep], act.B, act.F, f_N.dtype)
         return Decode.apply(f_N[keep], W_dec_FD, sub)
 
+    from crosscoding.crosscoder import Terms  # imported here: crosscoder.py imports this module
     return Terms(x_hat_BD=x_hat_BD, l1_sum=l1_sum.float() if l1_sum.dtype != torch.float64 else l1_sum,
                  fired_F=fired_F, n_active=len(cols_on), info=info, pre_BF=pre_BF,
                  values_at=lambda a: PreAt.apply(x_BD, W_enc_FD, b_enc_F, pre_BF, a),

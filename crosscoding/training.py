@@ -673,7 +673,7 @@ class _LossModule(torch.nn.Module):
 
 def loss_module(cc, ranks, compile=False):
     """The loss train_step calls: under DDP wrapped so that backward averages the gradients over ranks
-    (revision shards average over their replicas in CrossCoder.train_step instead)."""
+    (revision shards average over their replicas in ShardedCrossCoder.clip_grads instead)."""
     loss_fn = _LossModule(cc)
     if ranks.shards == 1 and ranks.world > 1:
         # the buffers are synced by CrossCoder.sync_buffers after each step, not at each forward; torch 2.13

@@ -101,13 +101,8 @@ def _wide(t):
 class Variant:
     """The base: the ReLU code f = ReLU(pre), no state, no sparsity term. A subclass overrides what differs.
 
-    Training, dense (crosscoder.CrossCoder._dense_terms, the readable loss):
+    Training (crosscoder.CrossCoder.terms, the readable loss):
         code(cc, pre_BF, norms_F, step)        -> (f_BF, info)   the training code, differentiable
-    Training, fast path (sparse.active_terms, CPU): the code as its active entries
-        fast_path                              False: this variant always takes the dense branch
-        n_active_bound(cc, pre_BF, positive_BF, step) -> int     entries the active set will hold (≥)
-        active(cc, pre_BF, norms_F, step, positive_BF) -> (ActiveSet, info)   which entries
-        values(cc, z_N, act)                   -> f_N            the code there, from z_N = ReLU(pre) there
     Loss (crosscoder.CrossCoder.loss):
         recon(cc, x_BMd, t, mse)               -> the reconstruction loss (default: the paper's mse)
         sparsity(cc, x_BMd, x_hat_BMd, t, step, out) -> its sparsity / auxiliary loss; may add to out
@@ -116,8 +111,15 @@ class Variant:
     State: add_state(cc) registers buffers/parameters on the crosscoder; sync(cc, group) after each DDP step.
     Config: Settings, its own fields (register() sets it); check_chosen(cfg, bad) what the config must hold
     when this variant is the arch.
+    The fast path's hooks (sparse.FastPath, a CPU only; the same numbers as code(), tests compare them): a
+    variant opts in with fast_path = True and these, which the dense loss never calls. This base's give
+    the ReLU code's; a variant that overrides code() overrides them too, or leaves fast_path False.
+        fast_path                              True: the crosscoder holds a sparse.FastPath
+        n_active_bound(cc, pre_BF, positive_BF, step) -> int     entries the active set will hold (≥)
+        active(cc, pre_BF, norms_F, step, positive_BF) -> (ActiveSet, info)   which entries
+        values(cc, z_N, act)                   -> f_N            the code there, from z_N = ReLU(pre) there
     What other code asks of a variant (class attributes, never its name):
-        fast_path, decode_active_only, state_names       (crosscoder.py, convert.py --to jumprelu)
+        decode_active_only, state_names        (crosscoder.py, convert.py --to jumprelu)
         formats: the peers' formats that hold its crosscoder as it is (convert.py --to/--from)
         keeps_top_k: its codes are BatchTopK's selection, k latents per token (θ, the buffer `threshold`, at
             inference): convert.py writes k and θ, bench.py's reference selects so
@@ -127,7 +129,7 @@ class Variant:
     """
     name = None                  # register() sets both
     Settings = Settings          # its settings' dataclass; this base's has none
-    fast_path = True
+    fast_path = False            # True: its fast-path hooks (below) compute code() on the active set
     decode_active_only = False   # decode()'s default: sum only the active rows of W_dec
     formats = ()
     keeps_top_k = False
@@ -152,15 +154,6 @@ class Variant:
     def code(self, cc, pre_BF, norms_F, step):
         return torch.relu(pre_BF), {}
 
-    def n_active_bound(self, cc, pre_BF, positive_BF, step):
-        return int(torch.count_nonzero(positive_BF))
-
-    def active(self, cc, pre_BF, norms_F, step, positive_BF):
-        return sparse.ActiveSet.where(positive_BF, pre_BF.dtype), {}
-
-    def values(self, cc, z_N, act):
-        return z_N
-
     # ---- loss
     def recon(self, cc, x_BMd, t, mse):
         return mse
@@ -180,6 +173,16 @@ class Variant:
         per-token formats (SAELens' jumprelu, convert.py); None when inference keeps every positive code."""
         return None
 
+    # ---- the fast path's hooks (sparse.FastPath): the ReLU code as its active entries
+    def n_active_bound(self, cc, pre_BF, positive_BF, step):
+        return int(torch.count_nonzero(positive_BF))
+
+    def active(self, cc, pre_BF, norms_F, step, positive_BF):
+        return sparse.ActiveSet.where(positive_BF, pre_BF.dtype), {}
+
+    def values(self, cc, z_N, act):
+        return z_N
+
 
 # -----------------------------------------------------------------------------
 # the paper's two
@@ -198,6 +201,7 @@ class L1Settings(Settings):
 class L1(Variant):
     """The paper's: f = ReLU(pre), penalty lambda(t) * mean_b Σ_i f_i n_i, lambda warmed up linearly.
     Summing per-revision norms (not one joint norm) is what lets a latent live in one revision only."""
+    fast_path = True
     formats = ("dictionary_learning", "ctt-paper")      # their plain CrossCoder: no k, no θ
     peer = "dictionary_learning CrossCoderTrainer"
 
@@ -249,6 +253,7 @@ class BatchTopKSettings(Settings):
 class BatchTopK(Variant):
     """Keep the k*B largest scores f_i * n_i of the batch (k annealed); at inference keep scores above θ
     (EMA of the smallest kept score, the buffer `threshold`); AuxK revives dead latents."""
+    fast_path = True
     decode_active_only = True
     state_names = ("threshold",)
     formats = ("dictionary_learning", "ctt-paper")      # their BatchTopK crosscoder: k and θ
@@ -463,6 +468,7 @@ class JumpReLU(Variant):
     normalised space), so one value serves every width; warmed up over l1_warmup_frac as lambda is.
     The fast path holds the entries with z > θ − ε/2 (the active ones and those in the STE's band below θ,
     whose f is 0 but whose θ-gradient is not)."""
+    fast_path = True
     decode_active_only = True
     state_names = ("log_threshold_F",)
     sized_by_l0 = "jumprelu_coeff"

@@ -97,9 +97,8 @@ def _train(arch, grid=None):
     losses, the codes of a held-out batch, the whole state (gathered on rank 0) and this rank's element counts."""
     import torch.distributed as dist
     revs = grid.revisions(M) if grid else range(M)
-    cc = CrossCoder(_config(arch), revisions=revs).double()
+    cc = (shards.ShardedCrossCoder(_config(arch), grid) if grid else CrossCoder(_config(arch))).double()
     if grid:
-        cc.grid = grid
         cc.group = grid.data_group if grid.replicas > 1 else None
     opt = cc.make_optimizer()
     sched = cc.make_scheduler(opt)
