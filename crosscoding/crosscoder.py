@@ -186,6 +186,7 @@ class NormSum(torch.autograd.Function):
 
 
 class CrossCoder(nn.Module):
+    Terms = Terms    # what loss() needs of a code; the fast path (sparse.py) builds it too, through this
 
     def __init__(self, cfg: CrossCoderConfig, init: bool = True, revisions: range | None = None):
         """`revisions`: the ones this module holds (a revision shard's: shards.ShardedCrossCoder); default all M."""

@@ -249,8 +249,9 @@ class FastPath:
 
 
 def active_terms(cc, x_BD, W_enc_FD, W_dec_FD, norms_F, step, pre_BF, positive_BF):
-    """crosscoder.Terms from the code as its active entries, values f_N at act.flat: one dense matmul (pre_BF,
-    computed by the caller without autograd, with its mask positive_BF = pre_BF > 0), the rest sparse. The variant
+    """cc.Terms (crosscoder.Terms: this module cannot import crosscoder.py, which imports it) from the code as its
+    active entries, values f_N at act.flat: one dense matmul (pre_BF, computed by the caller without autograd, with
+    its mask positive_BF = pre_BF > 0), the rest sparse. The variant
     (cc.variant) says which entries (its active()) and the code there (its values() of z = ReLU(pre))."""
     F, variant, b_enc_F = W_enc_FD.shape[0], cc.variant, cc.b_enc_F
     with torch.no_grad():
@@ -270,9 +271,8 @@ def active_terms(cc, x_BD, W_enc_FD, W_dec_FD, norms_F, step, pre_BF, positive_B
         sub = ActiveSet(act.flat[keep], act.B, act.F, f_N.dtype)
         return Decode.apply(f_N[keep], W_dec_FD, sub)
 
-    from crosscoding.crosscoder import Terms  # imported here: crosscoder.py imports this module
-    return Terms(x_hat_BD=x_hat_BD, l1_sum=l1_sum.float() if l1_sum.dtype != torch.float64 else l1_sum,
-                 fired_F=fired_F, n_active=len(cols_on), info=info, pre_BF=pre_BF,
-                 values_at=lambda a: PreAt.apply(x_BD, W_enc_FD, b_enc_F, pre_BF, a),
-                 score_sum=lambda fn: fn(f_N * TakeAt.apply(norms_F, act.cols)).sum(),
-                 decode_cols=decode_cols)
+    return cc.Terms(x_hat_BD=x_hat_BD, l1_sum=l1_sum.float() if l1_sum.dtype != torch.float64 else l1_sum,
+                    fired_F=fired_F, n_active=len(cols_on), info=info, pre_BF=pre_BF,
+                    values_at=lambda a: PreAt.apply(x_BD, W_enc_FD, b_enc_F, pre_BF, a),
+                    score_sum=lambda fn: fn(f_N * TakeAt.apply(norms_F, act.cols)).sum(),
+                    decode_cols=decode_cols)
