@@ -391,7 +391,11 @@ def relie_task(run, models, task, args, threshold, latents):
     print(f"IE by {args.method} on {len(sel_rows)} selection pairs; per-token |IE| ≤ {threshold:g} zeroed (absolute "
           "logit units, the same at every revision, though later revisions' logits are larger)")
     print(sheet[["latent"] + [f"ie_{r}" for r in run.revisions] + ["relie_class", "relie_norm_class",
-                                                                     "reldec_class"]].to_string(index=False))
+                                                                     "reldec_class", "ie_timeline_class"]
+                ].to_string(index=False))
+    print("classes: relie/reldec one-vs-all (the paper's; at many revisions mostly ±others); ie_timeline_class: "
+          "when the IE forms, peaks and fades (kept, emerging, discontinued, transient; latents.csv has formed_at, "
+          "peak_at, faded_at; the app's Timeline page draws them)")
     print("error-term IE per revision:", {r: round(float(v), 4) for r, v in zip(run.revisions, err_M)},
           f"({how.error_by})")
     print("coverage per revision — the latents' share of the task against the error term's: exact (the Δ of zeroing "

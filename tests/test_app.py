@@ -408,10 +408,13 @@ def conjunction_checkpoint_sets(revs) -> dict:
 
 
 def test_relie_at_m10_prints_no_python_warning(m10):
-    """relie.py over 10 revisions: its table is not buried under pandas' warnings (nor any other's)."""
+    """relie.py over 10 revisions: its table is not buried under pandas' warnings (nor any other's), and beside
+    the one-vs-all classes (mostly ±others at 10 revisions) it prints each latent's timeline class and where to read
+    more."""
     both = m10["relie"].stdout + m10["relie"].stderr
     assert "Warning" not in both, [line for line in both.splitlines() if "Warning" in line][:3]
-    assert "wrote" in m10["relie"].stdout
+    out = m10["relie"].stdout
+    assert "wrote" in out and "ie_timeline_class" in out.splitlines()[1] and "the app's Timeline page" in out
 
 
 def test_fvu_bar_warning_names_the_revisions_that_miss_it(m10):
