@@ -187,6 +187,18 @@ class Variant:
 # -----------------------------------------------------------------------------
 # the paper's two
 
+def _check_int(cfg, bad, name, low):
+    v = getattr(cfg, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        bad(name, f"must be an integer > {low - 1}" if low == 1 else f"must be an integer >= {low}")
+
+
+def _check_finite(cfg, bad, name, strict):
+    """A float setting: finite and > 0 (strict) or >= 0 (an inf or nan penalty would train a NaN run)."""
+    v = getattr(cfg, name)
+    if not (isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 if strict else v >= 0)):
+        bad(name, f"must be a finite number {'>' if strict else '>='} 0")
+
 
 @dataclass
 class L1Settings(Settings):
@@ -194,8 +206,7 @@ class L1Settings(Settings):
 
     @staticmethod
     def check(cfg, bad):
-        if not cfg.l1_coeff >= 0:
-            bad("l1_coeff", "must be >= 0")
+        _check_finite(cfg, bad, "l1_coeff", strict=False)
 
 
 class L1(Variant):
@@ -209,12 +220,6 @@ class L1(Variant):
         coeff = l1_coeff_at(self.cfg, step)
         out["l1_coeff"] = torch.tensor(coeff)
         return coeff * t.l1_sum / x_BMd.shape[0]
-
-
-def _check_int(cfg, bad, name, low):
-    v = getattr(cfg, name)
-    if not isinstance(v, int) or isinstance(v, bool) or v < low:
-        bad(name, f"must be an integer > {low - 1}" if low == 1 else f"must be an integer >= {low}")
 
 
 @dataclass
@@ -246,8 +251,7 @@ class BatchTopKSettings(Settings):
             _check_int(cfg, bad, name, 0)
         if not 0.0 <= cfg.threshold_beta < 1.0:
             bad("threshold_beta", "must be in [0, 1)")
-        if not cfg.auxk_alpha >= 0:
-            bad("auxk_alpha", "must be >= 0")
+        _check_finite(cfg, bad, "auxk_alpha", strict=False)
 
 
 class BatchTopK(Variant):
@@ -446,12 +450,8 @@ class JumpReLUSettings(Settings):
     @staticmethod
     def check(cfg, bad):
         for name in ("jumprelu_bandwidth", "jumprelu_threshold_init", "jumprelu_tanh_c"):
-            v = getattr(cfg, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                bad(name, "must be a finite number > 0")
-        v = cfg.jumprelu_coeff
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            bad("jumprelu_coeff", "must be a finite number >= 0")
+            _check_finite(cfg, bad, name, strict=True)
+        _check_finite(cfg, bad, "jumprelu_coeff", strict=False)
 
 
 class JumpReLU(Variant):
