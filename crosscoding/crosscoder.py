@@ -286,10 +286,9 @@ class CrossCoder(nn.Module):
         cfg, variant = self.cfg, self.variant
         update = step is not None and self.training
         B = x_BMd.shape[0]
-        # the code and what the loss needs of it: on a CPU the fast path's where the variant has one (sparse.py, the
-        # same numbers; None where it does not pay), else the dense terms below (GPUs always)
-        fast = self.fast is not None and x_BMd.device.type in sparse.ACTIVE_SET_DEVICES
-        t = self.fast.terms(self, x_BMd, step) if fast else None
+        # the code and what the loss needs of it: the fast path's where the variant has one (sparse.FastPath, the
+        # same numbers; it answers None off a CPU, in half precision or autocast), else the dense terms below
+        t = self.fast.terms(self, x_BMd, step) if self.fast is not None else None
         if t is None:
             t = self.terms(self.pre_acts(x_BMd), step)
         x_hat_BMd = t.x_hat_BD.view_as(x_BMd) + self.b_dec_Md
