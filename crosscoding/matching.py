@@ -52,7 +52,6 @@ def random_like(freq_F, chosen, rng, draws) -> list[list[int]]:
     return [measures.matched_random(freq, chosen, rng, set(chosen)) for _ in range(draws)]
 
 
-
 def random_within(freq_F, chosen, strata_F, rng, draws) -> tuple[list[list[int]], list[int]]:
     """`draws` sets of random active latents, each from the same stratum (say its timeline class) as its chosen
     latent and near it in activation frequency (measures.matched_random within the stratum), so that the null
